@@ -1,0 +1,26 @@
+//! Every failure the key manager reports. The messages of the first three are the old service's,
+//! which callers match on.
+
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PoolError {
+  #[error("No Gemini API keys provided in environment variables")]
+  NoKeysConfigured,
+  #[error("No active API keys available")]
+  NoActiveKeys,
+  #[error("API key not found")]
+  KeyNotFound,
+  #[error("API key must be a string")]
+  KeyNotAString,
+  #[error("tokensUsed must be a non-negative integer no larger than {max} (got {got})")]
+  InvalidTokens { got: String, max: u64 },
+  #[error("responseTime must be a non-negative number of milliseconds (got {got})")]
+  InvalidResponseTime { got: String },
+  #[error("limitType must be 'RPM', 'RPD' or 'TPM' (got {got})")]
+  InvalidLimitType { got: String },
+  #[error("invalid configuration: {0}")]
+  InvalidConfig(String),
+  #[error("API key manager is closed")]
+  Closed,
+}

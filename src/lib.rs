@@ -1,0 +1,20 @@
+//! gemini-key-manager: a pool of Gemini API keys, selected, metered and healed in Rust, for Node.
+//!
+//! The core (`clock`, `quota`, `window`, `key`, `health`, `selection`, `pool`, `config`) is plain
+//! Rust with no napi types; `bindings` is the one file that speaks N-API.
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod key;
+pub mod log;
+pub mod mask;
+pub mod pool;
+pub mod quota;
+pub mod selection;
+pub mod window;
+
+// Left out of `cargo test` builds: a test binary that links napi's symbols fails on Linux (napi-rs #2871).
+#[cfg(not(test))]
+mod bindings;
