@@ -12,9 +12,13 @@ pub mod log;
 pub mod mask;
 pub mod pool;
 pub mod quota;
+pub mod results;
 pub mod selection;
 pub mod window;
 
-// Left out of `cargo test` builds: a test binary that links napi's symbols fails on Linux (napi-rs #2871).
+// The N-API layer, left out of `cargo test` builds: a test binary that links napi's symbols fails
+// to link on Linux (napi-rs #2871).
 #[cfg(not(test))]
 mod bindings;
+#[cfg(not(test))]
+mod fast_path;

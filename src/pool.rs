@@ -34,14 +34,6 @@ pub struct Picked<T> {
   pub figures: KeyFigures,
 }
 
-/// The pool-wide figures of the SPEC's `ApiKeyManager`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolSummary {
-  pub keys: Vec<KeyStatus>,
-  pub current_index: usize,
-  pub last_rotation: Millis,
-}
-
 struct PoolState {
   keys: Vec<KeyState>,
   cache: SelectionCache,
@@ -308,12 +300,10 @@ impl KeyPool {
     self.with_key(index, |state, now| state.keys[index].rate_limit_info(now))
   }
 
-  pub fn summary(&self) -> Result<PoolSummary, PoolError> {
-    self.with_state(|state, now| PoolSummary {
-      keys: state.keys.iter().map(|k| k.status(now)).collect(),
-      current_index: state.cache.cursor(),
-      last_rotation: state.last_rotation,
-    })
+  /// The round-robin position and when a key was last handed out by rotation: the rest of the
+  /// SPEC's `ApiKeyManager`.
+  pub fn rotation_state(&self) -> Result<(usize, Millis), PoolError> {
+    self.with_state(|state, _| (state.cache.cursor(), state.last_rotation))
   }
 
   /// Refuses every later call. Idempotent.
@@ -500,12 +490,13 @@ mod tests {
   }
 
   #[test]
-  fn summary_lists_every_key() {
-    let (p, _, _) = pool(3);
+  fn rotation_state_follows_the_round_robin_and_rotations() {
+    let (p, clock, _) = pool(3);
     p.best().unwrap();
-    let s = p.summary().unwrap();
-    assert_eq!(s.keys.len(), 3);
-    assert_eq!(s.current_index, 1);
-    assert_eq!(s.last_rotation, T0);
+    assert_eq!(p.rotation_state().unwrap(), (1, T0));
+    clock.advance(7);
+    p.rotate().unwrap();
+    assert_eq!(p.rotation_state().unwrap().1, T0 + 7);
+    assert_eq!(p.statuses().unwrap().len(), 3);
   }
 }

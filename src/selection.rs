@@ -92,10 +92,6 @@ impl SelectionCache {
     self.cursor
   }
 
-  pub fn built_at(&self) -> Option<Millis> {
-    self.built_at
-  }
-
   fn is_fresh(&self, now: Millis) -> bool {
     matches!(self.built_at, Some(t) if now - t < CACHE_TTL_MS && now >= t)
   }

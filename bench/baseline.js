@@ -1,0 +1,125 @@
+'use strict'
+
+// A plain-JS implementation of the old service's in-memory algorithm (SPEC section 2), written the
+// way apiKeyManager.ts works: status objects with Date fields, windows checked and reset on every
+// touch, a 5-second cache of available keys sorted by score, handed out round-robin. The benchmarks
+// run it in the same process as the addon, as the baseline.
+
+const MINUTE = 60_000
+const DAY = 86_400_000
+
+class BaselineKeyManager {
+  constructor(keys, limits = { rpm: 30, rpd: 200, tpm: 1_000_000 }) {
+    const now = Date.now()
+    this.keys = new Map()
+    for (const apiKey of keys) {
+      this.keys.set(apiKey, {
+        apiKey,
+        isActive: true,
+        lastUsed: new Date(now),
+        limits: {
+          rpm: { current: 0, limit: limits.rpm, resetTime: new Date(now + MINUTE) },
+          rpd: { current: 0, limit: limits.rpd, resetTime: new Date(now + DAY) },
+          tpm: { current: 0, limit: limits.tpm, resetTime: new Date(now + MINUTE) },
+        },
+        errorCount: 0,
+      })
+    }
+    this.cache = null
+    this.cacheTime = 0
+    this.roundRobin = 0
+  }
+
+  checkAndResetLimits(status) {
+    const now = new Date()
+    const { rpm, rpd, tpm } = status.limits
+    if (now >= rpm.resetTime) {
+      rpm.current = 0
+      rpm.resetTime = new Date(now.getTime() + MINUTE)
+    }
+    if (now >= tpm.resetTime) {
+      tpm.current = 0
+      tpm.resetTime = new Date(now.getTime() + MINUTE)
+    }
+    if (now >= rpd.resetTime) {
+      rpd.current = 0
+      rpd.resetTime = new Date(now.getTime() + DAY)
+    }
+  }
+
+  score(status) {
+    const { rpm, rpd, tpm } = status.limits
+    return (
+      0.5 * (Math.max(0, rpm.limit - rpm.current) / rpm.limit) +
+      0.3 * (Math.max(0, rpd.limit - rpd.current) / rpd.limit) +
+      0.2 * (Math.max(0, tpm.limit - tpm.current) / tpm.limit)
+    )
+  }
+
+  isAvailable(status) {
+    this.checkAndResetLimits(status)
+    const { rpm, rpd, tpm } = status.limits
+    return status.isActive && rpm.current < rpm.limit && rpd.current < rpd.limit && tpm.current < tpm.limit
+  }
+
+  async getBestAvailableKey() {
+    const now = Date.now()
+    if (this.cache !== null && this.cache.length > 0 && now - this.cacheTime < 5000) {
+      const apiKey = this.cache[this.roundRobin % this.cache.length]
+      this.roundRobin++
+      const status = this.keys.get(apiKey)
+      if (this.isAvailable(status)) {
+        status.lastUsed = new Date()
+        return {
+          success: true,
+          data: [apiKey, status],
+          metadata: {
+            availabilityScore: this.score(status),
+            totalAvailable: this.cache.length,
+            rotationMethod: 'cached-round-robin',
+          },
+        }
+      }
+    }
+    const available = []
+    for (const [apiKey, status] of this.keys) {
+      if (this.isAvailable(status)) available.push({ apiKey, score: this.score(status) })
+    }
+    if (available.length === 0) return { success: false, error: 'No active API keys available', metadata: {} }
+    available.sort((a, b) => b.score - a.score)
+    this.cache = available.map((a) => a.apiKey)
+    this.cacheTime = now
+    this.roundRobin = 1
+    const status = this.keys.get(this.cache[0])
+    status.lastUsed = new Date()
+    return {
+      success: true,
+      data: [this.cache[0], status],
+      metadata: { availabilityScore: available[0].score, totalAvailable: available.length, rotationMethod: 'round-robin' },
+    }
+  }
+
+  async recordUsage(apiKey, tokensUsed, success, error, responseTime) {
+    const status = this.keys.get(apiKey)
+    if (!status) return { success: false, error: 'API key not found', metadata: {} }
+    this.checkAndResetLimits(status)
+    if (success) {
+      status.limits.rpm.current++
+      status.limits.rpd.current++
+      status.limits.tpm.current += tokensUsed
+      status.errorCount = 0
+      status.lastError = undefined
+    } else {
+      status.errorCount++
+      status.lastError = error
+      status.lastErrorTime = new Date()
+      if (status.errorCount >= 5) {
+        status.isActive = false
+        this.cache = null
+      }
+    }
+    return { success: true, metadata: {} }
+  }
+}
+
+module.exports = { BaselineKeyManager }

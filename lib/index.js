@@ -1,0 +1,316 @@
+'use strict'
+
+// The drop-in face of gemini-key-manager: the old apiKeyManager.ts API (async, same names, same
+// shapes) over the native pool. Each call is one synchronous native call; the native side writes
+// the key's figures into the `results` array, and the key's status object (one per key, kept for
+// the life of the manager) is updated from it, so no object is built in Rust on the hot path.
+
+const { NativeKeyPool, resultsLayout } = require('../index.js')
+
+const LAYOUT = resultsLayout()
+const SLOT = Object.fromEntries(LAYOUT.slots.map((name, i) => [name, i]))
+const LIMIT_TYPES = ['RPM', 'RPD', 'TPM']
+const WINDOW_SLOTS = [
+  ['rpm', SLOT.rpmCurrent, SLOT.rpmLimit, SLOT.rpmResetTime],
+  ['rpd', SLOT.rpdCurrent, SLOT.rpdLimit, SLOT.rpdResetTime],
+  ['tpm', SLOT.tpmCurrent, SLOT.tpmLimit, SLOT.tpmResetTime],
+]
+
+function failure(error, metadata = {}) {
+  return { success: false, error, metadata }
+}
+
+function messageOf(e) {
+  return e instanceof Error ? e.message : String(e)
+}
+
+function newStatus(apiKey) {
+  const window = () => ({ current: 0, limit: 0, resetTime: new Date(0) })
+  return {
+    apiKey,
+    isActive: true,
+    lastUsed: new Date(0),
+    limits: { rpm: window(), rpd: window(), tpm: window() },
+    errorCount: 0,
+    lastError: undefined,
+    lastErrorTime: undefined,
+  }
+}
+
+class ApiKeyManagerService {
+  /**
+   * @param {{ keys?: string[], limits?: { rpm?: number, rpd?: number, tpm?: number }, quiet?: boolean }} [options]
+   */
+  constructor(options = {}) {
+    this._options = options ?? {}
+    this._native = null
+    this._initError = null
+    this._closed = false
+    this._results = null
+    this._hot = null
+    this._keys = []
+    this._index = new Map()
+    this._status = []
+    // Per key: the millisecond values behind its Date fields and its error sequence, so a Date is
+    // only replaced, and the error message only fetched, when it changed.
+    this._seen = null
+  }
+
+  /** Builds the native pool on first use; returns an error message when it cannot. */
+  _ready() {
+    if (this._closed) return 'API key manager is closed'
+    if (this._native !== null) return null
+    if (this._initError !== null) return this._initError
+    try {
+      const { keys, limits, quiet } = this._options
+      this._native = new NativeKeyPool({ keys, limits, quiet })
+    } catch (e) {
+      this._initError = messageOf(e)
+      return this._initError
+    }
+    this._hot = this._native.hotPath()
+    this._results = this._hot.results
+    this._keys = this._native.keys()
+    this._keys.forEach((key, i) => this._index.set(key, i))
+    this._status = this._keys.map(newStatus)
+    this._seen = new Float64Array(this._keys.length * 5).fill(NaN)
+    for (let i = 0; i < this._keys.length; i++) {
+      this._hot.figures(i)
+      this._refresh(i)
+    }
+    if (!this._options.quiet) {
+      console.log(`✅ In-memory API Key Manager initialized with ${this._keys.length} keys`)
+    }
+    return null
+  }
+
+  /** The reason a call cannot be served, as a failure result; selection calls name no key. */
+  _unavailable(reason, fallback) {
+    return reason === this._initError ? failure(fallback, { cause: reason }) : failure(reason)
+  }
+
+  /** Copies key i's figures from the result array into its status object. */
+  _refresh(i) {
+    const s = this._results
+    const seen = this._seen
+    const at = i * 5
+    const status = this._status[i]
+    const { rpm, rpd, tpm } = status.limits
+    status.isActive = s[SLOT.isActive] === 1
+    rpm.current = s[SLOT.rpmCurrent]
+    rpm.limit = s[SLOT.rpmLimit]
+    rpd.current = s[SLOT.rpdCurrent]
+    rpd.limit = s[SLOT.rpdLimit]
+    tpm.current = s[SLOT.tpmCurrent]
+    tpm.limit = s[SLOT.tpmLimit]
+    status.errorCount = s[SLOT.errorCount]
+    // Dates and the error message change rarely: replace them only when they did.
+    if (seen[at] !== s[SLOT.lastUsed]) status.lastUsed = new Date((seen[at] = s[SLOT.lastUsed]))
+    if (seen[at + 1] !== s[SLOT.rpmResetTime]) rpm.resetTime = new Date((seen[at + 1] = s[SLOT.rpmResetTime]))
+    if (seen[at + 2] !== s[SLOT.rpdResetTime]) rpd.resetTime = new Date((seen[at + 2] = s[SLOT.rpdResetTime]))
+    if (seen[at + 3] !== s[SLOT.tpmResetTime]) tpm.resetTime = new Date((seen[at + 3] = s[SLOT.tpmResetTime]))
+    if (seen[at + 4] !== s[SLOT.errorSeq]) {
+      seen[at + 4] = s[SLOT.errorSeq]
+      const errorTime = s[SLOT.lastErrorTime]
+      status.lastError = this._native.lastError(i) ?? undefined
+      status.lastErrorTime = Number.isNaN(errorTime) ? undefined : new Date(errorTime)
+    }
+    return status
+  }
+
+  /** Looks up a key given by a caller: its position, or a failure result. */
+  _locate(apiKey) {
+    if (typeof apiKey !== 'string') return failure('API key must be a string')
+    const i = this._index.get(apiKey)
+    return i === undefined ? failure('API key not found') : i
+  }
+
+  _managerInfo() {
+    this._native.summary()
+    return {
+      keys: this._allStatuses(),
+      currentIndex: this._results[SLOT.currentIndex],
+      totalKeys: this._keys.length,
+      lastRotation: new Date(this._results[SLOT.lastRotation]),
+    }
+  }
+
+  _allStatuses() {
+    for (let i = 0; i < this._keys.length; i++) {
+      this._hot.figures(i)
+      this._refresh(i)
+    }
+    return this._status.slice()
+  }
+
+  async initialize() {
+    const reason = this._ready()
+    if (reason !== null) return failure(reason)
+    return {
+      success: true,
+      data: this._managerInfo(),
+      metadata: { totalKeys: this._keys.length, mode: 'in-memory' },
+    }
+  }
+
+  // The two hot calls return Promise.resolve(...) from a plain function: an `async` function costs
+  // about twice as much per call, and both bodies catch every failure themselves.
+  getBestAvailableKey() {
+    return Promise.resolve(this._best())
+  }
+
+  _best() {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'No active API keys available')
+    let i
+    try {
+      i = this._hot.best()
+    } catch (e) {
+      return failure(messageOf(e))
+    }
+    const s = this._results
+    return {
+      success: true,
+      data: [this._keys[i], this._refresh(i)],
+      metadata: {
+        availabilityScore: s[SLOT.score],
+        totalAvailable: s[SLOT.totalAvailable],
+        rotationMethod: LAYOUT.methods[s[SLOT.method]],
+      },
+    }
+  }
+
+  async getNextKeyForRotation() {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'No active API keys available')
+    let i
+    try {
+      i = this._native.rotate()
+    } catch (e) {
+      return failure(messageOf(e))
+    }
+    const s = this._results
+    const rotationReason = LAYOUT.reasons[s[SLOT.rotationReason]]
+    const metadata = { availabilityScore: s[SLOT.score], rotationReason }
+    if (rotationReason === 'proactive-rotation') {
+      metadata.previousKeyScore = s[SLOT.previousKeyScore]
+    } else {
+      metadata.totalAvailable = s[SLOT.totalAvailable]
+      metadata.rotationMethod = LAYOUT.methods[s[SLOT.method]]
+    }
+    return { success: true, data: [this._keys[i], this._refresh(i)], metadata }
+  }
+
+  recordUsage(apiKey, tokensUsed, success, error, responseTime) {
+    return Promise.resolve(this._recordUsage(apiKey, tokensUsed, success, error))
+  }
+
+  _recordUsage(apiKey, tokensUsed, success, error) {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'API key not found')
+    const i = this._locate(apiKey)
+    if (typeof i !== 'number') return i
+    if (typeof tokensUsed !== 'number') {
+      return failure(`tokensUsed must be a number (got ${typeof tokensUsed})`)
+    }
+    try {
+      if (success) this._hot.recordSuccess(i, tokensUsed)
+      else this._native.recordFailure(i, tokensUsed, error == null ? 'Unknown error' : String(error))
+    } catch (e) {
+      return failure(messageOf(e))
+    }
+    this._refresh(i)
+    return { success: true, metadata: {} }
+  }
+
+  async handleRateLimit(apiKey, limitType) {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'API key not found')
+    const i = this._locate(apiKey)
+    if (typeof i !== 'number') return i
+    try {
+      this._native.handleRateLimit(i, String(limitType))
+    } catch (e) {
+      return failure(messageOf(e))
+    }
+    this._refresh(i)
+    return { success: true, metadata: { limitType } }
+  }
+
+  async getRateLimitInfo(apiKey) {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'API key not found')
+    const i = this._locate(apiKey)
+    if (typeof i !== 'number') return i
+    this._hot.figures(i)
+    const s = this._results
+    const data = WINDOW_SLOTS.map(([, current, limit, reset], w) => ({
+      type: LIMIT_TYPES[w],
+      current: s[current],
+      limit: s[limit],
+      resetTime: new Date(s[reset]),
+      isLimited: s[current] >= s[limit],
+    }))
+    this._refresh(i)
+    return { success: true, data, metadata: {} }
+  }
+
+  async getAllKeysStatus() {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'No active API keys available')
+    const data = this._allStatuses()
+    return {
+      success: true,
+      data,
+      metadata: { totalKeys: data.length, activeKeys: data.filter((k) => k.isActive).length },
+    }
+  }
+
+  async reactivateKey(apiKey) {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'API key not found')
+    const i = this._locate(apiKey)
+    if (typeof i !== 'number') return i
+    this._native.reactivate(i)
+    this._refresh(i)
+    return { success: true, metadata: {} }
+  }
+
+  async resetAllLimits() {
+    const reason = this._ready()
+    if (reason !== null) return failure(reason)
+    this._native.resetAllLimits()
+    this._allStatuses()
+    return { success: true, metadata: { totalKeys: this._keys.length } }
+  }
+
+  async refreshCache() {
+    const reason = this._ready()
+    if (reason !== null) return failure(reason)
+    const availableKeys = this._native.refreshCache()
+    return { success: true, metadata: { cacheRefreshed: true, availableKeys } }
+  }
+
+  async close() {
+    if (this._closed) return
+    this._closed = true
+    if (this._native !== null) this._native.close()
+    if (instance === this) instance = null
+  }
+}
+
+let instance = null
+
+/**
+ * The process's shared manager, initialized. `options` apply to the call that creates it (the first,
+ * or the first after `close()`).
+ */
+async function getApiKeyManager(options) {
+  if (instance === null) {
+    instance = new ApiKeyManagerService(options)
+    await instance.initialize()
+  }
+  return instance
+}
+
+module.exports = { ApiKeyManagerService, getApiKeyManager }

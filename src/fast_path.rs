@@ -1,0 +1,218 @@
+//! The hot path's functions, written against the raw N-API.
+//!
+//! napi-rs's generated glue costs about 250 ns for a call with arguments and about 500 ns for a class
+//! method (borrow scopes and type-tag checks; measured here with `bench/core.js`'s machinery), while
+//! the old service answers in about 1 µs. These functions take their pool from the function's data
+//! pointer and their arguments from one `napi_get_cb_info`, which costs a few tens of nanoseconds.
+
+use std::ffi::{c_void, CStr, CString};
+use std::ptr;
+use std::sync::Arc;
+
+use napi::sys;
+
+use crate::error::PoolError;
+use crate::pool::{validate_tokens, KeyPool, Outcome};
+use crate::results::{Results, RESULTS_LEN};
+
+/// A pool as one JS thread sees it: the shared pool and the result slots its calls write into.
+pub struct JsPool {
+  pub pool: Arc<KeyPool>,
+  pub results: Results,
+}
+
+type Handler = fn(&JsPool, &[f64; 2]) -> Result<Option<u32>, PoolError>;
+
+fn best(p: &JsPool, _: &[f64; 2]) -> Result<Option<u32>, PoolError> {
+  let picked = p.pool.best()?;
+  p.results.write_selection(&picked.pick);
+  p.results.write_figures(&picked.figures);
+  Ok(Some(picked.pick.index as u32))
+}
+
+fn record_success(p: &JsPool, [index, tokens]: &[f64; 2]) -> Result<Option<u32>, PoolError> {
+  let tokens = validate_tokens(*tokens)?;
+  let figures = p
+    .pool
+    .record_usage(key_index(*index)?, tokens, Outcome::Success)?;
+  p.results.write_figures(&figures);
+  Ok(None)
+}
+
+fn figures(p: &JsPool, [index, _]: &[f64; 2]) -> Result<Option<u32>, PoolError> {
+  let figures = p.pool.figures(key_index(*index)?)?;
+  p.results.write_figures(&figures);
+  Ok(None)
+}
+
+/// A key position given as a JS number.
+fn key_index(value: f64) -> Result<usize, PoolError> {
+  if value >= 0.0 && value.fract() == 0.0 && value < u32::MAX as f64 {
+    Ok(value as usize)
+  } else {
+    Err(PoolError::KeyNotFound)
+  }
+}
+
+/// The function data of one installed function: which pool, and what to do.
+struct Bound {
+  pool: Arc<JsPool>,
+  handler: Handler,
+}
+
+/// Calls the handler with up to two numeric arguments (a missing or non-numeric one reads as NaN,
+/// which every handler refuses), and turns its error into a thrown JS `Error`.
+unsafe extern "C" fn trampoline(
+  env: sys::napi_env,
+  info: sys::napi_callback_info,
+) -> sys::napi_value {
+  let mut argc = 2usize;
+  let mut argv = [ptr::null_mut(); 2];
+  let mut data: *mut c_void = ptr::null_mut();
+  // SAFETY: `info` is this call's; `argv` has room for `argc` values; `data` is the `Bound` that
+  // `install` attached to this function and that lives until the function is collected.
+  unsafe {
+    if sys::napi_get_cb_info(
+      env,
+      info,
+      &mut argc,
+      argv.as_mut_ptr(),
+      ptr::null_mut(),
+      &mut data,
+    ) != sys::Status::napi_ok
+      || data.is_null()
+    {
+      return ptr::null_mut();
+    }
+    let bound = &*(data as *const Bound);
+    let mut args = [f64::NAN; 2];
+    for (arg, value) in args.iter_mut().zip(&argv[..argc.min(2)]) {
+      if sys::napi_get_value_double(env, *value, arg) != sys::Status::napi_ok {
+        *arg = f64::NAN;
+      }
+    }
+    let mut result = ptr::null_mut();
+    match (bound.handler)(&bound.pool, &args) {
+      Ok(Some(n)) => {
+        sys::napi_create_uint32(env, n, &mut result);
+      }
+      Ok(None) => {
+        sys::napi_get_undefined(env, &mut result);
+      }
+      Err(e) => {
+        let message = CString::new(e.to_string()).unwrap_or_default();
+        sys::napi_throw_error(env, ptr::null(), message.as_ptr());
+      }
+    }
+    result
+  }
+}
+
+unsafe extern "C" fn drop_bound(_env: sys::napi_env, data: *mut c_void, _hint: *mut c_void) {
+  // SAFETY: `data` came from `Box::into_raw` in `install` and is finalized once.
+  drop(unsafe { Box::from_raw(data as *mut Bound) });
+}
+
+unsafe extern "C" fn drop_pool_ref(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
+  // SAFETY: `hint` came from `Arc::into_raw` in `install` and is finalized once.
+  drop(unsafe { Arc::from_raw(hint as *const JsPool) });
+}
+
+fn check(status: sys::napi_status, what: &str) -> napi::Result<()> {
+  if status == sys::Status::napi_ok {
+    Ok(())
+  } else {
+    Err(napi::Error::from_reason(format!(
+      "N-API call failed: {what} (status {status})"
+    )))
+  }
+}
+
+/// Builds `{ results, best, recordSuccess, figures }` for `pool`: `results` is a `Float64Array`
+/// over the pool's result slots, and each function holds the pool until it is garbage-collected, so
+/// none of them can outlive the memory it writes.
+///
+/// # Safety
+/// `env` must be the environment of the current call, on the JS thread.
+pub unsafe fn install(env: sys::napi_env, pool: Arc<JsPool>) -> napi::Result<sys::napi_value> {
+  const FUNCTIONS: [(&CStr, Handler); 3] = [
+    (c"best", best),
+    (c"recordSuccess", record_success),
+    (c"figures", figures),
+  ];
+  unsafe {
+    let mut object = ptr::null_mut();
+    check(
+      sys::napi_create_object(env, &mut object),
+      "napi_create_object",
+    )?;
+
+    let memory = Arc::into_raw(pool.clone());
+    let mut buffer = ptr::null_mut();
+    let status = sys::napi_create_external_arraybuffer(
+      env,
+      pool.results.as_ptr().cast(),
+      RESULTS_LEN * std::mem::size_of::<f64>(),
+      Some(drop_pool_ref),
+      memory as *mut c_void,
+      &mut buffer,
+    );
+    if status != sys::Status::napi_ok {
+      drop(Arc::from_raw(memory));
+      check(status, "napi_create_external_arraybuffer")?;
+    }
+    let mut view = ptr::null_mut();
+    check(
+      sys::napi_create_typedarray(
+        env,
+        sys::TypedarrayType::float64_array,
+        RESULTS_LEN,
+        buffer,
+        0,
+        &mut view,
+      ),
+      "napi_create_typedarray",
+    )?;
+    check(
+      sys::napi_set_named_property(env, object, c"results".as_ptr(), view),
+      "napi_set_named_property",
+    )?;
+
+    for (name, handler) in FUNCTIONS {
+      let bound = Box::into_raw(Box::new(Bound {
+        pool: pool.clone(),
+        handler,
+      }));
+      let mut function = ptr::null_mut();
+      let status = sys::napi_create_function(
+        env,
+        name.as_ptr(),
+        name.count_bytes() as isize,
+        Some(trampoline),
+        bound as *mut c_void,
+        &mut function,
+      );
+      if status != sys::Status::napi_ok {
+        drop(Box::from_raw(bound));
+        check(status, "napi_create_function")?;
+      }
+      let status = sys::napi_add_finalizer(
+        env,
+        function,
+        bound as *mut c_void,
+        Some(drop_bound),
+        ptr::null_mut(),
+        ptr::null_mut(),
+      );
+      if status != sys::Status::napi_ok {
+        drop(Box::from_raw(bound));
+        check(status, "napi_add_finalizer")?;
+      }
+      check(
+        sys::napi_set_named_property(env, object, name.as_ptr(), function),
+        "napi_set_named_property",
+      )?;
+    }
+    Ok(object)
+  }
+}
