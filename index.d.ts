@@ -37,8 +37,24 @@ export declare class NativeKeyPool {
   lastError(index: number): string | null
   /** Writes `currentIndex` and `lastRotation` into the result slots. */
   summary(): void
+  /**
+   * Serves one request of the HTTP API (`url` relative to where the routes are mounted, e.g.
+   * `/best?x=1`): the Express adapter's way into the same route table as the server's.
+   */
+  route(method: string, url: string, body?: Buffer | undefined | null): RouteReply
+  /** Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime. */
+  serve(host: string, port: number, options?: ServeOptions | undefined | null): Promise<NativeServer>
   /** Refuses every later call. Idempotent. */
   close(): void
+}
+
+/** The running HTTP API. */
+export declare class NativeServer {
+  /** The port it listens on (the real one when started on port 0). */
+  get port(): number
+  get host(): string
+  /** Stops accepting, lets in-flight requests finish (5 s at most), then resolves. Idempotent. */
+  close(): Promise<void>
 }
 
 /** Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier. */
@@ -71,4 +87,21 @@ export interface ResultsLayout {
   length: number
   methods: Array<string>
   reasons: Array<string>
+}
+
+/** A reply of the HTTP API's route table. */
+export interface RouteReply {
+  status: number
+  /** JSON. */
+  body: string
+  /** The `Allow` header of a 405. */
+  allow?: string
+}
+
+/** Options of `NativeKeyPool.serve`. */
+export interface ServeOptions {
+  /** Largest request body accepted (default 64 KiB); a larger one gets a 400. */
+  maxBodyBytes?: number
+  /** One line per request on stdout, keys masked (default off). */
+  accessLog?: boolean
 }

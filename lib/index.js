@@ -291,6 +291,39 @@ class ApiKeyManagerService {
     return { success: true, metadata: { cacheRefreshed: true, availableKeys } }
   }
 
+  /**
+   * Serves the HTTP API (SPEC section 4) from Rust, on the addon's own threads: no request waits
+   * for this process's event loop. Resolves once listening; the process stays alive until
+   * `server.close()`.
+   */
+  async serve({ host = '127.0.0.1', port = 3001, accessLog = false, maxBodyBytes } = {}) {
+    const reason = this._ready()
+    if (reason !== null) throw new Error(reason)
+    const native = await this._native.serve(host, port, { accessLog, maxBodyBytes })
+    // The server runs on Rust threads that Node does not know about; this timer is what keeps
+    // the process alive while it listens, as a node:http server would.
+    const keepAlive = setInterval(() => {}, 1 << 30)
+    let closing = null
+    return {
+      host: native.host,
+      port: native.port,
+      url: `http://${native.host.includes(':') ? `[${native.host}]` : native.host}:${native.port}`,
+      close() {
+        closing ??= native.close().finally(() => clearInterval(keepAlive))
+        return closing
+      },
+    }
+  }
+
+  /** Answers one HTTP API request through the same route table as `serve`; `url` is relative to the mount point. */
+  _route(method, url, body) {
+    const reason = this._ready()
+    if (reason !== null) {
+      return { status: 500, body: JSON.stringify({ success: false, error: reason, message: reason }) }
+    }
+    return this._native.route(method, url, body)
+  }
+
   async close() {
     if (this._closed) return
     this._closed = true
@@ -313,4 +346,55 @@ async function getApiKeyManager(options) {
   return instance
 }
 
-module.exports = { ApiKeyManagerService, getApiKeyManager }
+const MAX_ROUTE_BODY = 64 * 1024
+
+/** Reads a request body (at most `limit` bytes) that no body parser has consumed. */
+function readBody(req, limit) {
+  if (req.body !== undefined) {
+    const body = typeof req.body === 'string' || Buffer.isBuffer(req.body) ? req.body : JSON.stringify(req.body)
+    return Promise.resolve(Buffer.from(body))
+  }
+  if (req.readableEnded || (req.headers['content-length'] ?? '0') === '0') return Promise.resolve(undefined)
+  return new Promise((resolve, reject) => {
+    const chunks = []
+    let size = 0
+    req.on('data', (chunk) => {
+      size += chunk.length
+      if (size > limit) {
+        req.destroy()
+        reject(Object.assign(new Error('Request body too large'), { status: 400 }))
+      } else chunks.push(chunk)
+    })
+    req.on('end', () => resolve(Buffer.concat(chunks)))
+    req.on('error', reject)
+  })
+}
+
+/**
+ * The HTTP API as a middleware for Express (or any `(req, res, next)` stack):
+ * `app.use('/api/keys', keyRoutes())`. It answers through the same Rust route table as `serve()`;
+ * `manager` defaults to the process's shared manager.
+ */
+function keyRoutes(manager) {
+  return function keyManagerRoutes(req, res, next) {
+    const managerReady = manager ? Promise.resolve(manager) : getApiKeyManager()
+    Promise.all([managerReady, readBody(req, MAX_ROUTE_BODY)])
+      .then(([m, body]) => {
+        const reply = m._route(req.method, req.url, body)
+        res.statusCode = reply.status
+        res.setHeader('content-type', 'application/json; charset=utf-8')
+        if (reply.allow) res.setHeader('allow', reply.allow)
+        res.end(reply.body)
+      })
+      .catch((e) => {
+        if (e && e.status === 400) {
+          res.statusCode = 400
+          res.setHeader('content-type', 'application/json; charset=utf-8')
+          res.end(JSON.stringify({ success: false, error: e.message, message: 'The request could not be read' }))
+        } else if (typeof next === 'function') next(e)
+        else res.destroy(e)
+      })
+  }
+}
+
+module.exports = { ApiKeyManagerService, getApiKeyManager, keyRoutes }

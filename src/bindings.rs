@@ -2,15 +2,18 @@
 //! `fast_path`; the rest are ordinary `#[napi]` methods. Every call writes the key it chose or was
 //! given into the result slots (`results`), which `lib/index.js` reads.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{Env, Object};
+use napi::bindgen_prelude::{Buffer, Env, Object, PromiseRaw};
 use napi_derive::napi;
+use tokio::sync::Mutex as AsyncMutex;
 
 use crate::clock::SystemClock;
 use crate::config::{LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
+use crate::http::{self, ServerHandle, ServerOptions};
 use crate::log::{ConsoleLog, Log, SilentLog};
 use crate::pool::{validate_tokens, KeyPool, Outcome};
 use crate::quota::LimitType;
@@ -131,7 +134,7 @@ impl NativeKeyPool {
   /// The keys, in the order whose positions every other method takes and returns.
   #[napi]
   pub fn keys(&self) -> Vec<String> {
-    self.pool().keys()
+    self.pool().keys().to_vec()
   }
 
   /// `getNextKeyForRotation`: returns the chosen key's position; the reason and the weak key's
@@ -206,9 +209,107 @@ impl NativeKeyPool {
     Ok(())
   }
 
+  /// Serves one request of the HTTP API (`url` relative to where the routes are mounted, e.g.
+  /// `/best?x=1`): the Express adapter's way into the same route table as the server's.
+  #[napi]
+  pub fn route(&self, method: String, url: String, body: Option<Buffer>) -> RouteReply {
+    let body = body.as_deref().unwrap_or_default();
+    let reply = http::route_mounted(self.pool(), &method, &url, body);
+    RouteReply {
+      status: reply.status as u32,
+      body: reply.body,
+      allow: reply.allow.map(str::to_owned),
+    }
+  }
+
+  /// Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime.
+  #[napi(ts_return_type = "Promise<NativeServer>")]
+  pub fn serve<'env>(
+    &self,
+    env: &'env Env,
+    host: String,
+    port: u32,
+    options: Option<ServeOptions>,
+  ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
+    let ip: IpAddr = host.parse().map_err(|_| {
+      napi::Error::from_reason(format!("host must be an IP address (got {host:?})"))
+    })?;
+    let port = u16::try_from(port)
+      .map_err(|_| napi::Error::from_reason(format!("port must be 0 to 65535 (got {port})")))?;
+    let defaults = ServerOptions::default();
+    let options = options.map_or(defaults, |o| ServerOptions {
+      max_body_bytes: o
+        .max_body_bytes
+        .map_or(defaults.max_body_bytes, |n| n as usize),
+      access_log: o.access_log.unwrap_or(defaults.access_log),
+    });
+    let pool = self.js.pool.clone();
+    env.spawn_future(async move {
+      let handle = http::start(pool, SocketAddr::new(ip, port), options)
+        .await
+        .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+      Ok(NativeServer {
+        address: handle.local_addr(),
+        handle: Arc::new(AsyncMutex::new(Some(handle))),
+      })
+    })
+  }
+
   /// Refuses every later call. Idempotent.
   #[napi]
   pub fn close(&self) {
     self.pool().close();
+  }
+}
+
+/// A reply of the HTTP API's route table.
+#[napi(object)]
+pub struct RouteReply {
+  pub status: u32,
+  /// JSON.
+  pub body: String,
+  /// The `Allow` header of a 405.
+  pub allow: Option<String>,
+}
+
+/// Options of `NativeKeyPool.serve`.
+#[napi(object)]
+pub struct ServeOptions {
+  /// Largest request body accepted (default 64 KiB); a larger one gets a 400.
+  pub max_body_bytes: Option<u32>,
+  /// One line per request on stdout, keys masked (default off).
+  pub access_log: Option<bool>,
+}
+
+/// The running HTTP API.
+#[napi]
+pub struct NativeServer {
+  address: SocketAddr,
+  handle: Arc<AsyncMutex<Option<ServerHandle>>>,
+}
+
+#[napi]
+impl NativeServer {
+  /// The port it listens on (the real one when started on port 0).
+  #[napi(getter)]
+  pub fn port(&self) -> u32 {
+    self.address.port() as u32
+  }
+
+  #[napi(getter)]
+  pub fn host(&self) -> String {
+    self.address.ip().to_string()
+  }
+
+  /// Stops accepting, lets in-flight requests finish (5 s at most), then resolves. Idempotent.
+  #[napi(ts_return_type = "Promise<void>")]
+  pub fn close<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
+    let handle = self.handle.clone();
+    env.spawn_future(async move {
+      if let Some(handle) = handle.lock().await.take() {
+        handle.shutdown().await;
+      }
+      Ok(())
+    })
   }
 }

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod http;
 pub mod key;
 pub mod log;
 pub mod mask;

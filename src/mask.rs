@@ -15,6 +15,18 @@ pub fn mask_key(key: &str) -> String {
   }
 }
 
+/// Replaces every key found inside `text` with its mask: error messages that callers record can
+/// quote a request URL with `?key=...` in it.
+pub fn scrub(text: &str, keys: &[String]) -> String {
+  let mut out = text.to_owned();
+  for key in keys {
+    if !key.is_empty() && out.contains(key.as_str()) {
+      out = out.replace(key.as_str(), &mask_key(key));
+    }
+  }
+  out
+}
+
 #[cfg(test)]
 mod tests {
   use super::*;
@@ -22,6 +34,21 @@ mod tests {
   #[test]
   fn masks_as_first_eight_and_last_four() {
     assert_eq!(mask_key("AIzaSyA1234567890abcdefWXYZ"), "AIzaSyA1...WXYZ");
+  }
+
+  #[test]
+  fn scrub_masks_every_key_quoted_in_a_message() {
+    let keys = vec![
+      "AIzaSyA1234567890abcdefWXYZ".to_string(),
+      "AIzaSyB1234567890abcdefQRST".to_string(),
+    ];
+    let text =
+      "403 for https://x/v1?key=AIzaSyA1234567890abcdefWXYZ and AIzaSyB1234567890abcdefQRST";
+    assert_eq!(
+      scrub(text, &keys),
+      "403 for https://x/v1?key=AIzaSyA1...WXYZ and AIzaSyB1...QRST"
+    );
+    assert_eq!(scrub("no keys here", &keys), "no keys here");
   }
 
   #[test]

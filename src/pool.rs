@@ -13,7 +13,7 @@ use crate::error::PoolError;
 use crate::health::{self, HealthChange};
 use crate::key::{KeyFigures, KeyState, KeyStatus, RateLimitInfo};
 use crate::log::Log;
-use crate::mask::mask_key;
+use crate::mask::{mask_key, scrub};
 use crate::quota::{LimitType, Quota};
 use crate::selection::{Rotation, Selection, SelectionCache};
 
@@ -43,7 +43,9 @@ struct PoolState {
 
 pub struct KeyPool {
   state: Mutex<PoolState>,
-  /// Key text to position; fixed at construction, so it is read without the lock.
+  /// The keys in configuration order, and key text to position: fixed at construction, so they
+  /// are read without the lock.
+  names: Vec<String>,
   index: HashMap<String, usize>,
   quota: Quota,
   clock: Arc<dyn Clock>,
@@ -88,8 +90,8 @@ impl KeyPool {
       .collect();
     let keys = config
       .keys
-      .into_iter()
-      .map(|k| KeyState::new(k, config.quota, now))
+      .iter()
+      .map(|k| KeyState::new(k.clone(), config.quota, now))
       .collect();
     Ok(Self {
       state: Mutex::new(PoolState {
@@ -98,6 +100,7 @@ impl KeyPool {
         last_rotation: now,
         closed: false,
       }),
+      names: config.keys,
       index,
       quota: config.quota,
       clock,
@@ -122,9 +125,12 @@ impl KeyPool {
   }
 
   /// The keys in configuration order (position = the index every other call takes).
-  pub fn keys(&self) -> Vec<String> {
-    let state = self.state.lock();
-    state.keys.iter().map(|k| k.key.clone()).collect()
+  pub fn keys(&self) -> &[String] {
+    &self.names
+  }
+
+  pub fn key_name(&self, index: usize) -> Option<&str> {
+    self.names.get(index).map(String::as_str)
   }
 
   pub fn index_of(&self, key: &str) -> Result<usize, PoolError> {
@@ -189,13 +195,18 @@ impl KeyPool {
   }
 
   /// `recordUsage`: a success counts the request and its tokens and clears the error streak; a
-  /// failure extends the streak, and the fifth in a row deactivates the key.
+  /// failure extends the streak, and the fifth in a row deactivates the key. Error messages are
+  /// stored with every key in them masked (scrubbed before the lock is taken).
   pub fn record_usage(
     &self,
     index: usize,
     tokens: u64,
     outcome: Outcome<'_>,
   ) -> Result<KeyFigures, PoolError> {
+    let scrubbed = match outcome {
+      Outcome::Failure(error) => Some(scrub(error, &self.names)),
+      Outcome::Success => None,
+    };
     let (figures, change) = self.with_key(index, |state, now| {
       let key = &mut state.keys[index];
       let change = match outcome {
@@ -206,7 +217,9 @@ impl KeyPool {
           health::record_success(key);
           HealthChange::Unchanged
         }
-        Outcome::Failure(error) => health::record_failure(key, error, now),
+        Outcome::Failure(_) => {
+          health::record_failure(key, scrubbed.as_deref().unwrap_or_default(), now)
+        }
       };
       let figures = key.figures(now);
       if change != HealthChange::Unchanged {
@@ -415,6 +428,17 @@ mod tests {
     let f = p.figures(0).unwrap();
     assert!(f.active);
     assert_eq!(f.error_count, 0);
+  }
+
+  #[test]
+  fn recorded_errors_never_hold_a_full_key() {
+    let (p, _, _) = pool(2);
+    let quoted = format!("403 on ?key={}", p.keys()[1]);
+    p.record_usage(0, 0, Outcome::Failure(&quoted)).unwrap();
+    assert_eq!(
+      p.last_error(0).unwrap().as_deref(),
+      Some("403 on ?key=AIzaSyTE...ijkl")
+    );
   }
 
   #[test]

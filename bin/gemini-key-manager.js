@@ -1,0 +1,71 @@
+#!/usr/bin/env node
+'use strict'
+
+// `gemini-key-manager serve [--port N] [--host ADDR] [--access-log]`: the key manager as an HTTP
+// service (SPEC section 4). Keys and limits come from the environment.
+
+const { ApiKeyManagerService } = require('../lib')
+
+const USAGE = 'usage: gemini-key-manager serve [--port N] [--host ADDRESS] [--access-log]'
+
+function parseArgs(argv) {
+  const [command, ...rest] = argv
+  if (command !== 'serve') return { error: command ? `unknown command: ${command}` : 'no command given' }
+  const options = {
+    host: process.env.HOST || '127.0.0.1',
+    port: process.env.PORT ? Number(process.env.PORT) : 3001,
+    accessLog: false,
+  }
+  for (let i = 0; i < rest.length; i++) {
+    const arg = rest[i]
+    if (arg === '--port') options.port = Number(rest[++i])
+    else if (arg === '--host') options.host = rest[++i]
+    else if (arg === '--access-log') options.accessLog = true
+    else return { error: `unknown option: ${arg}` }
+  }
+  if (!Number.isInteger(options.port) || options.port < 0 || options.port > 65535) {
+    return { error: 'port must be an integer from 0 to 65535' }
+  }
+  if (!options.host) return { error: '--host needs an address' }
+  return { options }
+}
+
+async function main() {
+  const { error, options } = parseArgs(process.argv.slice(2))
+  if (error) {
+    console.error(`${error}\n${USAGE}`)
+    return 2
+  }
+  const manager = new ApiKeyManagerService()
+  const init = await manager.initialize()
+  if (!init.success) {
+    console.error(`❌ ${init.error}`)
+    return 1
+  }
+  let server
+  try {
+    server = await manager.serve(options)
+  } catch (e) {
+    console.error(`❌ ${e.message}`)
+    return 1
+  }
+  console.log(`🚀 Gemini key manager listening on ${server.url}/api/keys`)
+  await new Promise((resolve) => {
+    process.once('SIGINT', resolve)
+    process.once('SIGTERM', resolve)
+  })
+  console.log('🛑 Shutting down: finishing in-flight requests')
+  await server.close()
+  await manager.close()
+  return 0
+}
+
+main().then(
+  (code) => {
+    process.exitCode = code
+  },
+  (e) => {
+    console.error(`❌ ${e && e.message ? e.message : e}`)
+    process.exitCode = 1
+  },
+)

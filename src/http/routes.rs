@@ -1,0 +1,1062 @@
+//! The HTTP API's one route table (SPEC section 4), as a pure function from a request to a reply.
+//! The Rust server and the Express adapter both call it, so the two cannot drift apart.
+
+use serde::de::IgnoredAny;
+use serde::Serialize;
+
+use crate::clock::Millis;
+use crate::error::PoolError;
+use crate::mask::mask_key;
+use crate::pool::KeyPool;
+
+use super::json::{
+  parse_date, Failure, IsoDate, KeyStatusJson, LimitsJson, RateLimitInfoJson, Success, UsageJson,
+};
+
+/// Where the API is served when the whole request path is given.
+pub const PREFIX: &str = "/api/keys";
+
+/// A response: a status and a JSON body, plus the `Allow` header's value on a 405.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+  pub status: u16,
+  pub body: String,
+  pub allow: Option<&'static str>,
+}
+
+/// Written when a body cannot be serialized, which only a bug can cause.
+const SERIALIZATION_FAILED: &str =
+  r#"{"success":false,"error":"Internal error","message":"The response could not be encoded"}"#;
+
+impl Reply {
+  fn json(status: u16, value: &impl Serialize) -> Self {
+    match serde_json::to_string(value) {
+      Ok(body) => Self {
+        status,
+        body,
+        allow: None,
+      },
+      Err(_) => Self {
+        status: 500,
+        body: SERIALIZATION_FAILED.to_owned(),
+        allow: None,
+      },
+    }
+  }
+
+  fn ok<D: Serialize, M: Serialize>(
+    data: Option<D>,
+    metadata: Option<M>,
+    message: &'static str,
+  ) -> Self {
+    Self::json(
+      200,
+      &Success {
+        success: true,
+        data,
+        metadata,
+        message,
+      },
+    )
+  }
+
+  /// `{ success: false, error, message }`. Neither string may hold a full key.
+  pub fn error(status: u16, error: &str, message: &str) -> Self {
+    Self::json(
+      status,
+      &Failure {
+        success: false,
+        error,
+        message,
+      },
+    )
+  }
+
+  /// A pool failure: 404 for an unknown key, 500 for the rest, as the SPEC says.
+  fn pool_error(err: PoolError, message: &str) -> Self {
+    let status = match err {
+      PoolError::KeyNotFound => 404,
+      _ => 500,
+    };
+    Self::error(status, &err.to_string(), message)
+  }
+}
+
+/// One segment of a route's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seg {
+  Lit(&'static str),
+  /// `:apiKey`: a full key or its masked form.
+  Key,
+}
+
+/// What a handler gets besides the pool: the percent-decoded `:apiKey` segment (empty when it is
+/// missing) and the raw query string.
+struct Request<'a> {
+  key: String,
+  query: &'a str,
+}
+
+struct Route {
+  method: &'static str,
+  path: &'static [Seg],
+  handler: fn(&KeyPool, &Request<'_>) -> Reply,
+}
+
+/// The table. Every path has one method, so a 405's `Allow` is that route's method.
+const ROUTES: &[Route] = &[
+  Route {
+    method: "GET",
+    path: &[Seg::Lit("status")],
+    handler: status,
+  },
+  Route {
+    method: "GET",
+    path: &[Seg::Lit("best")],
+    handler: best,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("rotate")],
+    handler: rotate,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("refresh-cache")],
+    handler: refresh_cache,
+  },
+  Route {
+    method: "GET",
+    path: &[Seg::Lit("rate-limit"), Seg::Key],
+    handler: rate_limit,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("reactivate"), Seg::Key],
+    handler: reactivate,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("reset-limits")],
+    handler: reset_limits,
+  },
+  Route {
+    method: "GET",
+    path: &[Seg::Lit("usage-stats")],
+    handler: usage_stats,
+  },
+];
+
+/// Serves a request whose path starts at the server root (`/api/keys/best?x=1`). Paths outside
+/// [`PREFIX`] are 404s.
+pub fn route(pool: &KeyPool, method: &str, path_and_query: &str, body: &[u8]) -> Reply {
+  match strip_prefix(path_and_query) {
+    Some(rest) => route_mounted(pool, method, rest, body),
+    None => not_found(pool, path_and_query),
+  }
+}
+
+/// Serves a request whose path is relative to where the API is mounted (`/best?x=1` for
+/// `/api/keys/best?x=1`), as an Express router sees it.
+pub fn route_mounted(pool: &KeyPool, method: &str, sub_path_and_query: &str, body: &[u8]) -> Reply {
+  let (path, query) = split_query(sub_path_and_query);
+  let segments = split_path(path);
+  let Some(route) = ROUTES.iter().find(|r| shape_matches(r.path, &segments)) else {
+    return not_found(pool, &format!("{PREFIX}{path}"));
+  };
+  if method != route.method {
+    return Reply {
+      allow: Some(route.method),
+      ..Reply::error(
+        405,
+        "Method not allowed",
+        &format!("This endpoint only accepts {}", route.method),
+      )
+    };
+  }
+  // No endpoint takes a body; one that is there must at least be well-formed JSON.
+  if route.method == "POST"
+    && !body.trim_ascii().is_empty()
+    && serde_json::from_slice::<IgnoredAny>(body).is_err()
+  {
+    return Reply::error(
+      400,
+      "Invalid request body",
+      "The request body must be empty or JSON",
+    );
+  }
+  let key = match route.path.iter().position(|s| *s == Seg::Key) {
+    Some(at) => {
+      let raw = segments.get(at).copied().unwrap_or("");
+      match percent_decode(raw, false) {
+        Some(key) => key,
+        None => {
+          return Reply::error(
+            400,
+            "Invalid API key",
+            "The API key in the path is not valid percent-encoded UTF-8",
+          )
+        }
+      }
+    }
+    None => String::new(),
+  };
+  (route.handler)(pool, &Request { key, query })
+}
+
+/// The request path fit for logs and error messages: the query is dropped (it is free text), and
+/// any segment that is, or holds, a key is masked.
+pub fn redact_path(pool: &KeyPool, path_and_query: &str) -> String {
+  let (path, _) = split_query(path_and_query);
+  let (head, sub) = match strip_prefix(path) {
+    Some(sub) => (PREFIX, sub),
+    None => ("", path),
+  };
+  let segments = split_path(sub);
+  let pattern = ROUTES
+    .iter()
+    .find(|r| shape_matches(r.path, &segments))
+    .map(|r| r.path);
+  let mut out = String::from(head);
+  for (i, raw) in segments.iter().enumerate() {
+    out.push('/');
+    let decoded = percent_decode(raw, false).unwrap_or_else(|| raw.to_string());
+    if pattern.and_then(|p| p.get(i)) == Some(&Seg::Key) {
+      let known = find_key(pool, &decoded)
+        .ok()
+        .and_then(|index| pool.key_name(index));
+      out.push_str(&mask_key(known.unwrap_or(&decoded)));
+    } else if pattern.is_none() && pool.keys().iter().any(|k| decoded.contains(k.as_str())) {
+      out.push_str(&mask_key(&decoded));
+    } else {
+      out.push_str(raw);
+    }
+  }
+  if (path.ends_with('/') && !out.ends_with('/')) || out.is_empty() {
+    out.push('/');
+  }
+  out
+}
+
+/// The path after [`PREFIX`], if the path is under it (`/api/keys`, `/api/keys/...`,
+/// `/api/keys?...`).
+fn strip_prefix(path_and_query: &str) -> Option<&str> {
+  let rest = path_and_query.strip_prefix(PREFIX)?;
+  (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')).then_some(rest)
+}
+
+fn split_query(path_and_query: &str) -> (&str, &str) {
+  path_and_query
+    .split_once('?')
+    .unwrap_or((path_and_query, ""))
+}
+
+/// The segments of a path, ignoring the leading slash and one trailing slash, as Express's
+/// non-strict routing does.
+fn split_path(path: &str) -> Vec<&str> {
+  let path = path.strip_prefix('/').unwrap_or(path);
+  let path = path.strip_suffix('/').unwrap_or(path);
+  if path.is_empty() {
+    Vec::new()
+  } else {
+    path.split('/').collect()
+  }
+}
+
+/// Whether `segments` fit `pattern`. A trailing `:apiKey` may be missing, so that
+/// `/rate-limit/` reaches its handler and gets the SPEC's 400 rather than a 404. Literal segments
+/// match case-insensitively, as Express's do by default.
+fn shape_matches(pattern: &[Seg], segments: &[&str]) -> bool {
+  let key_missing = segments.len() + 1 == pattern.len() && pattern.last() == Some(&Seg::Key);
+  if segments.len() != pattern.len() && !key_missing {
+    return false;
+  }
+  pattern.iter().zip(segments).all(|(p, s)| match p {
+    Seg::Lit(lit) => lit.eq_ignore_ascii_case(s),
+    Seg::Key => true,
+  })
+}
+
+fn not_found(pool: &KeyPool, path: &str) -> Reply {
+  Reply::error(
+    404,
+    "Not found",
+    &format!("No endpoint at {}", redact_path(pool, path)),
+  )
+}
+
+/// Decodes `%XX` escapes (and `+` as a space when `plus_is_space`, as in a query string). `None`
+/// for a broken escape or a result that is not UTF-8.
+fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
+  let bytes = text.as_bytes();
+  let mut out = Vec::with_capacity(bytes.len());
+  let mut i = 0;
+  while i < bytes.len() {
+    match bytes[i] {
+      b'%' => {
+        let hex = bytes.get(i + 1..i + 3)?;
+        let hex = std::str::from_utf8(hex).ok()?;
+        out.push(u8::from_str_radix(hex, 16).ok()?);
+        i += 3;
+      }
+      b'+' if plus_is_space => {
+        out.push(b' ');
+        i += 1;
+      }
+      b => {
+        out.push(b);
+        i += 1;
+      }
+    }
+  }
+  String::from_utf8(out).ok()
+}
+
+/// The position of the key a path names: its full text, or its masked form when exactly one key
+/// has that mask.
+fn find_key(pool: &KeyPool, text: &str) -> Result<usize, PoolError> {
+  if let Ok(index) = pool.index_of(text) {
+    return Ok(index);
+  }
+  let mut hits = pool
+    .keys()
+    .iter()
+    .enumerate()
+    .filter(|(_, k)| mask_key(k) == text)
+    .map(|(i, _)| i);
+  match (hits.next(), hits.next()) {
+    (Some(index), None) => Ok(index),
+    _ => Err(PoolError::KeyNotFound),
+  }
+}
+
+/// Resolves the `:apiKey` of a request, or the reply that says why it cannot be.
+fn key_index(pool: &KeyPool, req: &Request<'_>) -> Result<usize, Reply> {
+  if req.key.trim().is_empty() {
+    return Err(Reply::error(
+      400,
+      "API key is required",
+      "Put the API key, or its masked form, in the path",
+    ));
+  }
+  find_key(pool, &req.key).map_err(|err| {
+    Reply::pool_error(
+      err,
+      &format!(
+        "No API key matches {} (a masked key must match exactly one key)",
+        mask_key(&req.key)
+      ),
+    )
+  })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusMeta {
+  total_keys: usize,
+  active_keys: usize,
+}
+
+fn status(pool: &KeyPool, _: &Request<'_>) -> Reply {
+  let statuses = match pool.statuses() {
+    Ok(s) => s,
+    Err(err) => return Reply::pool_error(err, "Failed to get API key status"),
+  };
+  let data: Vec<KeyStatusJson> = statuses.iter().map(KeyStatusJson::new).collect();
+  let metadata = StatusMeta {
+    total_keys: statuses.len(),
+    active_keys: statuses.iter().filter(|s| s.figures.active).count(),
+  };
+  Reply::ok(
+    Some(data),
+    Some(metadata),
+    "API key status retrieved successfully",
+  )
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BestData {
+  api_key: String,
+  availability_score: f64,
+  total_available: usize,
+  rotation_method: &'static str,
+  last_used: IsoDate,
+  limits: LimitsJson,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BestMeta {
+  availability_score: f64,
+  total_available: usize,
+  rotation_method: &'static str,
+}
+
+fn best(pool: &KeyPool, _: &Request<'_>) -> Reply {
+  let picked = match pool.best() {
+    Ok(p) => p,
+    Err(err) => return Reply::pool_error(err, "Failed to get the best available API key"),
+  };
+  let pick = picked.pick;
+  let data = BestData {
+    api_key: masked_key_at(pool, pick.index),
+    availability_score: pick.score,
+    total_available: pick.total_available,
+    rotation_method: pick.method.as_str(),
+    last_used: IsoDate(picked.figures.last_used),
+    limits: (&picked.figures).into(),
+  };
+  let metadata = BestMeta {
+    availability_score: pick.score,
+    total_available: pick.total_available,
+    rotation_method: pick.method.as_str(),
+  };
+  Reply::ok(
+    Some(data),
+    Some(metadata),
+    "Best available API key retrieved",
+  )
+}
+
+/// The masked key at `index`. The pool hands out positions, not names, on its hot path.
+fn masked_key_at(pool: &KeyPool, index: usize) -> String {
+  pool.key_name(index).map(mask_key).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RotateData {
+  api_key: String,
+  availability_score: f64,
+  rotation_reason: &'static str,
+  previous_key_score: Option<f64>,
+  last_used: IsoDate,
+  limits: LimitsJson,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RotateMeta {
+  availability_score: f64,
+  rotation_reason: &'static str,
+  previous_key_score: Option<f64>,
+  total_available: usize,
+  rotation_method: &'static str,
+}
+
+fn rotate(pool: &KeyPool, _: &Request<'_>) -> Reply {
+  let picked = match pool.rotate() {
+    Ok(p) => p,
+    Err(err) => return Reply::pool_error(err, "Failed to rotate the API key"),
+  };
+  let rotation = picked.pick;
+  let selection = rotation.selection;
+  let data = RotateData {
+    api_key: masked_key_at(pool, selection.index),
+    availability_score: selection.score,
+    rotation_reason: rotation.reason.as_str(),
+    previous_key_score: rotation.previous_key_score,
+    last_used: IsoDate(picked.figures.last_used),
+    limits: (&picked.figures).into(),
+  };
+  let metadata = RotateMeta {
+    availability_score: selection.score,
+    rotation_reason: rotation.reason.as_str(),
+    previous_key_score: rotation.previous_key_score,
+    total_available: selection.total_available,
+    rotation_method: selection.method.as_str(),
+  };
+  Reply::ok(Some(data), Some(metadata), "API key rotated proactively")
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RefreshMeta {
+  cache_refreshed: bool,
+  available_keys: usize,
+}
+
+fn refresh_cache(pool: &KeyPool, _: &Request<'_>) -> Reply {
+  match pool.refresh_cache() {
+    Ok(available_keys) => Reply::ok(
+      None::<()>,
+      Some(RefreshMeta {
+        cache_refreshed: true,
+        available_keys,
+      }),
+      "API key cache refreshed successfully",
+    ),
+    Err(err) => Reply::pool_error(err, "Failed to refresh the API key cache"),
+  }
+}
+
+fn rate_limit(pool: &KeyPool, req: &Request<'_>) -> Reply {
+  let index = match key_index(pool, req) {
+    Ok(i) => i,
+    Err(reply) => return reply,
+  };
+  match pool.rate_limit_info(index) {
+    Ok(info) => {
+      let data: Vec<RateLimitInfoJson> = info.iter().map(RateLimitInfoJson::from).collect();
+      Reply::ok(
+        Some(data),
+        None::<()>,
+        "Rate limit info retrieved successfully",
+      )
+    }
+    Err(err) => Reply::pool_error(err, "Failed to get rate limit info"),
+  }
+}
+
+fn reactivate(pool: &KeyPool, req: &Request<'_>) -> Reply {
+  let index = match key_index(pool, req) {
+    Ok(i) => i,
+    Err(reply) => return reply,
+  };
+  match pool.reactivate(index) {
+    Ok(_) => Reply::ok(None::<()>, None::<()>, "API key reactivated successfully"),
+    Err(err) => Reply::pool_error(err, "Failed to reactivate the API key"),
+  }
+}
+
+fn reset_limits(pool: &KeyPool, _: &Request<'_>) -> Reply {
+  match pool.reset_all_limits() {
+    Ok(()) => Reply::ok(
+      None::<()>,
+      None::<()>,
+      "All API key limits reset successfully",
+    ),
+    Err(err) => Reply::pool_error(err, "Failed to reset API key limits"),
+  }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UsageMeta {
+  start_date: Option<IsoDate>,
+  end_date: Option<IsoDate>,
+  total_keys: usize,
+}
+
+/// Reads the optional `startDate` and `endDate` of a query string.
+fn date_range(query: &str) -> Result<(Option<Millis>, Option<Millis>), Reply> {
+  let mut start = None;
+  let mut end = None;
+  for pair in query.split('&').filter(|p| !p.is_empty()) {
+    let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    let (name, slot) = match percent_decode(name, true).as_deref() {
+      Some("startDate") => ("startDate", &mut start),
+      Some("endDate") => ("endDate", &mut end),
+      _ => continue,
+    };
+    let parsed = percent_decode(value, true)
+      .as_deref()
+      .and_then(parse_date)
+      .ok_or_else(|| {
+        Reply::error(
+          400,
+          &format!("Invalid {name}"),
+          &format!(
+            "{name} must be an ISO-8601 date or date-time (e.g. 2026-11-27 or \
+             2026-11-27T20:30:42.123Z) or milliseconds since the epoch"
+          ),
+        )
+      })?;
+    if slot.replace(parsed).is_some() {
+      return Err(Reply::error(
+        400,
+        &format!("Invalid {name}"),
+        &format!("{name} was given more than once"),
+      ));
+    }
+  }
+  if let (Some(s), Some(e)) = (start, end) {
+    if s > e {
+      return Err(Reply::error(
+        400,
+        "Invalid date range",
+        "startDate must not be after endDate",
+      ));
+    }
+  }
+  Ok((start, end))
+}
+
+/// The in-memory pool keeps no per-call history, so the range is validated and echoed but every
+/// key's current windows are reported.
+fn usage_stats(pool: &KeyPool, req: &Request<'_>) -> Reply {
+  let (start, end) = match date_range(req.query) {
+    Ok(range) => range,
+    Err(reply) => return reply,
+  };
+  let statuses = match pool.statuses() {
+    Ok(s) => s,
+    Err(err) => return Reply::pool_error(err, "Failed to get usage statistics"),
+  };
+  let data: Vec<UsageJson> = statuses.iter().map(UsageJson::new).collect();
+  let metadata = UsageMeta {
+    start_date: start.map(IsoDate),
+    end_date: end.map(IsoDate),
+    total_keys: statuses.len(),
+  };
+  Reply::ok(
+    Some(data),
+    Some(metadata),
+    "Usage statistics retrieved successfully",
+  )
+}
+
+#[cfg(test)]
+mod tests {
+  use std::sync::Arc;
+
+  use serde_json::{json, Value};
+
+  use super::*;
+  use crate::clock::FakeClock;
+  use crate::config::PoolConfig;
+  use crate::log::SilentLog;
+  use crate::pool::Outcome;
+  use crate::quota::{LimitType, Quota};
+
+  const T0: Millis = 1_700_000_000_000;
+  const T0_ISO: &str = "2023-11-14T22:13:20.000Z";
+  const KEYS: [&str; 3] = [
+    "AIzaSyAAAA0000000000000000000000000000001",
+    "AIzaSyBBBB0000000000000000000000000000002",
+    "AIzaSyCCCC0000000000000000000000000000003",
+  ];
+
+  fn pool_of(keys: &[&str], quota: Quota) -> (KeyPool, FakeClock) {
+    let clock = FakeClock::at(T0);
+    let config = PoolConfig {
+      keys: keys.iter().map(|k| k.to_string()).collect(),
+      quota,
+      warnings: vec![],
+    };
+    let pool = KeyPool::new(config, Arc::new(clock.clone()), Arc::new(SilentLog)).unwrap();
+    (pool, clock)
+  }
+
+  fn pool() -> KeyPool {
+    pool_of(&KEYS, Quota::default()).0
+  }
+
+  /// Calls the table and checks what every reply must satisfy: JSON with `success`, and no full
+  /// key anywhere.
+  fn call(pool: &KeyPool, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let reply = route(pool, method, path, body.as_bytes());
+    for key in pool.keys() {
+      assert!(!reply.body.contains(key.as_str()), "{path}: {}", reply.body);
+    }
+    let value: Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(
+      value["success"],
+      json!(reply.status == 200),
+      "{}",
+      reply.body
+    );
+    if reply.status != 200 {
+      assert!(value["error"].is_string() && value["message"].is_string());
+    }
+    (reply.status, value)
+  }
+
+  fn get(pool: &KeyPool, path: &str) -> (u16, Value) {
+    call(pool, "GET", path, "")
+  }
+
+  fn post(pool: &KeyPool, path: &str) -> (u16, Value) {
+    call(pool, "POST", path, "")
+  }
+
+  fn field_names(v: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    names.sort_unstable();
+    names
+  }
+
+  fn window(current: u64, limit: u64, reset: Millis) -> Value {
+    json!({ "current": current, "limit": limit, "resetTime": IsoDate(reset).to_string() })
+  }
+
+  #[test]
+  fn status_lists_every_key_masked_with_iso_dates() {
+    let p = pool();
+    let (status, v) = get(&p, "/api/keys/status");
+    assert_eq!(status, 200);
+    assert_eq!(field_names(&v), ["data", "message", "metadata", "success"]);
+    assert_eq!(v["metadata"], json!({ "totalKeys": 3, "activeKeys": 3 }));
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    assert_eq!(
+      data[0],
+      json!({
+        "apiKey": "AIzaSyAA...0001",
+        "isActive": true,
+        "lastUsed": T0_ISO,
+        "limits": {
+          "rpm": window(0, 30, T0 + 60_000),
+          "rpd": window(0, 200, T0 + 86_400_000),
+          "tpm": window(0, 1_000_000, T0 + 60_000),
+        },
+        "errorCount": 0,
+      })
+    );
+  }
+
+  #[test]
+  fn status_shows_the_last_error_with_keys_scrubbed_out() {
+    let p = pool();
+    let error = format!("fetch https://g/?key={} failed", KEYS[1]);
+    p.record_usage(1, 0, Outcome::Failure(&error)).unwrap();
+    let (_, v) = get(&p, "/api/keys/status");
+    let key = &v["data"][1];
+    assert_eq!(key["errorCount"], 1);
+    assert_eq!(
+      key["lastError"],
+      "fetch https://g/?key=AIzaSyBB...0002 failed"
+    );
+    assert_eq!(key["lastErrorTime"], T0_ISO);
+  }
+
+  #[test]
+  fn best_hands_out_masked_keys_round_robin() {
+    let p = pool();
+    let (status, v) = get(&p, "/api/keys/best");
+    assert_eq!(status, 200);
+    assert_eq!(v["message"], "Best available API key retrieved");
+    let data = &v["data"];
+    assert_eq!(
+      field_names(data),
+      [
+        "apiKey",
+        "availabilityScore",
+        "lastUsed",
+        "limits",
+        "rotationMethod",
+        "totalAvailable"
+      ]
+    );
+    assert_eq!(data["apiKey"], "AIzaSyAA...0001");
+    assert_eq!(data["availabilityScore"], 1.0);
+    assert_eq!(data["totalAvailable"], 3);
+    assert_eq!(data["rotationMethod"], "round-robin");
+    assert_eq!(data["lastUsed"], T0_ISO);
+    assert_eq!(data["limits"]["rpm"], window(0, 30, T0 + 60_000));
+    assert_eq!(
+      v["metadata"],
+      json!({ "availabilityScore": 1.0, "totalAvailable": 3, "rotationMethod": "round-robin" })
+    );
+    let (_, v) = get(&p, "/api/keys/best");
+    assert_eq!(v["data"]["apiKey"], "AIzaSyBB...0002");
+    assert_eq!(v["data"]["rotationMethod"], "cached-round-robin");
+  }
+
+  #[test]
+  fn rotate_always_gives_a_string_reason() {
+    let p = pool();
+    let (status, v) = post(&p, "/api/keys/rotate");
+    assert_eq!(status, 200);
+    assert_eq!(v["message"], "API key rotated proactively");
+    assert_eq!(
+      field_names(&v["data"]),
+      [
+        "apiKey",
+        "availabilityScore",
+        "lastUsed",
+        "limits",
+        "previousKeyScore",
+        "rotationReason"
+      ]
+    );
+    assert_eq!(v["data"]["rotationReason"], "not-needed");
+    assert_eq!(v["data"]["previousKeyScore"], Value::Null);
+    assert_eq!(v["metadata"]["rotationReason"], "not-needed");
+
+    let quota = Quota {
+      rpm: 10,
+      rpd: 10,
+      tpm: 1000,
+    };
+    let (p, _) = pool_of(&KEYS[..2], quota);
+    for _ in 0..9 {
+      p.record_usage(0, 0, Outcome::Success).unwrap();
+    }
+    let (_, v) = post(&p, "/api/keys/rotate");
+    assert_eq!(v["data"]["rotationReason"], "proactive-rotation");
+    assert_eq!(v["data"]["apiKey"], "AIzaSyBB...0002");
+    assert!(v["data"]["previousKeyScore"].as_f64().unwrap() < 0.3);
+    assert_eq!(
+      v["metadata"]["previousKeyScore"],
+      v["data"]["previousKeyScore"]
+    );
+
+    let (p, _) = pool_of(&KEYS[..1], quota);
+    for _ in 0..9 {
+      p.record_usage(0, 0, Outcome::Success).unwrap();
+    }
+    let (_, v) = post(&p, "/api/keys/rotate");
+    assert_eq!(v["data"]["rotationReason"], "no-key-above-threshold");
+  }
+
+  #[test]
+  fn refresh_cache_reports_the_available_keys() {
+    let p = pool();
+    p.handle_rate_limit(2, LimitType::Rpd).unwrap();
+    let (status, v) = post(&p, "/api/keys/refresh-cache");
+    assert_eq!(status, 200);
+    assert_eq!(
+      v,
+      json!({
+        "success": true,
+        "metadata": { "cacheRefreshed": true, "availableKeys": 2 },
+        "message": "API key cache refreshed successfully",
+      })
+    );
+  }
+
+  #[test]
+  fn rate_limit_takes_a_full_masked_or_encoded_key() {
+    let p = pool();
+    p.handle_rate_limit(1, LimitType::Rpm).unwrap();
+    for path in [
+      format!("/api/keys/rate-limit/{}", KEYS[1]),
+      "/api/keys/rate-limit/AIzaSyBB...0002".to_owned(),
+      "/api/keys/rate-limit/AIzaSyBB%2E%2E%2E0002/".to_owned(),
+    ] {
+      let (status, v) = get(&p, &path);
+      assert_eq!(status, 200, "{path}");
+      assert_eq!(v["message"], "Rate limit info retrieved successfully");
+      assert_eq!(
+        v["data"],
+        json!([
+          { "type": "RPM", "current": 30, "limit": 30, "resetTime": IsoDate(T0 + 60_000).to_string(), "isLimited": true },
+          { "type": "RPD", "current": 0, "limit": 200, "resetTime": IsoDate(T0 + 86_400_000).to_string(), "isLimited": false },
+          { "type": "TPM", "current": 0, "limit": 1_000_000, "resetTime": IsoDate(T0 + 60_000).to_string(), "isLimited": false },
+        ])
+      );
+    }
+  }
+
+  #[test]
+  fn reactivate_brings_a_key_back() {
+    let p = pool();
+    for _ in 0..5 {
+      p.record_usage(0, 0, Outcome::Failure("boom")).unwrap();
+    }
+    assert!(!p.figures(0).unwrap().active);
+    let (status, v) = post(&p, "/api/keys/reactivate/AIzaSyAA...0001");
+    assert_eq!(status, 200);
+    assert_eq!(
+      v,
+      json!({ "success": true, "message": "API key reactivated successfully" })
+    );
+    assert!(p.figures(0).unwrap().active);
+  }
+
+  #[test]
+  fn reset_limits_clears_every_window() {
+    let p = pool();
+    p.handle_rate_limit(0, LimitType::Tpm).unwrap();
+    let (status, v) = post(&p, "/api/keys/reset-limits");
+    assert_eq!(status, 200);
+    assert_eq!(
+      v,
+      json!({ "success": true, "message": "All API key limits reset successfully" })
+    );
+    assert_eq!(p.figures(0).unwrap().tpm.current, 0);
+  }
+
+  #[test]
+  fn usage_stats_lists_usage_as_fractions() {
+    let p = pool();
+    p.record_usage(0, 1234, Outcome::Success).unwrap();
+    p.record_usage(2, 0, Outcome::Failure("quota")).unwrap();
+    let (status, v) = get(&p, "/api/keys/usage-stats");
+    assert_eq!(status, 200);
+    assert_eq!(v["message"], "Usage statistics retrieved successfully");
+    assert_eq!(
+      v["metadata"],
+      json!({ "startDate": null, "endDate": null, "totalKeys": 3 })
+    );
+    assert_eq!(
+      v["data"][0],
+      json!({
+        "apiKey": "AIzaSyAA...0001",
+        "isActive": true,
+        "lastUsed": T0_ISO,
+        "rpmUsage": "1/30",
+        "rpdUsage": "1/200",
+        "tpmUsage": "1234/1000000",
+        "errorCount": 0,
+        "lastError": null,
+      })
+    );
+    assert_eq!(v["data"][2]["lastError"], "quota");
+  }
+
+  #[test]
+  fn usage_stats_reads_and_echoes_the_date_range() {
+    let p = pool();
+    let (status, v) = get(
+      &p,
+      "/api/keys/usage-stats?startDate=2026-11-27&endDate=2026-11-27T20%3A30%3A42.123%2B02%3A00",
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["metadata"]["startDate"], "2026-11-27T00:00:00.000Z");
+    assert_eq!(v["metadata"]["endDate"], "2026-11-27T18:30:42.123Z");
+    let (_, v) = get(&p, "/api/keys/usage-stats?endDate=1700000000000&x=1");
+    assert_eq!(v["metadata"]["startDate"], Value::Null);
+    assert_eq!(v["metadata"]["endDate"], T0_ISO);
+
+    for (query, error) in [
+      ("startDate=yesterday", "Invalid startDate"),
+      ("endDate=", "Invalid endDate"),
+      ("startDate=2026-02-30", "Invalid startDate"),
+      ("startDate=%ZZ", "Invalid startDate"),
+      ("startDate=1&startDate=2", "Invalid startDate"),
+      (
+        "startDate=2026-11-28&endDate=2026-11-27",
+        "Invalid date range",
+      ),
+    ] {
+      let (status, v) = get(&p, &format!("/api/keys/usage-stats?{query}"));
+      assert_eq!(status, 400, "{query}");
+      assert_eq!(v["error"], error, "{query}");
+    }
+  }
+
+  #[test]
+  fn unknown_paths_are_404_and_wrong_methods_405() {
+    let p = pool();
+    for path in [
+      "/api/keys",
+      "/api/keys/",
+      "/api/keys/nope",
+      "/api/keysx/status",
+      "/status",
+      "/",
+    ] {
+      let (status, v) = get(&p, path);
+      assert_eq!(status, 404, "{path}");
+      assert_eq!(v["error"], "Not found");
+    }
+    let reply = route(&p, "GET", "/api/keys/rotate", b"");
+    assert_eq!((reply.status, reply.allow), (405, Some("POST")));
+    let reply = route(&p, "POST", "/api/keys/best", b"");
+    assert_eq!((reply.status, reply.allow), (405, Some("GET")));
+    let reply = route(&p, "DELETE", "/api/keys/reactivate/x", b"");
+    assert_eq!((reply.status, reply.allow), (405, Some("POST")));
+    assert_eq!(route(&p, "GET", "/api/keys/best", b"").allow, None);
+  }
+
+  #[test]
+  fn key_routes_refuse_missing_unknown_and_ambiguous_keys() {
+    let p = pool();
+    for path in [
+      "/api/keys/rate-limit",
+      "/api/keys/rate-limit/",
+      "/api/keys/rate-limit/%20",
+    ] {
+      let (status, v) = get(&p, path);
+      assert_eq!(status, 400, "{path}");
+      assert_eq!(v["error"], "API key is required");
+    }
+    let (status, v) = post(&p, "/api/keys/reactivate/AIzaSyZZ...9999");
+    assert_eq!(status, 404);
+    assert_eq!(v["error"], "API key not found");
+    let (status, _) = get(&p, "/api/keys/rate-limit/a%E2%28b");
+    assert_eq!(status, 400);
+    let (status, _) = get(&p, "/api/keys/rate-limit/a%2");
+    assert_eq!(status, 400);
+
+    // Two keys with one mask: the mask names neither.
+    let twins = [
+      "AIzaSyTWIN-first-key-0000000000000000000",
+      "AIzaSyTWIN-other-key-0000000000000000000",
+    ];
+    let (p, _) = pool_of(&twins, Quota::default());
+    let (status, v) = get(&p, "/api/keys/rate-limit/AIzaSyTW...0000");
+    assert_eq!(status, 404);
+    assert_eq!(v["error"], "API key not found");
+    let (status, _) = get(&p, &format!("/api/keys/rate-limit/{}", twins[1]));
+    assert_eq!(status, 200);
+  }
+
+  #[test]
+  fn full_keys_in_unknown_paths_are_masked_in_the_message() {
+    let p = pool();
+    let (status, v) = get(&p, &format!("/api/keys/{}/x?key={}", KEYS[0], KEYS[1]));
+    assert_eq!(status, 404);
+    assert_eq!(v["message"], "No endpoint at /api/keys/AIzaSyAA...0001/x");
+    let (_, v) = get(&p, &format!("/v1/models?key={}", KEYS[1]));
+    assert_eq!(v["message"], "No endpoint at /v1/models");
+  }
+
+  #[test]
+  fn redact_path_masks_key_segments_and_drops_the_query() {
+    let p = pool();
+    let cases = [
+      (
+        format!("/api/keys/rate-limit/{}", KEYS[2]),
+        "/api/keys/rate-limit/AIzaSyCC...0003",
+      ),
+      (
+        "/api/keys/rate-limit/AIzaSyCC...0003".to_owned(),
+        "/api/keys/rate-limit/AIzaSyCC...0003",
+      ),
+      (
+        "/api/keys/reactivate/not-a-key-but-long?x=1".to_owned(),
+        "/api/keys/reactivate/not-a-ke...long",
+      ),
+      ("/api/keys/best?startDate=1".to_owned(), "/api/keys/best"),
+      (format!("/other/k{}/", KEYS[0]), "/other/kAIzaSyA...0001/"),
+      ("/".to_owned(), "/"),
+    ];
+    for (path, want) in cases {
+      assert_eq!(redact_path(&p, &path), want, "{path}");
+    }
+  }
+
+  #[test]
+  fn post_bodies_must_be_empty_or_json() {
+    let p = pool();
+    assert_eq!(call(&p, "POST", "/api/keys/rotate", " {} ").0, 200);
+    assert_eq!(call(&p, "POST", "/api/keys/rotate", "\n").0, 200);
+    let (status, v) = call(&p, "POST", "/api/keys/rotate", "{oops");
+    assert_eq!(status, 400);
+    assert_eq!(v["error"], "Invalid request body");
+    // GET bodies are not looked at.
+    assert_eq!(call(&p, "GET", "/api/keys/best", "{oops").0, 200);
+  }
+
+  #[test]
+  fn pool_failures_are_500_with_the_pool_message() {
+    let (p, _) = pool_of(&KEYS[..1], Quota::default());
+    p.handle_rate_limit(0, LimitType::Rpm).unwrap();
+    for (method, path) in [("GET", "/api/keys/best"), ("POST", "/api/keys/rotate")] {
+      let (status, v) = call(&p, method, path, "");
+      assert_eq!(status, 500, "{path}");
+      assert_eq!(v["error"], "No active API keys available");
+    }
+    p.close();
+    let (status, v) = get(&p, "/api/keys/status");
+    assert_eq!(status, 500);
+    assert_eq!(v["error"], "API key manager is closed");
+  }
+
+  #[test]
+  fn mounted_paths_reach_the_same_table() {
+    let p = pool();
+    let reply = route_mounted(&p, "GET", "/best?x=1", b"");
+    assert_eq!(reply.status, 200);
+    assert_eq!(route_mounted(&p, "GET", "/STATUS/", b"").status, 200);
+    assert_eq!(
+      route_mounted(&p, "GET", "/api/keys/status", b"").status,
+      404
+    );
+    assert_eq!(route_mounted(&p, "GET", "", b"").status, 404);
+  }
+}

@@ -1,0 +1,569 @@
+//! A small HTTP/1.1 server for the route table, on the caller's tokio runtime. A request waits only
+//! on its own body and the pool's short lock: routing is synchronous, and access log lines are
+//! handed to a writer thread rather than written by the request.
+
+use std::convert::Infallible;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::json::IsoDate;
+use super::routes::{redact_path, route, Reply};
+use crate::pool::KeyPool;
+
+/// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long [`ServerHandle::shutdown`] lets in-flight requests finish before cutting them off.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A client that stops sending its body mid-way gets a 408 after this long.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of a body past the limit is read and dropped. Closing a socket with unread data makes
+/// the kernel send a reset, which can destroy the 400 before the client reads it.
+const MAX_DRAIN_BYTES: usize = 1 << 20;
+/// Access log lines waiting for stdout; past this, lines are dropped and counted.
+const ACCESS_LOG_QUEUE: usize = 4096;
+/// Pause after a failed `accept` (out of file descriptors, say) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How the server treats requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerOptions {
+  /// Largest request body accepted; a larger one gets a 400.
+  pub max_body_bytes: usize,
+  /// One line per request on stdout: time, method, path (keys masked), status, duration.
+  pub access_log: bool,
+}
+
+impl Default for ServerOptions {
+  fn default() -> Self {
+    Self {
+      max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+      access_log: false,
+    }
+  }
+}
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum HttpError {
+  #[error("cannot listen on {addr}: {source}")]
+  Bind {
+    addr: SocketAddr,
+    #[source]
+    source: io::Error,
+  },
+  #[error("cannot read the address the server listens on: {0}")]
+  LocalAddr(#[source] io::Error),
+  #[error("cannot start the access log writer: {0}")]
+  AccessLog(#[source] io::Error),
+}
+
+/// A running server. Dropping it stops the server as [`Self::shutdown`] does, without waiting.
+#[derive(Debug)]
+pub struct ServerHandle {
+  local_addr: SocketAddr,
+  /// Dropped to stop the server: every receiver then wakes.
+  stop: watch::Sender<()>,
+  task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+  /// The address the server listens on (with the real port when started on port 0).
+  pub fn local_addr(&self) -> SocketAddr {
+    self.local_addr
+  }
+
+  /// Stops accepting connections, closes idle ones, and returns once in-flight requests have been
+  /// answered, or after [`SHUTDOWN_GRACE`] with the stragglers cut off.
+  pub async fn shutdown(self) {
+    let Self { stop, task, .. } = self;
+    drop(stop);
+    // The accept loop only ends by returning; a join error would mean it panicked, and there is
+    // nothing left to stop then.
+    let _ = task.await;
+  }
+}
+
+/// Starts serving [`route`] on `addr` (port 0 picks a free port).
+pub async fn start(
+  pool: Arc<KeyPool>,
+  addr: SocketAddr,
+  options: ServerOptions,
+) -> Result<ServerHandle, HttpError> {
+  let listener = TcpListener::bind(addr)
+    .await
+    .map_err(|source| HttpError::Bind { addr, source })?;
+  let local_addr = listener.local_addr().map_err(HttpError::LocalAddr)?;
+  let access_log = if options.access_log {
+    Some(AccessLog::start()?)
+  } else {
+    None
+  };
+  let mut http = http1::Builder::new();
+  // The timer lets hyper enforce its default 30 s limit on reading request headers.
+  http.timer(TokioTimer::new()).keep_alive(true);
+  let shared = Arc::new(Shared {
+    pool,
+    max_body_bytes: options.max_body_bytes,
+    access_log,
+    http,
+  });
+  let (stop, stopped) = watch::channel(());
+  let task = tokio::spawn(accept_loop(listener, shared, stopped));
+  Ok(ServerHandle {
+    local_addr,
+    stop,
+    task,
+  })
+}
+
+/// What every connection of one server shares.
+struct Shared {
+  pool: Arc<KeyPool>,
+  max_body_bytes: usize,
+  access_log: Option<AccessLog>,
+  http: http1::Builder,
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
+  let mut connections = JoinSet::new();
+  loop {
+    tokio::select! {
+      _ = stopped.changed() => break,
+      accepted = listener.accept() => match accepted {
+        Ok((stream, _)) => {
+          connections.spawn(serve_connection(stream, shared.clone(), stopped.clone()));
+        }
+        Err(err) => {
+          eprintln!("⚠️ HTTP server could not accept a connection: {err}");
+          tokio::time::sleep(ACCEPT_BACKOFF).await;
+        }
+      },
+      // Reaps finished connections so the set does not grow with every one ever served.
+      Some(_) = connections.join_next(), if !connections.is_empty() => {}
+    }
+  }
+  drop(listener);
+  let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+    while connections.join_next().await.is_some() {}
+  })
+  .await;
+  if drained.is_err() {
+    connections.shutdown().await;
+  }
+}
+
+async fn serve_connection(
+  stream: TcpStream,
+  shared: Arc<Shared>,
+  mut stopped: watch::Receiver<()>,
+) {
+  // Responses are small and written whole; Nagle would hold them back for the client's ACK.
+  let _ = stream.set_nodelay(true);
+  let service_state = shared.clone();
+  let service = service_fn(move |req| {
+    let shared = service_state.clone();
+    async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+  });
+  let conn = shared.http.serve_connection(TokioIo::new(stream), service);
+  let mut conn = std::pin::pin!(conn);
+  // Connection errors (a client hanging up, a malformed request hyper answered itself) concern
+  // only that client.
+  tokio::select! {
+    _ = conn.as_mut() => {}
+    _ = stopped.changed() => {
+      conn.as_mut().graceful_shutdown();
+      let _ = conn.await;
+    }
+  }
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+  let started = Instant::now();
+  let (parts, body) = req.into_parts();
+  let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+  let (reply, close) = match read_body(body, shared.max_body_bytes).await {
+    Ok(body) => (
+      route(&shared.pool, parts.method.as_str(), target, &body),
+      false,
+    ),
+    Err(err) => (err.reply(shared.max_body_bytes), err.leaves_unread_data()),
+  };
+  if let Some(log) = &shared.access_log {
+    log.write(access_line(
+      &shared.pool,
+      parts.method.as_str(),
+      target,
+      reply.status,
+      started.elapsed(),
+    ));
+  }
+  response(reply, close)
+}
+
+fn response(reply: Reply, close: bool) -> Response<Full<Bytes>> {
+  let mut res = Response::new(Full::new(Bytes::from(reply.body)));
+  *res.status_mut() =
+    StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+  let headers = res.headers_mut();
+  headers.insert(
+    CONTENT_TYPE,
+    HeaderValue::from_static("application/json; charset=utf-8"),
+  );
+  if let Some(allow) = reply.allow {
+    headers.insert(ALLOW, HeaderValue::from_static(allow));
+  }
+  if close {
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+  }
+  res
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyError {
+  /// Over the limit; `drained` when all of it was read, so the connection can be kept.
+  TooLarge {
+    drained: bool,
+  },
+  Read,
+  TimedOut,
+}
+
+impl BodyError {
+  fn reply(self, max_body_bytes: usize) -> Reply {
+    match self {
+      BodyError::TooLarge { .. } => Reply::error(
+        400,
+        "Request body too large",
+        &format!("The request body must be at most {max_body_bytes} bytes"),
+      ),
+      BodyError::Read => Reply::error(
+        400,
+        "Invalid request body",
+        "The request body could not be read",
+      ),
+      BodyError::TimedOut => Reply::error(
+        408,
+        "Request timeout",
+        "The request body did not arrive in time",
+      ),
+    }
+  }
+
+  /// Whether part of the request may still be on the wire, so the connection cannot be reused.
+  fn leaves_unread_data(self) -> bool {
+    !matches!(self, BodyError::TooLarge { drained: true })
+  }
+}
+
+/// Reads the body up to `max` bytes. Past that, up to [`MAX_DRAIN_BYTES`] more are read and
+/// dropped so the client still gets its 400.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<u8>, BodyError> {
+  let give_up = max.saturating_add(MAX_DRAIN_BYTES);
+  if body.size_hint().lower() > give_up as u64 {
+    return Err(BodyError::TooLarge { drained: false });
+  }
+  let read = async {
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+      let frame = frame.map_err(|_| BodyError::Read)?;
+      if let Ok(data) = frame.into_data() {
+        seen = seen.saturating_add(data.len());
+        if seen <= max {
+          buf.extend_from_slice(&data);
+        } else if seen > give_up {
+          return Err(BodyError::TooLarge { drained: false });
+        }
+      }
+    }
+    if seen > max {
+      Err(BodyError::TooLarge { drained: true })
+    } else {
+      Ok(buf)
+    }
+  };
+  tokio::time::timeout(BODY_READ_TIMEOUT, read)
+    .await
+    .unwrap_or(Err(BodyError::TimedOut))
+}
+
+/// `2026-11-27T20:30:42.123Z GET /api/keys/rate-limit/AIzaSyA1...WXYZ 200 0.084ms`.
+fn access_line(pool: &KeyPool, method: &str, target: &str, status: u16, took: Duration) -> String {
+  format!(
+    "{} {method} {} {status} {:.3}ms",
+    IsoDate(pool.now()),
+    redact_path(pool, target),
+    took.as_secs_f64() * 1_000.0
+  )
+}
+
+/// Hands lines to a thread that writes them to stdout, so a slow stdout never holds up a request.
+struct AccessLog {
+  lines: SyncSender<String>,
+  dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+  /// Starts the writer thread; it ends once the server, and with it the sender, is gone.
+  fn start() -> Result<Self, HttpError> {
+    let (lines, queue) = mpsc::sync_channel::<String>(ACCESS_LOG_QUEUE);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let lost = dropped.clone();
+    std::thread::Builder::new()
+      .name("http-access-log".into())
+      .spawn(move || {
+        let stdout = io::stdout();
+        for line in queue {
+          let mut out = stdout.lock();
+          // A closed stdout is no reason to stop serving, so write errors are ignored.
+          let n = lost.swap(0, Ordering::Relaxed);
+          if n > 0 {
+            let _ = writeln!(out, "({n} access log lines dropped: stdout fell behind)");
+          }
+          let _ = writeln!(out, "{line}");
+        }
+      })
+      .map_err(HttpError::AccessLog)?;
+    Ok(Self { lines, dropped })
+  }
+
+  fn write(&self, line: String) {
+    if let Err(TrySendError::Full(_)) = self.lines.try_send(line) {
+      self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use std::net::Ipv4Addr;
+
+  use super::*;
+  use crate::clock::FakeClock;
+  use crate::config::PoolConfig;
+  use crate::log::SilentLog;
+  use crate::quota::Quota;
+
+  const KEY: &str = "AIzaSyHTTPTEST000000000000000000000000001";
+
+  fn pool() -> Arc<KeyPool> {
+    let config = PoolConfig {
+      keys: vec![
+        KEY.to_owned(),
+        "AIzaSyHTTPTEST000000000000000000000000002".to_owned(),
+      ],
+      quota: Quota::default(),
+      warnings: vec![],
+    };
+    let clock = Arc::new(FakeClock::at(1_700_000_000_000));
+    Arc::new(KeyPool::new(config, clock, Arc::new(SilentLog)).unwrap())
+  }
+
+  async fn server(options: ServerOptions) -> ServerHandle {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    start(pool(), addr, options).await.unwrap()
+  }
+
+  // tokio's `io-util` feature is off, so the test client reads and writes through readiness.
+  async fn read_some(stream: &TcpStream, buf: &mut [u8]) -> usize {
+    loop {
+      stream.readable().await.unwrap();
+      match stream.try_read(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        other => return other.unwrap(),
+      }
+    }
+  }
+
+  async fn write_all(stream: &TcpStream, mut data: &[u8]) {
+    while !data.is_empty() {
+      stream.writable().await.unwrap();
+      match stream.try_write(data) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        other => data = &data[other.unwrap()..],
+      }
+    }
+  }
+
+  struct Answer {
+    status: u16,
+    /// Header lines, lower-cased.
+    head: String,
+    body: String,
+  }
+
+  /// Reads one response off a keep-alive connection, using its Content-Length.
+  async fn read_answer(stream: &mut TcpStream) -> Answer {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+      if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8(buf[..end].to_vec())
+          .unwrap()
+          .to_lowercase();
+        let length: usize = head
+          .lines()
+          .find_map(|l| l.strip_prefix("content-length: "))
+          .unwrap()
+          .parse()
+          .unwrap();
+        while buf.len() < end + 4 + length {
+          let n = read_some(stream, &mut chunk).await;
+          assert!(n > 0, "connection closed mid-body");
+          buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = String::from_utf8(buf[end + 4..end + 4 + length].to_vec()).unwrap();
+        let status = head[9..12].parse().unwrap();
+        return Answer { status, head, body };
+      }
+      let n = read_some(stream, &mut chunk).await;
+      assert!(n > 0, "connection closed before a response");
+      buf.extend_from_slice(&chunk[..n]);
+    }
+  }
+
+  async fn ask(stream: &mut TcpStream, request: &str) -> Answer {
+    write_all(stream, request.as_bytes()).await;
+    read_answer(stream).await
+  }
+
+  fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn serves_the_route_table_over_one_keep_alive_connection() {
+    let handle = server(ServerOptions::default()).await;
+    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+
+    let a = ask(&mut s, &get("/api/keys/status")).await;
+    assert_eq!(a.status, 200);
+    assert!(a
+      .head
+      .contains("content-type: application/json; charset=utf-8"));
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+
+    let a = ask(&mut s, &get("/api/keys/best")).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body.contains("\"rotationMethod\":\"round-robin\""));
+    assert!(!a.body.contains(KEY));
+
+    let a = ask(&mut s, &get("/api/keys/nope")).await;
+    assert_eq!(a.status, 404);
+
+    let a = ask(&mut s, &get("/api/keys/rotate")).await;
+    assert_eq!(a.status, 405);
+    assert!(a.head.contains("\r\nallow: post"));
+
+    let a = ask(&mut s, &get(&format!("/api/keys/rate-limit/{KEY}"))).await;
+    assert_eq!(a.status, 200);
+    assert!(!a.body.contains(KEY));
+
+    let rotate = "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+    assert_eq!(ask(&mut s, rotate).await.status, 200);
+    handle.shutdown().await;
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn oversized_bodies_get_a_400_not_a_reset() {
+    let handle = server(ServerOptions {
+      max_body_bytes: 16,
+      access_log: true,
+    })
+    .await;
+    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+    let body = format!("[{}0]", "0,".repeat(500));
+    let request = format!(
+      "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+      body.len()
+    );
+    let a = ask(&mut s, &request).await;
+    assert_eq!(a.status, 400);
+    assert!(a.body.contains("Request body too large"), "{}", a.body);
+    // The body was drained, so the connection is still good.
+    assert_eq!(ask(&mut s, &get("/api/keys/best")).await.status, 200);
+
+    // A declared length past what is worth draining is refused before it is sent.
+    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+    let huge = "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n";
+    let a = ask(&mut s, huge).await;
+    assert_eq!(a.status, 400);
+    assert!(a.head.contains("connection: close"));
+    handle.shutdown().await;
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn shutdown_waits_for_the_request_in_flight() {
+    let handle = server(ServerOptions::default()).await;
+    let addr = handle.local_addr();
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(ask(&mut idle, &get("/api/keys/status")).await.status, 200);
+    // Headers now, body later: the request is in flight until the body arrives.
+    let head = b"POST /api/keys/refresh-cache HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n";
+    write_all(&busy, head).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let stopping = tokio::spawn(handle.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+      !stopping.is_finished(),
+      "shutdown returned with a request in flight"
+    );
+    // The idle keep-alive connection is closed, and no new connection is accepted.
+    assert_eq!(read_some(&idle, &mut [0u8; 64]).await, 0);
+    assert!(TcpStream::connect(addr).await.is_err());
+
+    write_all(&busy, b"{}").await;
+    let a = read_answer(&mut busy).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body.contains("cacheRefreshed"));
+    tokio::time::timeout(Duration::from_secs(2), stopping)
+      .await
+      .unwrap()
+      .unwrap();
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn binding_a_busy_port_is_an_error() {
+    let handle = server(ServerOptions::default()).await;
+    let err = start(pool(), handle.local_addr(), ServerOptions::default())
+      .await
+      .unwrap_err();
+    assert!(matches!(err, HttpError::Bind { .. }), "{err}");
+    handle.shutdown().await;
+  }
+
+  #[test]
+  fn access_lines_mask_keys() {
+    let p = pool();
+    let line = access_line(
+      &p,
+      "GET",
+      &format!("/api/keys/rate-limit/{KEY}?k={KEY}"),
+      200,
+      Duration::from_micros(1_500),
+    );
+    assert_eq!(
+      line,
+      "2023-11-14T22:13:20.000Z GET /api/keys/rate-limit/AIzaSyHT...0001 200 1.500ms"
+    );
+  }
+}
