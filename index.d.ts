@@ -24,15 +24,23 @@ export declare class NativeKeyPool {
    * `getNextKeyForRotation`: returns the chosen key's position; the reason and the weak key's
    * score are in the result slots.
    */
-  rotate(): number
-  /** Records a failed call on the key at `index`. */
+  rotate(estimatedTokens: number): number
+  /**
+   * Records a failed call on the key at `index`. A failed call often has no token count: a
+   * missing or invalid one counts as 0 rather than losing the failure.
+   */
   recordFailure(index: number, tokens: number, error: string): void
-  /** `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`. */
-  handleRateLimit(index: number, limitType: string): void
+  /**
+   * `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`; `retryAfterMs` is the delay the
+   * API asked for, when known.
+   */
+  handleRateLimit(index: number, limitType: string, retryAfterMs?: number | undefined | null): void
   reactivate(index: number): void
   resetAllLimits(): void
   /** Rebuilds the selection cache; returns how many keys are available. */
   refreshCache(): number
+  /** `getRateLimitInfo`: RPM, RPD and TPM, with `resetTime` in epoch milliseconds. */
+  rateLimitInfo(index: number): Array<RateLimitEntry>
   /** The key's last error message, if it has one. */
   lastError(index: number): string | null
   /** Writes `currentIndex` and `lastRotation` into the result slots. */
@@ -70,9 +78,31 @@ export interface LimitsOptions {
 /** Options of a key pool. Without `keys`, keys come from `GEMINI_API_KEY_1..N` and `GEMINI_API_KEYS`. */
 export interface PoolOptions {
   keys?: Array<string>
+  /** The model whose limits apply (`GEMINI_MODEL`, default `gemini-2.0-flash-lite`). */
+  model?: string
+  /** Limits by model name, replacing or adding to the built-in table. */
+  modelLimits?: Record<string, LimitsOptions>
+  /** Overrides of the model's limits. */
   limits?: LimitsOptions
+  /** Span of the rolling RPM and TPM windows in ms (`GEMINI_WINDOW_MS`, default 60000). */
+  windowMs?: number
+  /** When RPD resets: `'America/Los_Angeles'` (default, Gemini's) or `'UTC'` (`GEMINI_DAILY_RESET`). */
+  dailyReset?: string
+  /** How long a key handed out stays reserved without a `recordUsage` (default 60000 ms). */
+  reservationTtlMs?: number
   /** Suppresses the log lines. */
   quiet?: boolean
+}
+
+/** One window of `rateLimitInfo`. */
+export interface RateLimitEntry {
+  /** `'RPM'`, `'RPD'` or `'TPM'`. */
+  type: string
+  current: number
+  limit: number
+  /** Epoch milliseconds. */
+  resetTime: number
+  isLimited: boolean
 }
 
 /** The layout of the `results` array of `NativeKeyPool.hotPath()`. */
@@ -87,6 +117,7 @@ export interface ResultsLayout {
   length: number
   methods: Array<string>
   reasons: Array<string>
+  states: Array<string>
 }
 
 /** A reply of the HTTP API's route table. */

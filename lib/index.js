@@ -9,12 +9,9 @@ const { NativeKeyPool, resultsLayout } = require('../index.js')
 
 const LAYOUT = resultsLayout()
 const SLOT = Object.fromEntries(LAYOUT.slots.map((name, i) => [name, i]))
-const LIMIT_TYPES = ['RPM', 'RPD', 'TPM']
-const WINDOW_SLOTS = [
-  ['rpm', SLOT.rpmCurrent, SLOT.rpmLimit, SLOT.rpmResetTime],
-  ['rpd', SLOT.rpdCurrent, SLOT.rpdLimit, SLOT.rpdResetTime],
-  ['tpm', SLOT.tpmCurrent, SLOT.tpmLimit, SLOT.tpmResetTime],
-]
+// Per key, the values behind its status object's Dates and error message: lastUsed, the three
+// reset times, the error sequence, stateUntil.
+const SEEN = 6
 
 function failure(error, metadata = {}) {
   return { success: false, error, metadata }
@@ -34,7 +31,70 @@ function newStatus(apiKey) {
     errorCount: 0,
     lastError: undefined,
     lastErrorTime: undefined,
+    state: 'active',
+    stateUntil: undefined,
   }
+}
+
+/**
+ * An error as text the native side can classify: the message plus whatever Gemini's SDKs attach
+ * (HTTP status, `errorDetails` with RetryInfo and QuotaFailure, a response body).
+ */
+function describeError(error) {
+  if (error == null) return 'Unknown error'
+  if (typeof error !== 'object') return String(error)
+  const parts = [error.message ?? String(error)]
+  const status = error.status ?? error.statusCode ?? error.code ?? error.response?.status
+  if (status !== undefined) parts.push(`status ${status}`)
+  for (const extra of [error.errorDetails, error.error, error.response?.data]) {
+    if (extra === undefined) continue
+    try {
+      parts.push(typeof extra === 'string' ? extra : JSON.stringify(extra))
+    } catch {
+      // A circular structure says nothing we could use.
+    }
+  }
+  return parts.join(' ').slice(0, 4096)
+}
+
+/** Whether `execute` should try another key after this error: rate limits and overloads. */
+function isRetryable(description) {
+  return /\b(429|503|500)\b|RESOURCE_EXHAUSTED|UNAVAILABLE|overloaded/i.test(description)
+}
+
+/** The total token count a Gemini SDK result reports, if it does. */
+function tokensOf(result) {
+  const usage = result?.response?.usageMetadata ?? result?.usageMetadata
+  const total = usage?.totalTokenCount
+  return Number.isInteger(total) && total >= 0 ? total : undefined
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+/** Optional numeric options must be numbers: napi's own conversion errors are unreadable. */
+function checkOptions(options) {
+  const numbers = [
+    ['limits', options.limits],
+    ...Object.entries(options.modelLimits ?? {}).map(([model, limits]) => [`modelLimits.${model}`, limits]),
+  ]
+  for (const [name, limits] of numbers) {
+    if (limits === undefined) continue
+    if (typeof limits !== 'object' || limits === null) return `${name} must be an object`
+    for (const field of ['rpm', 'rpd', 'tpm']) {
+      if (limits[field] !== undefined && typeof limits[field] !== 'number') {
+        return `${name}.${field} must be a positive integer (got ${JSON.stringify(limits[field])})`
+      }
+    }
+  }
+  for (const field of ['windowMs', 'reservationTtlMs']) {
+    if (options[field] !== undefined && typeof options[field] !== 'number') {
+      return `${field} must be a positive integer of milliseconds (got ${JSON.stringify(options[field])})`
+    }
+  }
+  if (options.keys !== undefined && !(Array.isArray(options.keys) && options.keys.every((k) => typeof k === 'string'))) {
+    return 'keys must be an array of strings'
+  }
+  return null
 }
 
 class ApiKeyManagerService {
@@ -62,8 +122,10 @@ class ApiKeyManagerService {
     if (this._native !== null) return null
     if (this._initError !== null) return this._initError
     try {
-      const { keys, limits, quiet } = this._options
-      this._native = new NativeKeyPool({ keys, limits, quiet })
+      const invalid = checkOptions(this._options)
+      if (invalid !== null) throw new Error(`invalid configuration: ${invalid}`)
+      const { keys, model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet } = this._options
+      this._native = new NativeKeyPool({ keys, model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet })
     } catch (e) {
       this._initError = messageOf(e)
       return this._initError
@@ -73,7 +135,7 @@ class ApiKeyManagerService {
     this._keys = this._native.keys()
     this._keys.forEach((key, i) => this._index.set(key, i))
     this._status = this._keys.map(newStatus)
-    this._seen = new Float64Array(this._keys.length * 5).fill(NaN)
+    this._seen = new Float64Array(this._keys.length * SEEN).fill(NaN)
     for (let i = 0; i < this._keys.length; i++) {
       this._hot.figures(i)
       this._refresh(i)
@@ -93,7 +155,7 @@ class ApiKeyManagerService {
   _refresh(i) {
     const s = this._results
     const seen = this._seen
-    const at = i * 5
+    const at = i * SEEN
     const status = this._status[i]
     const { rpm, rpd, tpm } = status.limits
     status.isActive = s[SLOT.isActive] === 1
@@ -104,6 +166,7 @@ class ApiKeyManagerService {
     tpm.current = s[SLOT.tpmCurrent]
     tpm.limit = s[SLOT.tpmLimit]
     status.errorCount = s[SLOT.errorCount]
+    status.state = LAYOUT.states[s[SLOT.state]]
     // Dates and the error message change rarely: replace them only when they did.
     if (seen[at] !== s[SLOT.lastUsed]) status.lastUsed = new Date((seen[at] = s[SLOT.lastUsed]))
     if (seen[at + 1] !== s[SLOT.rpmResetTime]) rpm.resetTime = new Date((seen[at + 1] = s[SLOT.rpmResetTime]))
@@ -114,6 +177,10 @@ class ApiKeyManagerService {
       const errorTime = s[SLOT.lastErrorTime]
       status.lastError = this._native.lastError(i) ?? undefined
       status.lastErrorTime = Number.isNaN(errorTime) ? undefined : new Date(errorTime)
+    }
+    if (!Object.is(seen[at + 5], s[SLOT.stateUntil])) {
+      seen[at + 5] = s[SLOT.stateUntil]
+      status.stateUntil = Number.isNaN(seen[at + 5]) ? undefined : new Date(seen[at + 5])
     }
     return status
   }
@@ -155,16 +222,20 @@ class ApiKeyManagerService {
 
   // The two hot calls return Promise.resolve(...) from a plain function: an `async` function costs
   // about twice as much per call, and both bodies catch every failure themselves.
-  getBestAvailableKey() {
-    return Promise.resolve(this._best())
+  /**
+   * @param {{ estimatedTokens?: number }} [options] tokens the call is expected to use: reserved on
+   *   the key's TPM until `recordUsage` reports the real count.
+   */
+  getBestAvailableKey(options) {
+    return Promise.resolve(this._best(options?.estimatedTokens ?? 0))
   }
 
-  _best() {
+  _best(estimatedTokens) {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'No active API keys available')
     let i
     try {
-      i = this._hot.best()
+      i = this._hot.best(estimatedTokens)
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -180,12 +251,12 @@ class ApiKeyManagerService {
     }
   }
 
-  async getNextKeyForRotation() {
+  async getNextKeyForRotation(options) {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'No active API keys available')
     let i
     try {
-      i = this._native.rotate()
+      i = this._native.rotate(options?.estimatedTokens ?? 0)
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -210,12 +281,13 @@ class ApiKeyManagerService {
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
     if (typeof i !== 'number') return i
-    if (typeof tokensUsed !== 'number') {
+    // A failed call often has no token count; its failure must be counted all the same.
+    if (success && typeof tokensUsed !== 'number') {
       return failure(`tokensUsed must be a number (got ${typeof tokensUsed})`)
     }
     try {
       if (success) this._hot.recordSuccess(i, tokensUsed)
-      else this._native.recordFailure(i, tokensUsed, error == null ? 'Unknown error' : String(error))
+      else this._native.recordFailure(i, typeof tokensUsed === 'number' ? tokensUsed : 0, describeError(error))
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -223,13 +295,21 @@ class ApiKeyManagerService {
     return { success: true, metadata: {} }
   }
 
-  async handleRateLimit(apiKey, limitType) {
+  /**
+   * After a 429 from Gemini: the key rests until that window frees, or for `retryAfterMs` (the
+   * `retryDelay` of Gemini's error) when given. It does not count toward deactivation.
+   */
+  async handleRateLimit(apiKey, limitType, options) {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
     if (typeof i !== 'number') return i
+    const retryAfterMs = options?.retryAfterMs
+    if (retryAfterMs !== undefined && typeof retryAfterMs !== 'number') {
+      return failure(`retryAfterMs must be a number of milliseconds (got ${JSON.stringify(retryAfterMs)})`)
+    }
     try {
-      this._native.handleRateLimit(i, String(limitType))
+      this._native.handleRateLimit(i, String(limitType), retryAfterMs)
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -242,16 +322,7 @@ class ApiKeyManagerService {
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
     if (typeof i !== 'number') return i
-    this._hot.figures(i)
-    const s = this._results
-    const data = WINDOW_SLOTS.map(([, current, limit, reset], w) => ({
-      type: LIMIT_TYPES[w],
-      current: s[current],
-      limit: s[limit],
-      resetTime: new Date(s[reset]),
-      isLimited: s[current] >= s[limit],
-    }))
-    this._refresh(i)
+    const data = this._native.rateLimitInfo(i).map((w) => ({ ...w, resetTime: new Date(w.resetTime) }))
     return { success: true, data, metadata: {} }
   }
 
@@ -289,6 +360,41 @@ class ApiKeyManagerService {
     if (reason !== null) return failure(reason)
     const availableKeys = this._native.refreshCache()
     return { success: true, metadata: { cacheRefreshed: true, availableKeys } }
+  }
+
+  /**
+   * Runs one Gemini call with a key from the pool: picks a key (reserving `estimatedTokens`),
+   * calls `call(apiKey)`, records the outcome with the tokens the result's `usageMetadata` reports
+   * and the latency, and on a 429, 500 or 503 moves to another key and tries again after a short
+   * back-off. Rejects with the last error when `maxAttempts` or the available keys run out.
+   * @template T
+   * @param {(apiKey: string) => Promise<T>} call
+   * @param {{ estimatedTokens?: number, maxAttempts?: number }} [options]
+   * @returns {Promise<T>}
+   */
+  async execute(call, { estimatedTokens = 0, maxAttempts = 3 } = {}) {
+    if (typeof call !== 'function') throw new TypeError('execute needs a function (apiKey) => Promise')
+    let lastError
+    for (let attempt = 1; attempt <= maxAttempts; attempt++) {
+      const picked = this._best(estimatedTokens)
+      if (!picked.success) {
+        throw lastError ?? Object.assign(new Error(picked.error), { metadata: picked.metadata })
+      }
+      const [apiKey] = picked.data
+      const started = performance.now()
+      try {
+        const result = await call(apiKey)
+        this._recordUsage(apiKey, tokensOf(result) ?? estimatedTokens, true, undefined, performance.now() - started)
+        return result
+      } catch (error) {
+        lastError = error
+        const description = describeError(error)
+        this._recordUsage(apiKey, 0, false, description, performance.now() - started)
+        if (!isRetryable(description) || attempt === maxAttempts) throw error
+        await sleep(Math.min(2_000, 100 * 2 ** (attempt - 1)) * (0.5 + Math.random() / 2))
+      }
+    }
+    throw lastError
   }
 
   /**

@@ -2,6 +2,7 @@
 //! `fast_path`; the rest are ordinary `#[napi]` methods. Every call writes the key it chose or was
 //! given into the result slots (`results`), which `lib/index.js` reads.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -10,12 +11,13 @@ use napi_derive::napi;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::clock::SystemClock;
-use crate::config::{LimitOverrides, PoolConfig};
+use crate::config::{self, js_number, LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
+use crate::health::HealthState;
 use crate::http::{self, ServerHandle, ServerOptions};
 use crate::log::{ConsoleLog, Log, SilentLog};
-use crate::pool::{validate_tokens, KeyPool, Outcome};
+use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::quota::LimitType;
 use crate::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
 
@@ -27,6 +29,7 @@ pub struct ResultsLayout {
   pub length: u32,
   pub methods: Vec<String>,
   pub reasons: Vec<String>,
+  pub states: Vec<String>,
 }
 
 /// The layout of the `results` array of `NativeKeyPool.hotPath()`.
@@ -37,6 +40,7 @@ pub fn results_layout() -> ResultsLayout {
     length: RESULTS_LEN as u32,
     methods: METHODS.iter().map(|m| m.as_str().to_owned()).collect(),
     reasons: REASONS.iter().map(|r| r.as_str().to_owned()).collect(),
+    states: HealthState::LABELS.iter().map(|s| s.to_string()).collect(),
   }
 }
 
@@ -51,11 +55,32 @@ pub struct LimitsOptions {
   pub tpm: Option<f64>,
 }
 
+impl From<LimitsOptions> for LimitOverrides {
+  fn from(l: LimitsOptions) -> Self {
+    Self {
+      rpm: l.rpm,
+      rpd: l.rpd,
+      tpm: l.tpm,
+    }
+  }
+}
+
 /// Options of a key pool. Without `keys`, keys come from `GEMINI_API_KEY_1..N` and `GEMINI_API_KEYS`.
 #[napi(object)]
 pub struct PoolOptions {
   pub keys: Option<Vec<String>>,
+  /// The model whose limits apply (`GEMINI_MODEL`, default `gemini-2.0-flash-lite`).
+  pub model: Option<String>,
+  /// Limits by model name, replacing or adding to the built-in table.
+  pub model_limits: Option<HashMap<String, LimitsOptions>>,
+  /// Overrides of the model's limits.
   pub limits: Option<LimitsOptions>,
+  /// Span of the rolling RPM and TPM windows in ms (`GEMINI_WINDOW_MS`, default 60000).
+  pub window_ms: Option<f64>,
+  /// When RPD resets: `'America/Los_Angeles'` (default, Gemini's) or `'UTC'` (`GEMINI_DAILY_RESET`).
+  pub daily_reset: Option<String>,
+  /// How long a key handed out stays reserved without a `recordUsage` (default 60000 ms).
+  pub reservation_ttl_ms: Option<f64>,
   /// Suppresses the log lines.
   pub quiet: Option<bool>,
 }
@@ -80,25 +105,29 @@ impl NativeKeyPool {
   /// Builds the pool from `options` and the environment.
   #[napi(constructor)]
   pub fn new(options: Option<PoolOptions>) -> napi::Result<Self> {
-    let PoolOptions {
-      keys,
-      limits,
-      quiet,
-    } = options.unwrap_or(PoolOptions {
-      keys: None,
-      limits: None,
-      quiet: None,
-    });
-    let overrides = limits
-      .map(|l| LimitOverrides {
-        rpm: l.rpm,
-        rpd: l.rpd,
-        tpm: l.tpm,
-      })
-      .unwrap_or_default();
+    let (options, quiet) = match options {
+      None => (config::PoolOptions::default(), false),
+      Some(o) => (
+        config::PoolOptions {
+          keys: o.keys,
+          model: o.model,
+          model_limits: o
+            .model_limits
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(model, limits)| (model, limits.into()))
+            .collect(),
+          limits: o.limits.map(Into::into).unwrap_or_default(),
+          window_ms: o.window_ms,
+          daily_reset: o.daily_reset,
+          reservation_ttl_ms: o.reservation_ttl_ms,
+        },
+        o.quiet.unwrap_or(false),
+      ),
+    };
     let config =
-      PoolConfig::resolve(keys, overrides, &|name| std::env::var(name).ok()).map_err(js_error)?;
-    let log: Arc<dyn Log> = if quiet.unwrap_or(false) {
+      PoolConfig::resolve(options, &|name| std::env::var(name).ok()).map_err(js_error)?;
+    let log: Arc<dyn Log> = if quiet {
       Arc::new(SilentLog)
     } else {
       Arc::new(ConsoleLog)
@@ -140,17 +169,21 @@ impl NativeKeyPool {
   /// `getNextKeyForRotation`: returns the chosen key's position; the reason and the weak key's
   /// score are in the result slots.
   #[napi]
-  pub fn rotate(&self) -> napi::Result<u32> {
-    let picked = self.pool().rotate().map_err(js_error)?;
+  pub fn rotate(&self, estimated_tokens: f64) -> napi::Result<u32> {
+    let claim = Claim::Reserve {
+      estimated_tokens: validate_tokens(estimated_tokens).map_err(js_error)?,
+    };
+    let picked = self.pool().rotate(claim).map_err(js_error)?;
     self.results().write_rotation(&picked.pick);
     self.results().write_figures(&picked.figures);
     Ok(picked.pick.selection.index as u32)
   }
 
-  /// Records a failed call on the key at `index`.
+  /// Records a failed call on the key at `index`. A failed call often has no token count: a
+  /// missing or invalid one counts as 0 rather than losing the failure.
   #[napi]
   pub fn record_failure(&self, index: u32, tokens: f64, error: String) -> napi::Result<()> {
-    let tokens = validate_tokens(tokens).map_err(js_error)?;
+    let tokens = validate_tokens(tokens).unwrap_or(0);
     let figures = self
       .pool()
       .record_usage(at(index), tokens, Outcome::Failure(&error))
@@ -159,14 +192,29 @@ impl NativeKeyPool {
     Ok(())
   }
 
-  /// `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`.
+  /// `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`; `retryAfterMs` is the delay the
+  /// API asked for, when known.
   #[napi]
-  pub fn handle_rate_limit(&self, index: u32, limit_type: String) -> napi::Result<()> {
+  pub fn handle_rate_limit(
+    &self,
+    index: u32,
+    limit_type: String,
+    retry_after_ms: Option<f64>,
+  ) -> napi::Result<()> {
+    let retry_after_ms = match retry_after_ms {
+      Some(ms) if !(ms.is_finite() && ms >= 0.0) => {
+        return Err(napi::Error::from_reason(format!(
+          "retryAfterMs must be a non-negative number of milliseconds (got {})",
+          js_number(ms)
+        )))
+      }
+      ms => ms.map(|ms| ms.ceil() as i64),
+    };
     let limit_type = LimitType::parse(&limit_type).ok_or(PoolError::InvalidLimitType {
       got: format!("{limit_type:?}"),
     });
     let figures = limit_type
-      .and_then(|t| self.pool().handle_rate_limit(at(index), t))
+      .and_then(|t| self.pool().handle_rate_limit(at(index), t, retry_after_ms))
       .map_err(js_error)?;
     self.results().write_figures(&figures);
     Ok(())
@@ -192,6 +240,24 @@ impl NativeKeyPool {
       .refresh_cache()
       .map(|n| n as u32)
       .map_err(js_error)
+  }
+
+  /// `getRateLimitInfo`: RPM, RPD and TPM, with `resetTime` in epoch milliseconds.
+  #[napi]
+  pub fn rate_limit_info(&self, index: u32) -> napi::Result<Vec<RateLimitEntry>> {
+    let info = self.pool().rate_limit_info(at(index)).map_err(js_error)?;
+    Ok(
+      info
+        .iter()
+        .map(|i| RateLimitEntry {
+          limit_type: i.limit_type.as_str().to_owned(),
+          current: i.current as f64,
+          limit: i.limit as f64,
+          reset_time: i.reset_time as f64,
+          is_limited: i.is_limited,
+        })
+        .collect(),
+    )
   }
 
   /// The key's last error message, if it has one.
@@ -260,6 +326,19 @@ impl NativeKeyPool {
   pub fn close(&self) {
     self.pool().close();
   }
+}
+
+/// One window of `rateLimitInfo`.
+#[napi(object)]
+pub struct RateLimitEntry {
+  /// `'RPM'`, `'RPD'` or `'TPM'`.
+  #[napi(js_name = "type")]
+  pub limit_type: String,
+  pub current: f64,
+  pub limit: f64,
+  /// Epoch milliseconds.
+  pub reset_time: f64,
+  pub is_limited: bool,
 }
 
 /// A reply of the HTTP API's route table.

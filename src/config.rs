@@ -2,9 +2,11 @@
 
 use std::collections::HashSet;
 
+use crate::calendar::DailyReset;
+use crate::clock::Millis;
 use crate::error::PoolError;
 use crate::mask::mask_key;
-use crate::quota::Quota;
+use crate::quota::{model_quota, Quota, WindowPolicy, DEFAULT_MODEL, MODEL_QUOTAS};
 
 /// Optional per-limit overrides, as given in an options object.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -14,43 +16,126 @@ pub struct LimitOverrides {
   pub tpm: Option<f64>,
 }
 
+/// Everything a pool can be given explicitly; what is missing comes from the environment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolOptions {
+  pub keys: Option<Vec<String>>,
+  /// Model whose limits apply (`GEMINI_MODEL`, default gemini-2.0-flash-lite).
+  pub model: Option<String>,
+  /// Limits per model, replacing or adding to the built-in table.
+  pub model_limits: Vec<(String, LimitOverrides)>,
+  /// Overrides of the chosen model's limits (`GEMINI_RPM_LIMIT`, ...).
+  pub limits: LimitOverrides,
+  /// Span of the rolling RPM/TPM windows in ms (`GEMINI_WINDOW_MS`, default 60000).
+  pub window_ms: Option<f64>,
+  /// `'America/Los_Angeles'` (default) or `'UTC'` (`GEMINI_DAILY_RESET`).
+  pub daily_reset: Option<String>,
+  /// How long a handed-out key stays reserved without a `recordUsage` (default 60000 ms).
+  pub reservation_ttl_ms: Option<f64>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
   pub keys: Vec<String>,
   pub quota: Quota,
+  pub policy: WindowPolicy,
   /// Things worth telling the operator that did not stop start-up (dropped keys).
   pub warnings: Vec<String>,
 }
 
 impl PoolConfig {
-  /// Resolves the configuration. `keys` given explicitly replace the environment's; `env` looks up
-  /// a variable (the process environment in production, a map in tests).
+  /// Resolves the configuration. Options given explicitly win over the environment; `env` looks
+  /// up a variable (the process environment in production, a map in tests), and a variable set to
+  /// an empty string counts as unset.
   pub fn resolve(
-    keys: Option<Vec<String>>,
-    limits: LimitOverrides,
+    options: PoolOptions,
     env: &dyn Fn(&str) -> Option<String>,
   ) -> Result<Self, PoolError> {
-    let raw = keys.unwrap_or_else(|| keys_from_env(env));
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let raw = options.keys.unwrap_or_else(|| keys_from_env(&env));
     let mut warnings = Vec::new();
     let keys = clean_keys(raw, &mut warnings);
     if keys.is_empty() {
       return Err(PoolError::NoKeysConfigured);
     }
-    let defaults = Quota::default();
+    let model = options
+      .model
+      .or_else(|| env("GEMINI_MODEL"))
+      .unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+    let base = match options.model_limits.iter().find(|(name, _)| *name == model) {
+      Some((_, table)) => {
+        let fallback = model_quota(&model).unwrap_or_default();
+        Quota {
+          rpm: limit("modelLimits.rpm", table.rpm, None, fallback.rpm)?,
+          rpd: limit("modelLimits.rpd", table.rpd, None, fallback.rpd)?,
+          tpm: limit("modelLimits.tpm", table.tpm, None, fallback.tpm)?,
+        }
+      }
+      None => model_quota(&model).ok_or_else(|| {
+        let known: Vec<&str> = MODEL_QUOTAS.iter().map(|(name, _)| *name).collect();
+        PoolError::InvalidConfig(format!(
+          "unknown model {model:?}: give its limits in modelLimits, or use one of {}",
+          known.join(", ")
+        ))
+      })?,
+    };
+    let overrides = options.limits;
     let quota = Quota {
-      rpm: limit("rpm", limits.rpm, "GEMINI_RPM_LIMIT", defaults.rpm, env)?,
-      rpd: limit("rpd", limits.rpd, "GEMINI_RPD_LIMIT", defaults.rpd, env)?,
-      tpm: limit("tpm", limits.tpm, "GEMINI_TPM_LIMIT", defaults.tpm, env)?,
+      rpm: limit(
+        "limits.rpm",
+        overrides.rpm,
+        env_number("GEMINI_RPM_LIMIT", &env)?,
+        base.rpm,
+      )?,
+      rpd: limit(
+        "limits.rpd",
+        overrides.rpd,
+        env_number("GEMINI_RPD_LIMIT", &env)?,
+        base.rpd,
+      )?,
+      tpm: limit(
+        "limits.tpm",
+        overrides.tpm,
+        env_number("GEMINI_TPM_LIMIT", &env)?,
+        base.tpm,
+      )?,
+    };
+    let defaults = WindowPolicy::default();
+    let span_ms = duration(
+      "windowMs",
+      options.window_ms,
+      env_number("GEMINI_WINDOW_MS", &env)?,
+      defaults.span_ms,
+    )?;
+    let reservation_ttl_ms = duration(
+      "reservationTtlMs",
+      options.reservation_ttl_ms,
+      None,
+      defaults.reservation_ttl_ms,
+    )?;
+    let daily_reset = match options.daily_reset.or_else(|| env("GEMINI_DAILY_RESET")) {
+      None => defaults.daily_reset,
+      Some(text) => DailyReset::parse(&text).ok_or_else(|| {
+        PoolError::InvalidConfig(format!(
+          "dailyReset must be 'America/Los_Angeles' or 'UTC' (got {text:?})"
+        ))
+      })?,
     };
     Ok(Self {
       keys,
       quota,
+      policy: WindowPolicy {
+        span_ms,
+        daily_reset,
+        reservation_ttl_ms,
+      },
       warnings,
     })
   }
 }
 
-/// `GEMINI_API_KEY_1`, `_2`, ... up to the first gap, then the entries of `GEMINI_API_KEYS`.
+/// `GEMINI_API_KEY_1`, `_2`, ... up to the first gap (a missing or empty variable, as the old
+/// service read them), then the entries of `GEMINI_API_KEYS`.
 fn keys_from_env(env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
   let numbered = (1..).map_while(|i| env(&format!("GEMINI_API_KEY_{i}")));
   let listed = env("GEMINI_API_KEYS")
@@ -79,29 +164,63 @@ fn clean_keys(raw: Vec<String>, warnings: &mut Vec<String>) -> Vec<String> {
 /// Largest limit accepted: far above any Gemini tier, small enough to stay exact as a JS number.
 const MAX_LIMIT: f64 = 1e15;
 
+/// A number from the environment, `None` when unset.
+fn env_number(
+  var: &str,
+  env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<(f64, String)>, PoolError> {
+  match env(var) {
+    None => Ok(None),
+    Some(text) => text
+      .trim()
+      .parse::<f64>()
+      .map(|v| Some((v, var.to_owned())))
+      .map_err(|_| {
+        PoolError::InvalidConfig(format!("{var} must be a positive integer (got {text:?})"))
+      }),
+  }
+}
+
+/// An explicit value, else the environment's, else `default`; it must be a whole number from 1 to
+/// [`MAX_LIMIT`].
 fn limit(
   name: &str,
   explicit: Option<f64>,
-  var: &str,
+  from_env: Option<(f64, String)>,
   default: u64,
-  env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<u64, PoolError> {
-  let (value, source) = match (explicit, env(var)) {
-    (Some(v), _) => (v, format!("limits.{name}")),
-    (None, Some(text)) => {
-      let parsed = text.trim().parse::<f64>().map_err(|_| {
-        PoolError::InvalidConfig(format!("{var} must be a positive integer (got {text:?})"))
-      })?;
-      (parsed, var.to_owned())
-    }
+  let (value, source) = match (explicit, from_env) {
+    (Some(v), _) => (v, name.to_owned()),
+    (None, Some((v, var))) => (v, var),
     (None, None) => return Ok(default),
   };
   if value.is_finite() && value >= 1.0 && value.fract() == 0.0 && value <= MAX_LIMIT {
     Ok(value as u64)
   } else {
     Err(PoolError::InvalidConfig(format!(
-      "{source} must be a positive integer (got {value})"
+      "{source} must be a positive integer (got {})",
+      js_number(value)
     )))
+  }
+}
+
+fn duration(
+  name: &str,
+  explicit: Option<f64>,
+  from_env: Option<(f64, String)>,
+  default: Millis,
+) -> Result<Millis, PoolError> {
+  limit(name, explicit, from_env, default as u64).map(|ms| ms as Millis)
+}
+
+/// A number as JS prints it (`Infinity`, `NaN`), for messages about values that came from JS.
+pub fn js_number(value: f64) -> String {
+  if value.is_nan() {
+    "NaN".into()
+  } else if value.is_infinite() {
+    if value > 0.0 { "Infinity" } else { "-Infinity" }.into()
+  } else {
+    value.to_string()
   }
 }
 
@@ -109,6 +228,13 @@ fn limit(
 mod tests {
   use super::*;
   use std::collections::HashMap;
+
+  fn keys(keys: &[&str]) -> PoolOptions {
+    PoolOptions {
+      keys: Some(keys.iter().map(|k| k.to_string()).collect()),
+      ..Default::default()
+    }
+  }
 
   fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = pairs
@@ -126,7 +252,7 @@ mod tests {
       ("GEMINI_API_KEY_4", "never-read"),
       ("GEMINI_API_KEYS", " b-key-one ,b-key-two"),
     ]);
-    let c = PoolConfig::resolve(None, LimitOverrides::default(), &env).unwrap();
+    let c = PoolConfig::resolve(PoolOptions::default(), &env).unwrap();
     assert_eq!(c.keys, ["a-key-one", "a-key-two", "b-key-one", "b-key-two"]);
     assert_eq!(c.quota, Quota::FLASH_LITE_FREE);
     assert!(c.warnings.is_empty());
@@ -138,7 +264,7 @@ mod tests {
       "GEMINI_API_KEYS",
       "AIzaSyDUPLICATE-0000001,,AIzaSyDUPLICATE-0000001, ",
     )]);
-    let c = PoolConfig::resolve(None, LimitOverrides::default(), &env).unwrap();
+    let c = PoolConfig::resolve(PoolOptions::default(), &env).unwrap();
     assert_eq!(c.keys, ["AIzaSyDUPLICATE-0000001"]);
     assert_eq!(c.warnings.len(), 3);
     assert!(c
@@ -150,24 +276,19 @@ mod tests {
 
   #[test]
   fn no_keys_is_the_old_services_error() {
-    let err = PoolConfig::resolve(None, LimitOverrides::default(), &env_of(&[])).unwrap_err();
+    let err = PoolConfig::resolve(PoolOptions::default(), &env_of(&[])).unwrap_err();
     assert_eq!(
       err.to_string(),
       "No Gemini API keys provided in environment variables"
     );
-    let err = PoolConfig::resolve(
-      Some(vec![" ".into()]),
-      LimitOverrides::default(),
-      &env_of(&[]),
-    );
+    let err = PoolConfig::resolve(keys(&[" "]), &env_of(&[]));
     assert_eq!(err.unwrap_err(), PoolError::NoKeysConfigured);
   }
 
   #[test]
   fn explicit_keys_replace_the_environment() {
     let env = env_of(&[("GEMINI_API_KEY_1", "from-env")]);
-    let c =
-      PoolConfig::resolve(Some(vec!["given".into()]), LimitOverrides::default(), &env).unwrap();
+    let c = PoolConfig::resolve(keys(&["given"]), &env).unwrap();
     assert_eq!(c.keys, ["given"]);
   }
 
@@ -178,11 +299,14 @@ mod tests {
       ("GEMINI_RPM_LIMIT", "60"),
       ("GEMINI_TPM_LIMIT", "5000"),
     ]);
-    let overrides = LimitOverrides {
-      tpm: Some(7.0),
+    let options = PoolOptions {
+      limits: LimitOverrides {
+        tpm: Some(7.0),
+        ..Default::default()
+      },
       ..Default::default()
     };
-    let c = PoolConfig::resolve(None, overrides, &env).unwrap();
+    let c = PoolConfig::resolve(options, &env).unwrap();
     assert_eq!(
       c.quota,
       Quota {
@@ -196,15 +320,106 @@ mod tests {
   #[test]
   fn bad_limits_are_refused_with_their_source() {
     let env = env_of(&[("GEMINI_API_KEY_1", "k"), ("GEMINI_RPD_LIMIT", "lots")]);
-    let err = PoolConfig::resolve(None, LimitOverrides::default(), &env).unwrap_err();
+    let err = PoolConfig::resolve(PoolOptions::default(), &env).unwrap_err();
     assert!(err.to_string().contains("GEMINI_RPD_LIMIT"), "{err}");
     for bad in [0.0, -1.0, 1.5, f64::NAN, f64::INFINITY, 1e300] {
-      let overrides = LimitOverrides {
-        rpm: Some(bad),
-        ..Default::default()
+      let options = PoolOptions {
+        limits: LimitOverrides {
+          rpm: Some(bad),
+          ..Default::default()
+        },
+        ..keys(&["k"])
       };
-      let err = PoolConfig::resolve(Some(vec!["k".into()]), overrides, &env_of(&[])).unwrap_err();
+      let err = PoolConfig::resolve(options, &env_of(&[])).unwrap_err();
       assert!(err.to_string().contains("limits.rpm"), "{err}");
     }
+    let err = PoolConfig::resolve(
+      PoolOptions {
+        limits: LimitOverrides {
+          rpm: Some(f64::INFINITY),
+          ..Default::default()
+        },
+        ..keys(&["k"])
+      },
+      &env_of(&[]),
+    );
+    assert!(err.unwrap_err().to_string().ends_with("(got Infinity)"));
+  }
+
+  #[test]
+  fn empty_variables_count_as_unset() {
+    let env = env_of(&[
+      ("GEMINI_API_KEY_1", "first"),
+      ("GEMINI_API_KEY_2", ""),
+      ("GEMINI_API_KEY_3", "after-the-gap"),
+      ("GEMINI_RPM_LIMIT", " "),
+    ]);
+    let c = PoolConfig::resolve(PoolOptions::default(), &env).unwrap();
+    assert_eq!(c.keys, ["first"]);
+    assert_eq!(c.quota.rpm, 30);
+  }
+
+  #[test]
+  fn model_limits_come_from_the_table_or_the_options() {
+    let env = env_of(&[("GEMINI_MODEL", "gemini-2.5-pro")]);
+    let c = PoolConfig::resolve(keys(&["k"]), &env).unwrap();
+    assert_eq!(
+      c.quota,
+      Quota {
+        rpm: 5,
+        rpd: 100,
+        tpm: 250_000
+      }
+    );
+    let options = PoolOptions {
+      model: Some("my-tuned-model".into()),
+      model_limits: vec![(
+        "my-tuned-model".into(),
+        LimitOverrides {
+          rpm: Some(100.0),
+          rpd: Some(5_000.0),
+          tpm: Some(2e6),
+        },
+      )],
+      limits: LimitOverrides {
+        rpd: Some(10.0),
+        ..Default::default()
+      },
+      ..keys(&["k"])
+    };
+    let c = PoolConfig::resolve(options, &env_of(&[])).unwrap();
+    assert_eq!(
+      c.quota,
+      Quota {
+        rpm: 100,
+        rpd: 10,
+        tpm: 2_000_000
+      }
+    );
+    let unknown = PoolOptions {
+      model: Some("gpt-4".into()),
+      ..keys(&["k"])
+    };
+    let err = PoolConfig::resolve(unknown, &env_of(&[])).unwrap_err();
+    assert!(err.to_string().contains("gemini-2.5-flash"), "{err}");
+  }
+
+  #[test]
+  fn window_policy_is_configurable() {
+    let env = env_of(&[("GEMINI_DAILY_RESET", "UTC"), ("GEMINI_WINDOW_MS", "30000")]);
+    let c = PoolConfig::resolve(keys(&["k"]), &env).unwrap();
+    assert_eq!(c.policy.span_ms, 30_000);
+    assert_eq!(c.policy.daily_reset, DailyReset::UtcMidnight);
+    assert_eq!(
+      PoolConfig::resolve(keys(&["k"]), &env_of(&[]))
+        .unwrap()
+        .policy,
+      WindowPolicy::default()
+    );
+    let bad = PoolOptions {
+      daily_reset: Some("Mars".into()),
+      ..keys(&["k"])
+    };
+    assert!(PoolConfig::resolve(bad, &env_of(&[])).is_err());
   }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use napi::sys;
 
 use crate::error::PoolError;
-use crate::pool::{validate_tokens, KeyPool, Outcome};
+use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::results::{Results, RESULTS_LEN};
 
 /// A pool as one JS thread sees it: the shared pool and the result slots its calls write into.
@@ -23,8 +23,11 @@ pub struct JsPool {
 
 type Handler = fn(&JsPool, &[f64; 2]) -> Result<Option<u32>, PoolError>;
 
-fn best(p: &JsPool, _: &[f64; 2]) -> Result<Option<u32>, PoolError> {
-  let picked = p.pool.best()?;
+fn best(p: &JsPool, [estimated_tokens, _]: &[f64; 2]) -> Result<Option<u32>, PoolError> {
+  let claim = Claim::Reserve {
+    estimated_tokens: validate_tokens(*estimated_tokens)?,
+  };
+  let picked = p.pool.best(claim)?;
   p.results.write_selection(&picked.pick);
   p.results.write_figures(&picked.figures);
   Ok(Some(picked.pick.index as u32))

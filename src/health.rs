@@ -1,91 +1,290 @@
-//! How failures change a key: consecutive errors are counted, and the fifth in a row deactivates the
-//! key until it is reactivated (the old service's rule, kept for its callers).
+//! A key's health: whether it may be handed out, and how failures change that.
+//!
+//! - A 429 rests the key until the upstream's window frees (or for the delay it asked for); it is
+//!   not the key's fault and never leads to deactivation.
+//! - Other failures in a row open a circuit: the key rests for a back-off that doubles with each
+//!   opening, then serves one trial request, and closes again on its success.
+//! - Only the upstream refusing the key itself deactivates it, until `reactivate`.
 
 use crate::clock::Millis;
-use crate::key::KeyState;
 
-pub const MAX_CONSECUTIVE_ERRORS: u32 = 5;
+/// Failures in a row (other than 429s) that open the circuit.
+pub const FAILURES_TO_OPEN: u32 = 3;
+pub const FIRST_BACKOFF_MS: Millis = 5_000;
+pub const MAX_BACKOFF_MS: Millis = 300_000;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+  Active,
+  /// Rate-limited upstream: available again at `until`.
+  Resting {
+    until: Millis,
+  },
+  /// Failing: one trial request is allowed from `until` on.
+  CircuitOpen {
+    until: Millis,
+  },
+  /// Serving its one trial request; `trial_out` once it has been handed out.
+  HalfOpen {
+    trial_out: bool,
+  },
+  /// Refused by the upstream; only `reactivate` brings it back.
+  Deactivated,
+}
+
+impl HealthState {
+  pub fn label(self) -> &'static str {
+    match self {
+      Self::Active => "active",
+      Self::Resting { .. } => "resting",
+      Self::CircuitOpen { .. } => "circuit-open",
+      Self::HalfOpen { .. } => "half-open",
+      Self::Deactivated => "deactivated",
+    }
+  }
+
+  pub const LABELS: [&'static str; 5] = [
+    "active",
+    "resting",
+    "circuit-open",
+    "half-open",
+    "deactivated",
+  ];
+
+  /// Position of this state's label in [`Self::LABELS`].
+  pub fn code(self) -> usize {
+    match self {
+      Self::Active => 0,
+      Self::Resting { .. } => 1,
+      Self::CircuitOpen { .. } => 2,
+      Self::HalfOpen { .. } => 3,
+      Self::Deactivated => 4,
+    }
+  }
+
+  /// Until when the key is kept out, for the resting and open states.
+  pub fn until(self) -> Option<Millis> {
+    match self {
+      Self::Resting { until } | Self::CircuitOpen { until } => Some(until),
+      _ => None,
+    }
+  }
+}
+
+/// What a recorded failure did to the key, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthChange {
   Unchanged,
-  Deactivated { consecutive_errors: u32 },
+  Rested { until: Millis },
+  CircuitOpened { until: Millis, failures: u32 },
+  Deactivated,
 }
 
-pub fn record_success(key: &mut KeyState) {
-  key.error_count = 0;
-  if key.last_error.take().is_some() {
-    key.error_seq = key.error_seq.wrapping_add(1);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+  state: HealthState,
+  /// Non-429 failures in a row.
+  failure_streak: u32,
+  /// Openings since the circuit last closed: each doubles the back-off.
+  openings: u32,
+}
+
+impl Default for Health {
+  fn default() -> Self {
+    Self {
+      state: HealthState::Active,
+      failure_streak: 0,
+      openings: 0,
+    }
   }
 }
 
-pub fn record_failure(key: &mut KeyState, error: &str, now: Millis) -> HealthChange {
-  key.error_count = key.error_count.saturating_add(1);
-  key.last_error = Some(error.to_owned());
-  key.last_error_time = Some(now);
-  key.error_seq = key.error_seq.wrapping_add(1);
-  if key.active && key.error_count >= MAX_CONSECUTIVE_ERRORS {
-    key.active = false;
-    return HealthChange::Deactivated {
-      consecutive_errors: key.error_count,
+impl Health {
+  /// The state as of `now`: rests and open circuits end by themselves.
+  pub fn state(&self, now: Millis) -> HealthState {
+    match self.state {
+      HealthState::Resting { until } if now >= until => HealthState::Active,
+      HealthState::CircuitOpen { until } if now >= until => {
+        HealthState::HalfOpen { trial_out: false }
+      }
+      state => state,
+    }
+  }
+
+  pub fn is_deactivated(&self) -> bool {
+    self.state == HealthState::Deactivated
+  }
+
+  pub fn can_serve(&self, now: Millis) -> bool {
+    matches!(
+      self.state(now),
+      HealthState::Active | HealthState::HalfOpen { trial_out: false }
+    )
+  }
+
+  /// A request goes out on this key; a half-open key has then used its one trial.
+  pub fn on_hand_out(&mut self, now: Millis) {
+    self.state = match self.state(now) {
+      HealthState::HalfOpen { .. } => HealthState::HalfOpen { trial_out: true },
+      state => state,
     };
   }
-  HealthChange::Unchanged
-}
 
-pub fn reactivate(key: &mut KeyState) {
-  key.active = true;
-  key.error_count = 0;
+  pub fn on_success(&mut self, now: Millis) {
+    self.failure_streak = 0;
+    match self.state(now) {
+      HealthState::HalfOpen { .. } => {
+        self.state = HealthState::Active;
+        self.openings = 0;
+      }
+      state => self.state = state,
+    }
+  }
+
+  /// The upstream said 429: rest until `until` (a later rest already in force stands).
+  pub fn on_rate_limited(&mut self, now: Millis, until: Millis) -> HealthChange {
+    match self.state(now) {
+      HealthState::Deactivated => HealthChange::Unchanged,
+      HealthState::Resting { until: later } if later >= until => HealthChange::Unchanged,
+      HealthState::CircuitOpen { until: later } if later >= until => HealthChange::Unchanged,
+      _ => {
+        self.state = HealthState::Resting { until };
+        HealthChange::Rested { until }
+      }
+    }
+  }
+
+  /// A failure that is neither a 429 nor a rejection of the key.
+  pub fn on_transient_failure(&mut self, now: Millis) -> HealthChange {
+    self.failure_streak = self.failure_streak.saturating_add(1);
+    let state = self.state(now);
+    let trial_failed = matches!(state, HealthState::HalfOpen { .. });
+    if state == HealthState::Deactivated
+      || (!trial_failed && self.failure_streak < FAILURES_TO_OPEN)
+    {
+      self.state = state;
+      return HealthChange::Unchanged;
+    }
+    if let HealthState::CircuitOpen { .. } = state {
+      return HealthChange::Unchanged;
+    }
+    let backoff = FIRST_BACKOFF_MS
+      .saturating_mul(1 << self.openings.min(16))
+      .min(MAX_BACKOFF_MS);
+    self.openings = self.openings.saturating_add(1);
+    let until = now + backoff;
+    self.state = HealthState::CircuitOpen { until };
+    HealthChange::CircuitOpened {
+      until,
+      failures: self.failure_streak,
+    }
+  }
+
+  pub fn on_key_rejected(&mut self) -> HealthChange {
+    if self.state == HealthState::Deactivated {
+      return HealthChange::Unchanged;
+    }
+    self.state = HealthState::Deactivated;
+    HealthChange::Deactivated
+  }
+
+  /// Ends a rate-limit rest early (the windows were reset by hand).
+  pub fn end_rest(&mut self, now: Millis) {
+    if let HealthState::Resting { .. } = self.state(now) {
+      self.state = HealthState::Active;
+    }
+  }
+
+  /// Back in service, with a clean record.
+  pub fn reactivate(&mut self) {
+    *self = Self::default();
+  }
 }
 
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::quota::Quota;
 
-  fn key() -> KeyState {
-    KeyState::new("k".into(), Quota::default(), 0)
+  #[test]
+  fn a_rest_ends_by_itself() {
+    let mut h = Health::default();
+    assert_eq!(
+      h.on_rate_limited(0, 17_000),
+      HealthChange::Rested { until: 17_000 }
+    );
+    assert!(!h.can_serve(16_999));
+    assert_eq!(h.state(16_999).until(), Some(17_000));
+    assert!(h.can_serve(17_000));
+    assert_eq!(h.state(17_000), HealthState::Active);
   }
 
   #[test]
-  fn fifth_consecutive_error_deactivates_once() {
-    let mut k = key();
-    for _ in 0..4 {
-      assert_eq!(record_failure(&mut k, "boom", 7), HealthChange::Unchanged);
+  fn rate_limits_never_deactivate_or_open_the_circuit() {
+    let mut h = Health::default();
+    for i in 0..50 {
+      h.on_rate_limited(i * 1_000, i * 1_000 + 500);
     }
+    assert_eq!(h.state(100_000), HealthState::Active);
+  }
+
+  #[test]
+  fn failures_in_a_row_open_the_circuit_then_one_trial_closes_it() {
+    let mut h = Health::default();
+    assert_eq!(h.on_transient_failure(0), HealthChange::Unchanged);
+    assert_eq!(h.on_transient_failure(0), HealthChange::Unchanged);
     assert_eq!(
-      record_failure(&mut k, "boom", 8),
-      HealthChange::Deactivated {
-        consecutive_errors: 5
+      h.on_transient_failure(0),
+      HealthChange::CircuitOpened {
+        until: FIRST_BACKOFF_MS,
+        failures: 3
       }
     );
-    assert!(!k.active);
-    assert_eq!(record_failure(&mut k, "boom", 9), HealthChange::Unchanged);
-    assert_eq!(k.last_error_time, Some(9));
+    assert!(!h.can_serve(FIRST_BACKOFF_MS - 1));
+    assert!(h.can_serve(FIRST_BACKOFF_MS));
+    h.on_hand_out(FIRST_BACKOFF_MS);
+    // One trial at a time.
+    assert!(!h.can_serve(FIRST_BACKOFF_MS));
+    h.on_success(FIRST_BACKOFF_MS + 10);
+    assert_eq!(h.state(FIRST_BACKOFF_MS + 10), HealthState::Active);
   }
 
   #[test]
-  fn success_resets_the_streak_and_clears_the_error() {
-    let mut k = key();
-    for _ in 0..4 {
-      record_failure(&mut k, "boom", 1);
+  fn a_failed_trial_reopens_with_a_doubled_backoff_up_to_the_cap() {
+    let mut h = Health::default();
+    for _ in 0..3 {
+      h.on_transient_failure(0);
     }
-    let seq = k.error_seq;
-    record_success(&mut k);
-    assert_eq!(k.error_count, 0);
-    assert_eq!(k.last_error, None);
-    assert_ne!(k.error_seq, seq);
-    assert_eq!(record_failure(&mut k, "again", 2), HealthChange::Unchanged);
+    let mut now = FIRST_BACKOFF_MS;
+    let mut expected = FIRST_BACKOFF_MS * 2;
+    for _ in 0..10 {
+      h.on_hand_out(now);
+      match h.on_transient_failure(now) {
+        HealthChange::CircuitOpened { until, .. } => assert_eq!(until - now, expected),
+        other => panic!("{other:?}"),
+      }
+      now += expected;
+      expected = (expected * 2).min(MAX_BACKOFF_MS);
+    }
   }
 
   #[test]
-  fn reactivate_restores_a_deactivated_key() {
-    let mut k = key();
-    for _ in 0..5 {
-      record_failure(&mut k, "boom", 1);
-    }
-    reactivate(&mut k);
-    assert!(k.active);
-    assert_eq!(k.error_count, 0);
+  fn success_resets_the_streak() {
+    let mut h = Health::default();
+    h.on_transient_failure(0);
+    h.on_transient_failure(0);
+    h.on_success(0);
+    assert_eq!(h.on_transient_failure(0), HealthChange::Unchanged);
+    assert_eq!(h.on_transient_failure(0), HealthChange::Unchanged);
+  }
+
+  #[test]
+  fn only_a_rejection_deactivates_and_reactivate_undoes_it() {
+    let mut h = Health::default();
+    assert_eq!(h.on_key_rejected(), HealthChange::Deactivated);
+    assert!(h.is_deactivated());
+    assert!(!h.can_serve(i64::MAX));
+    assert_eq!(h.on_rate_limited(0, 10), HealthChange::Unchanged);
+    h.reactivate();
+    assert_eq!(h.state(0), HealthState::Active);
   }
 }

@@ -1,24 +1,43 @@
-//! One API key's state: its three windows and its health, and the read-only views of it that
-//! callers get (figures for the hot path, a full status for listings).
+//! One API key's state: its limits, windows, health and outstanding reservations, and the read-only
+//! views of it that callers get (figures for the hot path, a full status for listings).
+
+use std::collections::VecDeque;
 
 use crate::clock::Millis;
-use crate::quota::{LimitType, Quota};
-use crate::window::{Window, DAY_MS, MINUTE_MS};
+use crate::health::{Health, HealthState};
+use crate::quota::{LimitType, Quota, WindowPolicy};
+use crate::window::{DailyWindow, RollingWindow};
+
+/// A request counted when its key was handed out, waiting for its `recordUsage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+  pub at: Millis,
+  pub tokens: u64,
+}
+
+/// Reservations kept per key at most; past that the oldest is taken as settled. Only callers that
+/// never report usage get there.
+const MAX_PENDING: usize = 4_096;
 
 #[derive(Debug, Clone)]
 pub struct KeyState {
   pub key: String,
-  pub active: bool,
+  pub quota: Quota,
   pub last_used: Millis,
-  pub rpm: Window,
-  pub rpd: Window,
-  pub tpm: Window,
+  pub rpm: RollingWindow,
+  pub rpd: DailyWindow,
+  pub tpm: RollingWindow,
+  pub health: Health,
+  /// The window a rest was for, when the upstream said which.
+  pub rested_for: Option<LimitType>,
+  /// Failures in a row, of any kind (the old service's `errorCount`).
   pub error_count: u32,
   pub last_error: Option<String>,
   pub last_error_time: Option<Millis>,
   /// Bumped whenever `last_error` changes, so a reader can tell a new error from the old one
   /// without copying the message out on every call.
   pub error_seq: u32,
+  pub pending: VecDeque<Reservation>,
 }
 
 /// One window as callers see it.
@@ -26,6 +45,8 @@ pub struct KeyState {
 pub struct LimitFigures {
   pub current: u64,
   pub limit: u64,
+  /// When capacity next frees: the oldest counted request leaves a rolling window, or the daily
+  /// count resets.
   pub reset_time: Millis,
 }
 
@@ -34,6 +55,7 @@ pub struct LimitFigures {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KeyFigures {
   pub active: bool,
+  pub state: HealthState,
   pub last_used: Millis,
   pub rpm: LimitFigures,
   pub rpd: LimitFigures,
@@ -62,55 +84,137 @@ pub struct RateLimitInfo {
 }
 
 impl KeyState {
-  pub fn new(key: String, quota: Quota, now: Millis) -> Self {
+  pub fn new(key: String, quota: Quota, policy: &WindowPolicy, now: Millis) -> Self {
     Self {
       key,
-      active: true,
+      quota,
       last_used: now,
-      rpm: Window::new(quota.rpm, MINUTE_MS, now),
-      rpd: Window::new(quota.rpd, DAY_MS, now),
-      tpm: Window::new(quota.tpm, MINUTE_MS, now),
+      rpm: RollingWindow::new(policy.span_ms, now),
+      rpd: DailyWindow::new(policy.daily_reset, now),
+      tpm: RollingWindow::new(policy.span_ms, now),
+      health: Health::default(),
+      rested_for: None,
       error_count: 0,
       last_error: None,
       last_error_time: None,
       error_seq: 0,
+      pending: VecDeque::new(),
     }
   }
 
-  pub fn window(&self, limit_type: LimitType) -> &Window {
+  pub fn limit(&self, limit_type: LimitType) -> u64 {
     match limit_type {
-      LimitType::Rpm => &self.rpm,
-      LimitType::Rpd => &self.rpd,
-      LimitType::Tpm => &self.tpm,
+      LimitType::Rpm => self.quota.rpm,
+      LimitType::Rpd => self.quota.rpd,
+      LimitType::Tpm => self.quota.tpm,
     }
   }
 
-  pub fn window_mut(&mut self, limit_type: LimitType) -> &mut Window {
+  pub fn current(&self, limit_type: LimitType, now: Millis) -> u64 {
     match limit_type {
-      LimitType::Rpm => &mut self.rpm,
-      LimitType::Rpd => &mut self.rpd,
-      LimitType::Tpm => &mut self.tpm,
+      LimitType::Rpm => self.rpm.current(now),
+      LimitType::Rpd => self.rpd.current(now),
+      LimitType::Tpm => self.tpm.current(now),
     }
   }
 
-  pub fn restart_windows(&mut self, now: Millis) {
-    for t in LimitType::ALL {
-      self.window_mut(t).restart(now);
+  pub fn frees_at(&self, limit_type: LimitType, now: Millis) -> Millis {
+    match limit_type {
+      LimitType::Rpm => self.rpm.frees_at(now),
+      LimitType::Rpd => self.rpd.frees_at(now),
+      LimitType::Tpm => self.tpm.frees_at(now),
+    }
+  }
+
+  /// Room for one more request of `estimated_tokens` in every window.
+  pub fn has_room(&self, now: Millis, estimated_tokens: u64) -> bool {
+    self.rpm.current(now) < self.quota.rpm
+      && self.rpd.current(now) < self.quota.rpd
+      && self.tpm.current(now).saturating_add(estimated_tokens) <= self.quota.tpm
+      && self.tpm.current(now) < self.quota.tpm
+  }
+
+  /// Counts a request when its key is handed out, so concurrent callers see it at once.
+  pub fn reserve(&mut self, now: Millis, estimated_tokens: u64) {
+    self.rpm.add(now, 1);
+    self.rpd.add(now, 1);
+    self.tpm.add(now, estimated_tokens);
+    if self.pending.len() == MAX_PENDING {
+      self.pending.pop_front();
+    }
+    self.pending.push_back(Reservation {
+      at: now,
+      tokens: estimated_tokens,
+    });
+    self.health.on_hand_out(now);
+    self.last_used = now;
+  }
+
+  /// Counts a finished request: it settles the oldest reservation (its token estimate replaced by
+  /// the real count, the request staying counted whatever its outcome, since it went out). A call
+  /// on a key we did not hand out counts as the old service counted it: only when it succeeded.
+  pub fn settle(&mut self, now: Millis, tokens: u64, succeeded: bool) {
+    match self.pending.pop_front() {
+      Some(r) => {
+        self.tpm.remove(now, r.at, r.tokens);
+        self.tpm.add(now, tokens);
+      }
+      None if succeeded => {
+        self.rpm.add(now, 1);
+        self.rpd.add(now, 1);
+        self.tpm.add(now, tokens);
+      }
+      None => {}
+    }
+  }
+
+  /// Releases reservations older than `ttl`: requests never reported are taken as never made.
+  pub fn expire_reservations(&mut self, now: Millis, ttl: Millis) {
+    while let Some(r) = self.pending.front().copied() {
+      if now - r.at < ttl {
+        break;
+      }
+      self.pending.pop_front();
+      self.rpm.remove(now, r.at, 1);
+      self.rpd.remove(now, r.at, 1);
+      self.tpm.remove(now, r.at, r.tokens);
+    }
+  }
+
+  /// Fresh windows (resetAllLimits); outstanding reservations go with them.
+  pub fn clear_windows(&mut self, now: Millis) {
+    self.rpm.clear(now);
+    self.rpd.clear(now);
+    self.tpm.clear(now);
+    self.pending.clear();
+  }
+
+  pub fn record_error(&mut self, error: String, now: Millis) {
+    self.error_count = self.error_count.saturating_add(1);
+    self.last_error = Some(error);
+    self.last_error_time = Some(now);
+    self.error_seq = self.error_seq.wrapping_add(1);
+  }
+
+  pub fn clear_error(&mut self) {
+    self.error_count = 0;
+    if self.last_error.take().is_some() {
+      self.error_seq = self.error_seq.wrapping_add(1);
     }
   }
 
   fn limit_figures(&self, limit_type: LimitType, now: Millis) -> LimitFigures {
-    let w = self.window(limit_type);
     LimitFigures {
-      current: w.current(now),
-      limit: w.limit(),
-      reset_time: w.reset_time(now),
+      current: self.current(limit_type, now),
+      limit: self.limit(limit_type),
+      reset_time: self.frees_at(limit_type, now),
     }
   }
 
   pub fn figures(&self, now: Millis) -> KeyFigures {
     KeyFigures {
-      active: self.active,
+      active: !self.health.is_deactivated(),
+      state: self.health.state(now),
       last_used: self.last_used,
       rpm: self.limit_figures(LimitType::Rpm, now),
       rpd: self.limit_figures(LimitType::Rpd, now),
@@ -129,15 +233,23 @@ impl KeyState {
     }
   }
 
+  /// A window is limited when it is full, or when the upstream rate-limited it and the key is
+  /// still resting.
   pub fn rate_limit_info(&self, now: Millis) -> [RateLimitInfo; 3] {
+    let resting = matches!(self.health.state(now), HealthState::Resting { .. });
     LimitType::ALL.map(|t| {
-      let w = self.window(t);
+      let current = self.current(t, now);
+      let limit = self.limit(t);
+      let rested = resting && self.rested_for.is_none_or(|r| r == t);
       RateLimitInfo {
         limit_type: t,
-        current: w.current(now),
-        limit: w.limit(),
-        reset_time: w.reset_time(now),
-        is_limited: w.is_full(now),
+        current,
+        limit,
+        reset_time: match self.health.state(now) {
+          HealthState::Resting { until } if rested => until,
+          _ => self.frees_at(t, now),
+        },
+        is_limited: current >= limit || rested,
       }
     })
   }
@@ -146,34 +258,110 @@ impl KeyState {
 #[cfg(test)]
 mod tests {
   use super::*;
+  use crate::window::MINUTE_MS;
+
+  const T0: Millis = 1_800_000_000_000;
+
+  fn key() -> KeyState {
+    KeyState::new("k".into(), Quota::default(), &WindowPolicy::default(), T0)
+  }
 
   #[test]
   fn a_new_key_is_active_with_empty_windows() {
-    let k = KeyState::new("k".into(), Quota::default(), 1_000);
-    let f = k.figures(1_000);
+    let k = key();
+    let f = k.figures(T0);
     assert!(f.active);
+    assert_eq!(f.state, HealthState::Active);
     assert_eq!(
       f.rpm,
       LimitFigures {
         current: 0,
         limit: 30,
-        reset_time: 61_000
+        reset_time: T0
       }
     );
-    assert_eq!(f.rpd.reset_time, 1_000 + DAY_MS);
+    assert!(f.rpd.reset_time > T0 && f.rpd.reset_time <= T0 + 86_400_000);
     assert_eq!(f.tpm.limit, 1_000_000);
-    assert_eq!(f.error_count, 0);
-    assert_eq!(f.last_error_time, None);
   }
 
   #[test]
-  fn rate_limit_info_flags_full_windows() {
-    let mut k = KeyState::new("k".into(), Quota::default(), 0);
-    k.rpm.fill(0);
-    let info = k.rate_limit_info(1);
-    assert_eq!(info[0].limit_type, LimitType::Rpm);
-    assert!(info[0].is_limited);
-    assert!(!info[1].is_limited && !info[2].is_limited);
-    assert!(!k.rate_limit_info(MINUTE_MS)[0].is_limited);
+  fn a_reservation_is_settled_once_with_the_real_token_count() {
+    let mut k = key();
+    k.reserve(T0, 500);
+    assert_eq!((k.rpm.current(T0), k.tpm.current(T0)), (1, 500));
+    k.settle(T0 + 100, 320, true);
+    assert_eq!(
+      (
+        k.rpm.current(T0 + 100),
+        k.rpd.current(T0 + 100),
+        k.tpm.current(T0 + 100)
+      ),
+      (1, 1, 320)
+    );
+    // Usage for a request we did not hand out counts anew, when it succeeded.
+    k.settle(T0 + 200, 10, true);
+    assert_eq!((k.rpm.current(T0 + 200), k.tpm.current(T0 + 200)), (2, 330));
+    k.settle(T0 + 300, 10, false);
+    assert_eq!((k.rpm.current(T0 + 300), k.tpm.current(T0 + 300)), (2, 330));
+    // A reserved request that failed stays counted: it went out.
+    k.reserve(T0 + 400, 0);
+    k.settle(T0 + 500, 0, false);
+    assert_eq!(k.rpm.current(T0 + 500), 3);
+  }
+
+  #[test]
+  fn unsettled_reservations_expire_and_give_their_room_back() {
+    let mut k = key();
+    k.reserve(T0, 100);
+    k.expire_reservations(T0 + 59_999, MINUTE_MS);
+    assert_eq!(k.pending.len(), 1);
+    k.expire_reservations(T0 + MINUTE_MS, MINUTE_MS);
+    assert!(k.pending.is_empty());
+    assert_eq!(k.rpd.current(T0 + MINUTE_MS), 0);
+    // A late report then counts as a request of its own.
+    k.settle(T0 + MINUTE_MS, 50, true);
+    assert_eq!(k.rpd.current(T0 + MINUTE_MS), 1);
+  }
+
+  #[test]
+  fn room_accounts_for_the_token_estimate() {
+    let mut k = KeyState::new(
+      "k".into(),
+      Quota {
+        rpm: 10,
+        rpd: 10,
+        tpm: 1_000,
+      },
+      &WindowPolicy::default(),
+      T0,
+    );
+    k.reserve(T0, 900);
+    assert!(k.has_room(T0, 100));
+    assert!(!k.has_room(T0, 101));
+    assert!(k.has_room(T0, 0));
+  }
+
+  #[test]
+  fn rate_limit_info_flags_full_and_rested_windows() {
+    let mut k = KeyState::new(
+      "k".into(),
+      Quota {
+        rpm: 2,
+        rpd: 10,
+        tpm: 1_000,
+      },
+      &WindowPolicy::default(),
+      T0,
+    );
+    k.reserve(T0, 0);
+    k.reserve(T0, 0);
+    let info = k.rate_limit_info(T0);
+    assert!(info[0].is_limited && !info[1].is_limited && !info[2].is_limited);
+    assert_eq!(info[0].reset_time, T0 + 61_000);
+    k.health.on_rate_limited(T0, T0 + 5_000);
+    k.rested_for = Some(LimitType::Tpm);
+    let info = k.rate_limit_info(T0);
+    assert!(info[2].is_limited);
+    assert_eq!(info[2].reset_time, T0 + 5_000);
   }
 }

@@ -1,11 +1,14 @@
 //! gemini-key-manager: a pool of Gemini API keys, selected, metered and healed in Rust, for Node.
 //!
-//! The core (`clock`, `quota`, `window`, `key`, `health`, `selection`, `pool`, `config`) is plain
-//! Rust with no napi types; `bindings` is the one file that speaks N-API.
+//! The core (`clock`, `calendar`, `quota`, `window`, `key`, `failure`, `health`, `selection`,
+//! `pool`, `config`) is plain Rust with no napi types; `http` is the HTTP API; `bindings` (with
+//! `fast_path` for the hot path) is the one layer that speaks N-API.
 
+pub mod calendar;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod failure;
 pub mod health;
 pub mod http;
 pub mod key;

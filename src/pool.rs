@@ -8,13 +8,14 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::clock::{Clock, Millis};
-use crate::config::PoolConfig;
+use crate::config::{js_number, PoolConfig};
 use crate::error::PoolError;
-use crate::health::{self, HealthChange};
+use crate::failure::{classify, Failure};
+use crate::health::HealthChange;
 use crate::key::{KeyFigures, KeyState, KeyStatus, RateLimitInfo};
 use crate::log::Log;
 use crate::mask::{mask_key, scrub};
-use crate::quota::{LimitType, Quota};
+use crate::quota::{LimitType, WindowPolicy};
 use crate::selection::{Rotation, Selection, SelectionCache};
 
 /// Largest token count one call may report: far above any model's context, and exact in a JS number.
@@ -25,6 +26,25 @@ pub const MAX_TOKENS_PER_CALL: u64 = u32::MAX as u64;
 pub enum Outcome<'a> {
   Success,
   Failure(&'a str),
+}
+
+/// What handing a key out does to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+  /// The caller will make a request with it: count the request now, with this many tokens
+  /// estimated on TPM, until `record_usage` settles it.
+  Reserve { estimated_tokens: u64 },
+  /// Only show which key it would be (`GET /best`): the round-robin moves on, no quota is spent.
+  LookOnly,
+}
+
+impl Claim {
+  fn estimated_tokens(self) -> u64 {
+    match self {
+      Claim::Reserve { estimated_tokens } => estimated_tokens,
+      Claim::LookOnly => 0,
+    }
+  }
 }
 
 /// A selection together with the chosen key's figures, read under the same lock.
@@ -41,13 +61,35 @@ struct PoolState {
   closed: bool,
 }
 
+impl PoolState {
+  /// Applies `claim` to the key just chosen; returns its figures.
+  fn claim(&mut self, index: usize, claim: Claim, now: Millis, ttl: Millis) -> KeyFigures {
+    let key = &mut self.keys[index];
+    if let Claim::Reserve { estimated_tokens } = claim {
+      key.expire_reservations(now, ttl);
+      key.reserve(now, estimated_tokens);
+    }
+    key.figures(now)
+  }
+
+  /// Releases every key's expired reservations when the cache is about to be rebuilt, so that
+  /// keys no one touches get their room back at least every cache lifetime.
+  fn expire_before_rebuild(&mut self, now: Millis, ttl: Millis) {
+    if self.cache.is_stale(now) {
+      for key in &mut self.keys {
+        key.expire_reservations(now, ttl);
+      }
+    }
+  }
+}
+
 pub struct KeyPool {
   state: Mutex<PoolState>,
   /// The keys in configuration order, and key text to position: fixed at construction, so they
   /// are read without the lock.
   names: Vec<String>,
   index: HashMap<String, usize>,
-  quota: Quota,
+  policy: WindowPolicy,
   clock: Arc<dyn Clock>,
   log: Arc<dyn Log>,
 }
@@ -63,10 +105,35 @@ pub fn validate_tokens(tokens: f64) -> Result<u64, PoolError> {
     Ok(tokens as u64)
   } else {
     Err(PoolError::InvalidTokens {
-      got: tokens.to_string(),
+      got: js_number(tokens),
       max: MAX_TOKENS_PER_CALL,
     })
   }
+}
+
+/// How long a rate-limited key rests: the delay the upstream asked for, else until the named
+/// window (RPM when unnamed) frees by our count, else a whole span.
+fn rest_until(
+  key: &KeyState,
+  now: Millis,
+  limit: Option<LimitType>,
+  retry_after_ms: Option<Millis>,
+  span_ms: Millis,
+) -> Millis {
+  if let Some(delay) = retry_after_ms {
+    return now + delay.max(0);
+  }
+  let limit = limit.unwrap_or(LimitType::Rpm);
+  let frees = key.frees_at(limit, now);
+  if frees > now {
+    frees
+  } else {
+    now + span_ms
+  }
+}
+
+fn seconds(ms: Millis) -> String {
+  format!("{:.1}s", ms as f64 / 1_000.0)
 }
 
 impl KeyPool {
@@ -91,7 +158,7 @@ impl KeyPool {
     let keys = config
       .keys
       .iter()
-      .map(|k| KeyState::new(k.clone(), config.quota, now))
+      .map(|k| KeyState::new(k.clone(), config.quota, &config.policy, now))
       .collect();
     Ok(Self {
       state: Mutex::new(PoolState {
@@ -102,22 +169,18 @@ impl KeyPool {
       }),
       names: config.keys,
       index,
-      quota: config.quota,
+      policy: config.policy,
       clock,
       log,
     })
   }
 
   pub fn len(&self) -> usize {
-    self.index.len()
+    self.names.len()
   }
 
   pub fn is_empty(&self) -> bool {
-    self.index.is_empty()
-  }
-
-  pub fn quota(&self) -> Quota {
-    self.quota
+    self.names.is_empty()
   }
 
   pub fn now(&self) -> Millis {
@@ -137,23 +200,6 @@ impl KeyPool {
     self.index.get(key).copied().ok_or(PoolError::KeyNotFound)
   }
 
-  /// Runs `f` on the state under the lock, after refusing calls on a closed pool and checking `index`.
-  fn with_key<T>(
-    &self,
-    index: usize,
-    f: impl FnOnce(&mut PoolState, Millis) -> T,
-  ) -> Result<T, PoolError> {
-    let now = self.clock.now_ms();
-    let mut state = self.state.lock();
-    if state.closed {
-      return Err(PoolError::Closed);
-    }
-    if index >= state.keys.len() {
-      return Err(PoolError::KeyNotFound);
-    }
-    Ok(f(&mut state, now))
-  }
-
   fn with_state<T>(&self, f: impl FnOnce(&mut PoolState, Millis) -> T) -> Result<T, PoolError> {
     let now = self.clock.now_ms();
     let mut state = self.state.lock();
@@ -163,124 +209,188 @@ impl KeyPool {
     Ok(f(&mut state, now))
   }
 
-  /// `getBestAvailableKey`: the next available key round-robin from the score-sorted cache.
-  pub fn best(&self) -> Result<Picked<Selection>, PoolError> {
+  /// [`Self::with_state`] for calls about one key: checks `index` first.
+  fn with_key<T>(
+    &self,
+    index: usize,
+    f: impl FnOnce(&mut PoolState, Millis) -> T,
+  ) -> Result<T, PoolError> {
+    if index >= self.names.len() {
+      return Err(PoolError::KeyNotFound);
+    }
+    self.with_state(f)
+  }
+
+  /// `getBestAvailableKey`: the next available key round-robin from the score-sorted cache. A
+  /// reserving claim counts the request on the key at once, so concurrent callers never share a
+  /// key's last unit of capacity.
+  pub fn best(&self, claim: Claim) -> Result<Picked<Selection>, PoolError> {
+    let ttl = self.policy.reservation_ttl_ms;
     self
       .with_state(|state, now| {
-        let pick = state.cache.next(&state.keys, now)?;
-        let key = &mut state.keys[pick.index];
-        key.last_used = now;
+        state.expire_before_rebuild(now, ttl);
+        let pick = state
+          .cache
+          .next(&state.keys, now, claim.estimated_tokens())?;
         Some(Picked {
           pick,
-          figures: key.figures(now),
+          figures: state.claim(pick.index, claim, now, ttl),
         })
       })?
       .ok_or(PoolError::NoActiveKeys)
   }
 
-  /// `getNextKeyForRotation`: moves off a key under the rotation threshold, or behaves as [`Self::best`].
-  pub fn rotate(&self) -> Result<Picked<Rotation>, PoolError> {
+  /// `getNextKeyForRotation`: moves off a key under the rotation threshold, or behaves as
+  /// [`Self::best`].
+  pub fn rotate(&self, claim: Claim) -> Result<Picked<Rotation>, PoolError> {
+    let ttl = self.policy.reservation_ttl_ms;
     self
       .with_state(|state, now| {
-        let pick = state.cache.rotation(&state.keys, now)?;
+        state.expire_before_rebuild(now, ttl);
+        let pick = state
+          .cache
+          .rotation(&state.keys, now, claim.estimated_tokens())?;
         state.last_rotation = now;
-        let key = &mut state.keys[pick.selection.index];
-        key.last_used = now;
         Some(Picked {
           pick,
-          figures: key.figures(now),
+          figures: state.claim(pick.selection.index, claim, now, ttl),
         })
       })?
       .ok_or(PoolError::NoActiveKeys)
   }
 
-  /// `recordUsage`: a success counts the request and its tokens and clears the error streak; a
-  /// failure extends the streak, and the fifth in a row deactivates the key. Error messages are
-  /// stored with every key in them masked (scrubbed before the lock is taken).
+  /// `recordUsage`: settles the request's reservation with its real token count. A success clears
+  /// the error streak; a failure is read for what it says about the key (see [`classify`]): a 429
+  /// rests it, a refusal deactivates it, anything else counts toward opening its circuit. Error
+  /// messages are stored with every key in them masked (scrubbed before the lock is taken).
   pub fn record_usage(
     &self,
     index: usize,
     tokens: u64,
     outcome: Outcome<'_>,
   ) -> Result<KeyFigures, PoolError> {
-    let scrubbed = match outcome {
-      Outcome::Failure(error) => Some(scrub(error, &self.names)),
+    let failure = match outcome {
+      Outcome::Failure(error) => Some((scrub(error, &self.names), classify(error))),
       Outcome::Success => None,
     };
-    let (figures, change) = self.with_key(index, |state, now| {
+    let ttl = self.policy.reservation_ttl_ms;
+    let span = self.policy.span_ms;
+    let (figures, change, limited) = self.with_key(index, |state, now| {
       let key = &mut state.keys[index];
-      let change = match outcome {
-        Outcome::Success => {
-          key.rpm.add(now, 1);
-          key.rpd.add(now, 1);
-          key.tpm.add(now, tokens);
-          health::record_success(key);
+      key.expire_reservations(now, ttl);
+      key.settle(now, tokens, failure.is_none());
+      let mut limited = None;
+      let change = match failure {
+        None => {
+          key.health.on_success(now);
+          key.clear_error();
           HealthChange::Unchanged
         }
-        Outcome::Failure(_) => {
-          health::record_failure(key, scrubbed.as_deref().unwrap_or_default(), now)
+        Some((message, kind)) => {
+          key.record_error(message, now);
+          match kind {
+            Failure::RateLimited {
+              retry_after_ms,
+              limit,
+            } => {
+              limited = Some(limit.unwrap_or(LimitType::Rpm));
+              key.rested_for = limit;
+              let until = rest_until(key, now, limit, retry_after_ms, span);
+              key.health.on_rate_limited(now, until)
+            }
+            Failure::KeyRejected => key.health.on_key_rejected(),
+            Failure::Transient => key.health.on_transient_failure(now),
+          }
         }
       };
-      let figures = key.figures(now);
       if change != HealthChange::Unchanged {
         state.cache.invalidate();
       }
-      (figures, change)
+      (state.keys[index].figures(now), change, limited)
     })?;
-    if let HealthChange::Deactivated { consecutive_errors } = change {
-      self.log.warn(&format!(
-        "⚠️ API key deactivated due to {consecutive_errors} consecutive errors"
-      ));
+    if let Some(limit) = limited {
+      self.log_rate_limit(index, limit, change);
+    } else {
+      self.log_change(index, change, &figures);
     }
     Ok(figures)
   }
 
-  /// `handleRateLimit`: the upstream said this window is used up. It is marked full, the error is
-  /// counted as the old service did, and the cache is dropped.
+  /// `handleRateLimit`: the upstream answered 429 for this window. The key rests until the window
+  /// frees (or for `retry_after_ms`, when the upstream said); it is not counted against the key.
   pub fn handle_rate_limit(
     &self,
     index: usize,
     limit_type: LimitType,
+    retry_after_ms: Option<Millis>,
   ) -> Result<KeyFigures, PoolError> {
-    let (figures, change, masked) = self.with_key(index, |state, now| {
+    let span = self.policy.span_ms;
+    let (figures, change) = self.with_key(index, |state, now| {
       let key = &mut state.keys[index];
-      key.window_mut(limit_type).fill(now);
-      let change = health::record_failure(
-        key,
-        &format!("Rate limit exceeded ({})", limit_type.as_str()),
+      key.record_error(
+        format!("Rate limit exceeded ({})", limit_type.as_str()),
         now,
       );
+      key.rested_for = Some(limit_type);
+      let until = rest_until(key, now, Some(limit_type), retry_after_ms, span);
+      let change = key.health.on_rate_limited(now, until);
       state.cache.invalidate();
-      (
-        state.keys[index].figures(now),
-        change,
-        mask_key(&state.keys[index].key),
-      )
+      (state.keys[index].figures(now), change)
     })?;
-    self.log.warn(&format!(
-      "⚠️ Rate limit hit for {} on API key {masked}",
-      limit_type.as_str()
-    ));
-    if let HealthChange::Deactivated { consecutive_errors } = change {
-      self.log.warn(&format!(
-        "⚠️ API key deactivated due to {consecutive_errors} consecutive errors"
-      ));
-    }
+    self.log_rate_limit(index, limit_type, change);
     Ok(figures)
   }
 
+  fn masked(&self, index: usize) -> String {
+    self.key_name(index).map(mask_key).unwrap_or_default()
+  }
+
+  fn log_rate_limit(&self, index: usize, limit: LimitType, change: HealthChange) {
+    let rest = match change {
+      HealthChange::Rested { until } => format!(" (resting for {})", seconds(until - self.now())),
+      _ => String::new(),
+    };
+    self.log.warn(&format!(
+      "⚠️ Rate limit hit for {} on API key {}{rest}",
+      limit.as_str(),
+      self.masked(index)
+    ));
+  }
+
+  fn log_change(&self, index: usize, change: HealthChange, figures: &KeyFigures) {
+    match change {
+      HealthChange::CircuitOpened { until, failures } => self.log.warn(&format!(
+        "⚠️ API key {} resting for {} after {failures} consecutive errors (circuit open)",
+        self.masked(index),
+        seconds(until - self.now())
+      )),
+      HealthChange::Deactivated => self.log.warn(&format!(
+        "⚠️ API key deactivated due to {} consecutive errors: the API refused the key {}",
+        figures.error_count,
+        self.masked(index)
+      )),
+      HealthChange::Rested { .. } | HealthChange::Unchanged => {}
+    }
+  }
+
+  /// Back in service with a clean record.
   pub fn reactivate(&self, index: usize) -> Result<KeyFigures, PoolError> {
     self.with_key(index, |state, now| {
-      health::reactivate(&mut state.keys[index]);
+      let key = &mut state.keys[index];
+      key.health.reactivate();
+      key.error_count = 0;
       state.cache.invalidate();
       state.keys[index].figures(now)
     })
   }
 
+  /// Fresh windows for every key, and the end of every rate-limit rest (open circuits and
+  /// deactivations stand: they are about failures, not quota).
   pub fn reset_all_limits(&self) -> Result<(), PoolError> {
     self.with_state(|state, now| {
       for key in &mut state.keys {
-        key.restart_windows(now);
+        key.clear_windows(now);
+        key.health.end_rest(now);
       }
       state.cache.invalidate();
     })
@@ -288,7 +398,12 @@ impl KeyPool {
 
   /// Rebuilds the selection cache now; returns how many keys are available.
   pub fn refresh_cache(&self) -> Result<usize, PoolError> {
-    let available = self.with_state(|state, now| state.cache.rebuild(&state.keys, now))?;
+    let ttl = self.policy.reservation_ttl_ms;
+    let available = self.with_state(|state, now| {
+      state.cache.invalidate();
+      state.expire_before_rebuild(now, ttl);
+      state.cache.rebuild(&state.keys, now)
+    })?;
     self.log.info("✅ Cache refreshed successfully");
     Ok(available)
   }
@@ -299,10 +414,6 @@ impl KeyPool {
 
   pub fn last_error(&self, index: usize) -> Result<Option<String>, PoolError> {
     self.with_key(index, |state, _| state.keys[index].last_error.clone())
-  }
-
-  pub fn status(&self, index: usize) -> Result<KeyStatus, PoolError> {
-    self.with_key(index, |state, now| state.keys[index].status(now))
   }
 
   pub fn statuses(&self) -> Result<Vec<KeyStatus>, PoolError> {
@@ -333,11 +444,16 @@ impl KeyPool {
 mod tests {
   use super::*;
   use crate::clock::FakeClock;
+  use crate::health::{HealthState, FIRST_BACKOFF_MS};
   use crate::log::CapturedLog;
+  use crate::quota::Quota;
   use crate::selection::{RotationReason, SelectionMethod, CACHE_TTL_MS};
-  use crate::window::{DAY_MS, MINUTE_MS};
+  use crate::window::MINUTE_MS;
 
-  const T0: Millis = 1_700_000_000_000;
+  const T0: Millis = 1_800_000_000_000;
+  const RESERVE: Claim = Claim::Reserve {
+    estimated_tokens: 0,
+  };
 
   fn pool_with(keys: &[&str], quota: Quota) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
     let clock = FakeClock::at(T0);
@@ -345,85 +461,236 @@ mod tests {
     let config = PoolConfig {
       keys: keys.iter().map(|k| k.to_string()).collect(),
       quota,
+      policy: WindowPolicy::default(),
       warnings: vec![],
     };
     let pool = KeyPool::new(config, Arc::new(clock.clone()), log.clone()).unwrap();
     (pool, clock, log)
   }
 
-  fn pool(n: usize) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
-    let names: Vec<String> = (0..n)
+  fn names(n: usize) -> Vec<String> {
+    (0..n)
       .map(|i| format!("AIzaSyTESTKEY{i:04}abcdefghijkl"))
-      .collect();
+      .collect()
+  }
+
+  fn pool(n: usize) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
+    let names = names(n);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     pool_with(&refs, Quota::default())
   }
 
+  fn small(n: usize, quota: Quota) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
+    let names = names(n);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    pool_with(&refs, quota)
+  }
+
+  fn logged(log: &CapturedLog) -> Vec<String> {
+    log.0.lock().clone()
+  }
+
   #[test]
-  fn best_marks_last_used_and_reports_method_and_score() {
+  fn best_reserves_marks_last_used_and_reports_method_and_score() {
     let (p, clock, _) = pool(2);
     clock.advance(10);
-    let a = p.best().unwrap();
+    let a = p.best(RESERVE).unwrap();
     assert_eq!(a.pick.method, SelectionMethod::RoundRobin);
     assert_eq!(a.pick.total_available, 2);
     assert_eq!(a.figures.last_used, T0 + 10);
     assert_eq!(a.pick.score, 1.0);
-    let b = p.best().unwrap();
+    assert_eq!(a.figures.rpm.current, 1);
+    let b = p.best(RESERVE).unwrap();
     assert_eq!(b.pick.method, SelectionMethod::CachedRoundRobin);
     assert_ne!(a.pick.index, b.pick.index);
   }
 
   #[test]
-  fn success_counts_requests_and_tokens_until_the_minute_window_resets() {
-    let (p, clock, _) = pool(1);
-    for _ in 0..3 {
-      p.record_usage(0, 100, Outcome::Success).unwrap();
-    }
-    let f = p.figures(0).unwrap();
-    assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (3, 3, 300));
-    clock.advance(MINUTE_MS);
-    let f = p.figures(0).unwrap();
-    assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (0, 3, 0));
-    clock.advance(DAY_MS);
-    assert_eq!(p.figures(0).unwrap().rpd.current, 0);
+  fn hand_out_then_record_counts_once() {
+    let (p, _, _) = pool(1);
+    let picked = p.best(RESERVE).unwrap();
+    let f = p
+      .record_usage(picked.pick.index, 120, Outcome::Success)
+      .unwrap();
+    assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (1, 1, 120));
+    // Usage for a key that was not handed out counts as before.
+    let f = p.record_usage(0, 30, Outcome::Success).unwrap();
+    assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (2, 2, 150));
   }
 
   #[test]
-  fn a_key_at_its_rpm_limit_is_not_handed_out_until_its_window_resets() {
-    let (p, clock, _) = pool_with(
-      &["only-key-0123456789"],
+  fn never_more_than_k_times_l_handed_out_per_window() {
+    let (p, clock, _) = small(
+      3,
       Quota {
-        rpm: 2,
-        rpd: 100,
-        tpm: 1000,
+        rpm: 5,
+        rpd: 1_000,
+        tpm: 1_000_000,
       },
     );
-    p.record_usage(0, 1, Outcome::Success).unwrap();
-    p.record_usage(0, 1, Outcome::Success).unwrap();
-    assert_eq!(p.best().unwrap_err(), PoolError::NoActiveKeys);
+    let mut handed = 0;
+    for _ in 0..100 {
+      if p.best(RESERVE).is_ok() {
+        handed += 1;
+      }
+      clock.advance(100); // ten seconds in all: still inside one minute
+    }
+    assert_eq!(handed, 15);
+    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::NoActiveKeys);
+    // The rolling minute frees them (plus one slice, plus the cache's life).
     clock.advance(MINUTE_MS + CACHE_TTL_MS);
-    assert_eq!(p.best().unwrap().pick.index, 0);
+    assert!(p.best(RESERVE).is_ok());
   }
 
   #[test]
-  fn five_failures_deactivate_drop_the_cache_and_log() {
-    let (p, _, log) = pool(2);
-    p.best().unwrap();
-    for i in 0..5 {
-      let f = p
-        .record_usage(0, 0, Outcome::Failure("503 unavailable"))
+  fn unsettled_reservations_expire_on_their_own() {
+    let (p, clock, _) = small(
+      1,
+      Quota {
+        rpm: 1_000,
+        rpd: 2,
+        tpm: 1_000_000,
+      },
+    );
+    p.best(RESERVE).unwrap();
+    p.best(RESERVE).unwrap();
+    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::NoActiveKeys);
+    clock.advance(MINUTE_MS);
+    // The daily count got both back.
+    assert_eq!(p.best(RESERVE).unwrap().figures.rpd.current, 1);
+  }
+
+  #[test]
+  fn estimated_tokens_reserve_tpm_and_are_corrected_by_the_real_count() {
+    let (p, _, _) = small(
+      1,
+      Quota {
+        rpm: 100,
+        rpd: 100,
+        tpm: 1_000,
+      },
+    );
+    let a = p
+      .best(Claim::Reserve {
+        estimated_tokens: 600,
+      })
+      .unwrap();
+    assert_eq!(a.figures.tpm.current, 600);
+    // No room for another 600 until the first is settled with its real count.
+    assert_eq!(
+      p.best(Claim::Reserve {
+        estimated_tokens: 600
+      })
+      .unwrap_err(),
+      PoolError::NoActiveKeys
+    );
+    let f = p.record_usage(0, 150, Outcome::Success).unwrap();
+    assert_eq!(f.tpm.current, 150);
+    p.refresh_cache().unwrap();
+    assert_eq!(
+      p.best(Claim::Reserve {
+        estimated_tokens: 600
+      })
+      .unwrap()
+      .figures
+      .tpm
+      .current,
+      750
+    );
+  }
+
+  #[test]
+  fn a_429_rests_the_key_for_the_retry_delay_without_counting_toward_deactivation() {
+    let (p, clock, log) = pool(2);
+    let body = r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"17s"}]}}"#;
+    for _ in 0..10 {
+      p.best(RESERVE).unwrap();
+      p.record_usage(0, 0, Outcome::Failure(body)).unwrap();
+    }
+    let f = p.figures(0).unwrap();
+    assert!(f.active);
+    assert_eq!(f.state, HealthState::Resting { until: T0 + 17_000 });
+    for _ in 0..3 {
+      assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
+    }
+    clock.advance(17_000);
+    assert_eq!(p.figures(0).unwrap().state, HealthState::Active);
+    assert!(logged(&log)[0].starts_with("⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl"));
+  }
+
+  #[test]
+  fn handle_rate_limit_rests_until_the_window_frees_and_logs_masked() {
+    let (p, clock, log) = pool(2);
+    p.best(RESERVE).unwrap();
+    clock.advance(5_000);
+    p.handle_rate_limit(0, LimitType::Rpm, None).unwrap();
+    let info = p.rate_limit_info(0).unwrap();
+    assert!(info[0].is_limited);
+    // The request counted at T0 leaves the rolling minute at T0 + 61 s.
+    assert_eq!(info[0].reset_time, T0 + 61_000);
+    assert_eq!(p.figures(0).unwrap().error_count, 1);
+    assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
+    let lines = logged(&log);
+    assert_eq!(
+      lines[0],
+      "⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl (resting for 56.0s)"
+    );
+    p.handle_rate_limit(1, LimitType::Rpd, Some(2_000)).unwrap();
+    assert_eq!(
+      p.figures(1).unwrap().state,
+      HealthState::Resting { until: T0 + 7_000 }
+    );
+  }
+
+  #[test]
+  fn repeated_server_errors_open_the_circuit_and_a_trial_success_closes_it() {
+    let (p, clock, log) = pool(2);
+    for _ in 0..3 {
+      p.record_usage(0, 0, Outcome::Failure("[503 Service Unavailable]"))
         .unwrap();
-      assert_eq!(f.error_count, i + 1);
     }
+    let f = p.figures(0).unwrap();
+    assert!(f.active);
+    assert_eq!(
+      f.state,
+      HealthState::CircuitOpen {
+        until: T0 + FIRST_BACKOFF_MS
+      }
+    );
+    assert!(logged(&log)[0].contains("resting for 5.0s after 3 consecutive errors"));
+    for _ in 0..3 {
+      assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
+    }
+    clock.advance(FIRST_BACKOFF_MS);
+    p.refresh_cache().unwrap();
+    let trial = (0..2)
+      .map(|_| p.best(RESERVE).unwrap().pick.index)
+      .collect::<Vec<_>>();
+    assert!(trial.contains(&0));
+    assert_eq!(
+      p.figures(0).unwrap().state,
+      HealthState::HalfOpen { trial_out: true }
+    );
+    p.record_usage(0, 10, Outcome::Success).unwrap();
+    assert_eq!(p.figures(0).unwrap().state, HealthState::Active);
+  }
+
+  #[test]
+  fn only_a_refused_key_is_deactivated_until_reactivated() {
+    let (p, _, log) = pool(2);
+    p.record_usage(
+      0,
+      0,
+      Outcome::Failure("API key not valid. [API_KEY_INVALID]"),
+    )
+    .unwrap();
     assert!(!p.figures(0).unwrap().active);
-    assert_eq!(p.last_error(0).unwrap().as_deref(), Some("503 unavailable"));
     for _ in 0..4 {
-      assert_eq!(p.best().unwrap().pick.index, 1);
+      assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
     }
-    assert!(log
-      .0
-      .lock()
-      .contains(&"⚠️ API key deactivated due to 5 consecutive errors".to_string()));
+    assert!(logged(&log)
+      .iter()
+      .any(|l| l.starts_with("⚠️ API key deactivated due to 1 consecutive errors")));
     p.reactivate(0).unwrap();
     let f = p.figures(0).unwrap();
     assert!(f.active);
@@ -442,30 +709,26 @@ mod tests {
   }
 
   #[test]
-  fn rate_limit_fills_the_window_counts_an_error_and_logs_masked() {
-    let (p, _, log) = pool(2);
-    p.handle_rate_limit(0, LimitType::Rpm).unwrap();
-    let info = p.rate_limit_info(0).unwrap();
-    assert!(info[0].is_limited && info[0].current == 30);
-    assert_eq!(p.figures(0).unwrap().error_count, 1);
-    assert_eq!(p.best().unwrap().pick.index, 1);
-    let lines = log.0.lock();
-    assert_eq!(
-      lines[0],
-      "⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl"
-    );
-    assert!(!lines[0].contains("AIzaSyTESTKEY0000"));
+  fn peek_shows_the_rotation_without_spending_quota() {
+    let (p, _, _) = pool(2);
+    let a = p.best(Claim::LookOnly).unwrap();
+    let b = p.rotate(Claim::LookOnly).unwrap().pick.selection;
+    assert_ne!(a.pick.index, b.index);
+    assert_eq!(p.figures(0).unwrap().rpm.current, 0);
+    assert_eq!(p.figures(1).unwrap().rpm.current, 0);
   }
 
   #[test]
-  fn reset_all_limits_gives_fresh_windows() {
+  fn reset_all_limits_gives_fresh_windows_and_ends_rests() {
     let (p, clock, _) = pool(1);
-    p.handle_rate_limit(0, LimitType::Rpd).unwrap();
+    p.best(RESERVE).unwrap();
+    p.record_usage(0, 99, Outcome::Success).unwrap();
+    p.handle_rate_limit(0, LimitType::Rpd, None).unwrap();
     clock.advance(5);
     p.reset_all_limits().unwrap();
     let f = p.figures(0).unwrap();
-    assert_eq!(f.rpd.current, 0);
-    assert_eq!(f.rpm.reset_time, T0 + 5 + MINUTE_MS);
+    assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (0, 0, 0));
+    assert_eq!(f.state, HealthState::Active);
   }
 
   #[test]
@@ -481,10 +744,11 @@ mod tests {
     for _ in 0..9 {
       p.record_usage(0, 0, Outcome::Success).unwrap();
     }
-    let r = p.rotate().unwrap();
+    let r = p.rotate(RESERVE).unwrap();
     assert_eq!(r.pick.reason, RotationReason::Proactive);
     assert_eq!(r.pick.selection.index, 1);
     assert!(r.pick.previous_key_score.unwrap() < 0.3);
+    assert_eq!(r.figures.rpm.current, 1);
   }
 
   #[test]
@@ -494,7 +758,7 @@ mod tests {
     assert_eq!(p.figures(7).unwrap_err(), PoolError::KeyNotFound);
     p.close();
     p.close();
-    assert_eq!(p.best().unwrap_err(), PoolError::Closed);
+    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::Closed);
     assert_eq!(
       p.record_usage(0, 1, Outcome::Success).unwrap_err(),
       PoolError::Closed
@@ -516,10 +780,10 @@ mod tests {
   #[test]
   fn rotation_state_follows_the_round_robin_and_rotations() {
     let (p, clock, _) = pool(3);
-    p.best().unwrap();
+    p.best(RESERVE).unwrap();
     assert_eq!(p.rotation_state().unwrap(), (1, T0));
     clock.advance(7);
-    p.rotate().unwrap();
+    p.rotate(RESERVE).unwrap();
     assert_eq!(p.rotation_state().unwrap().1, T0 + 7);
     assert_eq!(p.statuses().unwrap().len(), 3);
   }

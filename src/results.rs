@@ -38,6 +38,8 @@ slots! {
   ErrorSeq => "errorSeq",
   CurrentIndex => "currentIndex",
   LastRotation => "lastRotation",
+  State => "state",
+  StateUntil => "stateUntil",
 }
 
 /// The codes of the `Method` slot: a method's position here.
@@ -87,6 +89,11 @@ impl Results {
 
   pub fn write_figures(&self, f: &KeyFigures) {
     self.set(Slot::IsActive, if f.active { 1.0 } else { 0.0 });
+    self.set(Slot::State, f.state.code() as f64);
+    self.set(
+      Slot::StateUntil,
+      f.state.until().map_or(f64::NAN, |t| t as f64),
+    );
     self.set(Slot::LastUsed, f.last_used as f64);
     for (l, [current, limit, reset]) in [
       (
@@ -134,11 +141,11 @@ impl Results {
 mod tests {
   use super::*;
   use crate::key::KeyState;
-  use crate::quota::Quota;
+  use crate::quota::{Quota, WindowPolicy};
 
   #[test]
   fn every_slot_has_a_name_and_fits() {
-    assert_eq!(SLOT_NAMES.len(), Slot::LastRotation as usize + 1);
+    assert_eq!(SLOT_NAMES.len(), Slot::StateUntil as usize + 1);
     assert!(SLOT_NAMES.len() <= RESULTS_LEN);
     assert!(RESULTS_LEN * 8 >= 64);
   }
@@ -146,8 +153,15 @@ mod tests {
   #[test]
   fn figures_and_rotations_land_in_their_named_slots() {
     let r = Results::default();
-    let mut key = KeyState::new("k".into(), Quota::default(), 1_000);
-    key.rpm.add(1_000, 3);
+    let mut key = KeyState::new(
+      "k".into(),
+      Quota::default(),
+      &WindowPolicy::default(),
+      1_000,
+    );
+    key.reserve(1_000, 0);
+    key.reserve(1_000, 0);
+    key.reserve(1_000, 0);
     r.write_figures(&key.figures(1_000));
     let at = |name: &str| unsafe {
       *r.as_ptr()
@@ -155,7 +169,9 @@ mod tests {
     };
     assert_eq!(at("rpmCurrent"), 3.0);
     assert_eq!(at("rpmLimit"), 30.0);
-    assert_eq!(at("rpmResetTime"), 61_000.0);
+    assert_eq!(at("rpmResetTime"), 62_000.0);
+    assert_eq!(at("state"), 0.0);
+    assert!(at("stateUntil").is_nan());
     assert_eq!(at("isActive"), 1.0);
     assert!(at("lastErrorTime").is_nan());
     let selection = Selection {

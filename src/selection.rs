@@ -3,21 +3,31 @@
 
 use crate::clock::Millis;
 use crate::key::KeyState;
+use crate::quota::LimitType;
 
 pub const CACHE_TTL_MS: Millis = 5_000;
 /// Below this score a key is worth rotating away from.
 pub const ROTATION_THRESHOLD: f64 = 0.3;
 
-/// 0.5 × remaining RPM share + 0.3 × remaining RPD share + 0.2 × remaining TPM share.
-pub fn availability_score(key: &KeyState, now: Millis) -> f64 {
-  0.5 * key.rpm.remaining_fraction(now)
-    + 0.3 * key.rpd.remaining_fraction(now)
-    + 0.2 * key.tpm.remaining_fraction(now)
+fn remaining_fraction(key: &KeyState, limit_type: LimitType, now: Millis) -> f64 {
+  let limit = key.limit(limit_type);
+  if limit == 0 {
+    return 0.0;
+  }
+  limit.saturating_sub(key.current(limit_type, now)) as f64 / limit as f64
 }
 
-/// Active, and below its limit in all three windows.
-pub fn is_available(key: &KeyState, now: Millis) -> bool {
-  key.active && !key.rpm.is_full(now) && !key.rpd.is_full(now) && !key.tpm.is_full(now)
+/// 0.5 × remaining RPM share + 0.3 × remaining RPD share + 0.2 × remaining TPM share.
+pub fn availability_score(key: &KeyState, now: Millis) -> f64 {
+  0.5 * remaining_fraction(key, LimitType::Rpm, now)
+    + 0.3 * remaining_fraction(key, LimitType::Rpd, now)
+    + 0.2 * remaining_fraction(key, LimitType::Tpm, now)
+}
+
+/// In service (not resting, open or deactivated), with room for one more request of
+/// `estimated_tokens` in every window.
+pub fn is_available(key: &KeyState, now: Millis, estimated_tokens: u64) -> bool {
+  key.health.can_serve(now) && key.has_room(now, estimated_tokens)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,12 +106,17 @@ impl SelectionCache {
     matches!(self.built_at, Some(t) if now - t < CACHE_TTL_MS && now >= t)
   }
 
+  /// Past its 5 seconds (or dropped): the next pick rebuilds it.
+  pub fn is_stale(&self, now: Millis) -> bool {
+    !self.is_fresh(now)
+  }
+
   /// Re-sorts the available keys by score, best first; returns how many there are.
   pub fn rebuild(&mut self, keys: &[KeyState], now: Millis) -> usize {
     let mut scored: Vec<(f64, usize)> = keys
       .iter()
       .enumerate()
-      .filter(|(_, k)| is_available(k, now))
+      .filter(|(_, k)| is_available(k, now, 0))
       .map(|(i, k)| (availability_score(k, now), i))
       .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -114,29 +129,40 @@ impl SelectionCache {
 
   /// The next available key round-robin. Keys that ran out since the cache was built are skipped;
   /// when none of the cached keys is left the cache is rebuilt once, so a pick costs O(1) amortised.
-  pub fn next(&mut self, keys: &[KeyState], now: Millis) -> Option<Selection> {
+  pub fn next(
+    &mut self,
+    keys: &[KeyState],
+    now: Millis,
+    estimated_tokens: u64,
+  ) -> Option<Selection> {
     let mut method = SelectionMethod::CachedRoundRobin;
     if !self.is_fresh(now) {
       self.rebuild(keys, now);
       method = SelectionMethod::RoundRobin;
     }
-    if let Some(s) = self.scan(keys, now, method) {
+    if let Some(s) = self.scan(keys, now, method, estimated_tokens) {
       return Some(s);
     }
     if method == SelectionMethod::CachedRoundRobin {
       self.rebuild(keys, now);
-      return self.scan(keys, now, SelectionMethod::RoundRobin);
+      return self.scan(keys, now, SelectionMethod::RoundRobin, estimated_tokens);
     }
     None
   }
 
-  fn scan(&mut self, keys: &[KeyState], now: Millis, method: SelectionMethod) -> Option<Selection> {
+  fn scan(
+    &mut self,
+    keys: &[KeyState],
+    now: Millis,
+    method: SelectionMethod,
+    estimated_tokens: u64,
+  ) -> Option<Selection> {
     let len = self.order.len();
     for _ in 0..len {
       let index = self.order[self.cursor % len];
       self.cursor = (self.cursor + 1) % len;
       let key = &keys[index];
-      if is_available(key, now) {
+      if is_available(key, now, estimated_tokens) {
         return Some(Selection {
           index,
           score: availability_score(key, now),
@@ -151,7 +177,12 @@ impl SelectionCache {
   /// `getNextKeyForRotation`: when the weakest available key scores under [`ROTATION_THRESHOLD`],
   /// the strongest one is handed out instead; otherwise this is [`Self::next`]. Scores are taken
   /// now rather than from the cache's order, so this costs O(available keys).
-  pub fn rotation(&mut self, keys: &[KeyState], now: Millis) -> Option<Rotation> {
+  pub fn rotation(
+    &mut self,
+    keys: &[KeyState],
+    now: Millis,
+    estimated_tokens: u64,
+  ) -> Option<Rotation> {
     if !self.is_fresh(now) {
       self.rebuild(keys, now);
     }
@@ -159,7 +190,7 @@ impl SelectionCache {
     let mut strongest: Option<(f64, usize)> = None;
     for &i in &self.order {
       let key = &keys[i];
-      if !is_available(key, now) {
+      if !is_available(key, now, estimated_tokens) {
         continue;
       }
       let s = availability_score(key, now);
@@ -190,22 +221,31 @@ impl SelectionCache {
         _ => RotationReason::NoKeyAboveThreshold,
       }
     };
-    self.next(keys, now).map(|selection| Rotation {
-      selection,
-      reason,
-      previous_key_score: None,
-    })
+    self
+      .next(keys, now, estimated_tokens)
+      .map(|selection| Rotation {
+        selection,
+        reason,
+        previous_key_score: None,
+      })
   }
 }
 
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::quota::Quota;
+  use crate::quota::{Quota, WindowPolicy};
 
   fn keys(n: usize) -> Vec<KeyState> {
     (0..n)
-      .map(|i| KeyState::new(format!("key-{i}"), Quota::default(), 0))
+      .map(|i| {
+        KeyState::new(
+          format!("key-{i}"),
+          Quota::default(),
+          &WindowPolicy::default(),
+          0,
+        )
+      })
       .collect()
   }
 
@@ -222,18 +262,21 @@ mod tests {
   #[test]
   fn a_key_is_available_only_when_active_and_under_every_limit() {
     let mut ks = keys(3);
-    ks[0].active = false;
-    ks[1].rpd.fill(0);
-    assert!(!is_available(&ks[0], 0));
-    assert!(!is_available(&ks[1], 0));
-    assert!(is_available(&ks[2], 0));
+    ks[0].health.on_key_rejected();
+    ks[1].rpd.add(0, 200);
+    ks[2].health.on_rate_limited(0, 1_000);
+    assert!(!is_available(&ks[0], 0, 0));
+    assert!(!is_available(&ks[1], 0, 0));
+    assert!(!is_available(&ks[2], 0, 0));
+    assert!(is_available(&ks[2], 1_000, 0));
+    assert!(!is_available(&ks[2], 1_000, 1_000_001));
   }
 
   #[test]
   fn first_pick_rebuilds_then_serves_round_robin_from_cache_until_ttl() {
     let ks = keys(3);
     let mut c = SelectionCache::default();
-    let picks: Vec<_> = (0..4).map(|i| c.next(&ks, i).unwrap()).collect();
+    let picks: Vec<_> = (0..4).map(|i| c.next(&ks, i, 0).unwrap()).collect();
     assert_eq!(picks[0].method, SelectionMethod::RoundRobin);
     assert!(picks[1..]
       .iter()
@@ -244,7 +287,7 @@ mod tests {
     );
     assert_eq!(picks[0].total_available, 3);
     assert_eq!(
-      c.next(&ks, CACHE_TTL_MS).unwrap().method,
+      c.next(&ks, CACHE_TTL_MS, 0).unwrap().method,
       SelectionMethod::RoundRobin
     );
   }
@@ -255,7 +298,7 @@ mod tests {
     ks[0].rpm.add(0, 20);
     ks[1].rpm.add(0, 10);
     let mut c = SelectionCache::default();
-    let order: Vec<_> = (0..3).map(|_| c.next(&ks, 0).unwrap().index).collect();
+    let order: Vec<_> = (0..3).map(|_| c.next(&ks, 0, 0).unwrap().index).collect();
     assert_eq!(order, [2, 1, 0]);
   }
 
@@ -263,15 +306,15 @@ mod tests {
   fn keys_that_ran_out_are_skipped_and_an_exhausted_cache_is_rebuilt() {
     let mut ks = keys(2);
     let mut c = SelectionCache::default();
-    c.next(&ks, 0);
-    ks[1].rpm.fill(0);
-    assert_eq!(c.next(&ks, 1).unwrap().index, 0);
-    assert_eq!(c.next(&ks, 2).unwrap().index, 0);
-    ks[0].rpm.fill(0);
-    assert_eq!(c.next(&ks, 3), None);
-    // The windows free after a minute; a stale cache sees it.
+    c.next(&ks, 0, 0);
+    ks[1].rpm.add(0, 30);
+    assert_eq!(c.next(&ks, 1, 0).unwrap().index, 0);
+    assert_eq!(c.next(&ks, 2, 0).unwrap().index, 0);
+    ks[0].rpm.add(0, 30);
+    assert_eq!(c.next(&ks, 3, 0), None);
+    // The rolling window frees after a minute (and a slice); a stale cache sees it.
     assert_eq!(
-      c.next(&ks, 60_000 + CACHE_TTL_MS).unwrap().method,
+      c.next(&ks, 61_000 + CACHE_TTL_MS, 0).unwrap().method,
       SelectionMethod::RoundRobin
     );
   }
@@ -283,7 +326,7 @@ mod tests {
     ks[0].rpd.add(0, 190);
     ks[1].rpm.add(0, 5);
     let mut c = SelectionCache::default();
-    let r = c.rotation(&ks, 0).unwrap();
+    let r = c.rotation(&ks, 0, 0).unwrap();
     assert_eq!(r.reason, RotationReason::Proactive);
     assert_eq!(r.selection.index, 2);
     let weak = availability_score(&ks[0], 0);
@@ -295,7 +338,7 @@ mod tests {
   fn rotation_says_why_it_did_not_rotate() {
     let ks = keys(2);
     let mut c = SelectionCache::default();
-    let r = c.rotation(&ks, 0).unwrap();
+    let r = c.rotation(&ks, 0, 0).unwrap();
     assert_eq!(r.reason, RotationReason::NotNeeded);
     assert_eq!(r.previous_key_score, None);
 
@@ -304,7 +347,7 @@ mod tests {
     weak[0].rpd.add(0, 199);
     let mut c = SelectionCache::default();
     assert_eq!(
-      c.rotation(&weak, 0).unwrap().reason,
+      c.rotation(&weak, 0, 0).unwrap().reason,
       RotationReason::NoKeyAboveThreshold
     );
   }
@@ -312,9 +355,9 @@ mod tests {
   #[test]
   fn nothing_available_gives_none() {
     let mut ks = keys(1);
-    ks[0].active = false;
+    ks[0].health.on_key_rejected();
     let mut c = SelectionCache::default();
-    assert_eq!(c.next(&ks, 0), None);
-    assert_eq!(c.rotation(&ks, 0), None);
+    assert_eq!(c.next(&ks, 0, 0), None);
+    assert_eq!(c.rotation(&ks, 0, 0), None);
   }
 }

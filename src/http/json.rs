@@ -299,6 +299,11 @@ impl From<&KeyFigures> for LimitsJson {
 pub struct KeyStatusJson {
   pub api_key: String,
   pub is_active: bool,
+  /// `active`, `resting`, `circuit-open`, `half-open` or `deactivated`.
+  pub state: &'static str,
+  /// Until when a resting or open key is kept out.
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub state_until: Option<IsoDate>,
   pub last_used: IsoDate,
   pub limits: LimitsJson,
   pub error_count: u32,
@@ -314,6 +319,8 @@ impl KeyStatusJson {
     Self {
       api_key: mask_key(&status.api_key),
       is_active: f.active,
+      state: f.state.label(),
+      state_until: f.state.until().map(IsoDate),
       last_used: IsoDate(f.last_used),
       limits: f.into(),
       error_count: f.error_count,

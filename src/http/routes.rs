@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::clock::Millis;
 use crate::error::PoolError;
 use crate::mask::mask_key;
-use crate::pool::KeyPool;
+use crate::pool::{Claim, KeyPool};
 
 use super::json::{
   parse_date, Failure, IsoDate, KeyStatusJson, LimitsJson, RateLimitInfoJson, Success, UsageJson,
@@ -394,7 +394,7 @@ struct BestMeta {
 }
 
 fn best(pool: &KeyPool, _: &Request<'_>) -> Reply {
-  let picked = match pool.best() {
+  let picked = match pool.best(Claim::LookOnly) {
     Ok(p) => p,
     Err(err) => return Reply::pool_error(err, "Failed to get the best available API key"),
   };
@@ -446,7 +446,7 @@ struct RotateMeta {
 }
 
 fn rotate(pool: &KeyPool, _: &Request<'_>) -> Reply {
-  let picked = match pool.rotate() {
+  let picked = match pool.rotate(Claim::LookOnly) {
     Ok(p) => p,
     Err(err) => return Reply::pool_error(err, "Failed to rotate the API key"),
   };
@@ -618,7 +618,7 @@ mod tests {
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
   use crate::pool::Outcome;
-  use crate::quota::{LimitType, Quota};
+  use crate::quota::{LimitType, Quota, WindowPolicy};
 
   const T0: Millis = 1_700_000_000_000;
   const T0_ISO: &str = "2023-11-14T22:13:20.000Z";
@@ -633,6 +633,7 @@ mod tests {
     let config = PoolConfig {
       keys: keys.iter().map(|k| k.to_string()).collect(),
       quota,
+      policy: WindowPolicy::default(),
       warnings: vec![],
     };
     let pool = KeyPool::new(config, Arc::new(clock.clone()), Arc::new(SilentLog)).unwrap();
@@ -677,6 +678,11 @@ mod tests {
     names
   }
 
+  /// The first RPD reset after T0: midnight in Los Angeles.
+  fn midnight() -> Millis {
+    crate::calendar::DailyReset::PacificMidnight.next_reset(T0)
+  }
+
   fn window(current: u64, limit: u64, reset: Millis) -> Value {
     json!({ "current": current, "limit": limit, "resetTime": IsoDate(reset).to_string() })
   }
@@ -695,15 +701,27 @@ mod tests {
       json!({
         "apiKey": "AIzaSyAA...0001",
         "isActive": true,
+        "state": "active",
         "lastUsed": T0_ISO,
         "limits": {
-          "rpm": window(0, 30, T0 + 60_000),
-          "rpd": window(0, 200, T0 + 86_400_000),
-          "tpm": window(0, 1_000_000, T0 + 60_000),
+          "rpm": window(0, 30, T0),
+          "rpd": window(0, 200, midnight()),
+          "tpm": window(0, 1_000_000, T0),
         },
         "errorCount": 0,
       })
     );
+  }
+
+  #[test]
+  fn status_shows_a_resting_key_and_until_when() {
+    let p = pool();
+    p.handle_rate_limit(2, LimitType::Rpm, Some(17_000))
+      .unwrap();
+    let (_, v) = get(&p, "/api/keys/status");
+    assert_eq!(v["data"][2]["state"], "resting");
+    assert_eq!(v["data"][2]["stateUntil"], IsoDate(T0 + 17_000).to_string());
+    assert_eq!(v["data"][2]["isActive"], true);
   }
 
   #[test]
@@ -744,7 +762,8 @@ mod tests {
     assert_eq!(data["totalAvailable"], 3);
     assert_eq!(data["rotationMethod"], "round-robin");
     assert_eq!(data["lastUsed"], T0_ISO);
-    assert_eq!(data["limits"]["rpm"], window(0, 30, T0 + 60_000));
+    // Nothing counted: capacity is free now.
+    assert_eq!(data["limits"]["rpm"], window(0, 30, T0));
     assert_eq!(
       v["metadata"],
       json!({ "availabilityScore": 1.0, "totalAvailable": 3, "rotationMethod": "round-robin" })
@@ -804,7 +823,7 @@ mod tests {
   #[test]
   fn refresh_cache_reports_the_available_keys() {
     let p = pool();
-    p.handle_rate_limit(2, LimitType::Rpd).unwrap();
+    p.handle_rate_limit(2, LimitType::Rpd, None).unwrap();
     let (status, v) = post(&p, "/api/keys/refresh-cache");
     assert_eq!(status, 200);
     assert_eq!(
@@ -820,7 +839,7 @@ mod tests {
   #[test]
   fn rate_limit_takes_a_full_masked_or_encoded_key() {
     let p = pool();
-    p.handle_rate_limit(1, LimitType::Rpm).unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, None).unwrap();
     for path in [
       format!("/api/keys/rate-limit/{}", KEYS[1]),
       "/api/keys/rate-limit/AIzaSyBB...0002".to_owned(),
@@ -832,9 +851,10 @@ mod tests {
       assert_eq!(
         v["data"],
         json!([
-          { "type": "RPM", "current": 30, "limit": 30, "resetTime": IsoDate(T0 + 60_000).to_string(), "isLimited": true },
-          { "type": "RPD", "current": 0, "limit": 200, "resetTime": IsoDate(T0 + 86_400_000).to_string(), "isLimited": false },
-          { "type": "TPM", "current": 0, "limit": 1_000_000, "resetTime": IsoDate(T0 + 60_000).to_string(), "isLimited": false },
+          // Resting a whole minute: the upstream said RPM is used up, though we counted nothing.
+          { "type": "RPM", "current": 0, "limit": 30, "resetTime": IsoDate(T0 + 60_000).to_string(), "isLimited": true },
+          { "type": "RPD", "current": 0, "limit": 200, "resetTime": IsoDate(midnight()).to_string(), "isLimited": false },
+          { "type": "TPM", "current": 0, "limit": 1_000_000, "resetTime": IsoDate(T0).to_string(), "isLimited": false },
         ])
       );
     }
@@ -843,9 +863,12 @@ mod tests {
   #[test]
   fn reactivate_brings_a_key_back() {
     let p = pool();
-    for _ in 0..5 {
-      p.record_usage(0, 0, Outcome::Failure("boom")).unwrap();
-    }
+    p.record_usage(
+      0,
+      0,
+      Outcome::Failure("[400 Bad Request] API key not valid. API_KEY_INVALID"),
+    )
+    .unwrap();
     assert!(!p.figures(0).unwrap().active);
     let (status, v) = post(&p, "/api/keys/reactivate/AIzaSyAA...0001");
     assert_eq!(status, 200);
@@ -859,7 +882,7 @@ mod tests {
   #[test]
   fn reset_limits_clears_every_window() {
     let p = pool();
-    p.handle_rate_limit(0, LimitType::Tpm).unwrap();
+    p.handle_rate_limit(0, LimitType::Tpm, None).unwrap();
     let (status, v) = post(&p, "/api/keys/reset-limits");
     assert_eq!(status, 200);
     assert_eq!(
@@ -1035,7 +1058,7 @@ mod tests {
   #[test]
   fn pool_failures_are_500_with_the_pool_message() {
     let (p, _) = pool_of(&KEYS[..1], Quota::default());
-    p.handle_rate_limit(0, LimitType::Rpm).unwrap();
+    p.handle_rate_limit(0, LimitType::Rpm, None).unwrap();
     for (method, path) in [("GET", "/api/keys/best"), ("POST", "/api/keys/rotate")] {
       let (status, v) = call(&p, method, path, "");
       assert_eq!(status, 500, "{path}");

@@ -358,7 +358,7 @@ mod tests {
   use crate::clock::FakeClock;
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
-  use crate::quota::Quota;
+  use crate::quota::{Quota, WindowPolicy};
 
   const KEY: &str = "AIzaSyHTTPTEST000000000000000000000000001";
 
@@ -369,6 +369,7 @@ mod tests {
         "AIzaSyHTTPTEST000000000000000000000000002".to_owned(),
       ],
       quota: Quota::default(),
+      policy: WindowPolicy::default(),
       warnings: vec![],
     };
     let clock = Arc::new(FakeClock::at(1_700_000_000_000));
