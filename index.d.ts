@@ -41,6 +41,8 @@ export declare class NativeKeyPool {
   refreshCache(): number
   /** `getRateLimitInfo`: RPM, RPD and TPM, with `resetTime` in epoch milliseconds. */
   rateLimitInfo(index: number): Array<RateLimitEntry>
+  /** When a key could next be handed out (epoch ms), or `null` when none will be by itself. */
+  nextAvailableAt(estimatedTokens: number): number | null
   /** The key's last error message, if it has one. */
   lastError(index: number): string | null
   /** Writes `currentIndex` and `lastRotation` into the result slots. */

@@ -1,7 +1,10 @@
 // Types of gemini-key-manager's JS API: the old apiKeyManager.ts surface (SPEC section 1), so code
 // written against the old service type-checks unchanged.
 
-/** Every method resolves to this; failures are returned, never thrown. */
+/**
+ * Every method resolves to this; failures are returned, never thrown. A selection that fails only
+ * because every key is busy has `metadata.nextAvailableAt`: when a key frees.
+ */
 export interface ServiceResponse<T> {
   success: boolean
   data?: T
@@ -29,13 +32,28 @@ export interface ApiKeyLimit {
  */
 export interface ApiKeyStatus {
   apiKey: string
+  /** False only for a key the API refused (API_KEY_INVALID, PERMISSION_DENIED, 401/403), until `reactivateKey`. */
   isActive: boolean
   lastUsed: Date
   limits: ApiKeyLimit
+  /** Failures in a row, of any kind. */
   errorCount: number
   lastError?: string
   lastErrorTime?: Date
+  /** Whether the key is served: resting after a 429, circuit open after repeated server errors, ... */
+  state: KeyState
+  /** Until when a resting or circuit-open key is kept out. */
+  stateUntil?: Date
 }
+
+/**
+ * - `active`: served.
+ * - `resting`: rate-limited upstream (429); served again when its window frees or after Gemini's `retryDelay`.
+ * - `circuit-open`: 3 failures in a row (500, 503, timeouts); rests for a back-off that doubles each time (5 s to 5 min).
+ * - `half-open`: the back-off is over; one trial request decides whether it is `active` again.
+ * - `deactivated`: the API refused the key; only `reactivateKey` brings it back.
+ */
+export type KeyState = 'active' | 'resting' | 'circuit-open' | 'half-open' | 'deactivated'
 
 export interface ApiKeyManager {
   keys: ApiKeyStatus[]
@@ -79,37 +97,120 @@ export interface LimitsOptions {
 export interface ApiKeyManagerOptions {
   /** The keys; without it, `GEMINI_API_KEY_1..N` (up to the first gap) and `GEMINI_API_KEYS` (comma-separated). */
   keys?: string[]
+  /**
+   * The model whose free-tier limits apply (`GEMINI_MODEL`; default `gemini-2.0-flash-lite`, 30 / 200 / 1,000,000).
+   * Known: gemini-2.0-flash-lite, gemini-2.0-flash, gemini-2.5-flash-lite, gemini-2.5-flash, gemini-2.5-pro.
+   */
+  model?: string
+  /** Limits by model name, replacing or adding to the built-in table. */
+  modelLimits?: Record<string, LimitsOptions>
+  /** Overrides of the chosen model's limits. */
   limits?: LimitsOptions
+  /** Span of the rolling RPM and TPM windows in ms (`GEMINI_WINDOW_MS`, default 60000). */
+  windowMs?: number
+  /** When RPD resets: `'America/Los_Angeles'` midnight (default, as Gemini) or `'UTC'` (`GEMINI_DAILY_RESET`). */
+  dailyReset?: 'America/Los_Angeles' | 'UTC'
+  /** How long a key handed out stays reserved without a `recordUsage` (default 60000 ms). */
+  reservationTtlMs?: number
   /** Suppresses the log lines. */
   quiet?: boolean
+}
+
+export interface SelectionOptions {
+  /** Tokens the call is expected to use: reserved on the key's TPM until `recordUsage` reports the real count. */
+  estimatedTokens?: number
+}
+
+export interface ExecuteOptions extends SelectionOptions {
+  /** Keys tried at most (default 3). */
+  maxAttempts?: number
+  /** When every key is busy, wait up to this long for the next free one (default 0: fail at once). */
+  maxWaitMs?: number
+}
+
+export interface ServeOptions {
+  /** Default `'127.0.0.1'`. */
+  host?: string
+  /** Default 3001; 0 picks a free port. */
+  port?: number
+  /** One line per request on stdout, keys masked. */
+  accessLog?: boolean
+  /** Largest request body accepted (default 64 KiB). */
+  maxBodyBytes?: number
+}
+
+export interface KeyServer {
+  host: string
+  port: number
+  /** `http://host:port` */
+  url: string
+  /** Stops accepting, lets in-flight requests finish (5 s at most). */
+  close(): Promise<void>
 }
 
 export declare class ApiKeyManagerService {
   constructor(options?: ApiKeyManagerOptions)
   /** Loads the keys. Safe to call again; metadata `{ totalKeys, mode: 'in-memory' }`. */
   initialize(): Promise<ServiceResponse<ApiKeyManager>>
-  /** The next available key, round-robin over a 5-second cache sorted by availability score. */
-  getBestAvailableKey(): Promise<ServiceResponse<[string, ApiKeyStatus]>>
-  /** Like `getBestAvailableKey`, but moves off a key whose score fell under 0.3; metadata `rotationReason`. */
-  getNextKeyForRotation(): Promise<ServiceResponse<[string, ApiKeyStatus]>>
-  /** Records a call's outcome; `tokensUsed` is a non-negative integer. */
+  /**
+   * The next available key, round-robin over a 5-second cache sorted by availability score. The
+   * request is counted on the key at once (the `recordUsage` that follows settles it), so concurrent
+   * callers never share a key's last request; unsettled reservations expire after `reservationTtlMs`.
+   */
+  getBestAvailableKey(options?: SelectionOptions): Promise<ServiceResponse<[string, ApiKeyStatus]>>
+  /**
+   * Like `getBestAvailableKey`, but moves off a key whose score fell under 0.3. `metadata.rotationReason`
+   * is `'proactive-rotation'` or why it did not rotate.
+   */
+  getNextKeyForRotation(options?: SelectionOptions): Promise<ServiceResponse<[string, ApiKeyStatus]>>
+  /**
+   * Records a call's outcome; `tokensUsed` is a non-negative integer (ignored when missing on a
+   * failure). A failure's `error` (a message, or the SDK's error object) is read: a 429 rests the
+   * key, a refused key is deactivated, other failures count toward opening its circuit.
+   */
   recordUsage(
     apiKey: string,
     tokensUsed: number,
     success: boolean,
-    error?: string,
+    error?: string | Error,
     responseTime?: number,
   ): Promise<ServiceResponse<void>>
-  /** After a 429 from Gemini: marks that window as used up. */
-  handleRateLimit(apiKey: string, limitType: LimitType): Promise<ServiceResponse<void>>
+  /**
+   * After a 429 from Gemini: the key rests until that window frees, or for `retryAfterMs` (Gemini's
+   * `retryDelay`). Never counts toward deactivation.
+   */
+  handleRateLimit(apiKey: string, limitType: LimitType, options?: { retryAfterMs?: number }): Promise<ServiceResponse<void>>
   getRateLimitInfo(apiKey: string): Promise<ServiceResponse<RateLimitInfo[]>>
   getAllKeysStatus(): Promise<ServiceResponse<ApiKeyStatus[]>>
   reactivateKey(apiKey: string): Promise<ServiceResponse<void>>
   resetAllLimits(): Promise<ServiceResponse<void>>
   refreshCache(): Promise<ServiceResponse<void>>
+  /**
+   * Runs one Gemini call with a pooled key: picks a key (reserving `estimatedTokens`), awaits
+   * `call(apiKey)`, records tokens (from the result's `usageMetadata.totalTokenCount` when present)
+   * and latency, and on a 429, 500 or 503 moves to another key after a short back-off. When every
+   * key is busy it waits for the next free one, up to `maxWaitMs`. Rejects with the last error when
+   * `maxAttempts` or the keys run out.
+   */
+  execute<T>(call: (apiKey: string) => Promise<T>, options?: ExecuteOptions): Promise<T>
+  /** Serves the HTTP API from Rust threads; the process stays alive until `close()`. */
+  serve(options?: ServeOptions): Promise<KeyServer>
   /** Every later call fails with 'API key manager is closed'. */
   close(): Promise<void>
 }
+
+/**
+ * The HTTP API as Express (or any `(req, res, next)`) middleware, answered by the same Rust route
+ * table as `serve()`: `app.use('/api/keys', keyRoutes())`. Defaults to the shared manager.
+ */
+export declare function keyRoutes(manager?: ApiKeyManagerService): KeyRoutesMiddleware
+
+/** What the middleware uses of node:http's request and response (Express's extend them), so these types need no @types/node. */
+export type KeyRoutesMiddleware = (
+  req: { method?: string; url?: string; headers: Record<string, string | string[] | undefined>; on(event: string, listener: (...args: any[]) => void): unknown },
+  res: { statusCode: number; setHeader(name: string, value: string): unknown; end(body?: string): unknown },
+  next?: (err?: unknown) => void,
+) => void
 
 /** The process's shared manager, initialized; `options` apply to the call that creates it. */
 export declare function getApiKeyManager(options?: ApiKeyManagerOptions): Promise<ApiKeyManagerService>

@@ -185,6 +185,14 @@ class ApiKeyManagerService {
     return status
   }
 
+  /** A failed selection; when keys are only busy, `metadata.nextAvailableAt` says until when. */
+  _noKey(e, estimatedTokens) {
+    const error = messageOf(e)
+    if (error !== 'No active API keys available') return failure(error)
+    const at = this._native.nextAvailableAt(typeof estimatedTokens === 'number' ? estimatedTokens : 0)
+    return failure(error, at === null ? {} : { nextAvailableAt: new Date(at) })
+  }
+
   /** Looks up a key given by a caller: its position, or a failure result. */
   _locate(apiKey) {
     if (typeof apiKey !== 'string') return failure('API key must be a string')
@@ -237,7 +245,7 @@ class ApiKeyManagerService {
     try {
       i = this._hot.best(estimatedTokens)
     } catch (e) {
-      return failure(messageOf(e))
+      return this._noKey(e, estimatedTokens)
     }
     const s = this._results
     return {
@@ -255,10 +263,11 @@ class ApiKeyManagerService {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'No active API keys available')
     let i
+    const estimatedTokens = options?.estimatedTokens ?? 0
     try {
-      i = this._native.rotate(options?.estimatedTokens ?? 0)
+      i = this._native.rotate(estimatedTokens)
     } catch (e) {
-      return failure(messageOf(e))
+      return this._noKey(e, estimatedTokens)
     }
     const s = this._results
     const rotationReason = LAYOUT.reasons[s[SLOT.rotationReason]]
@@ -366,17 +375,23 @@ class ApiKeyManagerService {
    * Runs one Gemini call with a key from the pool: picks a key (reserving `estimatedTokens`),
    * calls `call(apiKey)`, records the outcome with the tokens the result's `usageMetadata` reports
    * and the latency, and on a 429, 500 or 503 moves to another key and tries again after a short
-   * back-off. Rejects with the last error when `maxAttempts` or the available keys run out.
+   * back-off. When every key is busy it waits for the next free one, up to `maxWaitMs`. Rejects
+   * with the last error when `maxAttempts` or the available keys run out.
    * @template T
    * @param {(apiKey: string) => Promise<T>} call
-   * @param {{ estimatedTokens?: number, maxAttempts?: number }} [options]
+   * @param {{ estimatedTokens?: number, maxAttempts?: number, maxWaitMs?: number }} [options]
    * @returns {Promise<T>}
    */
-  async execute(call, { estimatedTokens = 0, maxAttempts = 3 } = {}) {
+  async execute(call, { estimatedTokens = 0, maxAttempts = 3, maxWaitMs = 0 } = {}) {
     if (typeof call !== 'function') throw new TypeError('execute needs a function (apiKey) => Promise')
+    const waitUntil = Date.now() + maxWaitMs
     let lastError
     for (let attempt = 1; attempt <= maxAttempts; attempt++) {
-      const picked = this._best(estimatedTokens)
+      let picked = this._best(estimatedTokens)
+      while (!picked.success && picked.metadata.nextAvailableAt && picked.metadata.nextAvailableAt.getTime() <= waitUntil) {
+        await sleep(Math.max(1, picked.metadata.nextAvailableAt.getTime() - Date.now()))
+        picked = this._best(estimatedTokens)
+      }
       if (!picked.success) {
         throw lastError ?? Object.assign(new Error(picked.error), { metadata: picked.metadata })
       }
@@ -454,24 +469,28 @@ async function getApiKeyManager(options) {
 
 const MAX_ROUTE_BODY = 64 * 1024
 
-/** Reads a request body (at most `limit` bytes) that no body parser has consumed. */
+/** Reads a request body (at most `limit` bytes) unless a body parser already has. */
 function readBody(req, limit) {
-  if (req.body !== undefined) {
+  // express.json() sets req.body to {} even when it skipped a body of another type; `_body` says
+  // it really parsed one.
+  if (req._body === true && req.body !== undefined) {
     const body = typeof req.body === 'string' || Buffer.isBuffer(req.body) ? req.body : JSON.stringify(req.body)
     return Promise.resolve(Buffer.from(body))
   }
-  if (req.readableEnded || (req.headers['content-length'] ?? '0') === '0') return Promise.resolve(undefined)
+  const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] ?? '0') !== '0'
+  if (req.readableEnded || !hasBody) return Promise.resolve(undefined)
   return new Promise((resolve, reject) => {
     const chunks = []
     let size = 0
     req.on('data', (chunk) => {
       size += chunk.length
-      if (size > limit) {
-        req.destroy()
-        reject(Object.assign(new Error('Request body too large'), { status: 400 }))
-      } else chunks.push(chunk)
+      // Past the limit the rest is read and dropped, so the 400 reaches the client instead of a reset.
+      if (size <= limit) chunks.push(chunk)
     })
-    req.on('end', () => resolve(Buffer.concat(chunks)))
+    req.on('end', () => {
+      if (size > limit) reject(Object.assign(new Error('Request body too large'), { status: 400 }))
+      else resolve(Buffer.concat(chunks))
+    })
     req.on('error', reject)
   })
 }

@@ -260,6 +260,14 @@ impl NativeKeyPool {
     )
   }
 
+  /// When a key could next be handed out (epoch ms), or `null` when none will be by itself.
+  #[napi]
+  pub fn next_available_at(&self, estimated_tokens: f64) -> napi::Result<Option<f64>> {
+    let tokens = validate_tokens(estimated_tokens).map_err(js_error)?;
+    let at = self.pool().next_available_at(tokens).map_err(js_error)?;
+    Ok(at.map(|t| t as f64))
+  }
+
   /// The key's last error message, if it has one.
   #[napi]
   pub fn last_error(&self, index: u32) -> napi::Result<Option<String>> {

@@ -155,7 +155,11 @@ impl KeyState {
   /// on a key we did not hand out counts as the old service counted it: only when it succeeded.
   pub fn settle(&mut self, now: Millis, tokens: u64, succeeded: bool) {
     match self.pending.pop_front() {
+      // Restamped at completion: the upstream counted the request somewhere between hand-out and
+      // now, so it stays counted until a span after now.
       Some(r) => {
+        self.rpm.remove(now, r.at, 1);
+        self.rpm.add(now, 1);
         self.tpm.remove(now, r.at, r.tokens);
         self.tpm.add(now, tokens);
       }
@@ -357,7 +361,7 @@ mod tests {
     k.reserve(T0, 0);
     let info = k.rate_limit_info(T0);
     assert!(info[0].is_limited && !info[1].is_limited && !info[2].is_limited);
-    assert_eq!(info[0].reset_time, T0 + 61_000);
+    assert_eq!(info[0].reset_time, T0 + 500 + MINUTE_MS + 10);
     k.health.on_rate_limited(T0, T0 + 5_000);
     k.rested_for = Some(LimitType::Tpm);
     let info = k.rate_limit_info(T0);

@@ -1,8 +1,9 @@
 //! gemini-key-manager: a pool of Gemini API keys, selected, metered and healed in Rust, for Node.
 //!
 //! The core (`clock`, `calendar`, `quota`, `window`, `key`, `failure`, `health`, `selection`,
-//! `pool`, `config`) is plain Rust with no napi types; `http` is the HTTP API; `bindings` (with
-//! `fast_path` for the hot path) is the one layer that speaks N-API.
+//! `pool`, `config`) is plain Rust with no napi types; `http` is the HTTP API; `store` keeps state in
+//! MongoDB and shares quota across processes; `bindings` (with `fast_path` for the hot path) is the
+//! one layer that speaks N-API.
 
 pub mod calendar;
 pub mod clock;
@@ -18,6 +19,7 @@ pub mod pool;
 pub mod quota;
 pub mod results;
 pub mod selection;
+pub mod store;
 pub mod window;
 
 // The N-API layer, left out of `cargo test` builds: a test binary that links napi's symbols fails

@@ -11,7 +11,7 @@ use crate::clock::{Clock, Millis};
 use crate::config::{js_number, PoolConfig};
 use crate::error::PoolError;
 use crate::failure::{classify, Failure};
-use crate::health::HealthChange;
+use crate::health::{HealthChange, HealthState};
 use crate::key::{KeyFigures, KeyState, KeyStatus, RateLimitInfo};
 use crate::log::Log;
 use crate::mask::{mask_key, scrub};
@@ -408,6 +408,35 @@ impl KeyPool {
     Ok(available)
   }
 
+  /// When a key could next be handed out for a request of `estimated_tokens`: "not yet, until T"
+  /// for callers that would rather wait than fail. `None` when no key will be by itself (every key
+  /// is deactivated, or a half-open key's trial is still out). Costs O(keys): for the failure path.
+  pub fn next_available_at(&self, estimated_tokens: u64) -> Result<Option<Millis>, PoolError> {
+    self.with_state(|state, now| {
+      state
+        .keys
+        .iter()
+        .filter_map(|key| {
+          let mut at = match key.health.state(now) {
+            HealthState::Deactivated | HealthState::HalfOpen { trial_out: true } => return None,
+            state => state.until().unwrap_or(now),
+          };
+          for limit in LimitType::ALL {
+            let wanted = if limit == LimitType::Tpm {
+              estimated_tokens.max(1)
+            } else {
+              1
+            };
+            if key.current(limit, now).saturating_add(wanted) > key.limit(limit) {
+              at = at.max(key.frees_at(limit, now));
+            }
+          }
+          Some(at)
+        })
+        .min()
+    })
+  }
+
   pub fn figures(&self, index: usize) -> Result<KeyFigures, PoolError> {
     self.with_key(index, |state, now| state.keys[index].figures(now))
   }
@@ -444,7 +473,7 @@ impl KeyPool {
 mod tests {
   use super::*;
   use crate::clock::FakeClock;
-  use crate::health::{HealthState, FIRST_BACKOFF_MS};
+  use crate::health::FIRST_BACKOFF_MS;
   use crate::log::CapturedLog;
   use crate::quota::Quota;
   use crate::selection::{RotationReason, SelectionMethod, CACHE_TTL_MS};
@@ -543,6 +572,37 @@ mod tests {
   }
 
   #[test]
+  fn next_available_at_says_when_capacity_frees() {
+    let (p, clock, _) = small(
+      2,
+      Quota {
+        rpm: 1,
+        rpd: 100,
+        tpm: 1_000_000,
+      },
+    );
+    assert_eq!(p.next_available_at(0).unwrap(), Some(T0));
+    p.best(RESERVE).unwrap();
+    clock.advance(1_000);
+    p.best(RESERVE).unwrap();
+    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::NoActiveKeys);
+    // The first key's request, counted in the slice at T0, frees first.
+    assert_eq!(
+      p.next_available_at(0).unwrap(),
+      Some(T0 + 500 + MINUTE_MS + 10)
+    );
+    p.handle_rate_limit(0, LimitType::Rpm, Some(120_000))
+      .unwrap();
+    assert_eq!(
+      p.next_available_at(0).unwrap(),
+      Some(T0 + 1_500 + MINUTE_MS + 10)
+    );
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"))
+      .unwrap();
+    assert_eq!(p.next_available_at(0).unwrap(), Some(T0 + 1_000 + 120_000));
+  }
+
+  #[test]
   fn unsettled_reservations_expire_on_their_own() {
     let (p, clock, _) = small(
       1,
@@ -626,14 +686,15 @@ mod tests {
     p.handle_rate_limit(0, LimitType::Rpm, None).unwrap();
     let info = p.rate_limit_info(0).unwrap();
     assert!(info[0].is_limited);
-    // The request counted at T0 leaves the rolling minute at T0 + 61 s.
-    assert_eq!(info[0].reset_time, T0 + 61_000);
+    // The request counted at T0 leaves the rolling minute at the end of its slice, a minute and
+    // a margin later.
+    assert_eq!(info[0].reset_time, T0 + 500 + MINUTE_MS + 10);
     assert_eq!(p.figures(0).unwrap().error_count, 1);
     assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
     let lines = logged(&log);
     assert_eq!(
       lines[0],
-      "⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl (resting for 56.0s)"
+      "⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl (resting for 55.5s)"
     );
     p.handle_rate_limit(1, LimitType::Rpd, Some(2_000)).unwrap();
     assert_eq!(

@@ -169,7 +169,7 @@ mod tests {
     };
     assert_eq!(at("rpmCurrent"), 3.0);
     assert_eq!(at("rpmLimit"), 30.0);
-    assert_eq!(at("rpmResetTime"), 62_000.0);
+    assert_eq!(at("rpmResetTime"), 61_510.0);
     assert_eq!(at("state"), 0.0);
     assert!(at("stateUntil").is_nan());
     assert_eq!(at("isActive"), 1.0);

@@ -7,74 +7,88 @@ use crate::clock::Millis;
 
 pub const MINUTE_MS: Millis = 60_000;
 
-/// Slices a rolling window is cut into; an amount is counted from its slice's start for the span
-/// plus one slice, so it is counted for at least the full span and never less than upstream does.
-const SLICES: usize = 60;
-const RING: usize = SLICES + 1;
+/// Slices a rolling window is cut into: an amount is counted until the end of its slice plus the
+/// span, so for at least the full span and at most a slice (1/120 of the span) longer. At
+/// saturation the keys then serve over 99% of what the upstream allows.
+const SLICES: i64 = 120;
+/// The live slices (those still counted, and the newest) fit in this many.
+const RING: usize = SLICES as usize + 2;
+/// Extra time every amount stays counted: the clock read here is coarse (a few ms), and the
+/// upstream stamps a request a little after we do.
+const MARGIN_MS: Millis = 10;
 
 /// Amounts used in the last `span`, kept in `SLICES` slices.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RollingWindow {
   slice_ms: Millis,
+  margin_ms: Millis,
   ring: [u64; RING],
-  /// Slice number (time / slice_ms) of the newest slice the ring holds.
-  newest: i64,
+  /// The oldest slice the ring may still hold; older ones were dropped.
+  oldest: i64,
   total: u64,
 }
 
 impl RollingWindow {
   pub fn new(span_ms: Millis, now: Millis) -> Self {
-    let slice_ms = ((span_ms + SLICES as Millis - 1) / SLICES as Millis).max(1);
-    Self {
+    let slice_ms = ((span_ms + SLICES - 1) / SLICES).max(1);
+    let mut w = Self {
       slice_ms,
+      // A margin longer than a slice would not fit the ring; such tiny windows get less.
+      margin_ms: MARGIN_MS.min(slice_ms - 1),
       ring: [0; RING],
-      newest: now.div_euclid(slice_ms),
+      oldest: 0,
       total: 0,
-    }
+    };
+    w.oldest = w.first_live(now);
+    w
   }
 
   fn slice(&self, t: Millis) -> i64 {
     t.div_euclid(self.slice_ms)
   }
 
-  /// The part of `total` in slices that are no longer counted at slice `cur`.
-  fn expired_part(&self, cur: i64) -> u64 {
-    if cur <= self.newest {
-      return 0;
-    }
-    if cur - self.newest >= RING as i64 {
+  fn at(s: i64) -> usize {
+    s.rem_euclid(RING as i64) as usize
+  }
+
+  /// The oldest slice still counted at `now`.
+  fn first_live(&self, now: Millis) -> i64 {
+    self.slice(now - self.margin_ms) - SLICES
+  }
+
+  /// The part of `total` in slices no longer counted at `now`.
+  fn expired_part(&self, now: Millis) -> u64 {
+    let first = self.first_live(now);
+    if first - self.oldest >= RING as i64 {
       return self.total;
     }
-    (self.newest + 1..=cur)
-      .map(|s| self.ring[s.rem_euclid(RING as i64) as usize])
-      .sum()
+    (self.oldest..first).map(|s| self.ring[Self::at(s)]).sum()
   }
 
   fn advance(&mut self, now: Millis) {
-    let cur = self.slice(now);
-    if cur <= self.newest {
+    let first = self.first_live(now);
+    if first <= self.oldest {
       return;
     }
-    if cur - self.newest >= RING as i64 {
+    if first - self.oldest >= RING as i64 {
       self.ring = [0; RING];
       self.total = 0;
     } else {
-      for s in self.newest + 1..=cur {
-        let at = s.rem_euclid(RING as i64) as usize;
-        self.total -= self.ring[at];
-        self.ring[at] = 0;
+      for s in self.oldest..first {
+        self.total -= self.ring[Self::at(s)];
+        self.ring[Self::at(s)] = 0;
       }
     }
-    self.newest = cur;
+    self.oldest = first;
   }
 
   pub fn current(&self, now: Millis) -> u64 {
-    self.total - self.expired_part(self.slice(now))
+    self.total - self.expired_part(now)
   }
 
   pub fn add(&mut self, now: Millis, amount: u64) {
     self.advance(now);
-    let at = self.slice(now).max(self.newest).rem_euclid(RING as i64) as usize;
+    let at = Self::at(self.slice(now));
     self.ring[at] = self.ring[at].saturating_add(amount);
     self.total = self.total.saturating_add(amount);
   }
@@ -83,29 +97,26 @@ impl RollingWindow {
   pub fn remove(&mut self, now: Millis, at: Millis, amount: u64) {
     self.advance(now);
     let s = self.slice(at);
-    if s > self.newest || self.newest - s >= RING as i64 {
+    if s < self.oldest || s > self.slice(now) {
       return;
     }
-    let at = s.rem_euclid(RING as i64) as usize;
-    let taken = amount.min(self.ring[at]);
-    self.ring[at] -= taken;
+    let taken = amount.min(self.ring[Self::at(s)]);
+    self.ring[Self::at(s)] -= taken;
     self.total -= taken;
   }
 
   /// When the oldest amount still counted leaves the window: the time capacity next frees (`now`
   /// when nothing is counted).
   pub fn frees_at(&self, now: Millis) -> Millis {
-    let cur = self.slice(now);
-    let oldest = cur - SLICES as i64;
-    (oldest..=cur.min(self.newest))
-      .find(|&s| self.newest - s < RING as i64 && self.ring[s.rem_euclid(RING as i64) as usize] > 0)
-      .map_or(now, |s| (s + RING as i64) * self.slice_ms)
+    (self.first_live(now).max(self.oldest)..=self.slice(now))
+      .find(|&s| self.ring[Self::at(s)] > 0)
+      .map_or(now, |s| (s + SLICES + 1) * self.slice_ms + self.margin_ms)
   }
 
   pub fn clear(&mut self, now: Millis) {
     self.ring = [0; RING];
     self.total = 0;
-    self.newest = self.slice(now);
+    self.oldest = self.first_live(now);
   }
 }
 
@@ -187,14 +198,15 @@ mod tests {
   const T0: Millis = 1_800_000_000_000; // a whole second
 
   #[test]
-  fn rolling_window_counts_each_amount_for_at_least_the_span() {
+  fn rolling_window_counts_each_amount_for_the_span_plus_at_most_a_slice_and_the_margin() {
     let mut w = RollingWindow::new(MINUTE_MS, T0);
-    w.add(T0 + 500, 1);
-    assert_eq!(w.current(T0 + 500), 1);
-    // Still counted 60 s after it was added...
-    assert_eq!(w.current(T0 + 500 + MINUTE_MS), 1);
-    // ...and gone once its slice is more than a span old.
-    assert_eq!(w.current(T0 + MINUTE_MS + 1_000), 0);
+    w.add(T0 + 200, 1);
+    assert_eq!(w.current(T0 + 200), 1);
+    // Still counted a full span after it was added...
+    assert_eq!(w.current(T0 + 200 + MINUTE_MS), 1);
+    // ...until the end of its 500 ms slice, a span, and the margin.
+    assert_eq!(w.current(T0 + 500 + MINUTE_MS + MARGIN_MS - 1), 1);
+    assert_eq!(w.current(T0 + 500 + MINUTE_MS + MARGIN_MS), 0);
   }
 
   #[test]
@@ -204,8 +216,8 @@ mod tests {
     w.add(T0 + 59_000, 30);
     // ...leave no room at the start of the next, as a fixed window would.
     assert_eq!(w.current(T0 + 61_000), 30);
-    assert_eq!(w.current(T0 + 59_000 + MINUTE_MS + 999), 30);
-    assert_eq!(w.current(T0 + 59_000 + MINUTE_MS + 1_000), 0);
+    assert_eq!(w.current(T0 + 59_500 + MINUTE_MS + MARGIN_MS - 1), 30);
+    assert_eq!(w.current(T0 + 59_500 + MINUTE_MS + MARGIN_MS), 0);
   }
 
   #[test]
@@ -214,9 +226,9 @@ mod tests {
     assert_eq!(w.frees_at(T0), T0);
     w.add(T0 + 2_300, 2);
     w.add(T0 + 10_000, 1);
-    assert_eq!(w.frees_at(T0 + 20_000), T0 + 2_000 + 61_000);
-    assert_eq!(w.frees_at(T0 + 63_000), T0 + 10_000 + 61_000);
-    assert_eq!(w.current(T0 + 63_000), 1);
+    assert_eq!(w.frees_at(T0 + 20_000), T0 + 2_500 + MINUTE_MS + MARGIN_MS);
+    assert_eq!(w.current(T0 + 2_500 + MINUTE_MS + MARGIN_MS), 1);
+    assert_eq!(w.frees_at(T0 + 63_000), T0 + 10_500 + MINUTE_MS + MARGIN_MS);
   }
 
   #[test]
@@ -231,6 +243,14 @@ mod tests {
     // Too old to matter: nothing happens.
     w.remove(T0 + 200_000, T0 + 30_000, 100);
     assert_eq!(w.current(T0 + 200_000), 0);
+  }
+
+  #[test]
+  fn tiny_windows_keep_a_margin_that_fits_their_slices() {
+    let mut w = RollingWindow::new(600, T0);
+    w.add(T0, 3);
+    assert_eq!(w.current(T0 + 600), 3);
+    assert_eq!(w.current(T0 + 700), 0);
   }
 
   #[test]

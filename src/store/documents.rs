@@ -1,0 +1,281 @@
+//! Records to BSON documents and back, in SPEC section 3's shape. Writing produces what the old
+//! Node service wrote (integers as Int32 where they fit, dates as BSON dates); reading accepts
+//! whatever that service or a person may have left: any numeric type, extra fields, missing
+//! optional fields.
+
+use mongodb::bson::{doc, Bson, DateTime, Document};
+
+use super::records::{KeyRecord, UsageRecord, WindowRecord};
+use crate::clock::Millis;
+use crate::quota::Quota;
+
+/// An integer as the Node driver stores a JS number: Int32 when it fits, otherwise Int64.
+fn int(n: u64) -> Bson {
+  match i32::try_from(n) {
+    Ok(small) => Bson::Int32(small),
+    Err(_) => Bson::Int64(i64::try_from(n).unwrap_or(i64::MAX)),
+  }
+}
+
+/// A JS number as the Node driver stores it: integral values as integers, others as doubles.
+fn js_number(x: f64) -> Bson {
+  if x.fract() == 0.0 && x.abs() <= i32::MAX as f64 {
+    Bson::Int32(x as i32)
+  } else {
+    Bson::Double(x)
+  }
+}
+
+fn date(ms: Millis) -> Bson {
+  Bson::DateTime(DateTime::from_millis(ms))
+}
+
+/// A non-negative count from any numeric BSON type; negatives and NaN read as 0.
+pub fn count(value: Option<&Bson>) -> Option<u64> {
+  match value? {
+    Bson::Int32(n) => Some((*n).max(0) as u64),
+    Bson::Int64(n) => Some((*n).max(0) as u64),
+    // `as` saturates, and NaN becomes 0.
+    Bson::Double(x) => Some(x.max(0.0) as u64),
+    _ => None,
+  }
+}
+
+/// A point in time from a BSON date, a number of milliseconds, or an RFC 3339 string.
+pub fn millis(value: Option<&Bson>) -> Option<Millis> {
+  match value? {
+    Bson::DateTime(d) => Some(d.timestamp_millis()),
+    Bson::Int32(n) => Some(i64::from(*n)),
+    Bson::Int64(n) => Some(*n),
+    Bson::Double(x) if x.is_finite() => Some(*x as Millis),
+    Bson::String(s) => DateTime::parse_rfc3339_str(s)
+      .ok()
+      .map(|d| d.timestamp_millis()),
+    _ => None,
+  }
+}
+
+fn window_document(w: &WindowRecord) -> Document {
+  doc! {
+    "current": int(w.current),
+    "limit": int(w.limit),
+    "resetTime": date(w.reset_time),
+  }
+}
+
+/// A stored window; a missing or unreadable part reads as an expired, empty window at the default
+/// limit, which [`KeyRecord::at`] then restarts.
+fn window_from(limits: Option<&Document>, name: &str, default_limit: u64) -> WindowRecord {
+  let w = limits.and_then(|l| l.get_document(name).ok());
+  let field = |f: &str| w.and_then(|w| w.get(f));
+  WindowRecord {
+    current: count(field("current")).unwrap_or(0),
+    limit: count(field("limit")).unwrap_or(default_limit),
+    reset_time: millis(field("resetTime")).unwrap_or(Millis::MIN),
+  }
+}
+
+/// The whole `api_keys` document for a key, without `_id` (the server keeps or assigns it).
+pub fn key_document(k: &KeyRecord) -> Document {
+  let mut d = doc! {
+    "apiKey": &k.api_key,
+    "isActive": k.is_active,
+    "lastUsed": date(k.last_used),
+    "limits": {
+      "rpm": window_document(&k.rpm),
+      "rpd": window_document(&k.rpd),
+      "tpm": window_document(&k.tpm),
+    },
+    "errorCount": int(u64::from(k.error_count)),
+  };
+  if let Some(e) = &k.last_error {
+    d.insert("lastError", e);
+  }
+  if let Some(t) = k.last_error_time {
+    d.insert("lastErrorTime", date(t));
+  }
+  d
+}
+
+/// A key record from an `api_keys` document as it stands at `now` (expired windows restarted), or
+/// `None` when the document names no key. Every other field has a default: active, no errors,
+/// last used `now`.
+pub fn key_from_document(d: &Document, now: Millis) -> Option<KeyRecord> {
+  let api_key = d.get_str("apiKey").ok()?.to_owned();
+  let limits = d.get_document("limits").ok();
+  let defaults = Quota::default();
+  let record = KeyRecord {
+    api_key,
+    is_active: d.get_bool("isActive").unwrap_or(true),
+    last_used: millis(d.get("lastUsed")).unwrap_or(now),
+    rpm: window_from(limits, "rpm", defaults.rpm),
+    rpd: window_from(limits, "rpd", defaults.rpd),
+    tpm: window_from(limits, "tpm", defaults.tpm),
+    error_count: count(d.get("errorCount"))
+      .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+      .unwrap_or(0),
+    last_error: d.get_str("lastError").ok().map(str::to_owned),
+    last_error_time: millis(d.get("lastErrorTime")),
+  };
+  Some(record.at(now))
+}
+
+/// The `api_key_usage` document for a call, with its stable `_id`.
+pub fn usage_document(u: &UsageRecord) -> Document {
+  let mut d = doc! {
+    "_id": u.id.to_string(),
+    "apiKey": &u.api_key,
+    "timestamp": date(u.timestamp),
+    "tokensUsed": int(u.tokens_used),
+    "success": u.success,
+    "responseTime": js_number(u.response_time),
+  };
+  if let Some(e) = &u.error {
+    d.insert("error", e);
+  }
+  d
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::store::records::{UsageIds, DAY_MS, MINUTE_MS};
+  use mongodb::bson::oid::ObjectId;
+
+  const NOW: Millis = 1_700_000_000_000;
+
+  fn record() -> KeyRecord {
+    let w = |current, limit| WindowRecord {
+      current,
+      limit,
+      reset_time: NOW + 30_000,
+    };
+    KeyRecord {
+      api_key: "AIzaSyEXAMPLE".into(),
+      is_active: false,
+      last_used: NOW - 5,
+      rpm: w(3, 30),
+      rpd: w(150, 200),
+      tpm: w(5_000_000_000, 1_000_000),
+      error_count: 5,
+      last_error: Some("503".into()),
+      last_error_time: Some(NOW - 1),
+    }
+  }
+
+  #[test]
+  fn key_documents_round_trip_in_the_spec_shape() {
+    let d = key_document(&record());
+    assert_eq!(d.get_str("apiKey").unwrap(), "AIzaSyEXAMPLE");
+    let rpm = d
+      .get_document("limits")
+      .unwrap()
+      .get_document("rpm")
+      .unwrap();
+    assert_eq!(rpm.get_i32("current").unwrap(), 3);
+    assert_eq!(
+      rpm.get_datetime("resetTime").unwrap().timestamp_millis(),
+      NOW + 30_000
+    );
+    let tpm = d
+      .get_document("limits")
+      .unwrap()
+      .get_document("tpm")
+      .unwrap();
+    assert_eq!(tpm.get_i64("current").unwrap(), 5_000_000_000);
+    assert_eq!(key_from_document(&d, NOW), Some(record()));
+  }
+
+  #[test]
+  fn cleared_errors_leave_no_fields() {
+    let mut k = record();
+    k.last_error = None;
+    k.last_error_time = None;
+    let d = key_document(&k);
+    assert!(!d.contains_key("lastError") && !d.contains_key("lastErrorTime"));
+    assert_eq!(key_from_document(&d, NOW), Some(k));
+  }
+
+  #[test]
+  fn old_service_documents_load_with_any_numeric_type_and_expired_windows_restart() {
+    let d = doc! {
+      "_id": ObjectId::new(),
+      "apiKey": "old-key",
+      "isActive": true,
+      "lastUsed": DateTime::from_millis(NOW - 90_000),
+      "limits": {
+        "rpm": { "current": 30_i32, "limit": 30_i32, "resetTime": DateTime::from_millis(NOW - 30_000) },
+        "rpd": { "current": 120.0_f64, "limit": 200_i64, "resetTime": DateTime::from_millis(NOW + 3_600_000) },
+        "tpm": { "current": 4_000_i64, "limit": 1_000_000.0_f64, "resetTime": DateTime::from_millis(NOW) },
+      },
+      "errorCount": 2.0_f64,
+      "createdAt": DateTime::from_millis(0),
+    };
+    let k = key_from_document(&d, NOW).unwrap();
+    assert_eq!(
+      k.rpm,
+      WindowRecord {
+        current: 0,
+        limit: 30,
+        reset_time: NOW + MINUTE_MS
+      }
+    );
+    assert_eq!(
+      k.rpd,
+      WindowRecord {
+        current: 120,
+        limit: 200,
+        reset_time: NOW + 3_600_000
+      }
+    );
+    assert_eq!((k.tpm.current, k.tpm.limit), (0, 1_000_000));
+    assert_eq!(
+      (k.error_count, k.last_error, k.last_error_time),
+      (2, None, None)
+    );
+  }
+
+  #[test]
+  fn missing_parts_take_defaults_and_a_document_without_a_key_is_skipped() {
+    let k = key_from_document(
+      &doc! { "apiKey": "bare", "lastUsed": "2024-01-01T00:00:00Z" },
+      NOW,
+    )
+    .unwrap();
+    assert!(k.is_active);
+    assert_eq!(k.last_used, 1_704_067_200_000);
+    assert_eq!((k.rpd.current, k.rpd.limit), (0, 200));
+    assert_eq!(k.rpd.reset_time, NOW + DAY_MS);
+    assert_eq!(key_from_document(&doc! { "apiKey": 7 }, NOW), None);
+    let negative =
+      doc! { "apiKey": "n", "errorCount": -3, "limits": { "rpm": { "current": (f64::NAN) } } };
+    let k = key_from_document(&negative, NOW).unwrap();
+    assert_eq!((k.error_count, k.rpm.current), (0, 0));
+  }
+
+  #[test]
+  fn usage_documents_carry_their_stable_id_and_js_numbers() {
+    let ids = UsageIds::new();
+    let u = UsageRecord {
+      id: ids.next_id(),
+      api_key: "k".into(),
+      timestamp: NOW,
+      tokens_used: 42,
+      success: false,
+      error: Some("429".into()),
+      response_time: 12.5,
+    };
+    let d = usage_document(&u);
+    assert_eq!(d.get_str("_id").unwrap(), u.id.to_string());
+    assert_eq!(d.get_i32("tokensUsed").unwrap(), 42);
+    assert_eq!(d.get_f64("responseTime").unwrap(), 12.5);
+    assert_eq!(d.get_str("error").unwrap(), "429");
+    let whole = usage_document(&UsageRecord {
+      response_time: 80.0,
+      error: None,
+      ..u
+    });
+    assert_eq!(whole.get_i32("responseTime").unwrap(), 80);
+    assert!(!whole.contains_key("error"));
+  }
+}

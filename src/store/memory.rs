@@ -1,0 +1,281 @@
+//! The store without a database: the same contract as [`super::MongoStore`], held in this process.
+//! It stands in for MongoDB in tests of the layers above, and it counts the round trips a database
+//! would have taken, so those tests can check how often they write. It keeps every usage record it
+//! is given: meant for tests and short runs, not for recording usage without end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::error::StoreError;
+use super::lease::{self, lease_id};
+use super::records::{KeyRecord, LeaseSlot, UsageId, UsageRecord};
+use crate::clock::Millis;
+
+#[derive(Debug, Default)]
+struct Holding {
+  amount: u64,
+  expires: Millis,
+}
+
+#[derive(Debug)]
+struct LeaseState {
+  window_end: Millis,
+  used: u64,
+  holders: HashMap<String, Holding>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+  /// One per key, in the order first saved.
+  keys: Vec<KeyRecord>,
+  usage: Vec<UsageRecord>,
+  usage_ids: HashSet<UsageId>,
+  leases: HashMap<String, LeaseState>,
+}
+
+/// Keys, usage and leases in this process, behind one lock.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+  state: Mutex<State>,
+  ops: AtomicU64,
+}
+
+impl MemoryStore {
+  /// An empty store.
+  pub fn new() -> Self {
+    Self::default()
+  }
+
+  /// Round trips a database would have made so far: one per call that had something to do.
+  pub fn ops(&self) -> u64 {
+    self.ops.load(Ordering::Relaxed)
+  }
+
+  fn count_op(&self) {
+    self.ops.fetch_add(1, Ordering::Relaxed);
+  }
+
+  /// See [`super::MongoStore::load`].
+  pub fn load(&self, now: Millis) -> Vec<KeyRecord> {
+    self.count_op();
+    let state = self.state.lock();
+    state.keys.iter().map(|k| k.clone().at(now)).collect()
+  }
+
+  /// See [`super::MongoStore::save_keys`].
+  pub fn save_keys(&self, keys: &[KeyRecord]) {
+    if keys.is_empty() {
+      return;
+    }
+    self.count_op();
+    let mut state = self.state.lock();
+    for k in keys {
+      match state.keys.iter_mut().find(|s| s.api_key == k.api_key) {
+        Some(stored) => *stored = k.clone(),
+        None => state.keys.push(k.clone()),
+      }
+    }
+  }
+
+  /// Stores the records not stored before; returns how many that was. See
+  /// [`super::MongoStore::append_usage`].
+  pub fn append_usage(&self, usage: &[UsageRecord]) -> usize {
+    if usage.is_empty() {
+      return 0;
+    }
+    self.count_op();
+    let mut state = self.state.lock();
+    let mut stored = 0;
+    for u in usage {
+      if state.usage_ids.insert(u.id.clone()) {
+        state.usage.push(u.clone());
+        stored += 1;
+      }
+    }
+    stored
+  }
+
+  /// Every usage record stored, in the order stored.
+  pub fn usage(&self) -> Vec<UsageRecord> {
+    self.state.lock().usage.clone()
+  }
+
+  /// See [`super::MongoStore::lease`]: the same grants, from a map instead of a document.
+  pub fn lease(
+    &self,
+    slot: &LeaseSlot<'_>,
+    want: u64,
+    limit: u64,
+    holder: &str,
+    expires_at: Millis,
+  ) -> Result<u64, StoreError> {
+    lease::check(slot, holder)?;
+    if want == 0 || limit == 0 {
+      return Ok(0);
+    }
+    self.count_op();
+    let mut state = self.state.lock();
+    let doc = state
+      .leases
+      .entry(lease_id(slot))
+      .or_insert_with(|| LeaseState {
+        window_end: slot.window_end,
+        used: 0,
+        holders: HashMap::new(),
+      });
+    let granted = want.min(limit.saturating_sub(doc.used));
+    if granted > 0 {
+      doc.used += granted;
+      let h = doc.holders.entry(holder.to_owned()).or_default();
+      h.amount += granted;
+      h.expires = h.expires.max(expires_at);
+    }
+    Ok(granted)
+  }
+
+  /// See [`super::MongoStore::release`].
+  pub fn release(
+    &self,
+    slot: &LeaseSlot<'_>,
+    holder: &str,
+    unused: u64,
+  ) -> Result<u64, StoreError> {
+    self.give_back(slot, holder, unused, true)
+  }
+
+  /// See [`super::MongoStore::consume`].
+  pub fn consume(&self, slot: &LeaseSlot<'_>, holder: &str, spent: u64) -> Result<u64, StoreError> {
+    self.give_back(slot, holder, spent, false)
+  }
+
+  fn give_back(
+    &self,
+    slot: &LeaseSlot<'_>,
+    holder: &str,
+    amount: u64,
+    to_pool: bool,
+  ) -> Result<u64, StoreError> {
+    lease::check(slot, holder)?;
+    if amount == 0 {
+      return Ok(0);
+    }
+    self.count_op();
+    let mut state = self.state.lock();
+    let Some(doc) = state.leases.get_mut(&lease_id(slot)) else {
+      return Ok(0);
+    };
+    let Some(h) = doc.holders.get_mut(holder) else {
+      return Ok(0);
+    };
+    let n = amount.min(h.amount);
+    h.amount -= n;
+    if to_pool {
+      doc.used -= n;
+    }
+    Ok(n)
+  }
+
+  /// See [`super::MongoStore::reclaim_expired`].
+  pub fn reclaim_expired(&self, now: Millis) -> u64 {
+    self.count_op();
+    let mut state = self.state.lock();
+    let mut reclaimed = 0;
+    for doc in state.leases.values_mut().filter(|d| d.window_end > now) {
+      let mut freed = 0;
+      doc.holders.retain(|_, h| {
+        let expired = h.expires < now;
+        if expired {
+          freed += h.amount;
+        }
+        !expired
+      });
+      doc.used -= freed;
+      reclaimed += freed;
+    }
+    reclaimed
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::store::records::{UsageIds, WindowRecord, MINUTE_MS};
+
+  const NOW: Millis = 1_700_000_000_000;
+
+  fn key(name: &str, rpm: u64) -> KeyRecord {
+    let w = |current| WindowRecord {
+      current,
+      limit: 30,
+      reset_time: NOW + 10_000,
+    };
+    KeyRecord {
+      api_key: name.into(),
+      is_active: true,
+      last_used: NOW,
+      rpm: w(rpm),
+      rpd: w(rpm),
+      tpm: w(0),
+      error_count: 0,
+      last_error: None,
+      last_error_time: None,
+    }
+  }
+
+  const SLOT: LeaseSlot<'static> = LeaseSlot {
+    api_key: "k",
+    window: "rpm",
+    window_id: NOW,
+    window_end: NOW + MINUTE_MS,
+  };
+
+  #[test]
+  fn saves_replace_by_key_and_load_restarts_expired_windows() {
+    let s = MemoryStore::new();
+    s.save_keys(&[key("a", 1), key("b", 2)]);
+    s.save_keys(&[key("a", 5)]);
+    s.save_keys(&[]);
+    assert_eq!(s.load(NOW), vec![key("a", 5), key("b", 2)]);
+    let later = s.load(NOW + 10_000);
+    assert_eq!(later[0].rpm.current, 0);
+    assert_eq!(later[0].rpm.reset_time, NOW + 10_000 + MINUTE_MS);
+    assert_eq!(s.ops(), 4);
+  }
+
+  #[test]
+  fn a_resent_usage_batch_is_stored_once() {
+    let s = MemoryStore::new();
+    let ids = UsageIds::new();
+    let batch: Vec<UsageRecord> = (0..3)
+      .map(|i| UsageRecord {
+        id: ids.next_id(),
+        api_key: "k".into(),
+        timestamp: NOW + i,
+        tokens_used: 10,
+        success: true,
+        error: None,
+        response_time: 5.0,
+      })
+      .collect();
+    assert_eq!(s.append_usage(&batch[..2]), 2);
+    assert_eq!(s.append_usage(&batch), 1);
+    assert_eq!(s.usage(), batch);
+  }
+
+  #[test]
+  fn leases_never_exceed_the_limit_and_give_back_only_what_is_held() {
+    let s = MemoryStore::new();
+    assert_eq!(s.lease(&SLOT, 20, 30, "a", NOW + 5_000).unwrap(), 20);
+    assert_eq!(s.lease(&SLOT, 20, 30, "b", NOW + 5_000).unwrap(), 10);
+    assert_eq!(s.lease(&SLOT, 1, 30, "b", NOW + 5_000).unwrap(), 0);
+    assert_eq!(s.release(&SLOT, "b", 50).unwrap(), 10);
+    assert_eq!(s.consume(&SLOT, "a", 5).unwrap(), 5);
+    assert_eq!(s.lease(&SLOT, 30, 30, "b", NOW + 20_000).unwrap(), 10);
+    // "a" dies holding 15 unspent; after its lease expires they go back to the pool.
+    assert_eq!(s.reclaim_expired(NOW + 6_000), 15);
+    assert_eq!(s.lease(&SLOT, 30, 30, "b", NOW + 20_000).unwrap(), 15);
+    assert!(s.lease(&SLOT, 1, 30, "a.b", NOW).is_err());
+  }
+}

@@ -1,0 +1,411 @@
+//! Shared quota leases on MongoDB (design and guarantees in [`super::lease`]). A grant that fits is
+//! one guarded `find_one_and_update`; only the first lease of a window, or one that no longer fits
+//! whole, reads the document and tries again with what is left.
+
+use mongodb::bson::{doc, DateTime, Document};
+
+use super::documents::{count, millis};
+use super::error::StoreError;
+use super::lease::{self, lease_id, valid_holder, ATTEMPTS};
+use super::mongo::{error_code, MongoStore, DUPLICATE_KEY, READ_BATCH};
+use super::records::LeaseSlot;
+use crate::clock::Millis;
+
+/// Amounts as stored: Int64, clamped (no real budget comes near `i64::MAX`).
+fn int64(n: u64) -> i64 {
+  i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl MongoStore {
+  /// Leases up to `want` of the slot's budget to `holder` until `expires_at`, and returns how much
+  /// was granted: `want` when it fits, what is left when it does not, 0 when the window is used
+  /// up. Across every process and host the grants of one slot add up to at most `limit`.
+  pub async fn lease(
+    &self,
+    slot: &LeaseSlot<'_>,
+    want: u64,
+    limit: u64,
+    holder: &str,
+    expires_at: Millis,
+  ) -> Result<u64, StoreError> {
+    lease::check(slot, holder)?;
+    let want = want.min(limit);
+    if want == 0 {
+      return Ok(0);
+    }
+    let id = lease_id(slot);
+    if self.try_grant(&id, want, limit, holder, expires_at).await? {
+      return Ok(want);
+    }
+    for _ in 0..ATTEMPTS {
+      let used = match self.read_lease(&id).await? {
+        Some(d) => count(d.get("used")).unwrap_or(0),
+        None => {
+          self.create_lease(&id, slot).await?;
+          0
+        }
+      };
+      let grant = want.min(limit.saturating_sub(used));
+      if grant == 0 {
+        return Ok(0);
+      }
+      if self
+        .try_grant(&id, grant, limit, holder, expires_at)
+        .await?
+      {
+        return Ok(grant);
+      }
+    }
+    // Every attempt lost a race, each to a grant elsewhere: nothing here is the safe answer.
+    Ok(0)
+  }
+
+  /// Gives back `unused` of what `holder` holds in the slot, so others can lease it. Never more
+  /// than the holder holds; returns how much was given back.
+  pub async fn release(
+    &self,
+    slot: &LeaseSlot<'_>,
+    holder: &str,
+    unused: u64,
+  ) -> Result<u64, StoreError> {
+    self.give_back(slot, holder, unused, true).await
+  }
+
+  /// Reports `spent` of what `holder` holds as used: it stays counted in the window, but is no
+  /// longer the holder's to give back, so it is not handed out again if the holder dies. Never
+  /// more than the holder holds; returns how much was reported.
+  pub async fn consume(
+    &self,
+    slot: &LeaseSlot<'_>,
+    holder: &str,
+    spent: u64,
+  ) -> Result<u64, StoreError> {
+    self.give_back(slot, holder, spent, false).await
+  }
+
+  /// Returns to the pool what holders whose lease expired before `now` still hold, in every window
+  /// not yet over; returns the total. Pass `now` lowered by the clock skew to allow between hosts.
+  /// One round trip to find the live windows, plus one per expired holder.
+  pub async fn reclaim_expired(&self, now: Millis) -> Result<u64, StoreError> {
+    self.count_op();
+    let filter = doc! { "windowEnd": { "$gt": DateTime::from_millis(now) } };
+    let mut cursor = self.leases.find(filter).batch_size(READ_BATCH).await?;
+    let mut live = Vec::new();
+    while cursor.advance().await? {
+      live.push(cursor.deserialize_current()?);
+    }
+    let mut reclaimed = 0;
+    for d in &live {
+      reclaimed += self.reclaim_in(d, now).await?;
+    }
+    Ok(reclaimed)
+  }
+
+  async fn reclaim_in(&self, d: &Document, now: Millis) -> Result<u64, StoreError> {
+    let (Some(id), Ok(holders), Ok(expires)) = (
+      d.get("_id"),
+      d.get_document("holders"),
+      d.get_document("expires"),
+    ) else {
+      return Ok(0);
+    };
+    let mut reclaimed = 0;
+    for (holder, held) in holders.iter().filter(|(h, _)| valid_holder(h)) {
+      let Some(expiry) = expires.get(holder) else {
+        continue;
+      };
+      if millis(Some(expiry)).is_none_or(|e| e >= now) {
+        continue;
+      }
+      let amount = count(Some(held)).unwrap_or(0);
+      let holding = format!("holders.{holder}");
+      let expiring = format!("expires.{holder}");
+      // Guarded by the values just read: a holder that renewed or gave back meanwhile is left be.
+      let filter = doc! { "_id": id, &holding: held, &expiring: expiry };
+      let update = doc! {
+        "$inc": { "used": -int64(amount) },
+        "$unset": { holding: "", expiring: "" },
+      };
+      self.count_op();
+      if self.leases.update_one(filter, update).await?.modified_count == 1 {
+        reclaimed += amount;
+      }
+    }
+    Ok(reclaimed)
+  }
+
+  /// One guarded grant: applied only if `used + n <= limit`, atomically on the server.
+  async fn try_grant(
+    &self,
+    id: &str,
+    n: u64,
+    limit: u64,
+    holder: &str,
+    expires_at: Millis,
+  ) -> Result<bool, StoreError> {
+    let filter = doc! { "_id": id, "used": { "$lte": int64(limit - n) } };
+    let update = doc! {
+      "$inc": { "used": int64(n), format!("holders.{holder}"): int64(n) },
+      "$max": { format!("expires.{holder}"): expires_at },
+    };
+    self.count_op();
+    let granted = self
+      .leases
+      .find_one_and_update(filter, update)
+      .projection(doc! { "_id": 1 })
+      .await?;
+    Ok(granted.is_some())
+  }
+
+  async fn read_lease(&self, id: &str) -> Result<Option<Document>, StoreError> {
+    self.count_op();
+    Ok(self.leases.find_one(doc! { "_id": id }).await?)
+  }
+
+  /// Creates the slot's document with nothing used, unless it exists; a concurrent creator winning
+  /// the race is as good.
+  async fn create_lease(&self, id: &str, slot: &LeaseSlot<'_>) -> Result<(), StoreError> {
+    let update = doc! { "$setOnInsert": {
+      "apiKey": slot.api_key,
+      "window": slot.window,
+      "windowId": slot.window_id,
+      "windowEnd": DateTime::from_millis(slot.window_end),
+      "used": 0_i64,
+      "holders": {},
+      "expires": {},
+    } };
+    self.count_op();
+    match self
+      .leases
+      .update_one(doc! { "_id": id }, update)
+      .upsert(true)
+      .await
+    {
+      Ok(_) => Ok(()),
+      Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => Ok(()),
+      Err(e) => Err(e.into()),
+    }
+  }
+
+  /// Takes `amount` (at most what is held) off the holder's share, and off `used` too when it goes
+  /// back to the pool. Guarded by the holder's share, so no holder goes below 0.
+  async fn give_back(
+    &self,
+    slot: &LeaseSlot<'_>,
+    holder: &str,
+    amount: u64,
+    to_pool: bool,
+  ) -> Result<u64, StoreError> {
+    lease::check(slot, holder)?;
+    let id = lease_id(slot);
+    let holding = format!("holders.{holder}");
+    let mut n = amount;
+    for _ in 0..ATTEMPTS {
+      if n == 0 {
+        return Ok(0);
+      }
+      let mut inc = doc! { &holding: -int64(n) };
+      if to_pool {
+        inc.insert("used", -int64(n));
+      }
+      self.count_op();
+      let done = self
+        .leases
+        .find_one_and_update(
+          doc! { "_id": &id, &holding: { "$gte": int64(n) } },
+          doc! { "$inc": inc },
+        )
+        .projection(doc! { "_id": 1 })
+        .await?;
+      if done.is_some() {
+        return Ok(n);
+      }
+      let held = self.read_lease(&id).await?.and_then(|d| {
+        d.get_document("holders")
+          .ok()
+          .and_then(|h| count(h.get(holder)))
+      });
+      n = amount.min(held.unwrap_or(0));
+    }
+    Ok(0)
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::clock::{Clock, SystemClock};
+  use crate::store::mongo::DEFAULT_CONNECT_TIMEOUT;
+  use crate::store::records::MINUTE_MS;
+  use crate::store::test_server::TestServer;
+  use std::sync::Arc;
+
+  /// The start of the current minute. Lease documents carry their window's end, and the server's
+  /// TTL monitor deletes those whose window ended over an hour ago: tests run in real time.
+  fn minute() -> Millis {
+    SystemClock.now_ms() / MINUTE_MS * MINUTE_MS
+  }
+
+  fn slot(t: Millis) -> LeaseSlot<'static> {
+    LeaseSlot {
+      api_key: "AIzaSyLEASE",
+      window: "rpm",
+      window_id: t,
+      window_end: t + MINUTE_MS,
+    }
+  }
+
+  async fn connect(server: &TestServer) -> MongoStore {
+    MongoStore::connect(&server.uri(), "gkm_lease", DEFAULT_CONNECT_TIMEOUT)
+      .await
+      .expect("connect to the test server")
+  }
+
+  async fn lease_doc(store: &MongoStore, slot: &LeaseSlot<'_>) -> Document {
+    store
+      .leases
+      .find_one(doc! { "_id": lease_id(slot) })
+      .await
+      .unwrap()
+      .expect("lease document")
+  }
+
+  /// Eight holders lease `want` at a time against a limit of 30 until refused, each through one of
+  /// `stores`; returns the total granted. Bounded, so a broken guard fails instead of hanging.
+  async fn race(stores: &[Arc<MongoStore>], slot: LeaseSlot<'static>, want: u64) -> u64 {
+    let tasks: Vec<_> = (0..8)
+      .map(|i| {
+        let store = stores[i % stores.len()].clone();
+        tokio::spawn(async move {
+          let holder = format!("proc-{i}");
+          let mut granted = 0;
+          for _ in 0..64 {
+            match store.lease(&slot, want, 30, &holder, slot.window_end).await {
+              Ok(0) => break,
+              Ok(n) => granted += n,
+              Err(e) => panic!("lease failed: {e}"),
+            }
+          }
+          granted
+        })
+      })
+      .collect();
+    let mut total = 0;
+    for task in tasks {
+      total += task.await.expect("leasing task");
+    }
+    total
+  }
+
+  #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+  async fn concurrent_holders_are_granted_exactly_the_limit_in_total() {
+    let server = TestServer::start();
+    let slot = slot(minute());
+    // One connection per holder, as separate processes would have.
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+      stores.push(Arc::new(connect(&server).await));
+    }
+    assert_eq!(race(&stores, slot, 1).await, 30);
+    let d = lease_doc(&stores[0], &slot).await;
+    assert_eq!(count(d.get("used")), Some(30));
+    let held: u64 = d
+      .get_document("holders")
+      .unwrap()
+      .iter()
+      .map(|(_, n)| count(Some(n)).unwrap_or(0))
+      .sum();
+    assert_eq!(held, 30);
+  }
+
+  #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+  async fn racing_partial_grants_never_pass_the_limit() {
+    let server = TestServer::start();
+    let slot = slot(minute());
+    let store = Arc::new(connect(&server).await);
+    // 7 does not divide 30: the last grants are partial, decided under contention.
+    assert_eq!(race(std::slice::from_ref(&store), slot, 7).await, 30);
+    assert_eq!(count(lease_doc(&store, &slot).await.get("used")), Some(30));
+  }
+
+  #[tokio::test]
+  async fn released_budget_is_leased_again_and_no_holder_goes_below_zero() {
+    let server = TestServer::start();
+    let t = minute();
+    let slot = slot(t);
+    let store = connect(&server).await;
+    let before = store.ops();
+    assert_eq!(
+      store.lease(&slot, 20, 30, "a", t + 5_000).await.unwrap(),
+      20
+    );
+    // First lease of a window: failed grant, read, create, grant.
+    assert_eq!(store.ops() - before, 4);
+    let before = store.ops();
+    assert_eq!(
+      store.lease(&slot, 20, 30, "b", t + 5_000).await.unwrap(),
+      10
+    );
+    assert_eq!(store.lease(&slot, 5, 30, "b", t + 5_000).await.unwrap(), 0);
+    assert_eq!(store.release(&slot, "a", 15).await.unwrap(), 15);
+    assert_eq!(store.ops() - before, 6);
+    assert_eq!(
+      store.lease(&slot, 20, 30, "b", t + 5_000).await.unwrap(),
+      15
+    );
+    // "a" holds 5: asking to give back more gives back those 5 and no more.
+    assert_eq!(store.release(&slot, "a", 100).await.unwrap(), 5);
+    assert_eq!(store.release(&slot, "a", 1).await.unwrap(), 0);
+    assert_eq!(store.release(&slot, "nobody", 1).await.unwrap(), 0);
+    let d = lease_doc(&store, &slot).await;
+    assert_eq!(count(d.get("used")), Some(25));
+    let holders = d.get_document("holders").unwrap();
+    assert_eq!(count(holders.get("a")), Some(0));
+    assert_eq!(count(holders.get("b")), Some(25));
+    let other = LeaseSlot {
+      window: "rpd",
+      ..slot
+    };
+    assert_eq!(store.lease(&other, 500, 200, "a", t).await.unwrap(), 200);
+    assert!(matches!(
+      store.lease(&slot, 1, 30, "bad.holder", t).await,
+      Err(StoreError::InvalidLease(_))
+    ));
+  }
+
+  #[tokio::test]
+  async fn an_expired_holders_unspent_lease_is_reclaimed() {
+    let server = TestServer::start();
+    let t = minute();
+    let slot = slot(t);
+    let store = connect(&server).await;
+    assert_eq!(
+      store.lease(&slot, 10, 30, "dead", t + 1_000).await.unwrap(),
+      10
+    );
+    assert_eq!(store.consume(&slot, "dead", 4).await.unwrap(), 4);
+    assert_eq!(
+      store
+        .lease(&slot, 30, 30, "alive", t + 50_000)
+        .await
+        .unwrap(),
+      20
+    );
+    assert_eq!(store.reclaim_expired(t + 500).await.unwrap(), 0);
+    // The dead holder's 6 unspent come back; the 4 it spent stay counted.
+    assert_eq!(store.reclaim_expired(t + 2_000).await.unwrap(), 6);
+    assert_eq!(store.reclaim_expired(t + 2_000).await.unwrap(), 0);
+    assert_eq!(
+      store
+        .lease(&slot, 30, 30, "alive", t + 50_000)
+        .await
+        .unwrap(),
+      6
+    );
+    let d = lease_doc(&store, &slot).await;
+    assert_eq!(count(d.get("used")), Some(30));
+    assert!(!d.get_document("holders").unwrap().contains_key("dead"));
+    // A window that is over is not scanned.
+    assert_eq!(store.reclaim_expired(slot.window_end + 1).await.unwrap(), 0);
+  }
+}

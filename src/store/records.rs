@@ -1,0 +1,180 @@
+//! The plain values the store reads and writes: one key's persisted state, one recorded call, and
+//! the slot a shared quota lease is taken in. They mirror SPEC section 3's documents field for
+//! field and know nothing of the pool, so the pool can change its internals without touching
+//! storage.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use mongodb::bson::oid::ObjectId;
+
+use crate::clock::Millis;
+
+/// The old service's window lengths, used to restart a window whose stored reset time has passed.
+pub const MINUTE_MS: Millis = 60_000;
+pub const DAY_MS: Millis = 24 * 60 * MINUTE_MS;
+
+/// One window of a key as stored: `{ current, limit, resetTime }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowRecord {
+  pub current: u64,
+  pub limit: u64,
+  pub reset_time: Millis,
+}
+
+/// One `api_keys` document: the SPEC's `ApiKeyStatus`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+  pub api_key: String,
+  pub is_active: bool,
+  pub last_used: Millis,
+  pub rpm: WindowRecord,
+  pub rpd: WindowRecord,
+  pub tpm: WindowRecord,
+  pub error_count: u32,
+  pub last_error: Option<String>,
+  pub last_error_time: Option<Millis>,
+}
+
+impl WindowRecord {
+  /// The window as it stands at `now`: unchanged while its reset time is ahead, otherwise empty
+  /// and restarted for `span` from `now`, as the old service did at start-up.
+  pub fn at(self, now: Millis, span: Millis) -> Self {
+    if self.reset_time > now {
+      return self;
+    }
+    Self {
+      current: 0,
+      limit: self.limit,
+      reset_time: now + span,
+    }
+  }
+}
+
+impl KeyRecord {
+  /// The record with every window whose reset time has passed restarted at `now`.
+  pub fn at(self, now: Millis) -> Self {
+    Self {
+      rpm: self.rpm.at(now, MINUTE_MS),
+      rpd: self.rpd.at(now, DAY_MS),
+      tpm: self.tpm.at(now, MINUTE_MS),
+      ..self
+    }
+  }
+}
+
+/// The identity of one usage document, fixed when the call is recorded so that sending the same
+/// record twice (a retry after a failed or timed-out write) stores it once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UsageId {
+  /// The [`UsageIds`] that issued it: unique per issuer, across processes and hosts.
+  pub source: Arc<str>,
+  pub seq: u64,
+}
+
+impl fmt::Display for UsageId {
+  fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    write!(f, "{}:{}", self.source, self.seq)
+  }
+}
+
+/// Issues [`UsageId`]s. One per key manager, kept across reconnects: a batch re-sent through a new
+/// connection must carry the ids it had.
+#[derive(Debug)]
+pub struct UsageIds {
+  source: Arc<str>,
+  next: AtomicU64,
+}
+
+impl UsageIds {
+  /// A fresh source: an ObjectId, whose random process part and counter keep it unique across
+  /// processes and hosts without coordination.
+  pub fn new() -> Self {
+    Self {
+      source: ObjectId::new().to_hex().into(),
+      next: AtomicU64::new(0),
+    }
+  }
+
+  /// The next id: assign it when the call is recorded, not when it is written.
+  pub fn next_id(&self) -> UsageId {
+    UsageId {
+      source: self.source.clone(),
+      seq: self.next.fetch_add(1, Ordering::Relaxed),
+    }
+  }
+}
+
+impl Default for UsageIds {
+  fn default() -> Self {
+    Self::new()
+  }
+}
+
+/// One `api_key_usage` document: the SPEC's `ApiKeyUsage`, plus its stable `_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+  pub id: UsageId,
+  pub api_key: String,
+  pub timestamp: Millis,
+  pub tokens_used: u64,
+  pub success: bool,
+  pub error: Option<String>,
+  /// Milliseconds, as the caller reported it (a JS number, so possibly fractional).
+  pub response_time: f64,
+}
+
+/// One window of one key: the unit a quota is shared in across processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSlot<'a> {
+  pub api_key: &'a str,
+  /// `"rpm"`, `"rpd"` or `"tpm"`.
+  pub window: &'a str,
+  /// Which occurrence of the window, e.g. its start in ms. Every process must derive the same id
+  /// for the same window, or each gets its own budget.
+  pub window_id: i64,
+  /// When the window is over; its lease document may be deleted some time after that.
+  pub window_end: Millis,
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  #[test]
+  fn only_windows_whose_reset_time_passed_restart() {
+    let w = |current, reset_time| WindowRecord {
+      current,
+      limit: 30,
+      reset_time,
+    };
+    let record = KeyRecord {
+      api_key: "k".into(),
+      is_active: true,
+      last_used: 0,
+      rpm: w(5, 1_000),
+      rpd: w(7, 5_000),
+      tpm: w(900, 2_000),
+      error_count: 0,
+      last_error: None,
+      last_error_time: None,
+    };
+    let now = 2_000;
+    let fresh = record.at(now);
+    assert_eq!(fresh.rpm, w(0, now + MINUTE_MS));
+    assert_eq!(fresh.rpd, w(7, 5_000));
+    assert_eq!(fresh.tpm, w(0, now + MINUTE_MS));
+  }
+
+  #[test]
+  fn usage_ids_are_sequential_within_a_source_and_sources_differ() {
+    let a = UsageIds::new();
+    let b = UsageIds::new();
+    let (a0, a1, b0) = (a.next_id(), a.next_id(), b.next_id());
+    assert_eq!((a0.seq, a1.seq), (0, 1));
+    assert_eq!(a0.source, a1.source);
+    assert_ne!(a0.source, b0.source);
+    assert_eq!(a1.to_string(), format!("{}:1", a1.source));
+  }
+}
