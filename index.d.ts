@@ -14,10 +14,10 @@ export declare class NativeKeyPool {
   /** Builds the pool from `options` and the environment. */
   constructor(options?: PoolOptions | undefined | null)
   /**
-   * `{ results: Float64Array, best(): number, recordSuccess(index, tokens): void, figures(index): void }`:
+   * `{ results: Float64Array, best(): number, recordSuccess(index, tokens, responseTime): void, figures(index): void }`:
    * the hot path, as plain functions over this pool.
    */
-  hotPath(): { results: Float64Array; best(): number; recordSuccess(index: number, tokens: number): void; figures(index: number): void }
+  hotPath(): { results: Float64Array; best(): number; recordSuccess(index: number, tokens: number, responseTime?: number): void; figures(index: number): void }
   /** The keys, in the order whose positions every other method takes and returns. */
   keys(): Array<string>
   /**
@@ -27,9 +27,9 @@ export declare class NativeKeyPool {
   rotate(estimatedTokens: number): number
   /**
    * Records a failed call on the key at `index`. A failed call often has no token count: a
-   * missing or invalid one counts as 0 rather than losing the failure.
+   * missing or invalid one counts as 0 rather than losing the failure. `responseTime` is in ms.
    */
-  recordFailure(index: number, tokens: number, error: string): void
+  recordFailure(index: number, tokens: number, error: string, responseTime?: number | undefined | null): void
   /**
    * `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`; `retryAfterMs` is the delay the
    * API asked for, when known.
@@ -54,6 +54,20 @@ export declare class NativeKeyPool {
   route(method: string, url: string, body?: Buffer | undefined | null): RouteReply
   /** Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime. */
   serve(host: string, port: number, options?: ServeOptions | undefined | null): Promise<NativeServer>
+  /**
+   * Persists the pool in MongoDB from now on, written behind (see `persistence`): connects within
+   * the timeout, loads and merges what is stored, and starts the writer on the addon's tokio
+   * runtime. When the server cannot be reached the pool runs in memory and the writer keeps
+   * trying in the background. Resolves with how it went; a second call is refused.
+   */
+  attachStore(options: StoreOptions): Promise<StoreStart>
+  /**
+   * Writes what is left and stops the writer; resolves when done (at once without a store).
+   * Call `close()` first, so that nothing changes after the last write.
+   */
+  closeStore(): Promise<void>
+  /** What the MongoDB writer has done, or `null` without a store. */
+  persistenceStats(): PersistenceStats | null
   /** Refuses every later call. Idempotent. */
   close(): void
 }
@@ -75,6 +89,19 @@ export interface LimitsOptions {
   rpd?: number
   /** Tokens per minute (`GEMINI_TPM_LIMIT`, default 1,000,000). */
   tpm?: number
+}
+
+/** What the MongoDB writer has done. */
+export interface PersistenceStats {
+  connected: boolean
+  /** Database round trips so far. */
+  ops: number
+  /** Recorded calls waiting to be written. */
+  queued: number
+  /** Recorded calls of a write being retried. */
+  pending: number
+  /** Recorded calls dropped because the queue was full. */
+  dropped: number
 }
 
 /** Options of a key pool. Without `keys`, keys come from `GEMINI_API_KEY_1..N` and `GEMINI_API_KEYS`. */
@@ -137,4 +164,30 @@ export interface ServeOptions {
   maxBodyBytes?: number
   /** One line per request on stdout, keys masked (default off). */
   accessLog?: boolean
+}
+
+/** Options of `NativeKeyPool.attachStore`. */
+export interface StoreOptions {
+  /** The MongoDB connection string. */
+  uri: string
+  /** Default `rag_db`. */
+  dbName?: string
+  /** How long to wait for the server before running in memory (default 2000 ms). */
+  connectTimeoutMs?: number
+  /** How often changes are written (default 1000 ms). */
+  flushIntervalMs?: number
+  /** How often to try the server again while running in memory (default 3000 ms). */
+  retryIntervalMs?: number
+  /** Recorded calls that trigger a write before the interval is up (default 500). */
+  batchSize?: number
+  /** Recorded calls kept while the server is away, at most (default 10000). */
+  queueCapacity?: number
+}
+
+/** How `attachStore` went. */
+export interface StoreStart {
+  /** Connected and loaded; otherwise the pool runs in memory and keeps trying in the background. */
+  connected: boolean
+  /** Why it could not connect. */
+  error?: string
 }

@@ -114,6 +114,40 @@ export interface ApiKeyManagerOptions {
   reservationTtlMs?: number
   /** Suppresses the log lines. */
   quiet?: boolean
+  /**
+   * MongoDB connection string (`MONGODB_URI`). With one, state is kept in SPEC section 3's
+   * collections, written behind; without one, or while the server cannot be reached, in memory.
+   */
+  mongodbUri?: string
+  /** Database name (`MONGODB_DB_NAME`, default `rag_db`). */
+  mongodbDbName?: string
+  /** How long start-up waits for MongoDB before running in memory (default 2000 ms). */
+  mongoConnectTimeoutMs?: number
+  /** How often changes are written to MongoDB (default 1000 ms): at most this much is lost in a crash. */
+  flushIntervalMs?: number
+  /** How often a manager running in memory tries MongoDB again (default 3000 ms). */
+  mongoRetryIntervalMs?: number
+  /** Recorded calls that trigger a write before `flushIntervalMs` is up (default 500). */
+  usageBatchSize?: number
+  /**
+   * Recorded calls kept for MongoDB at most while it is away or slower than the calls come (default
+   * 10,000); past that the oldest usage documents are dropped (and counted). Key documents never are.
+   */
+  usageQueueCapacity?: number
+}
+
+/** What the MongoDB writer has done. */
+export interface PersistenceStats {
+  /** Connected, and the last write (if any) succeeded. */
+  connected: boolean
+  /** Database round trips so far. */
+  ops: number
+  /** Recorded calls waiting to be written. */
+  queued: number
+  /** Recorded calls of a write being retried. */
+  pending: number
+  /** Recorded calls dropped because more than `usageQueueCapacity` waited. */
+  dropped: number
 }
 
 export interface SelectionOptions {
@@ -150,8 +184,13 @@ export interface KeyServer {
 
 export declare class ApiKeyManagerService {
   constructor(options?: ApiKeyManagerOptions)
-  /** Loads the keys. Safe to call again; metadata `{ totalKeys, mode: 'in-memory' }`. */
+  /**
+   * Loads the keys, and with MongoDB the stored state. Safe to call again; metadata `{ totalKeys }`
+   * when connected to MongoDB, `{ totalKeys, mode: 'in-memory' }` otherwise.
+   */
   initialize(): Promise<ServiceResponse<ApiKeyManager>>
+  /** What the MongoDB writer has done; null without MongoDB. */
+  persistenceStats(): PersistenceStats | null
   /**
    * The next available key, round-robin over a 5-second cache sorted by availability score. The
    * request is counted on the key at once (the `recordUsage` that follows settles it), so concurrent
@@ -195,7 +234,7 @@ export declare class ApiKeyManagerService {
   execute<T>(call: (apiKey: string) => Promise<T>, options?: ExecuteOptions): Promise<T>
   /** Serves the HTTP API from Rust threads; the process stays alive until `close()`. */
   serve(options?: ServeOptions): Promise<KeyServer>
-  /** Every later call fails with 'API key manager is closed'. */
+  /** Every later call fails with 'API key manager is closed'; with MongoDB, resolves once everything recorded is written. */
   close(): Promise<void>
 }
 

@@ -13,6 +13,11 @@ const SLOT = Object.fromEntries(LAYOUT.slots.map((name, i) => [name, i]))
 // reset times, the error sequence, stateUntil.
 const SEEN = 6
 
+// recordUsage's success is the same answer every time: one frozen result and one settled promise
+// spare the hot path two allocations.
+const RECORDED = Object.freeze({ success: true, metadata: Object.freeze({}) })
+const RECORDED_PROMISE = Promise.resolve(RECORDED)
+
 function failure(error, metadata = {}) {
   return { success: false, error, metadata }
 }
@@ -71,6 +76,26 @@ function tokensOf(result) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
+const MONGO_CONNECTED = '✅ MongoDB connection established for API key management'
+
+/**
+ * Where to persist: the options first, then MONGODB_URI and MONGODB_DB_NAME (default rag_db); null
+ * when no URI is set, and the manager runs in memory as before.
+ */
+function mongoSettings(options) {
+  const uri = options.mongodbUri ?? process.env.MONGODB_URI
+  if (typeof uri !== 'string' || uri === '') return null
+  return {
+    uri,
+    dbName: options.mongodbDbName || process.env.MONGODB_DB_NAME || 'rag_db',
+    connectTimeoutMs: options.mongoConnectTimeoutMs ?? 2000,
+    flushIntervalMs: options.flushIntervalMs,
+    retryIntervalMs: options.mongoRetryIntervalMs,
+    batchSize: options.usageBatchSize,
+    queueCapacity: options.usageQueueCapacity,
+  }
+}
+
 /** Optional numeric options must be numbers: napi's own conversion errors are unreadable. */
 function checkOptions(options) {
   const numbers = [
@@ -86,7 +111,19 @@ function checkOptions(options) {
       }
     }
   }
-  for (const field of ['windowMs', 'reservationTtlMs']) {
+  if (options.mongodbUri !== undefined && typeof options.mongodbUri !== 'string') {
+    return `mongodbUri must be a string (got ${typeof options.mongodbUri})`
+  }
+  if (options.mongodbDbName !== undefined && typeof options.mongodbDbName !== 'string') {
+    return `mongodbDbName must be a string (got ${typeof options.mongodbDbName})`
+  }
+  for (const field of ['usageBatchSize', 'usageQueueCapacity']) {
+    const n = options[field]
+    if (n !== undefined && !(Number.isInteger(n) && n > 0 && n < 2 ** 32)) {
+      return `${field} must be a positive integer (got ${JSON.stringify(n)})`
+    }
+  }
+  for (const field of ['windowMs', 'reservationTtlMs', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs']) {
     if (options[field] !== undefined && typeof options[field] !== 'number') {
       return `${field} must be a positive integer of milliseconds (got ${JSON.stringify(options[field])})`
     }
@@ -114,6 +151,12 @@ class ApiKeyManagerService {
     // Per key: the millisecond values behind its Date fields and its error sequence, so a Date is
     // only replaced, and the error message only fetched, when it changed.
     this._seen = null
+    // With MongoDB: the settings, the attachment's outcome once started, and the exit hooks that
+    // flush on the way out.
+    this._mongo = null
+    this._storeStart = null
+    this._exitHooks = null
+    this._closing = null
   }
 
   /** Builds the native pool on first use; returns an error message when it cannot. */
@@ -140,10 +183,81 @@ class ApiKeyManagerService {
       this._hot.figures(i)
       this._refresh(i)
     }
-    if (!this._options.quiet) {
+    this._mongo = mongoSettings(this._options)
+    if (this._mongo !== null) {
+      this._storeStart = this._attachStore()
+    } else if (!this._options.quiet) {
       console.log(`✅ In-memory API Key Manager initialized with ${this._keys.length} keys`)
     }
     return null
+  }
+
+  /**
+   * Connects to MongoDB (within mongoConnectTimeoutMs), merges what it holds into the pool and
+   * starts writing behind; or, when the server cannot be reached, runs in memory while the native
+   * side keeps trying. Resolves to `{ connected, error }`; never rejects.
+   */
+  async _attachStore() {
+    const n = this._keys.length
+    const quiet = this._options.quiet
+    let start
+    try {
+      start = await this._native.attachStore(this._mongo)
+    } catch (e) {
+      // Refused options: no writer was started, so this manager stays in memory for good.
+      start = { connected: false, error: messageOf(e) }
+      if (!quiet) {
+        console.error(`❌ MongoDB persistence disabled: ${start.error}`)
+        console.log(`✅ In-memory API Key Manager initialized with ${n} keys`)
+      }
+      return start
+    }
+    if (!quiet) {
+      if (start.connected) {
+        console.log(MONGO_CONNECTED)
+        console.log(`✅ API Key Manager initialized with ${n} keys`)
+      } else {
+        console.error(`❌ MongoDB connection failed: ${start.error}`)
+        console.log('🔄 Falling back to in-memory mode...')
+        console.log(`✅ In-memory API Key Manager initialized with ${n} keys`)
+      }
+    }
+    if (!this._closed) {
+      this._allStatuses()
+      this._installExitHooks()
+    }
+    return start
+  }
+
+  /**
+   * Flushes to MongoDB when the process ends normally (beforeExit: the pending flush keeps the
+   * event loop alive until it is written) or on SIGINT/SIGTERM. A signal that nobody else listens
+   * for is raised again once flushed, so the process still ends as it would have; when the
+   * application handles it (the bin does), ending the process is left to it.
+   */
+  _installExitHooks() {
+    const onExit = () => {
+      this.close()
+    }
+    const onSignal = (signal) => {
+      const handledElsewhere = process.listenerCount(signal) > 1
+      this.close().finally(() => {
+        if (!handledElsewhere) process.kill(process.pid, signal)
+      })
+    }
+    process.once('beforeExit', onExit)
+    process.on('SIGINT', onSignal)
+    process.on('SIGTERM', onSignal)
+    this._exitHooks = { onExit, onSignal }
+  }
+
+  _removeExitHooks() {
+    if (this._exitHooks === null) return
+    const { onExit, onSignal } = this._exitHooks
+    process.removeListener('beforeExit', onExit)
+    process.removeListener('SIGINT', onSignal)
+    process.removeListener('SIGTERM', onSignal)
+    this._exitHooks = null
   }
 
   /** The reason a call cannot be served, as a failure result; selection calls name no key. */
@@ -221,11 +335,21 @@ class ApiKeyManagerService {
   async initialize() {
     const reason = this._ready()
     if (reason !== null) return failure(reason)
+    const connected = this._storeStart !== null && (await this._storeStart).connected
+    if (this._closed) return failure('API key manager is closed')
     return {
       success: true,
       data: this._managerInfo(),
-      metadata: { totalKeys: this._keys.length, mode: 'in-memory' },
+      metadata: connected ? { totalKeys: this._keys.length } : { totalKeys: this._keys.length, mode: 'in-memory' },
     }
+  }
+
+  /**
+   * What the MongoDB writer has done: `{ connected, ops, queued, pending, dropped }` (database
+   * round trips, recorded calls waiting, being retried, dropped); null without MongoDB.
+   */
+  persistenceStats() {
+    return this._native === null ? null : this._native.persistenceStats()
   }
 
   // The two hot calls return Promise.resolve(...) from a plain function: an `async` function costs
@@ -282,10 +406,11 @@ class ApiKeyManagerService {
   }
 
   recordUsage(apiKey, tokensUsed, success, error, responseTime) {
-    return Promise.resolve(this._recordUsage(apiKey, tokensUsed, success, error))
+    const result = this._recordUsage(apiKey, tokensUsed, success, error, responseTime)
+    return result === RECORDED ? RECORDED_PROMISE : Promise.resolve(result)
   }
 
-  _recordUsage(apiKey, tokensUsed, success, error) {
+  _recordUsage(apiKey, tokensUsed, success, error, responseTime) {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
@@ -295,13 +420,17 @@ class ApiKeyManagerService {
       return failure(`tokensUsed must be a number (got ${typeof tokensUsed})`)
     }
     try {
-      if (success) this._hot.recordSuccess(i, tokensUsed)
-      else this._native.recordFailure(i, typeof tokensUsed === 'number' ? tokensUsed : 0, describeError(error))
+      if (success) this._hot.recordSuccess(i, tokensUsed, responseTime)
+      else {
+        const tokens = typeof tokensUsed === 'number' ? tokensUsed : 0
+        const ms = typeof responseTime === 'number' ? responseTime : undefined
+        this._native.recordFailure(i, tokens, describeError(error), ms)
+      }
     } catch (e) {
       return failure(messageOf(e))
     }
     this._refresh(i)
-    return { success: true, metadata: {} }
+    return RECORDED
   }
 
   /**
@@ -384,6 +513,9 @@ class ApiKeyManagerService {
    */
   async execute(call, { estimatedTokens = 0, maxAttempts = 3, maxWaitMs = 0 } = {}) {
     if (typeof call !== 'function') throw new TypeError('execute needs a function (apiKey) => Promise')
+    if (!(Number.isInteger(maxAttempts) && maxAttempts >= 1)) {
+      throw new RangeError(`maxAttempts must be a positive integer (got ${JSON.stringify(maxAttempts)})`)
+    }
     const waitUntil = Date.now() + maxWaitMs
     let lastError
     for (let attempt = 1; attempt <= maxAttempts; attempt++) {
@@ -445,11 +577,25 @@ class ApiKeyManagerService {
     return this._native.route(method, url, body)
   }
 
-  async close() {
-    if (this._closed) return
+  /**
+   * Refuses later calls; with MongoDB, resolves once everything recorded is written. Every call
+   * returns the same promise, so a second caller (an exit hook and the application) also waits
+   * for the last write.
+   */
+  close() {
+    this._closing ??= this._close()
+    return this._closing
+  }
+
+  async _close() {
     this._closed = true
+    this._removeExitHooks()
     if (this._native !== null) this._native.close()
     if (instance === this) instance = null
+    if (this._storeStart !== null) {
+      await this._storeStart
+      await this._native.closeStore()
+    }
   }
 }
 

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use napi::bindgen_prelude::{Buffer, Env, Object, PromiseRaw};
 use napi_derive::napi;
@@ -17,6 +18,7 @@ use crate::fast_path::{self, JsPool};
 use crate::health::HealthState;
 use crate::http::{self, ServerHandle, ServerOptions};
 use crate::log::{ConsoleLog, Log, SilentLog};
+use crate::persistence::{PersistOptions, Started, WriteBehind};
 use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::quota::LimitType;
 use crate::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
@@ -98,6 +100,63 @@ fn at(index: u32) -> usize {
 #[napi]
 pub struct NativeKeyPool {
   js: Arc<JsPool>,
+  log: Arc<dyn Log>,
+  /// The MongoDB writer, once `attachStore` has started it.
+  writer: Arc<parking_lot::Mutex<Option<Arc<WriteBehind>>>>,
+}
+
+/// Options of `NativeKeyPool.attachStore`.
+#[napi(object)]
+pub struct StoreOptions {
+  /// The MongoDB connection string.
+  pub uri: String,
+  /// Default `rag_db`.
+  pub db_name: Option<String>,
+  /// How long to wait for the server before running in memory (default 2000 ms).
+  pub connect_timeout_ms: Option<f64>,
+  /// How often changes are written (default 1000 ms).
+  pub flush_interval_ms: Option<f64>,
+  /// How often to try the server again while running in memory (default 3000 ms).
+  pub retry_interval_ms: Option<f64>,
+  /// Recorded calls that trigger a write before the interval is up (default 500).
+  pub batch_size: Option<u32>,
+  /// Recorded calls kept while the server is away, at most (default 10000).
+  pub queue_capacity: Option<u32>,
+}
+
+/// How `attachStore` went.
+#[napi(object)]
+pub struct StoreStart {
+  /// Connected and loaded; otherwise the pool runs in memory and keeps trying in the background.
+  pub connected: bool,
+  /// Why it could not connect.
+  pub error: Option<String>,
+}
+
+/// What the MongoDB writer has done.
+#[napi(object)]
+pub struct PersistenceStats {
+  pub connected: bool,
+  /// Database round trips so far.
+  pub ops: f64,
+  /// Recorded calls waiting to be written.
+  pub queued: u32,
+  /// Recorded calls of a write being retried.
+  pub pending: u32,
+  /// Recorded calls dropped because the queue was full.
+  pub dropped: f64,
+}
+
+/// A duration option in ms: positive and finite, or the default.
+fn millis_option(name: &str, value: Option<f64>, default: Duration) -> napi::Result<Duration> {
+  match value {
+    None => Ok(default),
+    Some(ms) if ms.is_finite() && ms > 0.0 => Ok(Duration::from_millis(ms.ceil() as u64)),
+    Some(ms) => Err(napi::Error::from_reason(format!(
+      "{name} must be a positive number of milliseconds (got {})",
+      js_number(ms)
+    ))),
+  }
 }
 
 #[napi]
@@ -132,12 +191,14 @@ impl NativeKeyPool {
     } else {
       Arc::new(ConsoleLog)
     };
-    let pool = KeyPool::new(config, Arc::new(SystemClock), log).map_err(js_error)?;
+    let pool = KeyPool::new(config, Arc::new(SystemClock), log.clone()).map_err(js_error)?;
     Ok(Self {
       js: Arc::new(JsPool {
         pool: Arc::new(pool),
         results: Results::default(),
       }),
+      log,
+      writer: Arc::default(),
     })
   }
 
@@ -149,10 +210,10 @@ impl NativeKeyPool {
     &self.js.results
   }
 
-  /// `{ results: Float64Array, best(): number, recordSuccess(index, tokens): void, figures(index): void }`:
+  /// `{ results: Float64Array, best(): number, recordSuccess(index, tokens, responseTime): void, figures(index): void }`:
   /// the hot path, as plain functions over this pool.
   #[napi(
-    ts_return_type = "{ results: Float64Array; best(): number; recordSuccess(index: number, tokens: number): void; figures(index: number): void }"
+    ts_return_type = "{ results: Float64Array; best(): number; recordSuccess(index: number, tokens: number, responseTime?: number): void; figures(index: number): void }"
   )]
   pub fn hot_path<'env>(&self, env: &'env Env) -> napi::Result<Object<'env>> {
     // SAFETY: `env` is this call's environment, on the JS thread.
@@ -180,13 +241,24 @@ impl NativeKeyPool {
   }
 
   /// Records a failed call on the key at `index`. A failed call often has no token count: a
-  /// missing or invalid one counts as 0 rather than losing the failure.
+  /// missing or invalid one counts as 0 rather than losing the failure. `responseTime` is in ms.
   #[napi]
-  pub fn record_failure(&self, index: u32, tokens: f64, error: String) -> napi::Result<()> {
+  pub fn record_failure(
+    &self,
+    index: u32,
+    tokens: f64,
+    error: String,
+    response_time: Option<f64>,
+  ) -> napi::Result<()> {
     let tokens = validate_tokens(tokens).unwrap_or(0);
     let figures = self
       .pool()
-      .record_usage(at(index), tokens, Outcome::Failure(&error))
+      .record_usage(
+        at(index),
+        tokens,
+        Outcome::Failure(&error),
+        response_time.unwrap_or(0.0),
+      )
       .map_err(js_error)?;
     self.results().write_figures(&figures);
     Ok(())
@@ -329,10 +401,104 @@ impl NativeKeyPool {
     })
   }
 
+  /// Persists the pool in MongoDB from now on, written behind (see `persistence`): connects within
+  /// the timeout, loads and merges what is stored, and starts the writer on the addon's tokio
+  /// runtime. When the server cannot be reached the pool runs in memory and the writer keeps
+  /// trying in the background. Resolves with how it went; a second call is refused.
+  #[napi(ts_return_type = "Promise<StoreStart>")]
+  pub fn attach_store<'env>(
+    &self,
+    env: &'env Env,
+    options: StoreOptions,
+  ) -> napi::Result<PromiseRaw<'env, StoreStart>> {
+    let defaults = PersistOptions::new(options.uri);
+    let persist = PersistOptions {
+      db_name: options.db_name.unwrap_or(defaults.db_name.clone()),
+      connect_timeout: millis_option(
+        "mongoConnectTimeoutMs",
+        options.connect_timeout_ms,
+        defaults.connect_timeout,
+      )?,
+      flush_interval: millis_option(
+        "flushIntervalMs",
+        options.flush_interval_ms,
+        defaults.flush_interval,
+      )?,
+      retry_interval: millis_option(
+        "retryIntervalMs",
+        options.retry_interval_ms,
+        defaults.retry_interval,
+      )?,
+      batch_size: options
+        .batch_size
+        .map_or(defaults.batch_size, |n| n as usize),
+      queue_capacity: options
+        .queue_capacity
+        .map_or(defaults.queue_capacity, |n| n as usize),
+      ..defaults
+    };
+    if self.writer.lock().is_some() {
+      return Err(napi::Error::from_reason("a store is already attached"));
+    }
+    let (pool, log, slot) = (self.js.pool.clone(), self.log.clone(), self.writer.clone());
+    env.spawn_future(async move {
+      let (writer, started) = WriteBehind::start(pool, persist, log).await;
+      *slot.lock() = Some(Arc::new(writer));
+      Ok(match started {
+        Started::Connected => StoreStart {
+          connected: true,
+          error: None,
+        },
+        Started::Fallback(why) => StoreStart {
+          connected: false,
+          error: Some(why),
+        },
+      })
+    })
+  }
+
+  /// Writes what is left and stops the writer; resolves when done (at once without a store).
+  /// Call `close()` first, so that nothing changes after the last write.
+  #[napi(ts_return_type = "Promise<void>")]
+  pub fn close_store<'env>(&self, env: &'env Env) -> napi::Result<PromiseRaw<'env, ()>> {
+    let writer = self.writer.lock().clone();
+    env.spawn_future(async move {
+      if let Some(writer) = writer {
+        writer.close().await;
+      }
+      Ok(())
+    })
+  }
+
+  /// What the MongoDB writer has done, or `null` without a store.
+  #[napi]
+  pub fn persistence_stats(&self) -> Option<PersistenceStats> {
+    self.writer.lock().as_ref().map(|w| {
+      let s = w.stats();
+      PersistenceStats {
+        connected: s.connected,
+        ops: s.ops as f64,
+        queued: s.queued as u32,
+        pending: s.pending as u32,
+        dropped: s.dropped as f64,
+      }
+    })
+  }
+
   /// Refuses every later call. Idempotent.
   #[napi]
   pub fn close(&self) {
     self.pool().close();
+  }
+}
+
+impl Drop for NativeKeyPool {
+  /// A pool collected without `closeStore()` still gets its last write, and its writer ends
+  /// instead of retrying for the life of the process.
+  fn drop(&mut self) {
+    if let Some(writer) = self.writer.lock().take() {
+      writer.stop();
+    }
   }
 }
 

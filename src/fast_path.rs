@@ -21,9 +21,12 @@ pub struct JsPool {
   pub results: Results,
 }
 
-type Handler = fn(&JsPool, &[f64; 2]) -> Result<Option<u32>, PoolError>;
+/// Numeric arguments a hot-path function takes at most.
+const ARGS: usize = 3;
 
-fn best(p: &JsPool, [estimated_tokens, _]: &[f64; 2]) -> Result<Option<u32>, PoolError> {
+type Handler = fn(&JsPool, &[f64; ARGS]) -> Result<Option<u32>, PoolError>;
+
+fn best(p: &JsPool, [estimated_tokens, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolError> {
   let claim = Claim::Reserve {
     estimated_tokens: validate_tokens(*estimated_tokens)?,
   };
@@ -33,16 +36,20 @@ fn best(p: &JsPool, [estimated_tokens, _]: &[f64; 2]) -> Result<Option<u32>, Poo
   Ok(Some(picked.pick.index as u32))
 }
 
-fn record_success(p: &JsPool, [index, tokens]: &[f64; 2]) -> Result<Option<u32>, PoolError> {
+/// `responseTime` is optional: a missing one reads as NaN, which is stored as 0.
+fn record_success(
+  p: &JsPool,
+  [index, tokens, response_time]: &[f64; ARGS],
+) -> Result<Option<u32>, PoolError> {
   let tokens = validate_tokens(*tokens)?;
-  let figures = p
-    .pool
-    .record_usage(key_index(*index)?, tokens, Outcome::Success)?;
+  let figures =
+    p.pool
+      .record_usage(key_index(*index)?, tokens, Outcome::Success, *response_time)?;
   p.results.write_figures(&figures);
   Ok(None)
 }
 
-fn figures(p: &JsPool, [index, _]: &[f64; 2]) -> Result<Option<u32>, PoolError> {
+fn figures(p: &JsPool, [index, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolError> {
   let figures = p.pool.figures(key_index(*index)?)?;
   p.results.write_figures(&figures);
   Ok(None)
@@ -63,14 +70,14 @@ struct Bound {
   handler: Handler,
 }
 
-/// Calls the handler with up to two numeric arguments (a missing or non-numeric one reads as NaN,
+/// Calls the handler with up to three numeric arguments (a missing or non-numeric one reads as NaN,
 /// which every handler refuses), and turns its error into a thrown JS `Error`.
 unsafe extern "C" fn trampoline(
   env: sys::napi_env,
   info: sys::napi_callback_info,
 ) -> sys::napi_value {
-  let mut argc = 2usize;
-  let mut argv = [ptr::null_mut(); 2];
+  let mut argc = ARGS;
+  let mut argv = [ptr::null_mut(); ARGS];
   let mut data: *mut c_void = ptr::null_mut();
   // SAFETY: `info` is this call's; `argv` has room for `argc` values; `data` is the `Bound` that
   // `install` attached to this function and that lives until the function is collected.
@@ -88,8 +95,8 @@ unsafe extern "C" fn trampoline(
       return ptr::null_mut();
     }
     let bound = &*(data as *const Bound);
-    let mut args = [f64::NAN; 2];
-    for (arg, value) in args.iter_mut().zip(&argv[..argc.min(2)]) {
+    let mut args = [f64::NAN; ARGS];
+    for (arg, value) in args.iter_mut().zip(&argv[..argc.min(ARGS)]) {
       if sys::napi_get_value_double(env, *value, arg) != sys::Status::napi_ok {
         *arg = f64::NAN;
       }

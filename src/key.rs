@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use crate::clock::Millis;
 use crate::health::{Health, HealthState};
 use crate::quota::{LimitType, Quota, WindowPolicy};
+use crate::store::{KeyRecord, WindowRecord};
 use crate::window::{DailyWindow, RollingWindow};
 
 /// A request counted when its key was handed out, waiting for its `recordUsage`.
@@ -173,7 +174,9 @@ impl KeyState {
   }
 
   /// Releases reservations older than `ttl`: requests never reported are taken as never made.
-  pub fn expire_reservations(&mut self, now: Millis, ttl: Millis) {
+  /// Returns whether any was released.
+  pub fn expire_reservations(&mut self, now: Millis, ttl: Millis) -> bool {
+    let before = self.pending.len();
     while let Some(r) = self.pending.front().copied() {
       if now - r.at < ttl {
         break;
@@ -183,6 +186,7 @@ impl KeyState {
       self.rpd.remove(now, r.at, 1);
       self.tpm.remove(now, r.at, r.tokens);
     }
+    self.pending.len() != before
   }
 
   /// Fresh windows (resetAllLimits); outstanding reservations go with them.
@@ -235,6 +239,72 @@ impl KeyState {
       figures: self.figures(now),
       last_error: self.last_error.clone(),
     }
+  }
+
+  /// The key's state as stored (SPEC section 3's `ApiKeyStatus`). A rolling window's `resetTime`
+  /// is when all of its count has left it, so a reader that drops the count after that time (the
+  /// old service did) never drops a request still counted.
+  pub fn to_record(&self, now: Millis) -> KeyRecord {
+    let rolling = |w: &RollingWindow, limit| WindowRecord {
+      current: w.current(now),
+      limit,
+      reset_time: w.clears_at(now),
+    };
+    KeyRecord {
+      api_key: self.key.clone(),
+      is_active: !self.health.is_deactivated(),
+      last_used: self.last_used,
+      rpm: rolling(&self.rpm, self.quota.rpm),
+      rpd: WindowRecord {
+        current: self.rpd.current(now),
+        limit: self.quota.rpd,
+        reset_time: self.rpd.frees_at(now),
+      },
+      tpm: rolling(&self.tpm, self.quota.tpm),
+      error_count: self.error_count,
+      last_error: self.last_error.clone(),
+      last_error_time: self.last_error_time,
+    }
+  }
+
+  /// Merges a stored record into this key. Counters of windows still open in the record (reset
+  /// time ahead of `now`) become the larger of the two, never less than either side counted; the
+  /// difference is counted at `now`, so a rolling window keeps it a whole span, at worst longer
+  /// than the upstream does. The record's limits are not taken: configuration decides them.
+  /// `lastUsed`, health and error fields are taken from the record unless `local_wins` (this key
+  /// changed here since it was last stored, so its own are newer; `lastUsed` is then the later).
+  pub fn merge_record(&mut self, record: &KeyRecord, now: Millis, local_wins: bool) {
+    let missing = |w: WindowRecord, local: u64| {
+      if w.reset_time > now {
+        w.current.saturating_sub(local)
+      } else {
+        0
+      }
+    };
+    let rpm = missing(record.rpm, self.rpm.current(now));
+    let rpd = missing(record.rpd, self.rpd.current(now));
+    let tpm = missing(record.tpm, self.tpm.current(now));
+    self.rpm.add(now, rpm);
+    self.rpd.add(now, rpd);
+    self.tpm.add(now, tpm);
+    if local_wins {
+      self.last_used = self.last_used.max(record.last_used);
+      return;
+    }
+    self.last_used = record.last_used;
+    match (record.is_active, self.health.is_deactivated()) {
+      (false, false) => {
+        self.health.on_key_rejected();
+      }
+      (true, true) => self.health.reactivate(),
+      _ => {}
+    }
+    self.error_count = record.error_count;
+    if self.last_error != record.last_error {
+      self.last_error = record.last_error.clone();
+      self.error_seq = self.error_seq.wrapping_add(1);
+    }
+    self.last_error_time = record.last_error_time;
   }
 
   /// A window is limited when it is full, or when the upstream rate-limited it and the key is
@@ -325,6 +395,71 @@ mod tests {
     // A late report then counts as a request of its own.
     k.settle(T0 + MINUTE_MS, 50, true);
     assert_eq!(k.rpd.current(T0 + MINUTE_MS), 1);
+  }
+
+  fn counted(k: &KeyState, now: Millis) -> (u64, u64, u64) {
+    (k.rpm.current(now), k.rpd.current(now), k.tpm.current(now))
+  }
+
+  #[test]
+  fn a_record_round_trips_through_a_fresh_key() {
+    let mut k = key();
+    k.reserve(T0, 0);
+    k.settle(T0 + 100, 700, true);
+    k.record_error("503".into(), T0 + 200);
+    k.health.on_key_rejected();
+    let record = k.to_record(T0 + 300);
+    assert_eq!(
+      (record.rpm.current, record.rpd.current, record.tpm.current),
+      (1, 1, 700)
+    );
+    assert_eq!(record.rpm.reset_time, T0 + 500 + MINUTE_MS + 10);
+    assert!(!record.is_active);
+    let mut restarted = key();
+    restarted.merge_record(&record, T0 + 1_000, false);
+    assert_eq!(counted(&restarted, T0 + 1_000), (1, 1, 700));
+    // Counted again at the merge: conservatively a whole span from then.
+    assert_eq!(restarted.rpm.current(T0 + 1_000 + MINUTE_MS), 1);
+    assert!(restarted.health.is_deactivated());
+    assert_eq!(
+      (
+        restarted.error_count,
+        restarted.last_error.as_deref(),
+        restarted.last_error_time
+      ),
+      (1, Some("503"), Some(T0 + 200))
+    );
+    assert_eq!(restarted.last_used, T0);
+    assert_eq!(restarted.to_record(T0 + 1_000).rpd, record.rpd);
+  }
+
+  #[test]
+  fn merging_keeps_the_larger_count_of_open_windows_and_ignores_closed_ones() {
+    let mut k = key();
+    k.settle(T0, 50, true);
+    k.settle(T0, 50, true);
+    let open = |current| WindowRecord {
+      current,
+      limit: 30,
+      reset_time: T0 + 30_000,
+    };
+    let mut record = k.to_record(T0);
+    record.rpm = open(1);
+    record.rpd = open(5);
+    record.tpm = WindowRecord {
+      current: 900,
+      limit: 1_000_000,
+      reset_time: T0 - 1,
+    };
+    record.error_count = 4;
+    k.record_error("local".into(), T0);
+    k.merge_record(&record, T0, true);
+    assert_eq!(counted(&k, T0), (2, 5, 100));
+    // The local error is newer than the record's.
+    assert_eq!((k.error_count, k.last_error.as_deref()), (1, Some("local")));
+    k.merge_record(&record, T0, false);
+    assert_eq!(counted(&k, T0), (2, 5, 100));
+    assert_eq!((k.error_count, k.last_error.as_deref()), (4, None));
   }
 
   #[test]

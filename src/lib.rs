@@ -2,8 +2,9 @@
 //!
 //! The core (`clock`, `calendar`, `quota`, `window`, `key`, `failure`, `health`, `selection`,
 //! `pool`, `config`) is plain Rust with no napi types; `http` is the HTTP API; `store` keeps state in
-//! MongoDB and shares quota across processes; `bindings` (with `fast_path` for the hot path) is the
-//! one layer that speaks N-API.
+//! MongoDB and shares quota across processes; `persistence` writes the pool's changes (changed keys,
+//! and the calls `usage_log` queues) to it behind the hot path; `bindings` (with `fast_path` for the
+//! hot path) is the one layer that speaks N-API.
 
 pub mod calendar;
 pub mod clock;
@@ -15,11 +16,13 @@ pub mod http;
 pub mod key;
 pub mod log;
 pub mod mask;
+pub mod persistence;
 pub mod pool;
 pub mod quota;
 pub mod results;
 pub mod selection;
 pub mod store;
+pub mod usage_log;
 pub mod window;
 
 // The N-API layer, left out of `cargo test` builds: a test binary that links napi's symbols fails

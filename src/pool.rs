@@ -1,6 +1,8 @@
 //! The key pool: every key's state behind one short lock, and the operations of the old service's
-//! API applied to it atomically. Nothing here allocates on the selection and usage paths, blocks on
-//! I/O, or prints while the lock is held.
+//! API applied to it atomically. Nothing here allocates on the selection and usage paths (a failure's
+//! message aside), blocks on I/O, or prints while the lock is held. What changed is tracked for the
+//! write-behind layer (`persistence`): a flag per changed key and a queue of recorded calls, both
+//! O(1) to add to.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use crate::log::Log;
 use crate::mask::{mask_key, scrub};
 use crate::quota::{LimitType, WindowPolicy};
 use crate::selection::{Rotation, Selection, SelectionCache};
+use crate::store::{KeyRecord, UsageIds, UsageRecord};
+use crate::usage_log::{UsageEntry, UsageLog};
 
 /// Largest token count one call may report: far above any model's context, and exact in a JS number.
 pub const MAX_TOKENS_PER_CALL: u64 = u32::MAX as u64;
@@ -59,25 +63,48 @@ struct PoolState {
   cache: SelectionCache,
   last_rotation: Millis,
   closed: bool,
+  /// Per key: changed since last exported. `dirty_keys` lists the flagged positions, so marking is
+  /// O(1) and exporting is O(changed keys) however large the pool.
+  dirty: Vec<bool>,
+  dirty_keys: Vec<usize>,
+  /// Recorded calls waiting to be stored; `None` while nothing stores them.
+  usage: Option<UsageLog>,
 }
 
 impl PoolState {
+  /// Notes that key `index` changed, for the next export.
+  fn touch(&mut self, index: usize) {
+    if !self.dirty[index] {
+      self.dirty[index] = true;
+      self.dirty_keys.push(index);
+    }
+  }
+
+  fn touch_all(&mut self) {
+    for index in 0..self.keys.len() {
+      self.touch(index);
+    }
+  }
+
   /// Applies `claim` to the key just chosen; returns its figures.
   fn claim(&mut self, index: usize, claim: Claim, now: Millis, ttl: Millis) -> KeyFigures {
-    let key = &mut self.keys[index];
     if let Claim::Reserve { estimated_tokens } = claim {
+      let key = &mut self.keys[index];
       key.expire_reservations(now, ttl);
       key.reserve(now, estimated_tokens);
+      self.touch(index);
     }
-    key.figures(now)
+    self.keys[index].figures(now)
   }
 
   /// Releases every key's expired reservations when the cache is about to be rebuilt, so that
   /// keys no one touches get their room back at least every cache lifetime.
   fn expire_before_rebuild(&mut self, now: Millis, ttl: Millis) {
     if self.cache.is_stale(now) {
-      for key in &mut self.keys {
-        key.expire_reservations(now, ttl);
+      for index in 0..self.keys.len() {
+        if self.keys[index].expire_reservations(now, ttl) {
+          self.touch(index);
+        }
       }
     }
   }
@@ -92,6 +119,19 @@ pub struct KeyPool {
   policy: WindowPolicy,
   clock: Arc<dyn Clock>,
   log: Arc<dyn Log>,
+  /// Issues the ids of recorded calls, for the pool's life: a batch resent after a failed write,
+  /// even through a new connection, must carry the ids it had.
+  usage_ids: UsageIds,
+}
+
+/// A recorded call's latency as the caller reported it, in ms; anything but a non-negative finite
+/// number (a missing one included) is stored as 0 rather than failing the call it describes.
+fn response_time(ms: f64) -> f64 {
+  if ms.is_finite() && ms >= 0.0 {
+    ms
+  } else {
+    0.0
+  }
 }
 
 /// Checks a token count given as a JS number: a non-negative integer no larger than
@@ -155,23 +195,28 @@ impl KeyPool {
       .enumerate()
       .map(|(i, k)| (k.clone(), i))
       .collect();
-    let keys = config
+    let keys: Vec<KeyState> = config
       .keys
       .iter()
       .map(|k| KeyState::new(k.clone(), config.quota, &config.policy, now))
       .collect();
+    let n = keys.len();
     Ok(Self {
       state: Mutex::new(PoolState {
         keys,
         cache: SelectionCache::default(),
         last_rotation: now,
         closed: false,
+        dirty: vec![false; n],
+        dirty_keys: Vec::with_capacity(n),
+        usage: None,
       }),
       names: config.keys,
       index,
       policy: config.policy,
       clock,
       log,
+      usage_ids: UsageIds::new(),
     })
   }
 
@@ -262,12 +307,14 @@ impl KeyPool {
   /// `recordUsage`: settles the request's reservation with its real token count. A success clears
   /// the error streak; a failure is read for what it says about the key (see [`classify`]): a 429
   /// rests it, a refusal deactivates it, anything else counts toward opening its circuit. Error
-  /// messages are stored with every key in them masked (scrubbed before the lock is taken).
+  /// messages are stored with every key in them masked (scrubbed before the lock is taken). When
+  /// usage is being stored, the call is queued for it with `response_time_ms`.
   pub fn record_usage(
     &self,
     index: usize,
     tokens: u64,
     outcome: Outcome<'_>,
+    response_time_ms: f64,
   ) -> Result<KeyFigures, PoolError> {
     let failure = match outcome {
       Outcome::Failure(error) => Some((scrub(error, &self.names), classify(error))),
@@ -276,6 +323,18 @@ impl KeyPool {
     let ttl = self.policy.reservation_ttl_ms;
     let span = self.policy.span_ms;
     let (figures, change, limited) = self.with_key(index, |state, now| {
+      state.touch(index);
+      if let Some(usage) = &mut state.usage {
+        usage.push(UsageEntry {
+          id: self.usage_ids.next_id(),
+          index,
+          timestamp: now,
+          tokens,
+          success: failure.is_none(),
+          error: failure.as_ref().map(|(message, _)| message.clone()),
+          response_time: response_time(response_time_ms),
+        });
+      }
       let key = &mut state.keys[index];
       key.expire_reservations(now, ttl);
       key.settle(now, tokens, failure.is_none());
@@ -326,6 +385,7 @@ impl KeyPool {
   ) -> Result<KeyFigures, PoolError> {
     let span = self.policy.span_ms;
     let (figures, change) = self.with_key(index, |state, now| {
+      state.touch(index);
       let key = &mut state.keys[index];
       key.record_error(
         format!("Rate limit exceeded ({})", limit_type.as_str()),
@@ -376,6 +436,7 @@ impl KeyPool {
   /// Back in service with a clean record.
   pub fn reactivate(&self, index: usize) -> Result<KeyFigures, PoolError> {
     self.with_key(index, |state, now| {
+      state.touch(index);
       let key = &mut state.keys[index];
       key.health.reactivate();
       key.error_count = 0;
@@ -392,6 +453,7 @@ impl KeyPool {
         key.clear_windows(now);
         key.health.end_rest(now);
       }
+      state.touch_all();
       state.cache.invalidate();
     })
   }
@@ -417,6 +479,10 @@ impl KeyPool {
         .keys
         .iter()
         .filter_map(|key| {
+          // A request larger than the key's whole TPM never fits, however long one waits.
+          if estimated_tokens > key.quota.tpm {
+            return None;
+          }
           let mut at = match key.health.state(now) {
             HealthState::Deactivated | HealthState::HalfOpen { trial_out: true } => return None,
             state => state.until().unwrap_or(now),
@@ -457,6 +523,91 @@ impl KeyPool {
   /// SPEC's `ApiKeyManager`.
   pub fn rotation_state(&self) -> Result<(usize, Millis), PoolError> {
     self.with_state(|state, _| (state.cache.cursor(), state.last_rotation))
+  }
+
+  /// Starts queueing recorded calls for storage (see [`UsageLog::new`]); calls recorded before
+  /// are not queued. A second call keeps the first queue.
+  pub fn enable_usage_log(&self, capacity: usize, batch: usize, wake: Arc<tokio::sync::Notify>) {
+    let mut state = self.state.lock();
+    if state.usage.is_none() {
+      state.usage = Some(UsageLog::new(capacity, batch, wake));
+    }
+  }
+
+  /// Takes up to `max` of the oldest queued calls, as stored records. Works on a closed pool, so
+  /// that closing can flush.
+  pub fn take_usage(&self, max: usize) -> Vec<UsageRecord> {
+    let entries = match &mut self.state.lock().usage {
+      Some(usage) => usage.take(max),
+      None => return Vec::new(),
+    };
+    // The keys' text is copied in here, after the lock is released.
+    entries
+      .into_iter()
+      .map(|e| e.into_record(&self.names))
+      .collect()
+  }
+
+  /// Queued calls, and calls dropped because the queue was full.
+  pub fn usage_backlog(&self) -> (usize, u64) {
+    match &self.state.lock().usage {
+      Some(usage) => (usage.len(), usage.dropped()),
+      None => (0, 0),
+    }
+  }
+
+  /// The keys changed since the last export, as stored records; their change flags are cleared.
+  /// Works on a closed pool, so that closing can flush.
+  pub fn export_dirty(&self) -> Vec<KeyRecord> {
+    let now = self.clock.now_ms();
+    let mut state = self.state.lock();
+    let state = &mut *state;
+    let records = state
+      .dirty_keys
+      .iter()
+      .map(|&i| state.keys[i].to_record(now))
+      .collect();
+    for i in state.dirty_keys.drain(..) {
+      state.dirty[i] = false;
+    }
+    records
+  }
+
+  /// Flags the keys of `records` as changed again: their write failed, so the next export must
+  /// include them (with whatever state they have by then).
+  pub fn mark_dirty(&self, records: &[KeyRecord]) {
+    let mut state = self.state.lock();
+    for r in records {
+      if let Some(&i) = self.index.get(&r.api_key) {
+        state.touch(i);
+      }
+    }
+  }
+
+  /// Flags every key as changed, so the next export writes the whole pool.
+  pub fn mark_all_dirty(&self) {
+    self.state.lock().touch_all();
+  }
+
+  /// Merges stored records into the pool (see [`KeyState::merge_record`]): counters of open
+  /// windows become the larger of the two sides; health and errors come from the record unless
+  /// the key changed here since its last export. Records of keys not in the pool are ignored.
+  /// Returns how many records were merged.
+  pub fn import(&self, records: &[KeyRecord]) -> usize {
+    let now = self.clock.now_ms();
+    let mut state = self.state.lock();
+    let mut merged = 0;
+    for r in records {
+      if let Some(&i) = self.index.get(&r.api_key) {
+        let local_wins = state.dirty[i];
+        state.keys[i].merge_record(r, now, local_wins);
+        merged += 1;
+      }
+    }
+    if merged > 0 {
+      state.cache.invalidate();
+    }
+    merged
   }
 
   /// Refuses every later call. Idempotent.
@@ -539,11 +690,11 @@ mod tests {
     let (p, _, _) = pool(1);
     let picked = p.best(RESERVE).unwrap();
     let f = p
-      .record_usage(picked.pick.index, 120, Outcome::Success)
+      .record_usage(picked.pick.index, 120, Outcome::Success, 0.0)
       .unwrap();
     assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (1, 1, 120));
     // Usage for a key that was not handed out counts as before.
-    let f = p.record_usage(0, 30, Outcome::Success).unwrap();
+    let f = p.record_usage(0, 30, Outcome::Success, 0.0).unwrap();
     assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (2, 2, 150));
   }
 
@@ -597,7 +748,8 @@ mod tests {
       p.next_available_at(0).unwrap(),
       Some(T0 + 1_500 + MINUTE_MS + 10)
     );
-    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"))
+    assert_eq!(p.next_available_at(1_000_001).unwrap(), None);
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 0.0)
       .unwrap();
     assert_eq!(p.next_available_at(0).unwrap(), Some(T0 + 1_000 + 120_000));
   }
@@ -644,7 +796,7 @@ mod tests {
       .unwrap_err(),
       PoolError::NoActiveKeys
     );
-    let f = p.record_usage(0, 150, Outcome::Success).unwrap();
+    let f = p.record_usage(0, 150, Outcome::Success, 0.0).unwrap();
     assert_eq!(f.tpm.current, 150);
     p.refresh_cache().unwrap();
     assert_eq!(
@@ -665,7 +817,7 @@ mod tests {
     let body = r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"17s"}]}}"#;
     for _ in 0..10 {
       p.best(RESERVE).unwrap();
-      p.record_usage(0, 0, Outcome::Failure(body)).unwrap();
+      p.record_usage(0, 0, Outcome::Failure(body), 0.0).unwrap();
     }
     let f = p.figures(0).unwrap();
     assert!(f.active);
@@ -707,7 +859,7 @@ mod tests {
   fn repeated_server_errors_open_the_circuit_and_a_trial_success_closes_it() {
     let (p, clock, log) = pool(2);
     for _ in 0..3 {
-      p.record_usage(0, 0, Outcome::Failure("[503 Service Unavailable]"))
+      p.record_usage(0, 0, Outcome::Failure("[503 Service Unavailable]"), 0.0)
         .unwrap();
     }
     let f = p.figures(0).unwrap();
@@ -732,7 +884,7 @@ mod tests {
       p.figures(0).unwrap().state,
       HealthState::HalfOpen { trial_out: true }
     );
-    p.record_usage(0, 10, Outcome::Success).unwrap();
+    p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
     assert_eq!(p.figures(0).unwrap().state, HealthState::Active);
   }
 
@@ -743,6 +895,7 @@ mod tests {
       0,
       0,
       Outcome::Failure("API key not valid. [API_KEY_INVALID]"),
+      0.0,
     )
     .unwrap();
     assert!(!p.figures(0).unwrap().active);
@@ -762,7 +915,8 @@ mod tests {
   fn recorded_errors_never_hold_a_full_key() {
     let (p, _, _) = pool(2);
     let quoted = format!("403 on ?key={}", p.keys()[1]);
-    p.record_usage(0, 0, Outcome::Failure(&quoted)).unwrap();
+    p.record_usage(0, 0, Outcome::Failure(&quoted), 0.0)
+      .unwrap();
     assert_eq!(
       p.last_error(0).unwrap().as_deref(),
       Some("403 on ?key=AIzaSyTE...ijkl")
@@ -783,7 +937,7 @@ mod tests {
   fn reset_all_limits_gives_fresh_windows_and_ends_rests() {
     let (p, clock, _) = pool(1);
     p.best(RESERVE).unwrap();
-    p.record_usage(0, 99, Outcome::Success).unwrap();
+    p.record_usage(0, 99, Outcome::Success, 0.0).unwrap();
     p.handle_rate_limit(0, LimitType::Rpd, None).unwrap();
     clock.advance(5);
     p.reset_all_limits().unwrap();
@@ -803,7 +957,7 @@ mod tests {
       },
     );
     for _ in 0..9 {
-      p.record_usage(0, 0, Outcome::Success).unwrap();
+      p.record_usage(0, 0, Outcome::Success, 0.0).unwrap();
     }
     let r = p.rotate(RESERVE).unwrap();
     assert_eq!(r.pick.reason, RotationReason::Proactive);
@@ -821,9 +975,142 @@ mod tests {
     p.close();
     assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::Closed);
     assert_eq!(
-      p.record_usage(0, 1, Outcome::Success).unwrap_err(),
+      p.record_usage(0, 1, Outcome::Success, 0.0).unwrap_err(),
       PoolError::Closed
     );
+  }
+
+  fn exported(p: &KeyPool) -> Vec<String> {
+    p.export_dirty().into_iter().map(|r| r.api_key).collect()
+  }
+
+  #[test]
+  fn every_mutation_marks_its_key_for_export_and_export_clears_the_marks() {
+    let (p, clock, _) = pool(3);
+    let k = p.keys().to_vec();
+    assert!(exported(&p).is_empty());
+    // Looking is not changing.
+    p.best(Claim::LookOnly).unwrap();
+    p.figures(1).unwrap();
+    assert!(exported(&p).is_empty());
+    let picked = p.best(RESERVE).unwrap().pick.index;
+    assert_eq!(exported(&p), vec![k[picked].clone()]);
+    assert!(exported(&p).is_empty());
+    p.record_usage(2, 5, Outcome::Success, 1.0).unwrap();
+    p.record_usage(2, 5, Outcome::Failure("503"), 1.0).unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, None).unwrap();
+    assert_eq!(exported(&p), vec![k[2].clone(), k[1].clone()]);
+    p.reactivate(0).unwrap();
+    assert_eq!(exported(&p), vec![k[0].clone()]);
+    p.reset_all_limits().unwrap();
+    assert_eq!(exported(&p).len(), 3);
+    // A reservation that expires changes the key's counts.
+    p.best(RESERVE).unwrap();
+    exported(&p);
+    clock.advance(MINUTE_MS + CACHE_TTL_MS);
+    p.best(Claim::LookOnly).unwrap();
+    assert_eq!(exported(&p).len(), 1);
+    // A failed write marks its keys again.
+    p.record_usage(0, 1, Outcome::Success, 0.0).unwrap();
+    let records = p.export_dirty();
+    p.mark_dirty(&records);
+    assert_eq!(exported(&p), vec![k[0].clone()]);
+    p.mark_all_dirty();
+    assert_eq!(exported(&p).len(), 3);
+  }
+
+  #[test]
+  fn exported_state_imports_into_a_restarted_pool() {
+    let (p, clock, _) = pool(2);
+    p.record_usage(0, 400, Outcome::Success, 12.0).unwrap();
+    p.record_usage(
+      1,
+      0,
+      Outcome::Failure("API key not valid. [API_KEY_INVALID]"),
+      3.0,
+    )
+    .unwrap();
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID again"), 3.0)
+      .unwrap();
+    let records = p.export_dirty();
+    clock.advance(1_000);
+    let (q, qclock, _) = pool(2);
+    qclock.set(clock.now_ms());
+    assert_eq!(q.import(&records), 2);
+    let (a, b) = (q.figures(0).unwrap(), q.figures(1).unwrap());
+    assert_eq!((a.rpm.current, a.rpd.current, a.tpm.current), (1, 1, 400));
+    assert!(a.active && !b.active);
+    assert_eq!(b.error_count, 2);
+    assert_eq!(
+      q.last_error(1).unwrap().as_deref(),
+      Some("API_KEY_INVALID again")
+    );
+    assert_eq!(a.last_used, T0);
+    // Importing does not itself mark keys: the caller decides what to write.
+    assert!(exported(&q).is_empty());
+    // Records of unknown keys are ignored; windows whose reset time passed are not counted.
+    let mut stale = records.clone();
+    stale[0].api_key = "someone-else".into();
+    stale[1].rpd.reset_time = qclock.now_ms();
+    stale[1].rpd.current = 150;
+    assert_eq!(q.import(&stale), 1);
+    assert_eq!(q.figures(1).unwrap().rpd.current, 0);
+  }
+
+  #[test]
+  fn importing_after_an_outage_keeps_the_larger_counts_and_local_errors() {
+    let (p, _, _) = pool(1);
+    for _ in 0..3 {
+      p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
+    }
+    let stored = p.export_dirty();
+    // Meanwhile, offline: two more calls, and an error.
+    p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
+    p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
+    p.record_usage(0, 0, Outcome::Failure("503"), 0.0).unwrap();
+    p.import(&stored);
+    let f = p.figures(0).unwrap();
+    assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (5, 5, 50));
+    assert_eq!(f.error_count, 1);
+    let mut bigger = stored.clone();
+    bigger[0].rpm.current = 9;
+    p.import(&bigger);
+    assert_eq!(p.figures(0).unwrap().rpm.current, 9);
+  }
+
+  #[test]
+  fn recorded_calls_are_queued_with_stable_ids_only_once_enabled() {
+    let (p, clock, _) = pool(2);
+    p.record_usage(0, 1, Outcome::Success, 5.0).unwrap();
+    assert!(p.take_usage(10).is_empty());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    p.enable_usage_log(3, 2, wake);
+    clock.advance(5);
+    p.record_usage(0, 10, Outcome::Success, 120.5).unwrap();
+    let quoted = format!("403 for {}", p.keys()[1]);
+    p.record_usage(1, 0, Outcome::Failure(&quoted), f64::NAN)
+      .unwrap();
+    p.record_usage(1, 2, Outcome::Success, -1.0).unwrap();
+    p.record_usage(0, 3, Outcome::Success, 1.0).unwrap();
+    assert_eq!(p.usage_backlog(), (3, 1));
+    let usage = p.take_usage(2);
+    assert_eq!(usage.len(), 2);
+    let (failed, ok) = (&usage[0], &usage[1]);
+    assert_eq!(failed.api_key, p.keys()[1]);
+    assert_eq!(failed.timestamp, T0 + 5);
+    assert!(!failed.success);
+    assert_eq!(failed.error.as_deref(), Some("403 for AIzaSyTE...ijkl"));
+    assert_eq!(failed.response_time, 0.0);
+    assert_eq!(
+      (ok.success, ok.tokens_used, ok.response_time),
+      (true, 2, 0.0)
+    );
+    assert_eq!(ok.id.seq, failed.id.seq + 1);
+    assert_eq!(ok.id.source, failed.id.source);
+    p.close();
+    // A closed pool still hands over what it holds, so closing can flush.
+    assert_eq!(p.take_usage(10).len(), 1);
+    assert_eq!(p.usage_backlog(), (0, 1));
   }
 
   #[test]

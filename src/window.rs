@@ -2,6 +2,8 @@
 //! and TPM: whatever was used in the last minute) and a daily window (RPD: reset at a fixed time of
 //! day). Every read takes `now`, so a window never needs a reset call to read right.
 
+use std::cell::Cell;
+
 use crate::calendar::DailyReset;
 use crate::clock::Millis;
 
@@ -21,11 +23,19 @@ const MARGIN_MS: Millis = 10;
 #[derive(Debug, Clone, PartialEq)]
 pub struct RollingWindow {
   slice_ms: Millis,
+  span_ms: Millis,
   margin_ms: Millis,
-  ring: [u64; RING],
+  ring: Box<[u64; RING]>,
   /// The oldest slice the ring may still hold; older ones were dropped.
   oldest: i64,
+  /// The oldest slice holding anything, when known: `frees_at` is read on every hand-out, and this
+  /// spares it a scan (and a read of an old, cold part of the ring).
+  oldest_used: Cell<Option<i64>>,
   total: u64,
+  /// The last `now` seen, with its slice and first live slice: every call of one pool operation
+  /// reads the same `now` several times, and the clock ticks every few ms, so this saves most of
+  /// the integer divisions of the hot path.
+  memo: Cell<(Millis, i64, i64)>,
 }
 
 impl RollingWindow {
@@ -33,11 +43,14 @@ impl RollingWindow {
     let slice_ms = ((span_ms + SLICES - 1) / SLICES).max(1);
     let mut w = Self {
       slice_ms,
+      span_ms,
       // A margin longer than a slice would not fit the ring; such tiny windows get less.
       margin_ms: MARGIN_MS.min(slice_ms - 1),
-      ring: [0; RING],
+      ring: Box::new([0; RING]),
       oldest: 0,
+      oldest_used: Cell::new(None),
       total: 0,
+      memo: Cell::new((Millis::MIN, 0, 0)),
     };
     w.oldest = w.first_live(now);
     w
@@ -51,9 +64,31 @@ impl RollingWindow {
     s.rem_euclid(RING as i64) as usize
   }
 
-  /// The oldest slice still counted at `now`.
+  /// `now`'s slice and the oldest slice still counted at `now`.
+  fn ticks(&self, now: Millis) -> (i64, i64) {
+    let (seen, slice, first_live) = self.memo.get();
+    if seen == now {
+      return (slice, first_live);
+    }
+    let ticks = (
+      self.slice(now),
+      self.slice(now - self.span_ms - self.margin_ms),
+    );
+    self.memo.set((now, ticks.0, ticks.1));
+    ticks
+  }
+
+  /// When slice `s` stops being counted: a span (and the margin) after the slice ends.
+  fn leaves_at(&self, s: i64) -> Millis {
+    (s + 1) * self.slice_ms + self.span_ms + self.margin_ms
+  }
+
   fn first_live(&self, now: Millis) -> i64 {
-    self.slice(now - self.margin_ms) - SLICES
+    self.ticks(now).1
+  }
+
+  fn current_slice(&self, now: Millis) -> i64 {
+    self.ticks(now).0
   }
 
   /// The part of `total` in slices no longer counted at `now`.
@@ -71,7 +106,7 @@ impl RollingWindow {
       return;
     }
     if first - self.oldest >= RING as i64 {
-      self.ring = [0; RING];
+      *self.ring = [0; RING];
       self.total = 0;
     } else {
       for s in self.oldest..first {
@@ -88,7 +123,10 @@ impl RollingWindow {
 
   pub fn add(&mut self, now: Millis, amount: u64) {
     self.advance(now);
-    let at = Self::at(self.slice(now));
+    if self.total == 0 {
+      self.oldest_used.set(Some(self.current_slice(now)));
+    }
+    let at = Self::at(self.current_slice(now));
     self.ring[at] = self.ring[at].saturating_add(amount);
     self.total = self.total.saturating_add(amount);
   }
@@ -97,26 +135,48 @@ impl RollingWindow {
   pub fn remove(&mut self, now: Millis, at: Millis, amount: u64) {
     self.advance(now);
     let s = self.slice(at);
-    if s < self.oldest || s > self.slice(now) {
+    if s < self.oldest || s > self.current_slice(now) {
       return;
     }
     let taken = amount.min(self.ring[Self::at(s)]);
     self.ring[Self::at(s)] -= taken;
     self.total -= taken;
+    // Only emptying the oldest used slice moves it; settling usually takes from a recent one.
+    if self.ring[Self::at(s)] == 0 && self.oldest_used.get() == Some(s) {
+      self.oldest_used.set(None);
+    }
   }
 
   /// When the oldest amount still counted leaves the window: the time capacity next frees (`now`
   /// when nothing is counted).
   pub fn frees_at(&self, now: Millis) -> Millis {
+    let first_live = self.first_live(now).max(self.oldest);
+    let oldest_used = match self.oldest_used.get() {
+      Some(s) if s >= first_live => Some(s),
+      _ => {
+        let found = (first_live..=self.current_slice(now)).find(|&s| self.ring[Self::at(s)] > 0);
+        self.oldest_used.set(found);
+        found
+      }
+    };
+    oldest_used.map_or(now, |s| self.leaves_at(s))
+  }
+
+  /// When everything counted at `now` has left the window (`now` when nothing is): what a stored
+  /// `resetTime` must say so that a reader that drops the whole count after it never drops a
+  /// request still counted.
+  pub fn clears_at(&self, now: Millis) -> Millis {
     (self.first_live(now).max(self.oldest)..=self.slice(now))
+      .rev()
       .find(|&s| self.ring[Self::at(s)] > 0)
-      .map_or(now, |s| (s + SLICES + 1) * self.slice_ms + self.margin_ms)
+      .map_or(now, |s| self.leaves_at(s))
   }
 
   pub fn clear(&mut self, now: Millis) {
-    self.ring = [0; RING];
+    *self.ring = [0; RING];
     self.total = 0;
     self.oldest = self.first_live(now);
+    self.oldest_used.set(None);
   }
 }
 
@@ -232,6 +292,19 @@ mod tests {
   }
 
   #[test]
+  fn rolling_window_says_when_its_newest_amount_leaves() {
+    let mut w = RollingWindow::new(MINUTE_MS, T0);
+    assert_eq!(w.clears_at(T0), T0);
+    w.add(T0 + 2_300, 2);
+    w.add(T0 + 10_000, 1);
+    assert_eq!(
+      w.clears_at(T0 + 20_000),
+      T0 + 10_500 + MINUTE_MS + MARGIN_MS
+    );
+    assert_eq!(w.current(T0 + 10_500 + MINUTE_MS + MARGIN_MS), 0);
+  }
+
+  #[test]
   fn rolling_window_remove_takes_back_only_what_is_still_counted() {
     let mut w = RollingWindow::new(MINUTE_MS, T0);
     w.add(T0, 500);
@@ -243,6 +316,21 @@ mod tests {
     // Too old to matter: nothing happens.
     w.remove(T0 + 200_000, T0 + 30_000, 100);
     assert_eq!(w.current(T0 + 200_000), 0);
+  }
+
+  #[test]
+  fn a_span_that_is_not_a_multiple_of_120_ms_is_not_stretched() {
+    // 1,000 ms in slices of 9 ms: 112 of them cover it, not 120 (1,080 ms).
+    let mut w = RollingWindow::new(1_000, T0);
+    w.add(T0, 1);
+    let frees = w.frees_at(T0);
+    assert!(
+      frees - T0 >= 1_000 && frees - T0 <= 1_000 + 9 + MARGIN_MS,
+      "{}",
+      frees - T0
+    );
+    assert_eq!(w.current(frees - 1), 1);
+    assert_eq!(w.current(frees), 0);
   }
 
   #[test]

@@ -728,7 +728,7 @@ mod tests {
   fn status_shows_the_last_error_with_keys_scrubbed_out() {
     let p = pool();
     let error = format!("fetch https://g/?key={} failed", KEYS[1]);
-    p.record_usage(1, 0, Outcome::Failure(&error)).unwrap();
+    p.record_usage(1, 0, Outcome::Failure(&error), 0.0).unwrap();
     let (_, v) = get(&p, "/api/keys/status");
     let key = &v["data"][1];
     assert_eq!(key["errorCount"], 1);
@@ -801,7 +801,7 @@ mod tests {
     };
     let (p, _) = pool_of(&KEYS[..2], quota);
     for _ in 0..9 {
-      p.record_usage(0, 0, Outcome::Success).unwrap();
+      p.record_usage(0, 0, Outcome::Success, 0.0).unwrap();
     }
     let (_, v) = post(&p, "/api/keys/rotate");
     assert_eq!(v["data"]["rotationReason"], "proactive-rotation");
@@ -814,7 +814,7 @@ mod tests {
 
     let (p, _) = pool_of(&KEYS[..1], quota);
     for _ in 0..9 {
-      p.record_usage(0, 0, Outcome::Success).unwrap();
+      p.record_usage(0, 0, Outcome::Success, 0.0).unwrap();
     }
     let (_, v) = post(&p, "/api/keys/rotate");
     assert_eq!(v["data"]["rotationReason"], "no-key-above-threshold");
@@ -867,6 +867,7 @@ mod tests {
       0,
       0,
       Outcome::Failure("[400 Bad Request] API key not valid. API_KEY_INVALID"),
+      0.0,
     )
     .unwrap();
     assert!(!p.figures(0).unwrap().active);
@@ -895,8 +896,9 @@ mod tests {
   #[test]
   fn usage_stats_lists_usage_as_fractions() {
     let p = pool();
-    p.record_usage(0, 1234, Outcome::Success).unwrap();
-    p.record_usage(2, 0, Outcome::Failure("quota")).unwrap();
+    p.record_usage(0, 1234, Outcome::Success, 0.0).unwrap();
+    p.record_usage(2, 0, Outcome::Failure("quota"), 0.0)
+      .unwrap();
     let (status, v) = get(&p, "/api/keys/usage-stats");
     assert_eq!(status, 200);
     assert_eq!(v["message"], "Usage statistics retrieved successfully");

@@ -12,7 +12,7 @@ mod mongo;
 mod mongo_lease;
 mod records;
 #[cfg(test)]
-mod test_server;
+pub(crate) mod test_server;
 
 use crate::clock::Millis;
 

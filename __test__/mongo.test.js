@@ -1,0 +1,430 @@
+'use strict'
+
+// Issue 5 points 1-3 against a real MongoDB wire-protocol server (nx-27017, see shared/MONGO.md),
+// which these tests start themselves on free ports and stop by PID: SPEC section 3's documents and
+// indexes, written behind; restarts keep state; a database in the old service's shape loads; an
+// unreachable server falls back fast with the SPEC's log lines; a server that comes up later, or
+// goes away and comes back mid-run, ends up with every recorded call exactly once.
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+const fs = require('node:fs')
+const net = require('node:net')
+const os = require('node:os')
+const path = require('node:path')
+const { spawn } = require('node:child_process')
+const { MongoClient } = require('mongodb')
+const { PKG, FIXTURES, fakeKey, runFixture, expectClean, cleanEnv } = require('./helpers')
+
+const { ApiKeyManagerService } = require(PKG)
+
+const NX = path.join(PKG, '.venv-mongo', 'bin', 'nx-27017')
+const KEYS = [fakeKey(51), fakeKey(52), fakeKey(53)]
+const LIMITS = { rpm: 30, rpd: 200, tpm: 1000000 }
+const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'gkm-mongo-test-'))
+
+const servers = new Set()
+const clients = []
+
+test.after(async () => {
+  for (const c of clients) await c.close().catch(() => {})
+  for (const s of servers) s.stop()
+  fs.rmSync(TMP, { recursive: true, force: true })
+})
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer()
+    srv.on('error', reject)
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address()
+      srv.close(() => resolve(port))
+    })
+  })
+}
+
+function canConnect(port) {
+  return new Promise((resolve) => {
+    const socket = net.connect({ port, host: '127.0.0.1' })
+    socket.setTimeout(300)
+    socket.once('connect', () => {
+      socket.destroy()
+      resolve(true)
+    })
+    socket.once('error', () => resolve(false))
+    socket.once('timeout', () => {
+      socket.destroy()
+      resolve(false)
+    })
+  })
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+/** Waits up to `ms` for `check()` to be true; returns whether it became true. */
+async function eventually(check, ms) {
+  const deadline = Date.now() + ms
+  while (Date.now() < deadline) {
+    if (await check()) return true
+    await sleep(50)
+  }
+  return check()
+}
+
+/** Starts nx-27017 on `port` with `db` ('memory' or a file) and waits until it accepts connections. */
+async function startServer(port, db = 'memory') {
+  assert.ok(fs.existsSync(NX), `${NX} is missing: run \`bash scripts/mongo-test-server.sh\``)
+  const base = path.join(TMP, `nx-${port}-${Date.now()}`)
+  const log = `${base}.log`
+  // Its own pid file: with the default one, a second server refuses to start.
+  const args = ['--db', db, '--host', '127.0.0.1', '-p', String(port), '--log-file', log, '--pid-file', `${base}.pid`]
+  const child = spawn(NX, args, { stdio: 'ignore' })
+  let exited = false
+  child.once('exit', () => {
+    exited = true
+  })
+  const server = {
+    port,
+    uri: `mongodb://127.0.0.1:${port}/?directConnection=true`,
+    stop() {
+      if (!exited) child.kill('SIGKILL')
+      servers.delete(server)
+    },
+    /** Stops it and waits until the port is closed. */
+    async stopAndWait() {
+      const gone = new Promise((resolve) => (exited ? resolve() : child.once('exit', resolve)))
+      server.stop()
+      await gone
+    },
+  }
+  servers.add(server)
+  const up = await eventually(async () => !exited && (await canConnect(port)), 20000)
+  assert.ok(up, `nx-27017 did not start on port ${port}: ${fs.existsSync(log) ? fs.readFileSync(log, 'utf8') : ''}`)
+  return server
+}
+
+async function inspect(uri, dbName) {
+  const client = new MongoClient(uri, { serverSelectionTimeoutMS: 5000 })
+  await client.connect()
+  clients.push(client)
+  const db = client.db(dbName)
+  return { client, db, keys: db.collection('api_keys'), usage: db.collection('api_key_usage') }
+}
+
+function manager(uri, dbName, extra = {}) {
+  return new ApiKeyManagerService({
+    keys: KEYS,
+    limits: LIMITS,
+    quiet: true,
+    mongodbUri: uri,
+    mongodbDbName: dbName,
+    flushIntervalMs: 100,
+    ...extra,
+  })
+}
+
+async function distinctIds(collection) {
+  return new Set((await collection.find({}, { projection: { _id: 1 } }).toArray()).map((d) => String(d._id))).size
+}
+
+async function statuses(m) {
+  const r = await m.getAllKeysStatus()
+  assert.ok(r.success, r.error)
+  return Object.fromEntries(r.data.map((s) => [s.apiKey, s]))
+}
+
+let shared
+async function sharedServer() {
+  shared ??= startServer(await freePort())
+  return shared
+}
+
+test('with MONGODB_URI, state is written behind into the documents and indexes of SPEC section 3', async () => {
+  const server = await sharedServer()
+  const dbName = 'gkm_shape'
+  const m = manager(server.uri, dbName)
+  const init = await m.initialize()
+  assert.equal(init.success, true)
+  assert.deepEqual(init.metadata, { totalKeys: 3 })
+  for (let i = 0; i < 4; i++) {
+    const r = await m.getBestAvailableKey()
+    assert.ok(r.success)
+    await m.recordUsage(r.data[0], 100 + i, true, undefined, 120 + i)
+  }
+  await m.recordUsage(KEYS[2], 0, false, new Error('503 Service Unavailable'), 45.5)
+  const { db, keys, usage } = await inspect(server.uri, dbName)
+  // Written behind, without waiting for close().
+  assert.ok(await eventually(async () => (await usage.countDocuments()) === 5, 5000), 'usage written within 5 s')
+  await m.close()
+
+  const docs = await keys.find().toArray()
+  assert.deepEqual(docs.map((d) => d.apiKey).sort(), [...KEYS].sort())
+  for (const d of docs) {
+    assert.equal(typeof d.isActive, 'boolean')
+    assert.ok(d.lastUsed instanceof Date)
+    assert.equal(typeof d.errorCount, 'number')
+    for (const w of ['rpm', 'rpd', 'tpm']) {
+      assert.equal(typeof d.limits[w].current, 'number')
+      assert.equal(d.limits[w].limit, LIMITS[w])
+      assert.ok(d.limits[w].resetTime instanceof Date)
+    }
+  }
+  const failed = docs.find((d) => d.apiKey === KEYS[2])
+  assert.equal(failed.errorCount, 1)
+  assert.match(failed.lastError, /503/)
+  assert.ok(failed.lastErrorTime instanceof Date)
+  assert.equal(docs.reduce((n, d) => n + d.limits.rpd.current, 0), 4)
+  assert.equal(docs.reduce((n, d) => n + d.limits.tpm.current, 0), 100 + 101 + 102 + 103)
+
+  const calls = await usage.find().sort({ timestamp: 1 }).toArray()
+  assert.equal(calls.length, 5)
+  assert.deepEqual(
+    calls.filter((c) => c.success).map((c) => [c.tokensUsed, c.responseTime]).sort(),
+    [
+      [100, 120],
+      [101, 121],
+      [102, 122],
+      [103, 123],
+    ],
+  )
+  const bad = calls.find((c) => !c.success)
+  assert.equal(bad.apiKey, KEYS[2])
+  assert.equal(bad.responseTime, 45.5)
+  assert.match(bad.error, /503/)
+  for (const c of calls) assert.ok(c.timestamp instanceof Date && KEYS.includes(c.apiKey))
+
+  const indexKeys = async (c) => (await c.indexes()).map((i) => [JSON.stringify(i.key), i.unique === true])
+  const keyIndexes = await indexKeys(keys)
+  assert.ok(keyIndexes.some(([k, u]) => k === '{"apiKey":1}' && u), JSON.stringify(keyIndexes))
+  assert.ok(keyIndexes.some(([k]) => k === '{"isActive":1}'))
+  assert.ok(keyIndexes.some(([k]) => k === '{"lastUsed":1}'))
+  const usageIndexes = await indexKeys(usage)
+  for (const field of ['apiKey', 'timestamp', 'success']) {
+    assert.ok(usageIndexes.some(([k]) => k === `{"${field}":1}`), `${field}: ${JSON.stringify(usageIndexes)}`)
+  }
+  assert.ok((await db.listCollections().toArray()).length >= 2)
+})
+
+test('a restarted manager (new process, then new instance) keeps counters, error counts, deactivations and usage history', async () => {
+  const server = await sharedServer()
+  const dbName = 'gkm_restart'
+  // A process that records and ends by itself without close(): its exit hook flushes.
+  const plan = {
+    flushIntervalMs: 60000,
+    usage: [
+      [0, 100, true, null, 10],
+      [0, 100, true, null, 11],
+      [0, 100, true, null, 12],
+      [1, 0, false, 'API key not valid. Please pass a valid API key. [API_KEY_INVALID]', 5],
+      [2, 0, false, '503 Service Unavailable', 7],
+      [2, 0, false, '503 Service Unavailable', 8],
+    ],
+  }
+  const run = runFixture('mongo-client.js', {
+    args: [JSON.stringify(KEYS), JSON.stringify(plan)],
+    env: { MONGODB_URI: server.uri, MONGODB_DB_NAME: dbName },
+  })
+  const out = expectClean(run, assert)
+  assert.deepEqual(out.metadata, { totalKeys: 3 })
+  const { usage } = await inspect(server.uri, dbName)
+  assert.equal(await usage.countDocuments(), 6, 'the exit hook flushed every recorded call')
+
+  const m = manager(server.uri, dbName)
+  await m.initialize()
+  const s = await statuses(m)
+  assert.deepEqual(
+    [s[KEYS[0]].limits.rpm.current, s[KEYS[0]].limits.rpd.current, s[KEYS[0]].limits.tpm.current],
+    [3, 3, 300],
+  )
+  assert.equal(s[KEYS[1]].isActive, false)
+  assert.equal(s[KEYS[1]].errorCount, 1)
+  assert.equal(s[KEYS[2]].errorCount, 2)
+  assert.match(s[KEYS[2]].lastError, /503/)
+  assert.ok(s[KEYS[2]].lastErrorTime instanceof Date)
+  const picked = await m.getBestAvailableKey()
+  assert.notEqual(picked.data[0], KEYS[1], 'a deactivated key stays out')
+  await m.recordUsage(KEYS[0], 50, true, undefined, 9)
+  await m.close()
+
+  const again = manager(server.uri, dbName)
+  await again.initialize()
+  const t = await statuses(again)
+  assert.equal(t[KEYS[0]].limits.rpd.current, 4)
+  assert.equal(t[KEYS[1]].isActive, false)
+  await again.close()
+  assert.equal(await usage.countDocuments(), 7)
+  assert.equal(await distinctIds(usage), 7)
+})
+
+test('SIGTERM flushes before the process ends', async () => {
+  const server = await sharedServer()
+  const dbName = 'gkm_sigterm'
+  const plan = { flushIntervalMs: 60000, wait: true, usage: [[0, 10, true, null, 1], [1, 20, true, null, 2]] }
+  const child = spawn(process.execPath, [path.join(FIXTURES, 'mongo-client.js'), JSON.stringify(KEYS), JSON.stringify(plan)], {
+    env: cleanEnv({ MONGODB_URI: server.uri, MONGODB_DB_NAME: dbName }),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let stdout = ''
+  child.stdout.on('data', (d) => (stdout += d))
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
+  assert.ok(await eventually(() => stdout.includes('RESULT '), 15000), `no RESULT: ${stdout}`)
+  child.kill('SIGTERM')
+  const timer = setTimeout(() => child.kill('SIGKILL'), 10000)
+  const { signal } = await exited
+  clearTimeout(timer)
+  assert.equal(signal, 'SIGTERM')
+  const { usage } = await inspect(server.uri, dbName)
+  assert.equal(await usage.countDocuments(), 2)
+})
+
+test("a database written by the old service loads: windows whose resetTime passed start fresh", async () => {
+  const server = await sharedServer()
+  const dbName = 'gkm_old_shape'
+  const { keys } = await inspect(server.uri, dbName)
+  const now = Date.now()
+  const past = new Date(now - 120000)
+  const future = new Date(now + 3600000)
+  await keys.insertMany([
+    {
+      apiKey: KEYS[0],
+      isActive: true,
+      lastUsed: new Date(now - 5000),
+      limits: {
+        rpm: { current: 30, limit: 30, resetTime: past },
+        rpd: { current: 150, limit: 200, resetTime: future },
+        tpm: { current: 5000, limit: 1000000, resetTime: past },
+      },
+      errorCount: 0,
+      __v: 0,
+    },
+    {
+      apiKey: KEYS[1],
+      isActive: false,
+      lastUsed: new Date(now - 1000),
+      limits: {
+        rpm: { current: 4, limit: 30, resetTime: new Date(now + 30000) },
+        rpd: { current: 20, limit: 200, resetTime: past },
+        tpm: { current: 800, limit: 1000000, resetTime: new Date(now + 30000) },
+      },
+      errorCount: 5,
+      lastError: 'Request failed with status code 403',
+      lastErrorTime: new Date(now - 1000),
+    },
+  ])
+  const ids = Object.fromEntries((await keys.find().toArray()).map((d) => [d.apiKey, String(d._id)]))
+  const m = manager(server.uri, dbName)
+  assert.deepEqual((await m.initialize()).metadata, { totalKeys: 3 })
+  const s = await statuses(m)
+  const counts = (k) => [s[k].limits.rpm.current, s[k].limits.rpd.current, s[k].limits.tpm.current]
+  assert.deepEqual(counts(KEYS[0]), [0, 150, 0])
+  assert.deepEqual(counts(KEYS[1]), [4, 0, 800])
+  assert.deepEqual(counts(KEYS[2]), [0, 0, 0])
+  assert.equal(s[KEYS[1]].isActive, false)
+  assert.equal(s[KEYS[1]].errorCount, 5)
+  assert.equal(s[KEYS[1]].lastError, 'Request failed with status code 403')
+  assert.equal(s[KEYS[0]].lastUsed.getTime(), now - 5000)
+  await m.close()
+  // Still one document per key, the old ones kept under their _id.
+  const docs = await keys.find().toArray()
+  assert.equal(docs.length, 3)
+  for (const d of docs) if (ids[d.apiKey]) assert.equal(String(d._id), ids[d.apiKey])
+})
+
+test('the SPEC log lines: connected, and an unreachable server that falls back within about 2 s', async () => {
+  const server = await sharedServer()
+  const connected = runFixture('mongo-client.js', {
+    args: [JSON.stringify(KEYS), JSON.stringify({ close: true })],
+    env: { MONGODB_URI: server.uri, MONGODB_DB_NAME: 'gkm_logs' },
+  })
+  const ok = expectClean(connected, assert)
+  assert.deepEqual(ok.metadata, { totalKeys: 3 })
+  assert.ok(connected.lines.includes('✅ MongoDB connection established for API key management'), connected.lines.join('\n'))
+  assert.ok(connected.lines.includes('✅ API Key Manager initialized with 3 keys'), connected.lines.join('\n'))
+  assert.ok(!connected.lines.some((l) => l.includes('In-memory')))
+
+  const down = runFixture('mongo-client.js', {
+    args: [JSON.stringify(KEYS), JSON.stringify({ close: true, usage: [[0, 1, true, null, 1]] })],
+    env: { MONGODB_URI: `mongodb://127.0.0.1:${await freePort()}` },
+  })
+  const fell = expectClean(down, assert)
+  assert.deepEqual(fell.metadata, { totalKeys: 3, mode: 'in-memory' })
+  assert.ok(fell.elapsedMs < 3000, `fell back after ${fell.elapsedMs} ms`)
+  // '❌ <reason>' goes to stderr, before the two stdout lines.
+  const all = down.lines.join('\n')
+  assert.match(down.stderr, /^❌ MongoDB connection failed: \S/m, all)
+  const out = down.stdout.split('\n')
+  const at = (line) => out.indexOf(line)
+  assert.ok(at('🔄 Falling back to in-memory mode...') >= 0, all)
+  assert.ok(at('✅ In-memory API Key Manager initialized with 3 keys') > at('🔄 Falling back to in-memory mode...'), all)
+  assert.ok(!down.lines.some((l) => l.includes('mongodb://')), 'the URI is not logged')
+})
+
+test('fallback and recovery: a server that comes up later, then goes away and comes back mid-run, gets every call exactly once', async () => {
+  const port = await freePort()
+  const file = path.join(TMP, 'recovery.db')
+  const uri = `mongodb://127.0.0.1:${port}/?directConnection=true`
+  const dbName = 'gkm_recovery'
+  // What another run left: key 0 has 50 requests today.
+  let server = await startServer(port, file)
+  {
+    const { keys, client } = await inspect(uri, dbName)
+    const future = new Date(Date.now() + 3600000)
+    const w = (current, limit) => ({ current, limit, resetTime: future })
+    await keys.insertOne({
+      apiKey: KEYS[0],
+      isActive: true,
+      lastUsed: new Date(),
+      limits: { rpm: w(0, 30), rpd: w(50, 200), tpm: w(0, 1000000) },
+      errorCount: 0,
+    })
+    await client.close()
+  }
+  await server.stopAndWait()
+
+  const m = manager(uri, dbName, { mongoConnectTimeoutMs: 500, mongoRetryIntervalMs: 200 })
+  const started = Date.now()
+  const init = await m.initialize()
+  assert.ok(Date.now() - started < 2500)
+  assert.equal(init.metadata.mode, 'in-memory')
+  let recorded = 0
+  const record = async (i, n) => {
+    for (let j = 0; j < n; j++) {
+      const r = await m.recordUsage(KEYS[i], 10, true, undefined, 5)
+      assert.ok(r.success)
+      recorded++
+    }
+  }
+  await record(0, 10)
+  await record(1, 5)
+  assert.equal((await statuses(m))[KEYS[0]].limits.rpd.current, 10)
+
+  server = await startServer(port, file)
+  assert.ok(await eventually(() => m.persistenceStats().connected, 15000), 'reconnected in the background')
+  // Merged: the stored 50 is more than the 10 made meanwhile.
+  assert.equal((await statuses(m))[KEYS[0]].limits.rpd.current, 50)
+  const { usage } = await inspect(uri, dbName)
+  assert.ok(await eventually(async () => (await usage.countDocuments()) === 15, 5000), 'queued calls written')
+
+  // Gone mid-run: calls keep being answered from memory, and their records wait.
+  await server.stopAndWait()
+  const t = Date.now()
+  await record(2, 5)
+  await record(0, 2)
+  assert.ok(Date.now() - t < 500, 'recordUsage never waits for the database')
+  assert.ok(await eventually(() => !m.persistenceStats().connected, 5000), 'the failed write is noticed')
+  server = await startServer(port, file)
+  assert.ok(await eventually(() => m.persistenceStats().connected, 15000), 'writes resumed')
+  await record(1, 3)
+  await m.close()
+  const stats = m.persistenceStats()
+  assert.deepEqual([stats.queued, stats.pending, stats.dropped], [0, 0, 0])
+
+  const check = await inspect(uri, dbName)
+  assert.equal(await check.usage.countDocuments(), recorded)
+  assert.equal(await distinctIds(check.usage), recorded)
+  const byKey = Object.fromEntries((await check.keys.find().toArray()).map((d) => [d.apiKey, d]))
+  assert.equal(Object.keys(byKey).length, 3)
+  assert.equal(byKey[KEYS[0]].limits.rpd.current, 52)
+  assert.equal(byKey[KEYS[1]].limits.rpd.current, 8)
+  assert.equal(byKey[KEYS[2]].limits.rpd.current, 5)
+})

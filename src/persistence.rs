@@ -1,0 +1,390 @@
+//! Write-behind persistence: the pool answers from memory, and one task on the tokio runtime
+//! writes what changed to MongoDB in batches, every flush interval and whenever a batch of
+//! recorded calls is waiting. Key documents are coalesced (a key changed a thousand times in an
+//! interval is written once); usage documents go in with `insert_many`, and their ids make a
+//! resent batch harmless, so a failed write simply keeps its batch for the next try.
+//!
+//! When the server cannot be reached at start-up the pool runs in memory and the task keeps trying
+//! in the background; once connected it loads what the database holds, merges it into the pool
+//! (larger counters win, see [`KeyPool::import`]) and writes everything, queued calls included.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, Instant};
+
+use crate::log::Log;
+use crate::pool::KeyPool;
+use crate::store::{
+  MongoStore, Store, StoreError, UsageRecord, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
+};
+use crate::usage_log::{DEFAULT_BATCH, DEFAULT_CAPACITY};
+
+/// The line operators grep for, at start-up and whenever writes work again.
+pub const CONNECTED_LINE: &str = "✅ MongoDB connection established for API key management";
+
+/// Where and how to persist.
+#[derive(Debug, Clone)]
+pub struct PersistOptions {
+  pub uri: String,
+  pub db_name: String,
+  /// How long a connection attempt may take before the pool runs in memory (default 2 s).
+  pub connect_timeout: Duration,
+  /// How often changes are written (default 1 s): at most this much is lost in a crash.
+  pub flush_interval: Duration,
+  /// How often a pool running in memory tries to reach the server again (default 3 s).
+  pub retry_interval: Duration,
+  /// Recorded calls that trigger a write before the interval is up (default 500).
+  pub batch_size: usize,
+  /// Recorded calls kept while the server is away, at most (default 10,000), in the pool's queue
+  /// and again in the batch being retried; past that the oldest are dropped and counted.
+  pub queue_capacity: usize,
+}
+
+impl PersistOptions {
+  /// The defaults, for `uri`.
+  pub fn new(uri: String) -> Self {
+    Self {
+      uri,
+      db_name: DEFAULT_DB_NAME.to_owned(),
+      connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+      flush_interval: Duration::from_secs(1),
+      retry_interval: Duration::from_secs(3),
+      batch_size: DEFAULT_BATCH,
+      queue_capacity: DEFAULT_CAPACITY,
+    }
+  }
+}
+
+/// How start-up went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Started {
+  /// Connected; the stored state was merged into the pool.
+  Connected,
+  /// Not connected, for this reason: the pool runs in memory while the task keeps trying.
+  Fallback(String),
+}
+
+/// What the writer has done, for tests, benchmarks and operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersistStats {
+  /// Connected, and the last write (if any) succeeded.
+  pub connected: bool,
+  /// Database round trips made, failed ones included.
+  pub ops: u64,
+  /// Recorded calls waiting in the pool's queue.
+  pub queued: usize,
+  /// Recorded calls taken from the queue whose write has not succeeded yet.
+  pub pending: usize,
+  /// Recorded calls dropped because the queue was full.
+  pub dropped: u64,
+}
+
+struct Shared {
+  pool: Arc<KeyPool>,
+  log: Arc<dyn Log>,
+  wake: Arc<Notify>,
+  closing: AtomicBool,
+  connected: AtomicBool,
+  ops: AtomicU64,
+  pending: AtomicUsize,
+}
+
+/// The running writer. Dropping it leaves the task running until the runtime ends; call
+/// [`WriteBehind::close`] (or [`WriteBehind::stop`]) to flush and end it.
+pub struct WriteBehind {
+  shared: Arc<Shared>,
+  task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Connects, loads the stored keys and merges them into the pool, then marks every key for the
+/// next write, so the database ends up with one document per configured key in the merged state.
+async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, StoreError> {
+  let store = Store::Mongo(
+    MongoStore::connect(&options.uri, &options.db_name, options.connect_timeout).await?,
+  );
+  match store.load(shared.pool.now()).await {
+    Ok(records) => {
+      shared.pool.import(&records);
+      shared.pool.mark_all_dirty();
+      Ok(store)
+    }
+    Err(e) => {
+      store.close().await;
+      Err(e)
+    }
+  }
+}
+
+/// Writes the changed keys, then the recorded calls (those of an earlier failed try first). On a
+/// failure the keys are marked changed again (the next try writes their state as it is then) and
+/// the calls stay in `pending`.
+async fn flush(
+  shared: &Shared,
+  store: &Store,
+  pending: &mut Vec<UsageRecord>,
+  capacity: usize,
+) -> Result<(), StoreError> {
+  let pool = &shared.pool;
+  let keys = pool.export_dirty();
+  if !keys.is_empty() {
+    if let Err(e) = store.save_keys(&keys).await {
+      pool.mark_dirty(&keys);
+      return Err(e);
+    }
+  }
+  loop {
+    pending.extend(pool.take_usage(capacity.saturating_sub(pending.len())));
+    if pending.is_empty() {
+      return Ok(());
+    }
+    store.append_usage(pending).await?;
+    pending.clear();
+  }
+}
+
+async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Store>) {
+  let mut pending = Vec::new();
+  let mut failing = false;
+  let mut next_connect = Instant::now() + options.retry_interval;
+  loop {
+    if !shared.closing.load(Ordering::Acquire) {
+      let wait = match store {
+        Some(_) => options.flush_interval,
+        None => next_connect.saturating_duration_since(Instant::now()),
+      };
+      tokio::select! {
+        _ = sleep(wait) => {}
+        _ = shared.wake.notified() => {}
+      }
+    }
+    let closing = shared.closing.load(Ordering::Acquire);
+    if store.is_none() && !closing && Instant::now() >= next_connect {
+      match connect(&shared, &options).await {
+        Ok(s) => {
+          shared.log.info(CONNECTED_LINE);
+          store = Some(s);
+        }
+        Err(_) => next_connect = Instant::now() + options.retry_interval,
+      }
+    }
+    if let Some(s) = &store {
+      match flush(&shared, s, &mut pending, options.queue_capacity).await {
+        Ok(()) => {
+          if failing {
+            shared.log.info(CONNECTED_LINE);
+          }
+          failing = false;
+        }
+        Err(e) => {
+          if !failing {
+            shared.log.warn(&format!(
+              "⚠️ MongoDB write failed; keeping the changes for the next try: {e}"
+            ));
+          }
+          failing = true;
+        }
+      }
+      shared.ops.store(s.ops(), Ordering::Relaxed);
+      shared.connected.store(!failing, Ordering::Relaxed);
+      shared.pending.store(pending.len(), Ordering::Relaxed);
+    }
+    if closing {
+      break;
+    }
+  }
+  if let Some(s) = store {
+    s.close().await;
+  }
+  shared.connected.store(false, Ordering::Relaxed);
+}
+
+impl WriteBehind {
+  /// Starts persisting `pool`: queues its recorded calls from now on, tries to connect once
+  /// (within the connect timeout), and spawns the writer. Must run inside a tokio runtime.
+  pub async fn start(
+    pool: Arc<KeyPool>,
+    options: PersistOptions,
+    log: Arc<dyn Log>,
+  ) -> (Self, Started) {
+    let wake = Arc::new(Notify::new());
+    pool.enable_usage_log(options.queue_capacity, options.batch_size, wake.clone());
+    let shared = Arc::new(Shared {
+      pool,
+      log,
+      wake,
+      closing: AtomicBool::new(false),
+      connected: AtomicBool::new(false),
+      ops: AtomicU64::new(0),
+      pending: AtomicUsize::new(0),
+    });
+    let (store, started) = match connect(&shared, &options).await {
+      Ok(store) => {
+        shared.connected.store(true, Ordering::Relaxed);
+        shared.ops.store(store.ops(), Ordering::Relaxed);
+        // The merged state goes out at once, not an interval later.
+        shared.wake.notify_one();
+        (Some(store), Started::Connected)
+      }
+      Err(e) => (None, Started::Fallback(e.to_string())),
+    };
+    let task = tokio::spawn(run(shared.clone(), options, store));
+    let writer = Self {
+      shared,
+      task: Mutex::new(Some(task)),
+    };
+    (writer, started)
+  }
+
+  /// Writes what is left (when connected) and stops the writer; resolves when done. Close the pool
+  /// first, so that nothing changes after the last write. Idempotent.
+  pub async fn close(&self) {
+    self.stop();
+    let task = self.task.lock().take();
+    if let Some(task) = task {
+      // A task that panicked has nothing left to write.
+      let _ = task.await;
+    }
+  }
+
+  /// Asks the writer to write what is left and stop, without waiting for it: for an owner that
+  /// goes away without closing.
+  pub fn stop(&self) {
+    self.shared.closing.store(true, Ordering::Release);
+    self.shared.wake.notify_one();
+  }
+
+  pub fn stats(&self) -> PersistStats {
+    let (queued, dropped) = self.shared.pool.usage_backlog();
+    PersistStats {
+      connected: self.shared.connected.load(Ordering::Relaxed),
+      ops: self.shared.ops.load(Ordering::Relaxed),
+      queued,
+      pending: self.shared.pending.load(Ordering::Relaxed),
+      dropped,
+    }
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::clock::SystemClock;
+  use crate::config::PoolConfig;
+  use crate::log::CapturedLog;
+  use crate::pool::{Claim, Outcome};
+  use crate::quota::{Quota, WindowPolicy};
+  use crate::store::test_server::{free_port, TestServer};
+  use mongodb::bson::{doc, Document};
+
+  fn pool(keys: &[&str]) -> Arc<KeyPool> {
+    let config = PoolConfig {
+      keys: keys.iter().map(|k| k.to_string()).collect(),
+      quota: Quota::default(),
+      policy: WindowPolicy::default(),
+      warnings: vec![],
+    };
+    Arc::new(
+      KeyPool::new(
+        config,
+        Arc::new(SystemClock),
+        Arc::new(CapturedLog::default()),
+      )
+      .unwrap(),
+    )
+  }
+
+  fn options(uri: String) -> PersistOptions {
+    PersistOptions {
+      db_name: "gkm_write_behind".into(),
+      flush_interval: Duration::from_millis(50),
+      ..PersistOptions::new(uri)
+    }
+  }
+
+  async fn count(uri: &str, collection: &str) -> u64 {
+    let client = mongodb::Client::with_uri_str(uri).await.unwrap();
+    client
+      .database("gkm_write_behind")
+      .collection::<Document>(collection)
+      .count_documents(doc! {})
+      .await
+      .unwrap()
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn changes_are_written_behind_and_a_restart_gets_them_back() {
+    let server = TestServer::start();
+    let log = Arc::new(CapturedLog::default());
+    let p = pool(&["key-a", "key-b"]);
+    let (writer, started) = WriteBehind::start(p.clone(), options(server.uri()), log).await;
+    assert_eq!(started, Started::Connected);
+    for _ in 0..10 {
+      let i = p
+        .best(Claim::Reserve {
+          estimated_tokens: 0,
+        })
+        .unwrap()
+        .pick
+        .index;
+      p.record_usage(i, 100, Outcome::Success, 20.0).unwrap();
+    }
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 5.0)
+      .unwrap();
+    // Written within a few intervals, without closing.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&server.uri(), "api_key_usage").await < 11 && Instant::now() < deadline {
+      sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 11);
+    p.record_usage(0, 1, Outcome::Success, 1.0).unwrap();
+    p.close();
+    writer.close().await;
+    writer.close().await;
+    let stats = writer.stats();
+    assert_eq!((stats.queued, stats.pending, stats.dropped), (0, 0, 0));
+    assert!(!stats.connected);
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 12);
+    assert_eq!(count(&server.uri(), "api_keys").await, 2);
+
+    let q = pool(&["key-a", "key-b"]);
+    let quiet = Arc::new(CapturedLog::default());
+    let (again, started) = WriteBehind::start(q.clone(), options(server.uri()), quiet).await;
+    assert_eq!(started, Started::Connected);
+    let (a, b) = (q.figures(0).unwrap(), q.figures(1).unwrap());
+    assert_eq!(a.rpd.current + b.rpd.current, 11);
+    assert_eq!(a.tpm.current + b.tpm.current, 1_001);
+    assert!(a.active && !b.active);
+    assert_eq!(b.error_count, 1);
+    q.close();
+    again.close().await;
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 12);
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn an_unreachable_server_falls_back_quickly_and_keeps_the_calls_queued() {
+    let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", free_port());
+    let p = pool(&["key-a"]);
+    let started_at = Instant::now();
+    let (writer, started) = WriteBehind::start(
+      p.clone(),
+      PersistOptions {
+        connect_timeout: Duration::from_millis(500),
+        ..options(uri)
+      },
+      Arc::new(CapturedLog::default()),
+    )
+    .await;
+    assert!(started_at.elapsed() < Duration::from_secs(2));
+    assert!(matches!(started, Started::Fallback(_)), "{started:?}");
+    p.record_usage(0, 3, Outcome::Success, 1.0).unwrap();
+    let stats = writer.stats();
+    assert_eq!((stats.connected, stats.queued), (false, 1));
+    p.close();
+    writer.close().await;
+  }
+}
