@@ -8,7 +8,39 @@
 const { NativeKeyPool, resultsLayout } = require('../index.js')
 
 const LAYOUT = resultsLayout()
-const SLOT = Object.fromEntries(LAYOUT.slots.map((name, i) => [name, i]))
+/** A slot's position in the native layout; a name the layout lacks is a build mismatch. */
+function slot(name) {
+  const i = LAYOUT.slots.indexOf(name)
+  if (i < 0) throw new Error(`gemini-key-manager: the native addon has no result slot '${name}' (rebuild it)`)
+  return i
+}
+// Written out as a literal, not built with Object.fromEntries: an object of this many properties
+// built at run time is a dictionary, and every hot-path read of it would take V8's slow path.
+const SLOT = {
+  currentIndex: slot('currentIndex'),
+  errorCount: slot('errorCount'),
+  errorSeq: slot('errorSeq'),
+  isActive: slot('isActive'),
+  lastErrorTime: slot('lastErrorTime'),
+  lastRotation: slot('lastRotation'),
+  lastUsed: slot('lastUsed'),
+  method: slot('method'),
+  previousKeyScore: slot('previousKeyScore'),
+  rotationReason: slot('rotationReason'),
+  rpdCurrent: slot('rpdCurrent'),
+  rpdLimit: slot('rpdLimit'),
+  rpdResetTime: slot('rpdResetTime'),
+  rpmCurrent: slot('rpmCurrent'),
+  rpmLimit: slot('rpmLimit'),
+  rpmResetTime: slot('rpmResetTime'),
+  score: slot('score'),
+  state: slot('state'),
+  stateUntil: slot('stateUntil'),
+  totalAvailable: slot('totalAvailable'),
+  tpmCurrent: slot('tpmCurrent'),
+  tpmLimit: slot('tpmLimit'),
+  tpmResetTime: slot('tpmResetTime'),
+}
 // Per key, the values behind its status object's Dates and error message: lastUsed, the three
 // reset times, the error sequence, stateUntil.
 const SEEN = 6
@@ -17,6 +49,8 @@ const SEEN = 6
 // spare the hot path two allocations.
 const RECORDED = Object.freeze({ success: true, metadata: Object.freeze({}) })
 const RECORDED_PROMISE = Promise.resolve(RECORDED)
+// No key handed out yet: equal to nothing a caller can pass.
+const NONE_HANDED = Symbol('none handed out')
 
 function failure(error, metadata = {}) {
   return { success: false, error, metadata }
@@ -145,6 +179,9 @@ class ApiKeyManagerService {
     this._closed = false
     this._results = null
     this._hot = null
+    // The key the last getBestAvailableKey handed out, and its position.
+    this._lastHanded = NONE_HANDED
+    this._lastHandedAt = -1
     this._keys = []
     this._index = new Map()
     this._status = []
@@ -181,7 +218,11 @@ class ApiKeyManagerService {
     this._seen = new Float64Array(this._keys.length * SEEN).fill(NaN)
     for (let i = 0; i < this._keys.length; i++) {
       this._hot.figures(i)
-      this._refresh(i)
+      // Limits are fixed for the pool's life: set here once, not on every refresh.
+      const { rpm, rpd, tpm } = this._refresh(i).limits
+      rpm.limit = this._results[SLOT.rpmLimit]
+      rpd.limit = this._results[SLOT.rpdLimit]
+      tpm.limit = this._results[SLOT.tpmLimit]
     }
     this._mongo = mongoSettings(this._options)
     if (this._mongo !== null) {
@@ -274,11 +315,8 @@ class ApiKeyManagerService {
     const { rpm, rpd, tpm } = status.limits
     status.isActive = s[SLOT.isActive] === 1
     rpm.current = s[SLOT.rpmCurrent]
-    rpm.limit = s[SLOT.rpmLimit]
     rpd.current = s[SLOT.rpdCurrent]
-    rpd.limit = s[SLOT.rpdLimit]
     tpm.current = s[SLOT.tpmCurrent]
-    tpm.limit = s[SLOT.tpmLimit]
     status.errorCount = s[SLOT.errorCount]
     status.state = LAYOUT.states[s[SLOT.state]]
     // Dates and the error message change rarely: replace them only when they did.
@@ -309,6 +347,9 @@ class ApiKeyManagerService {
 
   /** Looks up a key given by a caller: its position, or a failure result. */
   _locate(apiKey) {
+    // Most recordUsage calls name the key just handed out: an identity check spares the Map's
+    // string hashing and comparison.
+    if (apiKey === this._lastHanded) return this._lastHandedAt
     if (typeof apiKey !== 'string') return failure('API key must be a string')
     const i = this._index.get(apiKey)
     return i === undefined ? failure('API key not found') : i
@@ -372,9 +413,12 @@ class ApiKeyManagerService {
       return this._noKey(e, estimatedTokens)
     }
     const s = this._results
+    const apiKey = this._keys[i]
+    this._lastHanded = apiKey
+    this._lastHandedAt = i
     return {
       success: true,
-      data: [this._keys[i], this._refresh(i)],
+      data: [apiKey, this._refresh(i)],
       metadata: {
         availabilityScore: s[SLOT.score],
         totalAvailable: s[SLOT.totalAvailable],

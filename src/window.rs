@@ -25,7 +25,11 @@ pub struct RollingWindow {
   slice_ms: Millis,
   span_ms: Millis,
   margin_ms: Millis,
-  ring: Box<[u64; RING]>,
+  /// Per slice, what it holds. 32 bits, boxed: the ring is the bulk of a key's memory, and a pool
+  /// of 1,000 keys stays in cache better at half the size. A slice that would pass 2^32 keeps
+  /// the excess in `total` alone, which then never leaves it: an overcount, the safe side (and
+  /// only at limits beyond any Gemini tier's).
+  ring: Box<[u32; RING]>,
   /// The oldest slice the ring may still hold; older ones were dropped.
   oldest: i64,
   /// The oldest slice holding anything, when known: `frees_at` is read on every hand-out, and this
@@ -97,7 +101,9 @@ impl RollingWindow {
     if first - self.oldest >= RING as i64 {
       return self.total;
     }
-    (self.oldest..first).map(|s| self.ring[Self::at(s)]).sum()
+    (self.oldest..first)
+      .map(|s| u64::from(self.ring[Self::at(s)]))
+      .sum()
   }
 
   fn advance(&mut self, now: Millis) {
@@ -110,7 +116,7 @@ impl RollingWindow {
       self.total = 0;
     } else {
       for s in self.oldest..first {
-        self.total -= self.ring[Self::at(s)];
+        self.total -= u64::from(self.ring[Self::at(s)]);
         self.ring[Self::at(s)] = 0;
       }
     }
@@ -127,7 +133,7 @@ impl RollingWindow {
       self.oldest_used.set(Some(self.current_slice(now)));
     }
     let at = Self::at(self.current_slice(now));
-    self.ring[at] = self.ring[at].saturating_add(amount);
+    self.ring[at] = self.ring[at].saturating_add(u32::try_from(amount).unwrap_or(u32::MAX));
     self.total = self.total.saturating_add(amount);
   }
 
@@ -138,8 +144,8 @@ impl RollingWindow {
     if s < self.oldest || s > self.current_slice(now) {
       return;
     }
-    let taken = amount.min(self.ring[Self::at(s)]);
-    self.ring[Self::at(s)] -= taken;
+    let taken = amount.min(u64::from(self.ring[Self::at(s)]));
+    self.ring[Self::at(s)] -= taken as u32;
     self.total -= taken;
     // Only emptying the oldest used slice moves it; settling usually takes from a recent one.
     if self.ring[Self::at(s)] == 0 && self.oldest_used.get() == Some(s) {
