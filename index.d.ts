@@ -14,10 +14,11 @@ export declare class NativeKeyPool {
   /** Builds the pool from `options` and the environment. */
   constructor(options?: PoolOptions | undefined | null)
   /**
-   * `{ results: Float64Array, best(): number, recordSuccess(index, tokens, responseTime): void, figures(index): void }`:
-   * the hot path, as plain functions over this pool.
+   * The hot path, as plain functions over this pool: `best(estimatedTokens)` returns the chosen
+   * key's position, `recordSuccess(index, tokens, responseTime)` and `figures(index)` write the
+   * key's figures into `results`.
    */
-  hotPath(): { results: Float64Array; best(): number; recordSuccess(index: number, tokens: number, responseTime?: number): void; figures(index: number): void }
+  hotPath(): { results: Float64Array; best(estimatedTokens: number): number; recordSuccess(index: number, tokens: number, responseTime: number): void; figures(index: number): void }
   /** The keys, in the order whose positions every other method takes and returns. */
   keys(): Array<string>
   /**

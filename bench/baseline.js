@@ -5,11 +5,18 @@
 // touch, a 5-second cache of available keys sorted by score, handed out round-robin. The benchmarks
 // run it in the same process as the addon, as the baseline.
 
-const MINUTE = 60_000
 const DAY = 86_400_000
+const WINDOW_OF = { RPM: 'rpm', RPD: 'rpd', TPM: 'tpm' }
 
 class BaselineKeyManager {
-  constructor(keys, limits = { rpm: 30, rpd: 200, tpm: 1_000_000 }) {
+  /**
+   * @param {string[]} keys
+   * @param {{ rpm: number, rpd: number, tpm: number }} [limits]
+   * @param {{ windowMs?: number }} [options] span of the RPM and TPM windows: a minute, as the old
+   *   service's, or shorter for a run in simulated time (`npm run bench:gemini`)
+   */
+  constructor(keys, limits = { rpm: 30, rpd: 200, tpm: 1_000_000 }, { windowMs = 60_000 } = {}) {
+    this.windowMs = windowMs
     const now = Date.now()
     this.keys = new Map()
     for (const apiKey of keys) {
@@ -18,9 +25,9 @@ class BaselineKeyManager {
         isActive: true,
         lastUsed: new Date(now),
         limits: {
-          rpm: { current: 0, limit: limits.rpm, resetTime: new Date(now + MINUTE) },
+          rpm: { current: 0, limit: limits.rpm, resetTime: new Date(now + windowMs) },
           rpd: { current: 0, limit: limits.rpd, resetTime: new Date(now + DAY) },
-          tpm: { current: 0, limit: limits.tpm, resetTime: new Date(now + MINUTE) },
+          tpm: { current: 0, limit: limits.tpm, resetTime: new Date(now + windowMs) },
         },
         errorCount: 0,
       })
@@ -35,11 +42,11 @@ class BaselineKeyManager {
     const { rpm, rpd, tpm } = status.limits
     if (now >= rpm.resetTime) {
       rpm.current = 0
-      rpm.resetTime = new Date(now.getTime() + MINUTE)
+      rpm.resetTime = new Date(now.getTime() + this.windowMs)
     }
     if (now >= tpm.resetTime) {
       tpm.current = 0
-      tpm.resetTime = new Date(now.getTime() + MINUTE)
+      tpm.resetTime = new Date(now.getTime() + this.windowMs)
     }
     if (now >= rpd.resetTime) {
       rpd.current = 0
@@ -120,6 +127,27 @@ class BaselineKeyManager {
     }
     return { success: true, metadata: {} }
   }
+}
+
+BaselineKeyManager.prototype.handleRateLimit = async function handleRateLimit(apiKey, limitType) {
+  // The old service's (SPEC section 2): marks that window full, counts an error, drops the cache.
+  const status = this.keys.get(apiKey)
+  if (!status) return { success: false, error: 'API key not found', metadata: {} }
+  const window = status.limits[WINDOW_OF[limitType]]
+  if (!window) return { success: false, error: `Unknown limit type ${limitType}`, metadata: {} }
+  this.checkAndResetLimits(status)
+  window.current = window.limit
+  status.errorCount++
+  status.lastError = `Rate limit exceeded for ${limitType}`
+  status.lastErrorTime = new Date()
+  if (status.errorCount >= 5) status.isActive = false
+  this.cache = null
+  return { success: true, metadata: { limitType } }
+}
+
+BaselineKeyManager.prototype.getAllKeysStatus = async function getAllKeysStatus() {
+  const data = [...this.keys.values()]
+  return { success: true, data, metadata: { totalKeys: data.length, activeKeys: data.filter((k) => k.isActive).length } }
 }
 
 module.exports = { BaselineKeyManager }

@@ -10,7 +10,7 @@
 //      recordUsage(key, tokens, success, error), on a 429 handleRateLimit(key, 'RPM') and another
 //      key, 3 attempts at most),
 //   3. the plain-JS baseline of the old algorithm (bench/baseline.js, its windows shortened to the
-//      same simulated minute by bench/baseline-windowed.js), called the same old way.
+//      same simulated minute by its windowMs option), called the same old way.
 //
 // Simulated time compresses the latency too: Gemini's 1 to 4 s become 100 to 400 ms.
 //
@@ -20,7 +20,7 @@
 // was free), --phase=<fraction of a window> (0.5, see PHASE), --runs=execute,old-caller,baseline.
 
 const { ApiKeyManagerService } = require('../lib')
-const { WindowedBaselineKeyManager } = require('./baseline-windowed')
+const { BaselineKeyManager } = require('./baseline')
 const { startFakeGemini, callGemini } = require('../__test__/fixtures/fake-gemini')
 
 function option(name, env, fallback) {
@@ -111,7 +111,7 @@ async function run(name) {
   const keys = keysOf(KEYS)
   const m =
     name === 'baseline'
-      ? new WindowedBaselineKeyManager(keys, LIMITS, { windowMs: WINDOW_MS })
+      ? new BaselineKeyManager(keys, LIMITS, { windowMs: WINDOW_MS })
       : new ApiKeyManagerService({ keys, limits: LIMITS, windowMs: WINDOW_MS, quiet: true })
   const request = name === 'execute' ? viaExecute : viaOldCaller
   const tally = { issued: 0, served: 0, throttled: 0, seen429: 0, failed429: 0, otherErrors: 0 }

@@ -156,14 +156,14 @@ export interface SelectionOptions {
 }
 
 export interface ExecuteOptions extends SelectionOptions {
-  /** Keys tried at most (default 3). */
+  /** Calls made at most, each on the best key available then (default 3). */
   maxAttempts?: number
   /** When every key is busy, wait up to this long for the next free one (default 0: fail at once). */
   maxWaitMs?: number
 }
 
 export interface ServeOptions {
-  /** Default `'127.0.0.1'`. */
+  /** An IP address (not a host name); default `'127.0.0.1'`. */
   host?: string
   /** Default 3001; 0 picks a free port. */
   port?: number
@@ -211,7 +211,7 @@ export declare class ApiKeyManagerService {
     apiKey: string,
     tokensUsed: number,
     success: boolean,
-    error?: string | Error,
+    error?: unknown,
     responseTime?: number,
   ): Promise<ServiceResponse<void>>
   /**
@@ -247,7 +247,7 @@ export declare function keyRoutes(manager?: ApiKeyManagerService): KeyRoutesMidd
 /** What the middleware uses of node:http's request and response (Express's extend them), so these types need no @types/node. */
 export type KeyRoutesMiddleware = (
   req: { method?: string; url?: string; headers: Record<string, string | string[] | undefined>; on(event: string, listener: (...args: any[]) => void): unknown },
-  res: { statusCode: number; setHeader(name: string, value: string): unknown; end(body?: string): unknown },
+  res: { statusCode: number; setHeader(name: string, value: string): unknown; end(body?: string): unknown; destroy(err?: unknown): unknown },
   next?: (err?: unknown) => void,
 ) => void
 

@@ -93,7 +93,8 @@ function describeError(error) {
       // A circular structure says nothing we could use.
     }
   }
-  return parts.join(' ').slice(0, 4096)
+  // Not truncated here: the native side masks keys first, then cuts, so no key is cut in half.
+  return parts.join(' ')
 }
 
 /** Whether `execute` should try another key after this error: rate limits and overloads. */
@@ -170,7 +171,7 @@ function checkOptions(options) {
 
 class ApiKeyManagerService {
   /**
-   * @param {{ keys?: string[], limits?: { rpm?: number, rpd?: number, tpm?: number }, quiet?: boolean }} [options]
+   * @param {import('./index').ApiKeyManagerOptions} [options] see lib/index.d.ts
    */
   constructor(options = {}) {
     this._options = options ?? {}
@@ -281,10 +282,11 @@ class ApiKeyManagerService {
       this.close()
     }
     const onSignal = (signal) => {
-      const handledElsewhere = process.listenerCount(signal) > 1
-      this.close().finally(() => {
-        if (!handledElsewhere) process.kill(process.pid, signal)
-      })
+      // An application that handles the signal itself (the bin does: it lets the HTTP server
+      // drain first) closes the manager when it is ready; closing here would fail its in-flight
+      // requests.
+      if (process.listenerCount(signal) > 1) return
+      this.close().finally(() => process.kill(process.pid, signal))
     }
     process.once('beforeExit', onExit)
     process.on('SIGINT', onSignal)
@@ -559,6 +561,9 @@ class ApiKeyManagerService {
     if (typeof call !== 'function') throw new TypeError('execute needs a function (apiKey) => Promise')
     if (!(Number.isInteger(maxAttempts) && maxAttempts >= 1)) {
       throw new RangeError(`maxAttempts must be a positive integer (got ${JSON.stringify(maxAttempts)})`)
+    }
+    if (!(typeof maxWaitMs === 'number' && maxWaitMs >= 0 && !Number.isNaN(maxWaitMs))) {
+      throw new RangeError(`maxWaitMs must be a non-negative number of milliseconds (got ${JSON.stringify(maxWaitMs)})`)
     }
     const waitUntil = Date.now() + maxWaitMs
     let lastError

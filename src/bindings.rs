@@ -210,10 +210,11 @@ impl NativeKeyPool {
     &self.js.results
   }
 
-  /// `{ results: Float64Array, best(): number, recordSuccess(index, tokens, responseTime): void, figures(index): void }`:
-  /// the hot path, as plain functions over this pool.
+  /// The hot path, as plain functions over this pool: `best(estimatedTokens)` returns the chosen
+  /// key's position, `recordSuccess(index, tokens, responseTime)` and `figures(index)` write the
+  /// key's figures into `results`.
   #[napi(
-    ts_return_type = "{ results: Float64Array; best(): number; recordSuccess(index: number, tokens: number, responseTime?: number): void; figures(index: number): void }"
+    ts_return_type = "{ results: Float64Array; best(estimatedTokens: number): number; recordSuccess(index: number, tokens: number, responseTime: number): void; figures(index: number): void }"
   )]
   pub fn hot_path<'env>(&self, env: &'env Env) -> napi::Result<Object<'env>> {
     // SAFETY: `env` is this call's environment, on the JS thread.

@@ -11,12 +11,8 @@ pub enum PoolError {
   NoActiveKeys,
   #[error("API key not found")]
   KeyNotFound,
-  #[error("API key must be a string")]
-  KeyNotAString,
   #[error("tokensUsed must be a non-negative integer no larger than {max} (got {got})")]
   InvalidTokens { got: String, max: u64 },
-  #[error("responseTime must be a non-negative number of milliseconds (got {got})")]
-  InvalidResponseTime { got: String },
   #[error("limitType must be 'RPM', 'RPD' or 'TPM' (got {got})")]
   InvalidLimitType { got: String },
   #[error("invalid configuration: {0}")]

@@ -34,13 +34,7 @@ pub enum HealthState {
 
 impl HealthState {
   pub fn label(self) -> &'static str {
-    match self {
-      Self::Active => "active",
-      Self::Resting { .. } => "resting",
-      Self::CircuitOpen { .. } => "circuit-open",
-      Self::HalfOpen { .. } => "half-open",
-      Self::Deactivated => "deactivated",
-    }
+    Self::LABELS[self.code()]
   }
 
   pub const LABELS: [&'static str; 5] = [
@@ -172,7 +166,12 @@ impl Health {
       .saturating_mul(1 << self.openings.min(16))
       .min(MAX_BACKOFF_MS);
     self.openings = self.openings.saturating_add(1);
-    let until = now + backoff;
+    // Server errors never cut a rate-limit rest short: the key would come back into a 429.
+    let rest_ends = match state {
+      HealthState::Resting { until } => until,
+      _ => now,
+    };
+    let until = (now + backoff).max(rest_ends);
     self.state = HealthState::CircuitOpen { until };
     HealthChange::CircuitOpened {
       until,
@@ -186,6 +185,14 @@ impl Health {
     }
     self.state = HealthState::Deactivated;
     HealthChange::Deactivated
+  }
+
+  /// The trial request of a half-open key was never reported (its reservation expired): another
+  /// may go out, or the key would be kept out for good.
+  pub fn trial_lost(&mut self, now: Millis) {
+    if let HealthState::HalfOpen { trial_out: true } = self.state(now) {
+      self.state = HealthState::HalfOpen { trial_out: false };
+    }
   }
 
   /// Ends a rate-limit rest early (the windows were reset by hand).
@@ -265,6 +272,28 @@ mod tests {
       now += expected;
       expected = (expected * 2).min(MAX_BACKOFF_MS);
     }
+  }
+
+  #[test]
+  fn a_lost_trial_lets_another_go_out() {
+    let mut h = Health::default();
+    for _ in 0..3 {
+      h.on_transient_failure(0);
+    }
+    h.on_hand_out(FIRST_BACKOFF_MS);
+    assert!(!h.can_serve(FIRST_BACKOFF_MS));
+    h.trial_lost(FIRST_BACKOFF_MS + 60_000);
+    assert!(h.can_serve(FIRST_BACKOFF_MS + 60_000));
+  }
+
+  #[test]
+  fn server_errors_never_shorten_a_rate_limit_rest() {
+    let mut h = Health::default();
+    h.on_rate_limited(0, 3_600_000);
+    for _ in 0..3 {
+      h.on_transient_failure(0);
+    }
+    assert_eq!(h.state(0), HealthState::CircuitOpen { until: 3_600_000 });
   }
 
   #[test]

@@ -186,7 +186,11 @@ impl KeyState {
       self.rpd.remove(now, r.at, 1);
       self.tpm.remove(now, r.at, r.tokens);
     }
-    self.pending.len() != before
+    let expired = self.pending.len() != before;
+    if expired {
+      self.health.trial_lost(now);
+    }
+    expired
   }
 
   /// Fresh windows (resetAllLimits); outstanding reservations go with them.
@@ -195,6 +199,7 @@ impl KeyState {
     self.rpd.clear(now);
     self.tpm.clear(now);
     self.pending.clear();
+    self.health.trial_lost(now);
   }
 
   pub fn record_error(&mut self, error: String, now: Millis) {

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
 use crate::log::Log;
+use crate::mask::scrub;
 use crate::pool::KeyPool;
 use crate::store::{
   MongoStore, Store, StoreError, UsageRecord, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
@@ -182,8 +183,10 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Sto
         }
         Err(e) => {
           if !failing {
+            // Driver errors can quote documents, and so keys.
             shared.log.warn(&format!(
-              "⚠️ MongoDB write failed; keeping the changes for the next try: {e}"
+              "⚠️ MongoDB write failed; keeping the changes for the next try: {}",
+              scrub(&e.to_string(), shared.pool.keys())
             ));
           }
           failing = true;

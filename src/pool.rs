@@ -22,6 +22,11 @@ use crate::selection::{Rotation, Selection, SelectionCache};
 use crate::store::{KeyRecord, UsageIds, UsageRecord};
 use crate::usage_log::{UsageEntry, UsageLog};
 
+/// Longest rest a retry delay can impose: a day, the longest window there is.
+const MAX_REST_MS: Millis = 86_400_000;
+/// Longest error message kept, in characters (after masking, so no key is cut in half unmasked).
+const MAX_ERROR_CHARS: usize = 4_096;
+
 /// Largest token count one call may report: far above any model's context, and exact in a JS number.
 pub const MAX_TOKENS_PER_CALL: u64 = u32::MAX as u64;
 
@@ -62,6 +67,8 @@ struct PoolState {
   keys: Vec<KeyState>,
   cache: SelectionCache,
   last_rotation: Millis,
+  /// The latest time any operation ran at.
+  last_now: Millis,
   closed: bool,
   /// Per key: changed since last exported. `dirty_keys` lists the flagged positions, so marking is
   /// O(1) and exporting is O(changed keys) however large the pool.
@@ -161,7 +168,7 @@ fn rest_until(
   span_ms: Millis,
 ) -> Millis {
   if let Some(delay) = retry_after_ms {
-    return now + delay.max(0);
+    return now.saturating_add(delay.clamp(0, MAX_REST_MS));
   }
   let limit = limit.unwrap_or(LimitType::Rpm);
   let frees = key.frees_at(limit, now);
@@ -206,6 +213,7 @@ impl KeyPool {
         keys,
         cache: SelectionCache::default(),
         last_rotation: now,
+        last_now: now,
         closed: false,
         dirty: vec![false; n],
         dirty_keys: Vec::with_capacity(n),
@@ -246,8 +254,11 @@ impl KeyPool {
   }
 
   fn with_state<T>(&self, f: impl FnOnce(&mut PoolState, Millis) -> T) -> Result<T, PoolError> {
-    let now = self.clock.now_ms();
     let mut state = self.state.lock();
+    // Read under the lock and never backwards: the wall clock can step back, and a reservation
+    // stamped "in the future" would not be found when it is settled.
+    let now = self.clock.now_ms().max(state.last_now);
+    state.last_now = now;
     if state.closed {
       return Err(PoolError::Closed);
     }
@@ -317,7 +328,13 @@ impl KeyPool {
     response_time_ms: f64,
   ) -> Result<KeyFigures, PoolError> {
     let failure = match outcome {
-      Outcome::Failure(error) => Some((scrub(error, &self.names), classify(error))),
+      Outcome::Failure(error) => {
+        let message: String = scrub(error, &self.names)
+          .chars()
+          .take(MAX_ERROR_CHARS)
+          .collect();
+        Some((message, classify(error)))
+      }
       Outcome::Success => None,
     };
     let ttl = self.policy.reservation_ttl_ms;
@@ -600,7 +617,12 @@ impl KeyPool {
     for r in records {
       if let Some(&i) = self.index.get(&r.api_key) {
         let local_wins = state.dirty[i];
-        state.keys[i].merge_record(r, now, local_wins);
+        // A database written by the old service may hold unmasked keys in its error messages.
+        let record = KeyRecord {
+          last_error: r.last_error.as_deref().map(|e| scrub(e, &self.names)),
+          ..r.clone()
+        };
+        state.keys[i].merge_record(&record, now, local_wins);
         merged += 1;
       }
     }
@@ -613,10 +635,6 @@ impl KeyPool {
   /// Refuses every later call. Idempotent.
   pub fn close(&self) {
     self.state.lock().closed = true;
-  }
-
-  pub fn is_closed(&self) -> bool {
-    self.state.lock().closed
   }
 }
 

@@ -82,6 +82,7 @@ impl Results {
     unsafe { (*self.0.get())[slot as usize] = value }
   }
 
+  #[cfg(test)]
   pub fn get(&self, slot: Slot) -> f64 {
     // SAFETY: as in `set`.
     unsafe { (*self.0.get())[slot as usize] }

@@ -88,6 +88,8 @@ pub struct Rotation {
 #[derive(Debug, Default)]
 pub struct SelectionCache {
   order: Vec<usize>,
+  /// Reused by every rebuild, so a rebuild on the selection path does not allocate.
+  scored: Vec<(f64, usize)>,
   built_at: Option<Millis>,
   cursor: usize,
 }
@@ -113,15 +115,19 @@ impl SelectionCache {
 
   /// Re-sorts the available keys by score, best first; returns how many there are.
   pub fn rebuild(&mut self, keys: &[KeyState], now: Millis) -> usize {
-    let mut scored: Vec<(f64, usize)> = keys
-      .iter()
-      .enumerate()
-      .filter(|(_, k)| is_available(k, now, 0))
-      .map(|(i, k)| (availability_score(k, now), i))
-      .collect();
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    self.scored.clear();
+    self.scored.extend(
+      keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| is_available(k, now, 0))
+        .map(|(i, k)| (availability_score(k, now), i)),
+    );
+    self
+      .scored
+      .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     self.order.clear();
-    self.order.extend(scored.into_iter().map(|(_, i)| i));
+    self.order.extend(self.scored.iter().map(|&(_, i)| i));
     self.built_at = Some(now);
     self.cursor = 0;
     self.order.len()
@@ -183,9 +189,12 @@ impl SelectionCache {
     now: Millis,
     estimated_tokens: u64,
   ) -> Option<Rotation> {
-    if !self.is_fresh(now) {
+    let method = if self.is_fresh(now) {
+      SelectionMethod::CachedRoundRobin
+    } else {
       self.rebuild(keys, now);
-    }
+      SelectionMethod::RoundRobin
+    };
     let mut weakest: Option<(f64, usize)> = None;
     let mut strongest: Option<(f64, usize)> = None;
     for &i in &self.order {
@@ -212,7 +221,7 @@ impl SelectionCache {
               index,
               score,
               total_available: self.order.len(),
-              method: SelectionMethod::CachedRoundRobin,
+              method,
             },
             reason: RotationReason::Proactive,
             previous_key_score: Some(weakest_score),
@@ -224,7 +233,15 @@ impl SelectionCache {
     self
       .next(keys, now, estimated_tokens)
       .map(|selection| Rotation {
-        selection,
+        // `next` sees the cache this call just rebuilt as fresh; the method is this call's.
+        selection: Selection {
+          method: if method == SelectionMethod::RoundRobin {
+            method
+          } else {
+            selection.method
+          },
+          ..selection
+        },
         reason,
         previous_key_score: None,
       })
@@ -340,6 +357,11 @@ mod tests {
     let mut c = SelectionCache::default();
     let r = c.rotation(&ks, 0, 0).unwrap();
     assert_eq!(r.reason, RotationReason::NotNeeded);
+    assert_eq!(r.selection.method, SelectionMethod::RoundRobin);
+    assert_eq!(
+      c.rotation(&ks, 1, 0).unwrap().selection.method,
+      SelectionMethod::CachedRoundRobin
+    );
     assert_eq!(r.previous_key_score, None);
 
     let mut weak = keys(1);

@@ -6,6 +6,7 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
+use crate::calendar::{civil_from_days, days_from_civil};
 use crate::clock::Millis;
 use crate::key::{KeyFigures, KeyStatus, LimitFigures, RateLimitInfo};
 use crate::mask::mask_key;
@@ -13,32 +14,6 @@ use crate::mask::mask_key;
 const DAY_MS: Millis = 86_400_000;
 /// The range of a JS `Date`: ±100,000,000 days around the epoch.
 pub const MAX_DATE_MS: Millis = 8_640_000_000_000_000;
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-  let y = if month <= 2 { year - 1 } else { year };
-  let era = y.div_euclid(400);
-  let yoe = y - era * 400;
-  let mp = i64::from((month + 9) % 12);
-  let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-  let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-  era * 146_097 + doe - 719_468
-}
-
-/// The inverse of [`days_from_civil`]: (year, month, day).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-  let z = days + 719_468;
-  let era = z.div_euclid(146_097);
-  let doe = z - era * 146_097;
-  let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-  let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-  let mp = (5 * doy + 2) / 153;
-  // Both fit in u32: day is 1..=31 and month 1..=12 by construction.
-  let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-  let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-  let year = yoe + era * 400 + i64::from(month <= 2);
-  (year, month, day)
-}
 
 fn is_leap(year: i64) -> bool {
   year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
