@@ -741,6 +741,57 @@ mod tests {
   }
 
   #[test]
+  fn a_clock_that_steps_back_never_leaves_a_reservation_unsettled() {
+    let (p, clock, _) = pool(1);
+    clock.advance(5_000);
+    p.best(RESERVE).unwrap();
+    clock.advance(-3_000);
+    let f = p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
+    assert_eq!(f.rpm.current, 1, "settled, not counted twice");
+    assert_eq!(f.last_used, T0 + 5_000);
+  }
+
+  #[test]
+  fn a_huge_retry_delay_rests_at_most_a_day() {
+    let (p, _, _) = pool(1);
+    p.handle_rate_limit(0, LimitType::Rpm, Some(Millis::MAX))
+      .unwrap();
+    assert_eq!(
+      p.figures(0).unwrap().state,
+      HealthState::Resting {
+        until: T0 + MAX_REST_MS
+      }
+    );
+  }
+
+  #[test]
+  fn long_errors_are_masked_before_they_are_cut() {
+    let (p, _, _) = pool(2);
+    // The key straddles the cut: masked first, nothing of its middle survives.
+    let error = format!("{}{}", "x".repeat(MAX_ERROR_CHARS - 10), p.keys()[1]);
+    p.record_usage(0, 0, Outcome::Failure(&error), 0.0).unwrap();
+    let stored = p.last_error(0).unwrap().unwrap();
+    assert_eq!(stored.chars().count(), MAX_ERROR_CHARS);
+    assert!(!stored.contains("TESTKEY0001"));
+  }
+
+  #[test]
+  fn imported_error_messages_are_masked() {
+    let (p, _, _) = pool(2);
+    let mut record = p.export_dirty().pop().unwrap_or_else(|| {
+      p.mark_all_dirty();
+      p.export_dirty().remove(0)
+    });
+    record.api_key = p.keys()[0].clone();
+    record.last_error = Some(format!("old service saw {}", p.keys()[1]));
+    assert_eq!(p.import(&[record]), 1);
+    assert_eq!(
+      p.last_error(0).unwrap().as_deref(),
+      Some("old service saw AIzaSyTE...ijkl")
+    );
+  }
+
+  #[test]
   fn next_available_at_says_when_capacity_frees() {
     let (p, clock, _) = small(
       2,
