@@ -122,8 +122,9 @@ function mongoSettings(options) {
   if (typeof uri !== 'string' || uri === '') return null
   return {
     uri,
-    dbName: options.mongodbDbName || process.env.MONGODB_DB_NAME || 'rag_db',
-    connectTimeoutMs: options.mongoConnectTimeoutMs ?? 2000,
+    // Unset values take the native defaults (rag_db, 2000 ms), defined once in Rust.
+    dbName: options.mongodbDbName || process.env.MONGODB_DB_NAME || undefined,
+    connectTimeoutMs: options.mongoConnectTimeoutMs,
     flushIntervalMs: options.flushIntervalMs,
     retryIntervalMs: options.mongoRetryIntervalMs,
     batchSize: options.usageBatchSize,
