@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use crate::clock::Millis;
 use crate::health::{Health, HealthState};
 use crate::quota::{LimitType, Quota, WindowPolicy};
+use crate::share::SharedBudget;
 use crate::store::{KeyRecord, WindowRecord};
 use crate::window::{DailyWindow, RollingWindow};
 
@@ -39,6 +40,9 @@ pub struct KeyState {
   /// without copying the message out on every call.
   pub error_seq: u32,
   pub pending: VecDeque<Reservation>,
+  /// What this process may hand out of the key's quota shared with other processes; `None` when
+  /// it does not share (boxed: most pools do not, and a key's hot fields stay close together).
+  pub shared: Option<Box<SharedBudget>>,
 }
 
 /// One window as callers see it.
@@ -100,6 +104,7 @@ impl KeyState {
       last_error_time: None,
       error_seq: 0,
       pending: VecDeque::new(),
+      shared: None,
     }
   }
 
@@ -133,10 +138,12 @@ impl KeyState {
       && self.rpd.current(now) < self.quota.rpd
       && self.tpm.current(now).saturating_add(estimated_tokens) <= self.quota.tpm
       && self.tpm.current(now) < self.quota.tpm
+      && self.shared.as_ref().is_none_or(|s| s.can_serve(now))
   }
 
-  /// Counts a request when its key is handed out, so concurrent callers see it at once.
-  pub fn reserve(&mut self, now: Millis, estimated_tokens: u64) {
+  /// Counts a request when its key is handed out, so concurrent callers see it at once. Returns
+  /// true when a shared lease ran low and should be topped up.
+  pub fn reserve(&mut self, now: Millis, estimated_tokens: u64) -> bool {
     self.rpm.add(now, 1);
     self.rpd.add(now, 1);
     self.tpm.add(now, estimated_tokens);
@@ -149,6 +156,7 @@ impl KeyState {
     });
     self.health.on_hand_out(now);
     self.last_used = now;
+    self.shared.as_mut().is_some_and(|s| s.serve(now))
   }
 
   /// Counts a finished request: it settles the oldest reservation (its token estimate replaced by

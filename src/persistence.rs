@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 
+use crate::leasing::{LeaseKeeper, StoreSlot};
 use crate::log::Log;
 use crate::mask::scrub;
 use crate::pool::KeyPool;
@@ -44,6 +45,9 @@ pub struct PersistOptions {
   /// Recorded calls kept while the server is away, at most (default 10,000), in the pool's queue
   /// and again in the batch being retried; past that the oldest are dropped and counted.
   pub queue_capacity: usize,
+  /// Share each key's RPM and RPD with every process using the same database (default on):
+  /// see `share` and `leasing`.
+  pub share_quota: bool,
 }
 
 impl PersistOptions {
@@ -57,6 +61,7 @@ impl PersistOptions {
       retry_interval: Duration::from_secs(3),
       batch_size: DEFAULT_BATCH,
       queue_capacity: DEFAULT_CAPACITY,
+      share_quota: true,
     }
   }
 }
@@ -73,6 +78,8 @@ pub enum Started {
 /// What the writer has done, for tests, benchmarks and operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PersistStats {
+  /// Processes seen sharing the keys' quota, this one included; 0 when the quota is not shared.
+  pub peers: usize,
   /// Connected, and the last write (if any) succeeded.
   pub connected: bool,
   /// Database round trips made, failed ones included.
@@ -87,6 +94,8 @@ pub struct PersistStats {
 
 struct Shared {
   pool: Arc<KeyPool>,
+  /// The connection, for the leasing task too.
+  store: Arc<StoreSlot>,
   log: Arc<dyn Log>,
   wake: Arc<Notify>,
   closing: AtomicBool,
@@ -100,6 +109,7 @@ struct Shared {
 pub struct WriteBehind {
   shared: Arc<Shared>,
   task: Mutex<Option<JoinHandle<()>>>,
+  keeper: Option<LeaseKeeper>,
 }
 
 /// Connects, loads the stored keys and merges them into the pool, then marks every key for the
@@ -148,7 +158,7 @@ async fn flush(
   }
 }
 
-async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Store>) {
+async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc<Store>>) {
   let mut pending = Vec::new();
   let mut failing = false;
   let mut next_connect = Instant::now() + options.retry_interval;
@@ -168,6 +178,8 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Sto
       match connect(&shared, &options).await {
         Ok(s) => {
           shared.log.info(CONNECTED_LINE);
+          let s = Arc::new(s);
+          *shared.store.lock() = Some(s.clone());
           store = Some(s);
         }
         Err(_) => next_connect = Instant::now() + options.retry_interval,
@@ -200,6 +212,7 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Sto
       break;
     }
   }
+  shared.store.lock().take();
   if let Some(s) = store {
     s.close().await;
   }
@@ -217,7 +230,8 @@ impl WriteBehind {
     let wake = Arc::new(Notify::new());
     pool.enable_usage_log(options.queue_capacity, options.batch_size, wake.clone());
     let shared = Arc::new(Shared {
-      pool,
+      pool: pool.clone(),
+      store: Arc::new(StoreSlot::new(None)),
       log,
       wake,
       closing: AtomicBool::new(false),
@@ -227,18 +241,27 @@ impl WriteBehind {
     });
     let (store, started) = match connect(&shared, &options).await {
       Ok(store) => {
+        let store = Arc::new(store);
+        *shared.store.lock() = Some(store.clone());
         shared.connected.store(true, Ordering::Relaxed);
-        shared.ops.store(store.ops(), Ordering::Relaxed);
         // The merged state goes out at once, not an interval later.
         shared.wake.notify_one();
         (Some(store), Started::Connected)
       }
       Err(e) => (None, Started::Fallback(e.to_string())),
     };
+    let keeper = match options.share_quota {
+      true => Some(LeaseKeeper::start(pool, shared.store.clone()).await),
+      false => None,
+    };
+    if let Some(store) = &store {
+      shared.ops.store(store.ops(), Ordering::Relaxed);
+    }
     let task = tokio::spawn(run(shared.clone(), options, store));
     let writer = Self {
       shared,
       task: Mutex::new(Some(task)),
+      keeper,
     };
     (writer, started)
   }
@@ -246,6 +269,9 @@ impl WriteBehind {
   /// Writes what is left (when connected) and stops the writer; resolves when done. Close the pool
   /// first, so that nothing changes after the last write. Idempotent.
   pub async fn close(&self) {
+    if let Some(keeper) = &self.keeper {
+      keeper.close().await;
+    }
     self.stop();
     let task = self.task.lock().take();
     if let Some(task) = task {
@@ -264,6 +290,7 @@ impl WriteBehind {
   pub fn stats(&self) -> PersistStats {
     let (queued, dropped) = self.shared.pool.usage_backlog();
     PersistStats {
+      peers: self.keeper.as_ref().map_or(0, LeaseKeeper::peers),
       connected: self.shared.connected.load(Ordering::Relaxed),
       ops: self.shared.ops.load(Ordering::Relaxed),
       queued,

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use crate::clock::{Clock, Millis};
 use crate::config::{js_number, PoolConfig};
@@ -19,6 +20,7 @@ use crate::log::Log;
 use crate::mask::{mask_key, scrub};
 use crate::quota::{LimitType, WindowPolicy};
 use crate::selection::{Rotation, Selection, SelectionCache};
+use crate::share::{LeaseNeed, Occurrence, SharedWindow};
 use crate::store::{KeyRecord, UsageIds, UsageRecord};
 use crate::usage_log::{UsageEntry, UsageLog};
 
@@ -76,6 +78,8 @@ struct PoolState {
   dirty_keys: Vec<usize>,
   /// Recorded calls waiting to be stored; `None` while nothing stores them.
   usage: Option<UsageLog>,
+  /// Wakes the leasing task when a shared lease runs low; `None` while the quota is not shared.
+  lease_wake: Option<Arc<Notify>>,
 }
 
 impl PoolState {
@@ -98,7 +102,11 @@ impl PoolState {
     if let Claim::Reserve { estimated_tokens } = claim {
       let key = &mut self.keys[index];
       key.expire_reservations(now, ttl);
-      key.reserve(now, estimated_tokens);
+      if key.reserve(now, estimated_tokens) {
+        if let Some(wake) = &self.lease_wake {
+          wake.notify_one();
+        }
+      }
       self.touch(index);
     }
     self.keys[index].figures(now)
@@ -218,6 +226,7 @@ impl KeyPool {
         dirty: vec![false; n],
         dirty_keys: Vec::with_capacity(n),
         usage: None,
+        lease_wake: None,
       }),
       names: config.keys,
       index,
@@ -514,6 +523,9 @@ impl KeyPool {
               at = at.max(key.frees_at(limit, now));
             }
           }
+          if let Some(shared) = &key.shared {
+            at = at.max(shared.available_at(now));
+          }
           Some(at)
         })
         .min()
@@ -630,6 +642,120 @@ impl KeyPool {
       state.cache.invalidate();
     }
     merged
+  }
+
+  /// From now on, hands out a key only within what this process leased of its shared quota (see
+  /// `share`); `wake` is notified when a lease runs low. Until the first leases arrive no key is
+  /// available. A second call changes nothing.
+  pub fn share_quota(&self, wake: Arc<Notify>) {
+    let mut state = self.state.lock();
+    if state.lease_wake.is_none() {
+      state.lease_wake = Some(wake);
+      for key in &mut state.keys {
+        key.shared = Some(Box::default());
+      }
+      state.cache.invalidate();
+    }
+  }
+
+  /// What the leasing task should ask the store for now, per key and window. Deactivated keys need
+  /// nothing. Every need returned must be answered with [`Self::leases_granted`].
+  pub fn lease_needs(&self) -> Vec<(usize, SharedWindow, LeaseNeed)> {
+    let (span, daily) = (self.policy.span_ms, self.policy.daily_reset);
+    let mut state = self.state.lock();
+    let now = state.last_now.max(self.clock.now_ms());
+    let mut needs = Vec::new();
+    for (index, key) in state.keys.iter_mut().enumerate() {
+      if key.health.is_deactivated() {
+        continue;
+      }
+      let limits = [key.quota.rpm, key.quota.rpd];
+      let Some(shared) = key.shared.as_deref_mut() else {
+        continue;
+      };
+      for (window, limit) in SharedWindow::ALL.into_iter().zip(limits) {
+        if let Some(need) = shared
+          .allowance_mut(window)
+          .need(window, now, limit, span, daily)
+        {
+          needs.push((index, window, need));
+        }
+      }
+    }
+    needs
+  }
+
+  /// Applies the store's answers to [`Self::lease_needs`]: how much each got, or `None` when the
+  /// store could not be asked. A key that could not serve before and can now is made visible to
+  /// selection at once.
+  pub fn leases_granted(&self, answers: &[(usize, SharedWindow, LeaseNeed, Option<u64>)]) {
+    let mut state = self.state.lock();
+    let now = state.last_now.max(self.clock.now_ms());
+    let mut newly_available = false;
+    for (index, window, need, granted) in answers {
+      let Some(shared) = state
+        .keys
+        .get_mut(*index)
+        .and_then(|k| k.shared.as_deref_mut())
+      else {
+        continue;
+      };
+      let could = shared.can_serve(now);
+      shared.allowance_mut(*window).granted(need, *granted, now);
+      newly_available |= !could && shared.can_serve(now);
+    }
+    if newly_available {
+      state.cache.invalidate();
+    }
+  }
+
+  /// While the store cannot be reached: every key serves `1 / peers` of each shared limit in the
+  /// windows it holds no good lease for (see [`crate::share::Allowance::grant_locally`]).
+  pub fn grant_locally(&self, peers: usize) {
+    let (span, daily) = (self.policy.span_ms, self.policy.daily_reset);
+    let peers = peers.max(1) as u64;
+    let mut state = self.state.lock();
+    let now = state.last_now.max(self.clock.now_ms());
+    let mut granted = false;
+    for key in &mut state.keys {
+      let limits = [key.quota.rpm, key.quota.rpd];
+      let Some(shared) = key.shared.as_deref_mut() else {
+        continue;
+      };
+      for (window, limit) in SharedWindow::ALL.into_iter().zip(limits) {
+        granted |=
+          shared
+            .allowance_mut(window)
+            .grant_locally(window, now, limit / peers, span, daily);
+      }
+    }
+    if granted {
+      state.cache.invalidate();
+    }
+  }
+
+  /// Per key and window, what is held and not served in windows still open, and what was served
+  /// and not yet reported: what to give back and report when the process leaves.
+  pub fn unused_leases(&self) -> Vec<(usize, SharedWindow, Occurrence, u64, u64)> {
+    let state = self.state.lock();
+    let now = state.last_now.max(self.clock.now_ms());
+    let mut unused = Vec::new();
+    for (index, key) in state.keys.iter().enumerate() {
+      let Some(shared) = key.shared.as_deref() else {
+        continue;
+      };
+      for (window, allowance) in [
+        (SharedWindow::Rpm, &shared.rpm),
+        (SharedWindow::Rpd, &shared.rpd),
+      ] {
+        unused.extend(
+          allowance
+            .unused(now)
+            .map(|(occurrence, left, spent)| (index, window, occurrence, left, spent)),
+        );
+      }
+    }
+    unused
   }
 
   /// Refuses every later call. Idempotent.

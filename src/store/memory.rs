@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::error::StoreError;
 use super::lease::{self, lease_id};
-use super::records::{KeyRecord, LeaseSlot, UsageId, UsageRecord};
+use super::records::{Grant, KeyRecord, LeaseSlot, UsageId, UsageRecord};
 use crate::clock::Millis;
 
 #[derive(Debug, Default)]
@@ -110,10 +110,13 @@ impl MemoryStore {
     limit: u64,
     holder: &str,
     expires_at: Millis,
-  ) -> Result<u64, StoreError> {
+  ) -> Result<Grant, StoreError> {
     lease::check(slot, holder)?;
     if want == 0 || limit == 0 {
-      return Ok(0);
+      return Ok(Grant {
+        granted: 0,
+        holders: 1,
+      });
     }
     self.count_op();
     let mut state = self.state.lock();
@@ -132,7 +135,8 @@ impl MemoryStore {
       h.amount += granted;
       h.expires = h.expires.max(expires_at);
     }
-    Ok(granted)
+    let holders = doc.holders.len() + usize::from(!doc.holders.contains_key(holder));
+    Ok(Grant { granted, holders })
   }
 
   /// See [`super::MongoStore::release`].
@@ -267,15 +271,33 @@ mod tests {
   #[test]
   fn leases_never_exceed_the_limit_and_give_back_only_what_is_held() {
     let s = MemoryStore::new();
-    assert_eq!(s.lease(&SLOT, 20, 30, "a", NOW + 5_000).unwrap(), 20);
-    assert_eq!(s.lease(&SLOT, 20, 30, "b", NOW + 5_000).unwrap(), 10);
-    assert_eq!(s.lease(&SLOT, 1, 30, "b", NOW + 5_000).unwrap(), 0);
+    assert_eq!(
+      s.lease(&SLOT, 20, 30, "a", NOW + 5_000).unwrap(),
+      Grant {
+        granted: 20,
+        holders: 1
+      }
+    );
+    assert_eq!(
+      s.lease(&SLOT, 20, 30, "b", NOW + 5_000).unwrap(),
+      Grant {
+        granted: 10,
+        holders: 2
+      }
+    );
+    assert_eq!(s.lease(&SLOT, 1, 30, "b", NOW + 5_000).unwrap().granted, 0);
     assert_eq!(s.release(&SLOT, "b", 50).unwrap(), 10);
     assert_eq!(s.consume(&SLOT, "a", 5).unwrap(), 5);
-    assert_eq!(s.lease(&SLOT, 30, 30, "b", NOW + 20_000).unwrap(), 10);
+    assert_eq!(
+      s.lease(&SLOT, 30, 30, "b", NOW + 20_000).unwrap().granted,
+      10
+    );
     // "a" dies holding 15 unspent; after its lease expires they go back to the pool.
     assert_eq!(s.reclaim_expired(NOW + 6_000), 15);
-    assert_eq!(s.lease(&SLOT, 30, 30, "b", NOW + 20_000).unwrap(), 15);
+    assert_eq!(
+      s.lease(&SLOT, 30, 30, "b", NOW + 20_000).unwrap().granted,
+      15
+    );
     assert!(s.lease(&SLOT, 1, 30, "a.b", NOW).is_err());
   }
 }

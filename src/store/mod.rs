@@ -20,7 +20,7 @@ pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
 pub use records::{
-  KeyRecord, LeaseSlot, UsageId, UsageIds, UsageRecord, WindowRecord, DAY_MS, MINUTE_MS,
+  Grant, KeyRecord, LeaseSlot, UsageId, UsageIds, UsageRecord, WindowRecord, DAY_MS, MINUTE_MS,
 };
 
 /// Where state is kept. Every call that has something to do is one round trip per batch (see
@@ -69,7 +69,7 @@ impl Store {
     limit: u64,
     holder: &str,
     expires_at: Millis,
-  ) -> Result<u64, StoreError> {
+  ) -> Result<Grant, StoreError> {
     match self {
       Store::Memory(s) => s.lease(slot, want, limit, holder, expires_at),
       Store::Mongo(s) => s.lease(slot, want, limit, holder, expires_at).await,
@@ -170,7 +170,8 @@ mod tests {
       window_id: 0,
       window_end: DAY_MS,
     };
-    assert_eq!(store.lease(&slot, 50, 30, "h", 100).await.unwrap(), 30);
+    let grant = store.lease(&slot, 50, 30, "h", 100).await.unwrap();
+    assert_eq!((grant.granted, grant.holders), (30, 1));
     assert_eq!(store.consume(&slot, "h", 10).await.unwrap(), 10);
     assert_eq!(store.release(&slot, "h", 5).await.unwrap(), 5);
     assert_eq!(store.reclaim_expired(200).await.unwrap(), 15);

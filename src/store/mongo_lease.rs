@@ -3,12 +3,13 @@
 //! whole, reads the document and tries again with what is left.
 
 use mongodb::bson::{doc, DateTime, Document};
+use mongodb::options::ReturnDocument;
 
 use super::documents::{count, millis};
 use super::error::StoreError;
 use super::lease::{self, lease_id, valid_holder, ATTEMPTS};
 use super::mongo::{error_code, MongoStore, DUPLICATE_KEY, READ_BATCH};
-use super::records::LeaseSlot;
+use super::records::{Grant, LeaseSlot};
 use crate::clock::Millis;
 
 /// Amounts as stored: Int64, clamped (no real budget comes near `i64::MAX`).
@@ -16,10 +17,17 @@ fn int64(n: u64) -> i64 {
   i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// How many hold a lease in the document, `holder` counted whether it is there yet or not.
+fn holders_with(d: &Document, holder: &str) -> usize {
+  d.get_document("holders")
+    .map_or(1, |h| h.len() + usize::from(!h.contains_key(holder)))
+}
+
 impl MongoStore {
-  /// Leases up to `want` of the slot's budget to `holder` until `expires_at`, and returns how much
-  /// was granted: `want` when it fits, what is left when it does not, 0 when the window is used
-  /// up. Across every process and host the grants of one slot add up to at most `limit`.
+  /// Leases up to `want` of the slot's budget to `holder` until `expires_at` (a lease it already
+  /// holds lasts at least as long), and says how much was granted: `want` when it fits, what is
+  /// left when it does not, 0 when the window is used up. Across every process and host the
+  /// grants of one slot add up to at most `limit`.
   pub async fn lease(
     &self,
     slot: &LeaseSlot<'_>,
@@ -27,19 +35,30 @@ impl MongoStore {
     limit: u64,
     holder: &str,
     expires_at: Millis,
-  ) -> Result<u64, StoreError> {
+  ) -> Result<Grant, StoreError> {
     lease::check(slot, holder)?;
     let want = want.min(limit);
+    let nothing = |holders| Grant {
+      granted: 0,
+      holders,
+    };
     if want == 0 {
-      return Ok(0);
+      return Ok(nothing(1));
     }
     let id = lease_id(slot);
-    if self.try_grant(&id, want, limit, holder, expires_at).await? {
-      return Ok(want);
+    if let Some(holders) = self.try_grant(&id, want, limit, holder, expires_at).await? {
+      return Ok(Grant {
+        granted: want,
+        holders,
+      });
     }
+    let mut holders = 1;
     for _ in 0..ATTEMPTS {
       let used = match self.read_lease(&id).await? {
-        Some(d) => count(d.get("used")).unwrap_or(0),
+        Some(d) => {
+          holders = holders_with(&d, holder);
+          count(d.get("used")).unwrap_or(0)
+        }
         None => {
           self.create_lease(&id, slot).await?;
           0
@@ -47,17 +66,20 @@ impl MongoStore {
       };
       let grant = want.min(limit.saturating_sub(used));
       if grant == 0 {
-        return Ok(0);
+        return Ok(nothing(holders));
       }
-      if self
+      if let Some(holders) = self
         .try_grant(&id, grant, limit, holder, expires_at)
         .await?
       {
-        return Ok(grant);
+        return Ok(Grant {
+          granted: grant,
+          holders,
+        });
       }
     }
     // Every attempt lost a race, each to a grant elsewhere: nothing here is the safe answer.
-    Ok(0)
+    Ok(nothing(holders))
   }
 
   /// Gives back `unused` of what `holder` holds in the slot, so others can lease it. Never more
@@ -134,7 +156,8 @@ impl MongoStore {
     Ok(reclaimed)
   }
 
-  /// One guarded grant: applied only if `used + n <= limit`, atomically on the server.
+  /// One guarded grant: applied only if `used + n <= limit`, atomically on the server. Returns
+  /// the number of holders of the slot after it, when it was applied.
   async fn try_grant(
     &self,
     id: &str,
@@ -142,7 +165,7 @@ impl MongoStore {
     limit: u64,
     holder: &str,
     expires_at: Millis,
-  ) -> Result<bool, StoreError> {
+  ) -> Result<Option<usize>, StoreError> {
     let filter = doc! { "_id": id, "used": { "$lte": int64(limit - n) } };
     let update = doc! {
       "$inc": { "used": int64(n), format!("holders.{holder}"): int64(n) },
@@ -152,9 +175,10 @@ impl MongoStore {
     let granted = self
       .leases
       .find_one_and_update(filter, update)
-      .projection(doc! { "_id": 1 })
+      .projection(doc! { "holders": 1 })
+      .return_document(ReturnDocument::After)
       .await?;
-    Ok(granted.is_some())
+    Ok(granted.map(|d| holders_with(&d, holder)))
   }
 
   async fn read_lease(&self, id: &str) -> Result<Option<Document>, StoreError> {
@@ -281,8 +305,8 @@ mod tests {
           let mut granted = 0;
           for _ in 0..64 {
             match store.lease(&slot, want, 30, &holder, slot.window_end).await {
-              Ok(0) => break,
-              Ok(n) => granted += n,
+              Ok(g) if g.granted == 0 => break,
+              Ok(g) => granted += g.granted,
               Err(e) => panic!("lease failed: {e}"),
             }
           }
@@ -336,21 +360,40 @@ mod tests {
     let store = connect(&server).await;
     let before = store.ops();
     assert_eq!(
-      store.lease(&slot, 20, 30, "a", t + 5_000).await.unwrap(),
+      store
+        .lease(&slot, 20, 30, "a", t + 5_000)
+        .await
+        .unwrap()
+        .granted,
       20
     );
     // First lease of a window: failed grant, read, create, grant.
     assert_eq!(store.ops() - before, 4);
     let before = store.ops();
     assert_eq!(
-      store.lease(&slot, 20, 30, "b", t + 5_000).await.unwrap(),
+      store
+        .lease(&slot, 20, 30, "b", t + 5_000)
+        .await
+        .unwrap()
+        .granted,
       10
     );
-    assert_eq!(store.lease(&slot, 5, 30, "b", t + 5_000).await.unwrap(), 0);
+    assert_eq!(
+      store
+        .lease(&slot, 5, 30, "b", t + 5_000)
+        .await
+        .unwrap()
+        .granted,
+      0
+    );
     assert_eq!(store.release(&slot, "a", 15).await.unwrap(), 15);
     assert_eq!(store.ops() - before, 6);
     assert_eq!(
-      store.lease(&slot, 20, 30, "b", t + 5_000).await.unwrap(),
+      store
+        .lease(&slot, 20, 30, "b", t + 5_000)
+        .await
+        .unwrap()
+        .granted,
       15
     );
     // "a" holds 5: asking to give back more gives back those 5 and no more.
@@ -366,7 +409,10 @@ mod tests {
       window: "rpd",
       ..slot
     };
-    assert_eq!(store.lease(&other, 500, 200, "a", t).await.unwrap(), 200);
+    assert_eq!(
+      store.lease(&other, 500, 200, "a", t).await.unwrap().granted,
+      200
+    );
     assert!(matches!(
       store.lease(&slot, 1, 30, "bad.holder", t).await,
       Err(StoreError::InvalidLease(_))
@@ -380,7 +426,11 @@ mod tests {
     let slot = slot(t);
     let store = connect(&server).await;
     assert_eq!(
-      store.lease(&slot, 10, 30, "dead", t + 1_000).await.unwrap(),
+      store
+        .lease(&slot, 10, 30, "dead", t + 1_000)
+        .await
+        .unwrap()
+        .granted,
       10
     );
     assert_eq!(store.consume(&slot, "dead", 4).await.unwrap(), 4);
@@ -388,7 +438,8 @@ mod tests {
       store
         .lease(&slot, 30, 30, "alive", t + 50_000)
         .await
-        .unwrap(),
+        .unwrap()
+        .granted,
       20
     );
     assert_eq!(store.reclaim_expired(t + 500).await.unwrap(), 0);
@@ -399,7 +450,8 @@ mod tests {
       store
         .lease(&slot, 30, 30, "alive", t + 50_000)
         .await
-        .unwrap(),
+        .unwrap()
+        .granted,
       6
     );
     let d = lease_doc(&store, &slot).await;

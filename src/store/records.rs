@@ -138,6 +138,14 @@ pub struct LeaseSlot<'a> {
   pub window_end: Millis,
 }
 
+/// What a lease request got: `granted` of the budget, with `holders` holding part of the slot
+/// (the asker included), which tells how many processes share the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+  pub granted: u64,
+  pub holders: usize,
+}
+
 #[cfg(test)]
 mod tests {
   use super::*;

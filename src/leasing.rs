@@ -1,0 +1,306 @@
+//! The leasing task: keeps every key's shared leases (see `share`) topped up from the store, on the
+//! tokio runtime, so the hot path never waits for the database. It wakes every tick, and at once
+//! when a lease runs low; each round asks the store only for what the pool says it needs. While
+//! the store cannot be reached, keys serve a local share of their limits (the limit over the
+//! processes last seen sharing it). On close it gives back what it holds and did not use.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::sleep;
+
+use crate::clock::Millis;
+use crate::pool::KeyPool;
+use crate::share::{LeaseNeed, SharedWindow, DAILY_LEASE_TTL_MS};
+use crate::store::{LeaseSlot, Store, StoreError};
+
+/// How often the task looks at the leases when nothing wakes it: it renews and prefetches by time.
+const TICK: Duration = Duration::from_millis(100);
+/// How much clock skew between hosts a reclaim allows: a holder's lease is taken back only this
+/// long after it expired by our clock.
+const CLOCK_SKEW_MS: Millis = 5_000;
+
+/// The store connection the persistence writer holds, shared with the leasing task: `None` while
+/// there is none.
+pub type StoreSlot = Mutex<Option<Arc<Store>>>;
+
+struct Inner {
+  pool: Arc<KeyPool>,
+  store: Arc<StoreSlot>,
+  /// This process's name in lease documents: unique across processes and hosts.
+  holder: String,
+  wake: Arc<Notify>,
+  closing: AtomicBool,
+  /// Processes seen sharing the keys in the last round that reached the store.
+  peers: AtomicUsize,
+}
+
+/// The running task. Call [`LeaseKeeper::close`] to give back what is held.
+pub struct LeaseKeeper {
+  inner: Arc<Inner>,
+  task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LeaseKeeper {
+  /// Makes `pool` share its quota through `store`, takes the first leases (so the pool can serve
+  /// when this returns), and starts the task. Must run inside a tokio runtime.
+  pub async fn start(pool: Arc<KeyPool>, store: Arc<StoreSlot>) -> Self {
+    let wake = Arc::new(Notify::new());
+    pool.share_quota(wake.clone());
+    let inner = Arc::new(Inner {
+      pool,
+      store,
+      holder: mongodb::bson::oid::ObjectId::new().to_hex(),
+      wake,
+      closing: AtomicBool::new(false),
+      peers: AtomicUsize::new(1),
+    });
+    round(&inner).await;
+    let task = tokio::spawn(run(inner.clone()));
+    Self {
+      inner,
+      task: Mutex::new(Some(task)),
+    }
+  }
+
+  /// Processes seen sharing the keys (this one included).
+  pub fn peers(&self) -> usize {
+    self.inner.peers.load(Ordering::Relaxed)
+  }
+
+  /// Stops the task and gives back what the pool holds and did not serve, reporting what it
+  /// served; stops at the first failed write (the leases then expire by themselves). Close the
+  /// pool first, so nothing is served after. Idempotent.
+  pub async fn close(&self) {
+    self.inner.closing.store(true, Ordering::Release);
+    self.inner.wake.notify_one();
+    let task = self.task.lock().take();
+    let Some(task) = task else {
+      return;
+    };
+    // A task that panicked holds nothing more than the pool says.
+    let _ = task.await;
+    let Some(store) = self.inner.store.lock().clone() else {
+      return;
+    };
+    for (index, window, occurrence, unused, spent) in self.inner.pool.unused_leases() {
+      let Some(api_key) = self.inner.pool.key_name(index) else {
+        continue;
+      };
+      let slot = LeaseSlot {
+        api_key,
+        window: window.as_str(),
+        window_id: occurrence.id,
+        window_end: occurrence.end,
+      };
+      let holder = &self.inner.holder;
+      let given_back = async {
+        if spent > 0 {
+          store.consume(&slot, holder, spent).await?;
+        }
+        if unused > 0 {
+          store.release(&slot, holder, unused).await?;
+        }
+        Ok::<_, StoreError>(())
+      };
+      if given_back.await.is_err() {
+        return;
+      }
+    }
+  }
+}
+
+async fn run(inner: Arc<Inner>) {
+  let mut next_reclaim = 0;
+  while !inner.closing.load(Ordering::Acquire) {
+    tokio::select! {
+      _ = sleep(TICK) => {}
+      _ = inner.wake.notified() => {}
+    }
+    if inner.closing.load(Ordering::Acquire) {
+      break;
+    }
+    round(&inner).await;
+    let now = inner.pool.now();
+    if now >= next_reclaim {
+      next_reclaim = now + DAILY_LEASE_TTL_MS / 2;
+      let store = inner.store.lock().clone();
+      if let Some(store) = store {
+        // Failures are the next round's business; a reclaim missed now is done next time.
+        let _ = store.reclaim_expired(now - CLOCK_SKEW_MS).await;
+      }
+    }
+  }
+}
+
+/// Asks the store for what the pool needs and hands the answers back. After a failure the rest of
+/// the round is not asked: the store is away, and keys without a good lease serve a local share.
+async fn round(inner: &Inner) {
+  let needs = inner.pool.lease_needs();
+  if needs.is_empty() {
+    return;
+  }
+  let store = inner.store.lock().clone();
+  let mut reachable = store.is_some();
+  let mut peers = 0;
+  let mut answers = Vec::with_capacity(needs.len());
+  let now = inner.pool.now();
+  for (index, window, need) in needs {
+    let mut granted = None;
+    if let (Some(store), true) = (&store, reachable) {
+      match ask(store, inner, index, window, &need).await {
+        Ok(grant) => {
+          // Holders of a window not started yet are only those that leased early.
+          let LeaseNeed::Grant { occurrence, .. } = need;
+          if occurrence.contains(now) {
+            peers = peers.max(grant.1);
+          }
+          granted = Some(grant.0);
+        }
+        Err(_) => reachable = false,
+      }
+    }
+    answers.push((index, window, need, granted));
+  }
+  inner.pool.leases_granted(&answers);
+  if peers > 0 {
+    inner.peers.store(peers, Ordering::Relaxed);
+  }
+  if !reachable {
+    inner
+      .pool
+      .grant_locally(inner.peers.load(Ordering::Relaxed));
+  }
+}
+
+/// One need: reports what was spent, then asks for more. Returns what was granted and how many
+/// processes hold part of the window.
+async fn ask(
+  store: &Store,
+  inner: &Inner,
+  index: usize,
+  window: SharedWindow,
+  need: &LeaseNeed,
+) -> Result<(u64, usize), StoreError> {
+  let LeaseNeed::Grant {
+    occurrence,
+    want,
+    limit,
+    expires_at,
+    spent,
+  } = *need;
+  let Some(api_key) = inner.pool.key_name(index) else {
+    return Ok((0, 1));
+  };
+  let slot = LeaseSlot {
+    api_key,
+    window: window.as_str(),
+    window_id: occurrence.id,
+    window_end: occurrence.end,
+  };
+  if spent > 0 {
+    store.consume(&slot, &inner.holder, spent).await?;
+  }
+  let grant = store
+    .lease(&slot, want, limit, &inner.holder, expires_at)
+    .await?;
+  Ok((grant.granted, grant.holders))
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::clock::FakeClock;
+  use crate::config::PoolConfig;
+  use crate::log::CapturedLog;
+  use crate::pool::{Claim, Outcome};
+  use crate::quota::{Quota, WindowPolicy};
+  use crate::store::MemoryStore;
+
+  const T0: Millis = 1_800_000_000_000 - 1_800_000_000_000 % 60_000;
+  const RESERVE: Claim = Claim::Reserve {
+    estimated_tokens: 0,
+  };
+
+  fn process(clock: &FakeClock, store: &Arc<StoreSlot>) -> Arc<Inner> {
+    let config = PoolConfig {
+      keys: vec!["key-a".into(), "key-b".into(), "key-c".into()],
+      quota: Quota {
+        rpm: 30,
+        rpd: 10_000,
+        tpm: 1_000_000,
+      },
+      policy: WindowPolicy::default(),
+      warnings: vec![],
+    };
+    let pool = Arc::new(
+      KeyPool::new(
+        config,
+        Arc::new(clock.clone()),
+        Arc::new(CapturedLog::default()),
+      )
+      .unwrap(),
+    );
+    let wake = Arc::new(Notify::new());
+    pool.share_quota(wake.clone());
+    Arc::new(Inner {
+      pool,
+      store: store.clone(),
+      holder: mongodb::bson::oid::ObjectId::new().to_hex(),
+      wake,
+      closing: AtomicBool::new(false),
+      peers: AtomicUsize::new(1),
+    })
+  }
+
+  /// Four processes hand out keys greedily, a leasing round between turns, for three minutes
+  /// (ten ms a turn): they never pass 3 keys x 30 a minute in total, and use most of it.
+  #[tokio::test]
+  async fn four_processes_never_hand_out_more_than_the_limit_in_total() {
+    let clock = FakeClock::at(T0);
+    let store = Arc::new(StoreSlot::new(Some(Arc::new(Store::Memory(
+      MemoryStore::new(),
+    )))));
+    let processes: Vec<_> = (0..4).map(|_| process(&clock, &store)).collect();
+    let mut per_minute = [0u64; 3];
+    let mut per_process = [0u64; 4];
+    for _ in 0..18_000 {
+      for (p, inner) in processes.iter().enumerate() {
+        round(inner).await;
+        while let Ok(picked) = inner.pool.best(RESERVE) {
+          let minute = ((crate::clock::Clock::now_ms(&clock) - T0) / 60_000) as usize;
+          per_minute[minute] += 1;
+          per_process[p] += 1;
+          inner
+            .pool
+            .record_usage(picked.pick.index, 1, Outcome::Success, 1.0)
+            .unwrap();
+        }
+      }
+      clock.advance(10);
+    }
+    assert_eq!(processes[0].peers.load(Ordering::Relaxed), 4);
+    for served in per_minute {
+      assert!((80..=90).contains(&served), "{per_minute:?}");
+    }
+    assert!(per_process.iter().all(|&n| n > 0), "{per_process:?}");
+  }
+
+  #[tokio::test]
+  async fn without_a_store_each_process_serves_its_share_of_the_peers_last_seen() {
+    let clock = FakeClock::at(T0);
+    let slot = Arc::new(StoreSlot::new(None));
+    let inner = process(&clock, &slot);
+    inner.peers.store(3, Ordering::Relaxed);
+    round(&inner).await;
+    let mut served = 0;
+    while inner.pool.best(RESERVE).is_ok() {
+      served += 1;
+    }
+    assert_eq!(served, 3 * 10);
+  }
+}

@@ -1,0 +1,515 @@
+//! One quota shared by every process that uses the same keys: the part of each key's window budget
+//! this process holds, as leases the store granted (see `store::lease` for the guarded grants and
+//! `leasing` for the task that asks for them). Plain state and pure functions of time, so the hot
+//! path only reads and bumps counters under the pool's lock, and every rule is tested with a fake
+//! clock.
+//!
+//! Requests per minute and per day are shared; tokens per minute are not, since a request's tokens
+//! are known only after it ran (each process keeps its own TPM window, as before).
+//!
+//! Shared windows are fixed occurrences every process derives alike from the time: RPM windows
+//! are consecutive spans from the epoch, RPD windows end at each daily reset. Within one process
+//! the rolling windows of `window` still apply on top.
+
+use crate::calendar::DailyReset;
+use crate::clock::Millis;
+
+/// How long a daily lease lasts before it must be renewed: a process that dies holds its unused
+/// part of the day's budget at most this long. Minute leases last to the end of their window.
+pub const DAILY_LEASE_TTL_MS: Millis = 600_000;
+/// How long before a window starts its first lease is taken, at most, so selections at the
+/// boundary find it there; a tenth of the span for short windows.
+pub const PREFETCH_MS: Millis = 5_000;
+/// How soon to ask again after the store granted less than asked: others may give some back.
+pub const RECHECK_MS: Millis = 10_000;
+/// A day with the hour DST gives back.
+const LONGEST_DAY_MS: Millis = 25 * 3_600_000;
+/// How long a caller waiting for a lease on its way should wait before looking again.
+pub const LEASE_WAIT_MS: Millis = 20;
+
+/// A window whose budget is shared across processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedWindow {
+  Rpm,
+  Rpd,
+}
+
+impl SharedWindow {
+  pub const ALL: [SharedWindow; 2] = [SharedWindow::Rpm, SharedWindow::Rpd];
+
+  /// The store's name for it.
+  pub fn as_str(self) -> &'static str {
+    match self {
+      SharedWindow::Rpm => "rpm",
+      SharedWindow::Rpd => "rpd",
+    }
+  }
+
+  /// How much of the limit one grant asks for: a minute's budget goes in four grants, so several
+  /// processes get a fair part of it; a day's in small ones, since what a process holds and does
+  /// not use is idle for everyone.
+  fn grant_size(self, limit: u64) -> u64 {
+    match self {
+      SharedWindow::Rpm => limit.div_ceil(4),
+      SharedWindow::Rpd => limit.div_ceil(32),
+    }
+  }
+}
+
+/// One occurrence of a shared window: `[start, end)`, named by `id` (the same in every process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occurrence {
+  pub id: Millis,
+  pub start: Millis,
+  pub end: Millis,
+}
+
+impl Occurrence {
+  /// The occurrence of `window` that holds `at`: for RPM the span-long window from a multiple of
+  /// the span; for RPD the day that ends at the next reset (its id is that reset).
+  pub fn of(window: SharedWindow, at: Millis, span_ms: Millis, daily: DailyReset) -> Self {
+    match window {
+      SharedWindow::Rpm => {
+        let start = at.div_euclid(span_ms) * span_ms;
+        Self {
+          id: start,
+          start,
+          end: start + span_ms,
+        }
+      }
+      SharedWindow::Rpd => {
+        let end = daily.next_reset(at);
+        // Days last 23 to 25 hours: a moment over 25 hours before a reset lies in the day before.
+        let start = daily.next_reset(end - LONGEST_DAY_MS - 1);
+        Self {
+          id: end,
+          start,
+          end,
+        }
+      }
+    }
+  }
+
+  pub fn contains(&self, at: Millis) -> bool {
+    self.start <= at && at < self.end
+  }
+}
+
+/// Part of one occurrence's budget this process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+  pub occurrence: Occurrence,
+  pub granted: u64,
+  pub served: u64,
+  /// Of `served`, what the store has been told was spent.
+  pub reported: u64,
+  /// Serve from it only before this: after it the store may hand the rest to others.
+  pub expires_at: Millis,
+  /// The last grant asked for: the lease is topped up when less than half of it is left.
+  pub last_want: u64,
+  /// Granted less than asked at this time: the occurrence is nearly used up everywhere.
+  pub short_at: Option<Millis>,
+  /// Taken locally while the store could not be reached (a share of the limit, see
+  /// [`Allowance::grant_locally`]), not granted by the store.
+  pub local: bool,
+}
+
+impl Lease {
+  fn left(&self) -> u64 {
+    self.granted - self.served
+  }
+
+  fn can_serve(&self, at: Millis) -> bool {
+    self.occurrence.contains(at) && self.served < self.granted && at < self.expires_at
+  }
+}
+
+/// What the leasing task should ask the store for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseNeed {
+  /// Lease `want` more of the occurrence until `expires_at`, first reporting `spent` of what is
+  /// held as used (so it is not handed out again if this process dies).
+  Grant {
+    occurrence: Occurrence,
+    want: u64,
+    limit: u64,
+    expires_at: Millis,
+    spent: u64,
+  },
+}
+
+/// One window's leases for one key: the occurrence in progress and, shortly before it starts, the
+/// next one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowance {
+  leases: [Option<Lease>; 2],
+  /// A grant is on its way: do not ask twice.
+  asking: bool,
+}
+
+impl Allowance {
+  fn lease_at(&self, at: Millis) -> Option<&Lease> {
+    self
+      .leases
+      .iter()
+      .flatten()
+      .find(|l| l.occurrence.contains(at))
+  }
+
+  fn lease_at_mut(&mut self, at: Millis) -> Option<&mut Lease> {
+    self
+      .leases
+      .iter_mut()
+      .flatten()
+      .find(|l| l.occurrence.contains(at))
+  }
+
+  /// Whether one more request may go out at `at`.
+  pub fn can_serve(&self, at: Millis) -> bool {
+    self.lease_at(at).is_some_and(|l| l.can_serve(at))
+  }
+
+  /// Counts one request served at `at`. Returns true when the lease ran low, so the leasing task
+  /// should top it up now rather than at its next round.
+  pub fn serve(&mut self, at: Millis) -> bool {
+    match self.lease_at_mut(at) {
+      Some(l) if l.served < l.granted => {
+        l.served += 1;
+        l.short_at.is_none() && l.left() <= l.last_want / 2
+      }
+      _ => false,
+    }
+  }
+
+  /// When a request could go out, as far as this allowance says: `at` itself, the end of an
+  /// occurrence used up everywhere, or shortly, while a lease is on its way.
+  pub fn available_at(&self, at: Millis) -> Millis {
+    match self.lease_at(at) {
+      Some(l) if l.can_serve(at) => at,
+      Some(l) if l.short_at.is_some() => l.occurrence.end,
+      _ => at + LEASE_WAIT_MS,
+    }
+  }
+
+  /// What to ask the store for at `at`, if anything: a first lease of the occurrence in progress
+  /// or of the next one (within the prefetch time of its start), a top-up of a lease running low,
+  /// a renewal of a lease about to expire, a second try after a short grant.
+  pub fn need(
+    &mut self,
+    window: SharedWindow,
+    at: Millis,
+    limit: u64,
+    span_ms: Millis,
+    daily: DailyReset,
+  ) -> Option<LeaseNeed> {
+    if self.asking || limit == 0 {
+      return None;
+    }
+    let current = Occurrence::of(window, at, span_ms, daily);
+    self.leases = self.leases.map(|l| l.filter(|l| l.occurrence.end > at));
+    let want = window.grant_size(limit).max(1);
+    let need = match self.lease_at(at) {
+      None => Some(grant(window, current, want, limit, at, 0)),
+      Some(l) if l.local => None,
+      Some(l) => {
+        let low = l.left() <= l.last_want / 2;
+        let expiring =
+          l.expires_at < l.occurrence.end && l.expires_at - at <= DAILY_LEASE_TTL_MS / 2;
+        let retry = l.short_at.is_none_or(|t| at - t >= RECHECK_MS);
+        ((low || expiring) && retry)
+          .then(|| grant(window, current, want, limit, at, l.served - l.reported))
+      }
+    };
+    let need = need.or_else(|| {
+      let next_at = current.end;
+      let lead = PREFETCH_MS.min((current.end - current.start) / 10);
+      (at >= next_at - lead && self.lease_at(next_at).is_none()).then(|| {
+        let next = Occurrence::of(window, next_at, span_ms, daily);
+        grant(window, next, want, limit, at, 0)
+      })
+    });
+    self.asking = need.is_some();
+    need
+  }
+
+  /// Applies the store's answer to `need`: `granted` of it (0 included), or `None` when the store
+  /// could not be asked.
+  pub fn granted(&mut self, need: &LeaseNeed, granted: Option<u64>, at: Millis) {
+    self.asking = false;
+    let LeaseNeed::Grant {
+      occurrence,
+      want,
+      expires_at,
+      spent,
+      ..
+    } = *need;
+    let Some(granted) = granted else {
+      return;
+    };
+    let short_at = (granted < want).then_some(at);
+    match self
+      .leases
+      .iter_mut()
+      .flatten()
+      .find(|l| l.occurrence == occurrence)
+    {
+      Some(l) => {
+        l.granted += granted;
+        l.reported += spent;
+        l.last_want = want;
+        l.short_at = short_at;
+        if granted > 0 {
+          l.expires_at = l.expires_at.max(expires_at);
+        }
+      }
+      None => self.insert(Lease {
+        occurrence,
+        granted,
+        served: 0,
+        reported: 0,
+        expires_at,
+        last_want: want,
+        short_at,
+        local: false,
+      }),
+    }
+  }
+
+  /// While the store cannot be reached: serves `share` of the occurrence in progress (the limit
+  /// over the processes last seen sharing it), unless a lease for it is still good.
+  pub fn grant_locally(
+    &mut self,
+    window: SharedWindow,
+    at: Millis,
+    share: u64,
+    span_ms: Millis,
+    daily: DailyReset,
+  ) -> bool {
+    if self
+      .lease_at(at)
+      .is_some_and(|l| l.can_serve(at) || l.local)
+    {
+      return false;
+    }
+    let occurrence = Occurrence::of(window, at, span_ms, daily);
+    let served = self.lease_at(at).map_or(0, |l| l.served);
+    self.leases.iter_mut().for_each(|slot| {
+      if slot.is_some_and(|l| l.occurrence == occurrence) {
+        *slot = None;
+      }
+    });
+    self.insert(Lease {
+      occurrence,
+      granted: share.max(served),
+      served,
+      reported: served,
+      expires_at: occurrence.end,
+      last_want: share,
+      short_at: Some(at),
+      local: true,
+    });
+    true
+  }
+
+  /// What is held and not served, per occurrence still open at `at`: for giving back on close.
+  pub fn unused(&self, at: Millis) -> impl Iterator<Item = (Occurrence, u64, u64)> + '_ {
+    self
+      .leases
+      .iter()
+      .flatten()
+      .filter(move |l| !l.local && l.occurrence.end > at)
+      .map(|l| (l.occurrence, l.left(), l.served - l.reported))
+  }
+
+  /// Puts `lease` in place of the one that ends first (an empty slot first of all).
+  fn insert(&mut self, lease: Lease) {
+    let end = |l: &Option<Lease>| l.map_or(Millis::MIN, |l| l.occurrence.end);
+    let oldest = usize::from(end(&self.leases[1]) < end(&self.leases[0]));
+    self.leases[oldest] = Some(lease);
+  }
+}
+
+fn grant(
+  window: SharedWindow,
+  occurrence: Occurrence,
+  want: u64,
+  limit: u64,
+  at: Millis,
+  spent: u64,
+) -> LeaseNeed {
+  let expires_at = match window {
+    SharedWindow::Rpm => occurrence.end,
+    SharedWindow::Rpd => occurrence.end.min(at + DAILY_LEASE_TTL_MS),
+  };
+  LeaseNeed::Grant {
+    occurrence,
+    want,
+    limit,
+    expires_at,
+    spent,
+  }
+}
+
+/// A key's allowances in both shared windows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedBudget {
+  pub rpm: Allowance,
+  pub rpd: Allowance,
+}
+
+impl SharedBudget {
+  pub fn allowance_mut(&mut self, window: SharedWindow) -> &mut Allowance {
+    match window {
+      SharedWindow::Rpm => &mut self.rpm,
+      SharedWindow::Rpd => &mut self.rpd,
+    }
+  }
+
+  pub fn can_serve(&self, at: Millis) -> bool {
+    self.rpm.can_serve(at) && self.rpd.can_serve(at)
+  }
+
+  /// Counts one request in both windows; true when either ran low (see [`Allowance::serve`]).
+  pub fn serve(&mut self, at: Millis) -> bool {
+    let rpm_low = self.rpm.serve(at);
+    self.rpd.serve(at) || rpm_low
+  }
+
+  pub fn available_at(&self, at: Millis) -> Millis {
+    self.rpm.available_at(at).max(self.rpd.available_at(at))
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::calendar::days_from_civil;
+
+  const SPAN: Millis = 60_000;
+  /// A minute boundary.
+  const T0: Millis = 1_800_000_000_000 - 1_800_000_000_000 % SPAN;
+  const PACIFIC: DailyReset = DailyReset::PacificMidnight;
+
+  fn need(a: &mut Allowance, at: Millis) -> Option<LeaseNeed> {
+    a.need(SharedWindow::Rpm, at, 30, SPAN, PACIFIC)
+  }
+
+  fn want(n: &LeaseNeed) -> (Millis, u64, u64) {
+    let LeaseNeed::Grant {
+      occurrence,
+      want,
+      spent,
+      ..
+    } = *n;
+    (occurrence.id, want, spent)
+  }
+
+  #[test]
+  fn occurrences_are_fixed_windows_every_process_derives_alike() {
+    let o = Occurrence::of(SharedWindow::Rpm, T0 + 59_999, SPAN, PACIFIC);
+    assert_eq!((o.id, o.start, o.end), (T0, T0, T0 + SPAN));
+    assert!(!o.contains(T0 + SPAN));
+    // The day of the spring-forward (23 hours) and of the fall-back (25 hours), in Los Angeles.
+    let march_9 = days_from_civil(2025, 3, 9) * 86_400_000 + 8 * 3_600_000;
+    let d = Occurrence::of(SharedWindow::Rpd, march_9 + 3_600_000, SPAN, PACIFIC);
+    assert_eq!((d.start, d.end - d.start), (march_9, 23 * 3_600_000));
+    let nov_2 = days_from_civil(2025, 11, 2) * 86_400_000 + 7 * 3_600_000;
+    let d = Occurrence::of(SharedWindow::Rpd, nov_2 + 24 * 3_600_000, SPAN, PACIFIC);
+    assert_eq!(
+      (d.start, d.end - d.start, d.id),
+      (nov_2, 25 * 3_600_000, d.end)
+    );
+  }
+
+  #[test]
+  fn nothing_is_served_without_a_lease_and_no_more_than_granted() {
+    let mut a = Allowance::default();
+    assert!(!a.can_serve(T0));
+    assert_eq!(a.available_at(T0), T0 + LEASE_WAIT_MS);
+    let n = need(&mut a, T0).expect("a first lease");
+    assert_eq!(want(&n), (T0, 8, 0));
+    assert_eq!(need(&mut a, T0), None, "one question at a time");
+    a.granted(&n, Some(8), T0);
+    let mut low = Vec::new();
+    for _ in 0..8 {
+      assert!(a.can_serve(T0 + 1));
+      low.push(a.serve(T0 + 1));
+    }
+    assert!(!a.can_serve(T0 + 1));
+    // The task is woken once half the lease is gone.
+    assert_eq!(low, [false, false, false, true, true, true, true, true]);
+    let top_up = need(&mut a, T0 + 2).expect("a top-up");
+    assert_eq!(want(&top_up), (T0, 8, 8));
+  }
+
+  #[test]
+  fn a_short_grant_waits_for_the_window_and_asks_again_only_later() {
+    let mut a = Allowance::default();
+    let n = need(&mut a, T0).unwrap();
+    a.granted(&n, Some(3), T0);
+    for _ in 0..3 {
+      a.serve(T0 + 10);
+    }
+    assert_eq!(a.available_at(T0 + 10), T0 + SPAN);
+    assert_eq!(need(&mut a, T0 + 10), None);
+    let again = need(&mut a, T0 + RECHECK_MS).expect("a second try");
+    a.granted(&again, Some(0), T0 + RECHECK_MS);
+    assert!(!a.can_serve(T0 + RECHECK_MS));
+  }
+
+  #[test]
+  fn the_next_window_is_leased_before_it_starts() {
+    let mut a = Allowance::default();
+    let n = need(&mut a, T0).unwrap();
+    a.granted(&n, Some(8), T0);
+    assert_eq!(need(&mut a, T0 + SPAN - 6_001), None);
+    let next = need(&mut a, T0 + SPAN - PREFETCH_MS).expect("the next window's lease");
+    assert_eq!(want(&next), (T0 + SPAN, 8, 0));
+    a.granted(&next, Some(8), T0 + SPAN - PREFETCH_MS);
+    // Not served before its window starts; at once when it does.
+    a.serve(T0 + SPAN - 1);
+    assert!(a.can_serve(T0 + SPAN));
+    assert!(!a.serve(T0 + SPAN));
+    let held: Vec<_> = a.unused(T0 + SPAN - 1).collect();
+    assert_eq!(held.len(), 2);
+  }
+
+  #[test]
+  fn daily_leases_expire_and_are_renewed_with_what_was_spent() {
+    let mut a = Allowance::default();
+    let day = |a: &mut Allowance, at| a.need(SharedWindow::Rpd, at, 1_500, SPAN, PACIFIC);
+    let n = day(&mut a, T0).unwrap();
+    let LeaseNeed::Grant {
+      want, expires_at, ..
+    } = n;
+    assert_eq!((want, expires_at), (47, T0 + DAILY_LEASE_TTL_MS));
+    a.granted(&n, Some(47), T0);
+    a.serve(T0 + 1);
+    assert_eq!(day(&mut a, T0 + 2), None);
+    let renew = day(&mut a, T0 + DAILY_LEASE_TTL_MS / 2).expect("a renewal");
+    let LeaseNeed::Grant { spent, .. } = renew;
+    assert_eq!(spent, 1);
+    // Not renewed (the store was away): no serving past the expiry.
+    a.granted(&renew, None, T0 + DAILY_LEASE_TTL_MS / 2);
+    assert!(a.can_serve(T0 + DAILY_LEASE_TTL_MS - 1));
+    assert!(!a.can_serve(T0 + DAILY_LEASE_TTL_MS));
+  }
+
+  #[test]
+  fn without_the_store_a_local_share_is_served_and_a_good_lease_kept() {
+    let mut a = Allowance::default();
+    assert!(a.grant_locally(SharedWindow::Rpm, T0, 30 / 4, SPAN, PACIFIC));
+    for _ in 0..7 {
+      assert!(a.can_serve(T0));
+      a.serve(T0);
+    }
+    assert!(!a.can_serve(T0));
+    assert!(!a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+    // A local share is not given back to the store.
+    assert_eq!(a.unused(T0).count(), 0);
+    let mut b = Allowance::default();
+    let n = need(&mut b, T0).unwrap();
+    b.granted(&n, Some(8), T0);
+    assert!(!b.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+  }
+}
