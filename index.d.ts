@@ -103,6 +103,8 @@ export interface PersistenceStats {
   pending: number
   /** Recorded calls dropped because the queue was full. */
   dropped: number
+  /** Processes seen sharing the keys' quota, this one included; 0 when it is not shared. */
+  peers: number
 }
 
 /** Options of a key pool. Without `keys`, keys come from `GEMINI_API_KEY_1..N` and `GEMINI_API_KEYS`. */
@@ -183,6 +185,8 @@ export interface StoreOptions {
   batchSize?: number
   /** Recorded calls kept while the server is away, at most (default 10000). */
   queueCapacity?: number
+  /** Share each key's RPM and RPD with every process using the same database (default true). */
+  sharedQuota?: boolean
 }
 
 /** How `attachStore` went. */

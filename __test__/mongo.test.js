@@ -428,3 +428,77 @@ test('fallback and recovery: a server that comes up later, then goes away and co
   assert.equal(byKey[KEYS[1]].limits.rpd.current, 8)
   assert.equal(byKey[KEYS[2]].limits.rpd.current, 5)
 })
+
+/** Runs a fixture without blocking the event loop; resolves to what runFixture returns. */
+function runFixtureAsync(file, { env = {}, args = [] } = {}) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [path.join(FIXTURES, file), ...args], { env: cleanEnv(env) })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d) => (stdout += d))
+    child.stderr.on('data', (d) => (stderr += d))
+    const timer = setTimeout(() => child.kill('SIGKILL'), 60000)
+    child.once('error', reject)
+    child.once('exit', (status) => {
+      clearTimeout(timer)
+      const line = stdout.split('\n').find((l) => l.startsWith('RESULT '))
+      const result = line === undefined ? undefined : JSON.parse(line.slice('RESULT '.length))
+      resolve({ status, stdout, stderr, result })
+    })
+  })
+}
+
+test('four processes at concurrency 20 over three keys at RPM 30 hand out at most 90 per window in total', async (t) => {
+  const server = await sharedServer()
+  const dbName = 'gkm_shared_quota'
+  const windowMs = 2000
+  // Starts on a window boundary, once every process has had time to connect, and runs 4 windows.
+  const startAt = Math.ceil((Date.now() + 3000) / windowMs) * windowMs
+  const plan = { windowMs, concurrency: 20, startAt, endAt: startAt + 4 * windowMs }
+  const runs = await Promise.all(
+    Array.from({ length: 4 }, () =>
+      runFixtureAsync('shared-quota-worker.js', {
+        env: { MONGODB_URI: server.uri, MONGODB_DB_NAME: dbName },
+        args: [JSON.stringify(KEYS), JSON.stringify(plan)],
+      }),
+    ),
+  )
+  const results = runs.map((run) => expectClean(run, assert))
+
+  // What the processes report, counted per key and fixed window as the pool counts them.
+  const perWindow = new Map()
+  for (const { handouts } of results) {
+    for (const [key, stamp] of handouts) {
+      const id = `${Math.floor(stamp / windowMs) * windowMs}:${key}`
+      perWindow.set(id, (perWindow.get(id) ?? 0) + 1)
+    }
+  }
+  const totals = new Map()
+  for (const [id, n] of perWindow) {
+    assert.ok(n <= 30, `key ${id} was handed out ${n} times in one window`)
+    const window = id.split(':')[0]
+    totals.set(window, (totals.get(window) ?? 0) + n)
+  }
+  for (const [window, n] of totals) assert.ok(n <= 90, `${n} hand-outs in the window from ${window}`)
+  // The limit is used, not just respected: the callers ask for far more than 90 a window.
+  const full = [...totals.entries()].filter(([w]) => Number(w) >= startAt && Number(w) + windowMs <= plan.endAt)
+  assert.equal(full.length, 4, JSON.stringify([...totals]))
+  for (const [window, n] of full) assert.ok(n >= 60, `only ${n} hand-outs in the window from ${window}`)
+  t.diagnostic(`hand-outs per window: ${full.map(([, n]) => n).join(', ')}; per process: ${results.map((r) => r.handouts.length).join(', ')}`)
+  for (const { handouts, stats } of results) {
+    assert.ok(handouts.length > 0, 'every process was served')
+    assert.ok(stats.peers >= 2 && stats.peers <= 4, `peers: ${stats.peers}`)
+  }
+
+  // What the database holds: every lease document within the limit and covering what was handed
+  // out in its window, and one usage document per hand-out.
+  const { db, usage } = await inspect(server.uri, dbName)
+  const leases = await db.collection('api_key_leases').find({ window: 'rpm' }).toArray()
+  const used = new Map(leases.map((d) => [`${d.windowId}:${KEYS.indexOf(d.apiKey)}`, d.used]))
+  for (const d of leases) assert.ok(d.used <= 30, `lease ${d._id} has used ${d.used}`)
+  for (const [id, n] of perWindow) {
+    assert.ok((used.get(id) ?? 0) >= n, `window ${id}: ${n} handed out, ${used.get(id)} leased`)
+  }
+  const handedOut = results.reduce((sum, r) => sum + r.handouts.length, 0)
+  assert.equal(await usage.countDocuments({}), handedOut)
+})

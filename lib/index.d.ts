@@ -134,6 +134,12 @@ export interface ApiKeyManagerOptions {
    * 10,000); past that the oldest usage documents are dropped (and counted). Key documents never are.
    */
   usageQueueCapacity?: number
+  /**
+   * With MongoDB: share each key's RPM and RPD with every process and host using the same database
+   * and keys, so that together they never hand out more than a key's limit in a window
+   * (`KEY_MANAGER_SHARED_QUOTA`, default true). See the README's "One quota across processes".
+   */
+  sharedQuota?: boolean
 }
 
 /** What the MongoDB writer has done. */
@@ -148,6 +154,8 @@ export interface PersistenceStats {
   pending: number
   /** Recorded calls dropped because more than `usageQueueCapacity` waited. */
   dropped: number
+  /** Processes seen sharing the keys' quota, this one included; 0 when `sharedQuota` is off. */
+  peers: number
 }
 
 export interface SelectionOptions {

@@ -129,7 +129,16 @@ function mongoSettings(options) {
     retryIntervalMs: options.mongoRetryIntervalMs,
     batchSize: options.usageBatchSize,
     queueCapacity: options.usageQueueCapacity,
+    sharedQuota: options.sharedQuota ?? envFlag('KEY_MANAGER_SHARED_QUOTA'),
   }
+}
+
+/** A boolean environment variable: `true`/`1`/`false`/`0`, or undefined when unset or anything else. */
+function envFlag(name) {
+  const value = (process.env[name] ?? '').trim().toLowerCase()
+  if (value === 'true' || value === '1') return true
+  if (value === 'false' || value === '0') return false
+  return undefined
 }
 
 /** Optional numeric options must be numbers: napi's own conversion errors are unreadable. */
@@ -149,6 +158,9 @@ function checkOptions(options) {
   }
   if (options.mongodbUri !== undefined && typeof options.mongodbUri !== 'string') {
     return `mongodbUri must be a string (got ${typeof options.mongodbUri})`
+  }
+  if (options.sharedQuota !== undefined && typeof options.sharedQuota !== 'boolean') {
+    return `sharedQuota must be a boolean (got ${JSON.stringify(options.sharedQuota)})`
   }
   if (options.mongodbDbName !== undefined && typeof options.mongodbDbName !== 'string') {
     return `mongodbDbName must be a string (got ${typeof options.mongodbDbName})`

@@ -122,6 +122,8 @@ pub struct StoreOptions {
   pub batch_size: Option<u32>,
   /// Recorded calls kept while the server is away, at most (default 10000).
   pub queue_capacity: Option<u32>,
+  /// Share each key's RPM and RPD with every process using the same database (default true).
+  pub shared_quota: Option<bool>,
 }
 
 /// How `attachStore` went.
@@ -145,6 +147,8 @@ pub struct PersistenceStats {
   pub pending: u32,
   /// Recorded calls dropped because the queue was full.
   pub dropped: f64,
+  /// Processes seen sharing the keys' quota, this one included; 0 when it is not shared.
+  pub peers: u32,
 }
 
 /// A duration option in ms: positive and finite, or the default.
@@ -436,12 +440,18 @@ impl NativeKeyPool {
       queue_capacity: options
         .queue_capacity
         .map_or(defaults.queue_capacity, |n| n as usize),
+      share_quota: options.shared_quota.unwrap_or(defaults.share_quota),
       ..defaults
     };
     if self.writer.lock().is_some() {
       return Err(napi::Error::from_reason("a store is already attached"));
     }
     let (pool, log, slot) = (self.js.pool.clone(), self.log.clone(), self.writer.clone());
+    if persist.share_quota {
+      // Now, not once the connection is up: nothing may be handed out beyond the shared quota
+      // while this process connects.
+      pool.share_quota();
+    }
     env.spawn_future(async move {
       let (writer, started) = WriteBehind::start(pool, persist, log).await;
       *slot.lock() = Some(Arc::new(writer));
@@ -482,6 +492,7 @@ impl NativeKeyPool {
         queued: s.queued as u32,
         pending: s.pending as u32,
         dropped: s.dropped as f64,
+        peers: u32::try_from(s.peers).unwrap_or(u32::MAX),
       }
     })
   }

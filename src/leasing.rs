@@ -46,11 +46,11 @@ pub struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-  /// Makes `pool` share its quota through `store`, takes the first leases (so the pool can serve
-  /// when this returns), and starts the task. Must run inside a tokio runtime.
+  /// Makes `pool` share its quota through `store` (if it does not already: see
+  /// [`KeyPool::share_quota`]), takes the first leases, so the pool can serve when this returns,
+  /// and starts the task. Must run inside a tokio runtime.
   pub async fn start(pool: Arc<KeyPool>, store: Arc<StoreSlot>) -> Self {
-    let wake = Arc::new(Notify::new());
-    pool.share_quota(wake.clone());
+    let wake = pool.share_quota();
     let inner = Arc::new(Inner {
       pool,
       store,
@@ -245,8 +245,7 @@ mod tests {
       )
       .unwrap(),
     );
-    let wake = Arc::new(Notify::new());
-    pool.share_quota(wake.clone());
+    let wake = pool.share_quota();
     Arc::new(Inner {
       pool,
       store: store.clone(),

@@ -645,17 +645,20 @@ impl KeyPool {
   }
 
   /// From now on, hands out a key only within what this process leased of its shared quota (see
-  /// `share`); `wake` is notified when a lease runs low. Until the first leases arrive no key is
-  /// available. A second call changes nothing.
-  pub fn share_quota(&self, wake: Arc<Notify>) {
+  /// `share`): until the first leases arrive no key is available. Returns what the pool notifies
+  /// when a lease runs low; a second call returns the same and changes nothing else.
+  pub fn share_quota(&self) -> Arc<Notify> {
     let mut state = self.state.lock();
-    if state.lease_wake.is_none() {
-      state.lease_wake = Some(wake);
-      for key in &mut state.keys {
-        key.shared = Some(Box::default());
-      }
-      state.cache.invalidate();
+    if let Some(wake) = &state.lease_wake {
+      return wake.clone();
     }
+    let wake = Arc::new(Notify::new());
+    state.lease_wake = Some(wake.clone());
+    for key in &mut state.keys {
+      key.shared = Some(Box::default());
+    }
+    state.cache.invalidate();
+    wake
   }
 
   /// What the leasing task should ask the store for now, per key and window. Deactivated keys need
