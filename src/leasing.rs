@@ -15,7 +15,7 @@ use tokio::time::sleep;
 
 use crate::clock::Millis;
 use crate::pool::KeyPool;
-use crate::share::{LeaseNeed, SharedWindow, DAILY_LEASE_TTL_MS};
+use crate::share::{Answer, LeaseNeed, SharedWindow, DAILY_LEASE_TTL_MS};
 use crate::store::{LeaseSlot, Store, StoreError};
 
 /// How often the task looks at the leases when nothing wakes it: it renews and prefetches by time.
@@ -150,21 +150,24 @@ async fn round(inner: &Inner) {
   let mut answers = Vec::with_capacity(needs.len());
   let now = inner.pool.now();
   for (index, window, need) in needs {
-    let mut granted = None;
+    let mut answer = None;
     if let (Some(store), true) = (&store, reachable) {
       match ask(store, inner, index, window, &need).await {
-        Ok(grant) => {
+        Ok((granted, holders, given_back)) => {
           // Holders of a window not started yet are only those that leased early.
           let LeaseNeed::Grant { occurrence, .. } = need;
           if occurrence.contains(now) {
-            peers = peers.max(grant.1);
+            peers = peers.max(holders);
           }
-          granted = Some(grant.0);
+          answer = Some(Answer {
+            granted,
+            given_back,
+          });
         }
         Err(_) => reachable = false,
       }
     }
-    answers.push((index, window, need, granted));
+    answers.push((index, window, need, answer));
   }
   inner.pool.leases_granted(&answers);
   if peers > 0 {
@@ -177,24 +180,26 @@ async fn round(inner: &Inner) {
   }
 }
 
-/// One need: reports what was spent, then asks for more. Returns what was granted and how many
-/// processes hold part of the window.
+/// One need: reports what was spent, asks for more, then gives back what the new grant replaces
+/// (after, so a failed grant leaves the old lease in place). Returns what was granted, how many
+/// processes hold part of the window, and what was given back.
 async fn ask(
   store: &Store,
   inner: &Inner,
   index: usize,
   window: SharedWindow,
   need: &LeaseNeed,
-) -> Result<(u64, usize), StoreError> {
+) -> Result<(u64, usize, u64), StoreError> {
   let LeaseNeed::Grant {
     occurrence,
     want,
     limit,
     expires_at,
     spent,
+    give_back,
   } = *need;
   let Some(api_key) = inner.pool.key_name(index) else {
-    return Ok((0, 1));
+    return Ok((0, 1, 0));
   };
   let slot = LeaseSlot {
     api_key,
@@ -208,7 +213,12 @@ async fn ask(
   let grant = store
     .lease(&slot, want, limit, &inner.holder, expires_at)
     .await?;
-  Ok((grant.granted, grant.holders))
+  // Not given back when this fails: still held, and the new grant's expiry covers it.
+  let given_back = match give_back {
+    0 => 0,
+    n => store.release(&slot, &inner.holder, n).await.unwrap_or(0),
+  };
+  Ok((grant.granted, grant.holders, given_back))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::log::Log;
 use crate::mask::{mask_key, scrub};
 use crate::quota::{LimitType, WindowPolicy};
 use crate::selection::{Rotation, Selection, SelectionCache};
-use crate::share::{LeaseNeed, Occurrence, SharedWindow};
+use crate::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
 use crate::store::{KeyRecord, UsageIds, UsageRecord};
 use crate::usage_log::{UsageEntry, UsageLog};
 
@@ -691,11 +691,11 @@ impl KeyPool {
   /// Applies the store's answers to [`Self::lease_needs`]: how much each got, or `None` when the
   /// store could not be asked. A key that could not serve before and can now is made visible to
   /// selection at once.
-  pub fn leases_granted(&self, answers: &[(usize, SharedWindow, LeaseNeed, Option<u64>)]) {
+  pub fn leases_granted(&self, answers: &[(usize, SharedWindow, LeaseNeed, Option<Answer>)]) {
     let mut state = self.state.lock();
     let now = state.last_now.max(self.clock.now_ms());
     let mut newly_available = false;
-    for (index, window, need, granted) in answers {
+    for (index, window, need, answer) in answers {
       let Some(shared) = state
         .keys
         .get_mut(*index)
@@ -704,7 +704,7 @@ impl KeyPool {
         continue;
       };
       let could = shared.can_serve(now);
-      shared.allowance_mut(*window).granted(need, *granted, now);
+      shared.allowance_mut(*window).granted(need, *answer, now);
       newly_available |= !could && shared.can_serve(now);
     }
     if newly_available {

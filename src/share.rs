@@ -128,14 +128,23 @@ impl Lease {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseNeed {
   /// Lease `want` more of the occurrence until `expires_at`, first reporting `spent` of what is
-  /// held as used (so it is not handed out again if this process dies).
+  /// held as used (so it is not handed out again if this process dies), then give back
+  /// `give_back` of what was held before (a renewal: the new grant replaces it).
   Grant {
     occurrence: Occurrence,
     want: u64,
     limit: u64,
     expires_at: Millis,
     spent: u64,
+    give_back: u64,
   },
+}
+
+/// What the store did for a [`LeaseNeed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+  pub granted: u64,
+  pub given_back: u64,
 }
 
 /// One window's leases for one key: the occurrence in progress and, shortly before it starts, the
@@ -209,52 +218,77 @@ impl Allowance {
     self.leases = self.leases.map(|l| l.filter(|l| l.occurrence.end > at));
     let want = window.grant_size(limit).max(1);
     let need = match self.lease_at(at) {
-      None => Some(grant(window, current, want, limit, at, 0)),
+      None => Some(grant(window, current, want, limit, at, 0, 0)),
       Some(l) if l.local => None,
       Some(l) => {
         let low = l.left() <= l.last_want / 2;
         let expiring =
           l.expires_at < l.occurrence.end && l.expires_at - at <= DAILY_LEASE_TTL_MS / 2;
         let retry = l.short_at.is_none_or(|t| at - t >= RECHECK_MS);
-        ((low || expiring) && retry)
-          .then(|| grant(window, current, want, limit, at, l.served - l.reported))
+        // A renewal gives back what is left for a fresh grant: held budget never piles up.
+        let give_back = if expiring { l.left() } else { 0 };
+        ((low || expiring) && retry).then(|| {
+          grant(
+            window,
+            current,
+            want,
+            limit,
+            at,
+            l.served - l.reported,
+            give_back,
+          )
+        })
       }
     };
+    // What is being given back is not served meanwhile; `granted` puts back what was not.
+    if let Some(LeaseNeed::Grant { give_back, .. }) = need {
+      if let Some(l) = self.lease_at_mut(at) {
+        l.granted -= give_back;
+      }
+    }
     let need = need.or_else(|| {
       let next_at = current.end;
       let lead = PREFETCH_MS.min((current.end - current.start) / 10);
       (at >= next_at - lead && self.lease_at(next_at).is_none()).then(|| {
         let next = Occurrence::of(window, next_at, span_ms, daily);
-        grant(window, next, want, limit, at, 0)
+        grant(window, next, want, limit, at, 0, 0)
       })
     });
     self.asking = need.is_some();
     need
   }
 
-  /// Applies the store's answer to `need`: `granted` of it (0 included), or `None` when the store
-  /// could not be asked.
-  pub fn granted(&mut self, need: &LeaseNeed, granted: Option<u64>, at: Millis) {
+  /// Applies the store's answer to `need`, or `None` when the store could not be asked (or failed
+  /// before granting: nothing was then given back).
+  pub fn granted(&mut self, need: &LeaseNeed, answer: Option<Answer>, at: Millis) {
     self.asking = false;
     let LeaseNeed::Grant {
       occurrence,
       want,
       expires_at,
       spent,
+      give_back,
       ..
     } = *need;
-    let Some(granted) = granted else {
-      return;
-    };
-    let short_at = (granted < want).then_some(at);
-    match self
+    let held = self
       .leases
       .iter_mut()
       .flatten()
-      .find(|l| l.occurrence == occurrence)
-    {
+      .find(|l| l.occurrence == occurrence);
+    let Some(Answer {
+      granted,
+      given_back,
+    }) = answer
+    else {
+      if let Some(l) = held {
+        l.granted += give_back;
+      }
+      return;
+    };
+    let short_at = (granted < want).then_some(at);
+    match held {
       Some(l) => {
-        l.granted += granted;
+        l.granted += give_back - given_back.min(give_back) + granted;
         l.reported += spent;
         l.last_want = want;
         l.short_at = short_at;
@@ -336,6 +370,7 @@ fn grant(
   limit: u64,
   at: Millis,
   spent: u64,
+  give_back: u64,
 ) -> LeaseNeed {
   let expires_at = match window {
     SharedWindow::Rpm => occurrence.end,
@@ -347,6 +382,7 @@ fn grant(
     limit,
     expires_at,
     spent,
+    give_back,
   }
 }
 
@@ -390,6 +426,13 @@ mod tests {
   const T0: Millis = 1_800_000_000_000 - 1_800_000_000_000 % SPAN;
   const PACIFIC: DailyReset = DailyReset::PacificMidnight;
 
+  fn got(granted: u64) -> Option<Answer> {
+    Some(Answer {
+      granted,
+      given_back: 0,
+    })
+  }
+
   fn need(a: &mut Allowance, at: Millis) -> Option<LeaseNeed> {
     a.need(SharedWindow::Rpm, at, 30, SPAN, PACIFIC)
   }
@@ -429,7 +472,7 @@ mod tests {
     let n = need(&mut a, T0).expect("a first lease");
     assert_eq!(want(&n), (T0, 8, 0));
     assert_eq!(need(&mut a, T0), None, "one question at a time");
-    a.granted(&n, Some(8), T0);
+    a.granted(&n, got(8), T0);
     let mut low = Vec::new();
     for _ in 0..8 {
       assert!(a.can_serve(T0 + 1));
@@ -446,14 +489,14 @@ mod tests {
   fn a_short_grant_waits_for_the_window_and_asks_again_only_later() {
     let mut a = Allowance::default();
     let n = need(&mut a, T0).unwrap();
-    a.granted(&n, Some(3), T0);
+    a.granted(&n, got(3), T0);
     for _ in 0..3 {
       a.serve(T0 + 10);
     }
     assert_eq!(a.available_at(T0 + 10), T0 + SPAN);
     assert_eq!(need(&mut a, T0 + 10), None);
     let again = need(&mut a, T0 + RECHECK_MS).expect("a second try");
-    a.granted(&again, Some(0), T0 + RECHECK_MS);
+    a.granted(&again, got(0), T0 + RECHECK_MS);
     assert!(!a.can_serve(T0 + RECHECK_MS));
   }
 
@@ -461,11 +504,11 @@ mod tests {
   fn the_next_window_is_leased_before_it_starts() {
     let mut a = Allowance::default();
     let n = need(&mut a, T0).unwrap();
-    a.granted(&n, Some(8), T0);
+    a.granted(&n, got(8), T0);
     assert_eq!(need(&mut a, T0 + SPAN - 6_001), None);
     let next = need(&mut a, T0 + SPAN - PREFETCH_MS).expect("the next window's lease");
     assert_eq!(want(&next), (T0 + SPAN, 8, 0));
-    a.granted(&next, Some(8), T0 + SPAN - PREFETCH_MS);
+    a.granted(&next, got(8), T0 + SPAN - PREFETCH_MS);
     // Not served before its window starts; at once when it does.
     a.serve(T0 + SPAN - 1);
     assert!(a.can_serve(T0 + SPAN));
@@ -483,12 +526,14 @@ mod tests {
       want, expires_at, ..
     } = n;
     assert_eq!((want, expires_at), (47, T0 + DAILY_LEASE_TTL_MS));
-    a.granted(&n, Some(47), T0);
+    a.granted(&n, got(47), T0);
     a.serve(T0 + 1);
     assert_eq!(day(&mut a, T0 + 2), None);
     let renew = day(&mut a, T0 + DAILY_LEASE_TTL_MS / 2).expect("a renewal");
-    let LeaseNeed::Grant { spent, .. } = renew;
-    assert_eq!(spent, 1);
+    let LeaseNeed::Grant {
+      spent, give_back, ..
+    } = renew;
+    assert_eq!((spent, give_back), (1, 46));
     // Not renewed (the store was away): no serving past the expiry.
     a.granted(&renew, None, T0 + DAILY_LEASE_TTL_MS / 2);
     assert!(a.can_serve(T0 + DAILY_LEASE_TTL_MS - 1));
@@ -509,7 +554,7 @@ mod tests {
     assert_eq!(a.unused(T0).count(), 0);
     let mut b = Allowance::default();
     let n = need(&mut b, T0).unwrap();
-    b.granted(&n, Some(8), T0);
+    b.granted(&n, got(8), T0);
     assert!(!b.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
   }
 }

@@ -60,8 +60,14 @@ impl MongoStore {
           count(d.get("used")).unwrap_or(0)
         }
         None => {
-          self.create_lease(&id, slot).await?;
-          0
+          // The window's first lease: one upsert creates the document with the grant in it.
+          if let Some(holders) = self.try_create(&id, slot, want, holder, expires_at).await? {
+            return Ok(Grant {
+              granted: want,
+              holders,
+            });
+          }
+          continue;
         }
       };
       let grant = want.min(limit.saturating_sub(used));
@@ -181,22 +187,25 @@ impl MongoStore {
     Ok(granted.map(|d| holders_with(&d, holder)))
   }
 
-  async fn read_lease(&self, id: &str) -> Result<Option<Document>, StoreError> {
-    self.count_op();
-    Ok(self.leases.find_one(doc! { "_id": id }).await?)
-  }
-
-  /// Creates the slot's document with nothing used, unless it exists; a concurrent creator winning
-  /// the race is as good.
-  async fn create_lease(&self, id: &str, slot: &LeaseSlot<'_>) -> Result<(), StoreError> {
+  /// Creates the document with a grant of `n` in it, when there is none: `Some(1)` (this is the
+  /// only holder) when it did, `None` when the document exists (then nothing was changed).
+  async fn try_create(
+    &self,
+    id: &str,
+    slot: &LeaseSlot<'_>,
+    n: u64,
+    holder: &str,
+    expires_at: Millis,
+  ) -> Result<Option<usize>, StoreError> {
+    // Whole values only: nx-27017 stores a dotted path in an upsert as one flat field name.
     let update = doc! { "$setOnInsert": {
       "apiKey": slot.api_key,
       "window": slot.window,
       "windowId": slot.window_id,
       "windowEnd": DateTime::from_millis(slot.window_end),
-      "used": 0_i64,
-      "holders": {},
-      "expires": {},
+      "used": int64(n),
+      "holders": { holder: int64(n) },
+      "expires": { holder: expires_at },
     } };
     self.count_op();
     match self
@@ -205,10 +214,16 @@ impl MongoStore {
       .upsert(true)
       .await
     {
-      Ok(_) => Ok(()),
-      Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => Ok(()),
+      Ok(r) if r.upserted_id.is_some() => Ok(Some(1)),
+      Ok(_) => Ok(None),
+      Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => Ok(None),
       Err(e) => Err(e.into()),
     }
+  }
+
+  async fn read_lease(&self, id: &str) -> Result<Option<Document>, StoreError> {
+    self.count_op();
+    Ok(self.leases.find_one(doc! { "_id": id }).await?)
   }
 
   /// Takes `amount` (at most what is held) off the holder's share, and off `used` too when it goes
@@ -367,8 +382,8 @@ mod tests {
         .granted,
       20
     );
-    // First lease of a window: failed grant, read, create, grant.
-    assert_eq!(store.ops() - before, 4);
+    // First lease of a window: failed grant, read, the creating upsert.
+    assert_eq!(store.ops() - before, 3);
     let before = store.ops();
     assert_eq!(
       store
