@@ -164,7 +164,10 @@ async fn round(inner: &Inner) {
             given_back,
           });
         }
-        Err(_) => reachable = false,
+        Err(e) => {
+          eprintln!("LEASEDEBUG {e}");
+          reachable = false
+        }
       }
     }
     answers.push((index, window, need, answer));

@@ -197,8 +197,10 @@ impl MongoStore {
     holder: &str,
     expires_at: Millis,
   ) -> Result<Option<usize>, StoreError> {
-    // Whole values only: nx-27017 stores a dotted path in an upsert as one flat field name.
-    let update = doc! { "$setOnInsert": {
+    // An insert, not an upsert: two racing inserts of one `_id` cannot both succeed, while
+    // nx-27017 lets a racing upsert replace a document another just created.
+    let lease = doc! {
+      "_id": id,
       "apiKey": slot.api_key,
       "window": slot.window,
       "windowId": slot.window_id,
@@ -206,16 +208,10 @@ impl MongoStore {
       "used": int64(n),
       "holders": { holder: int64(n) },
       "expires": { holder: expires_at },
-    } };
+    };
     self.count_op();
-    match self
-      .leases
-      .update_one(doc! { "_id": id }, update)
-      .upsert(true)
-      .await
-    {
-      Ok(r) if r.upserted_id.is_some() => Ok(Some(1)),
-      Ok(_) => Ok(None),
+    match self.leases.insert_one(lease).await {
+      Ok(_) => Ok(Some(1)),
       Err(e) if error_code(&e) == Some(DUPLICATE_KEY) => Ok(None),
       Err(e) => Err(e.into()),
     }
