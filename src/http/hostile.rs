@@ -21,7 +21,7 @@ const KEYS: [&str; 3] = [
   "AIzaSyOTHR0000000000000000000000000000003",
 ];
 const TOKEN: &str = "hostile-admin-token";
-const STATUSES: [u16; 8] = [200, 400, 401, 404, 405, 408, 409, 500];
+const STATUSES: [u16; 7] = [200, 400, 401, 404, 405, 409, 500];
 
 fn pool() -> KeyPool {
   let config = PoolConfig {
