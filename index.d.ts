@@ -49,10 +49,10 @@ export declare class NativeKeyPool {
   /** Writes `currentIndex` and `lastRotation` into the result slots. */
   summary(): void
   /**
-   * Serves one request of the HTTP API (`url` relative to where the routes are mounted, e.g.
-   * `/best?x=1`): the Express adapter's way into the same route table as the server's.
+   * The HTTP API's route table for the Express adapter, guarded by `adminToken` (else
+   * `KEY_MANAGER_ADMIN_TOKEN`) as the server is.
    */
-  route(method: string, url: string, body?: Buffer | undefined | null): RouteReply
+  router(adminToken?: string | undefined | null): NativeRouter
   /** Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime. */
   serve(host: string, port: number, options?: ServeOptions | undefined | null): Promise<NativeServer>
   /**
@@ -71,6 +71,15 @@ export declare class NativeKeyPool {
   persistenceStats(): PersistenceStats | null
   /** Refuses every later call. Idempotent. */
   close(): void
+}
+
+/** The HTTP API's route table over one pool, with its admin guard: what the Express adapter calls. */
+export declare class NativeRouter {
+  /**
+   * Serves one request (`url` relative to where the routes are mounted, e.g. `/best?x=1`) with
+   * its `Authorization` header, if any.
+   */
+  route(method: string, url: string, authorization?: string | undefined | null, body?: Buffer | undefined | null): RouteReply
 }
 
 /** The running HTTP API. */
@@ -155,10 +164,10 @@ export interface ResultsLayout {
 /** A reply of the HTTP API's route table. */
 export interface RouteReply {
   status: number
-  /** JSON. */
+  /** JSON, or the dashboard's HTML. */
   body: string
-  /** The `Allow` header of a 405. */
-  allow?: string
+  /** Lower-case names: `content-type` always, `allow` on a 405, `www-authenticate` on a 401, ... */
+  headers: Record<string, string>
 }
 
 /** Options of `NativeKeyPool.serve`. */
@@ -167,6 +176,13 @@ export interface ServeOptions {
   maxBodyBytes?: number
   /** One line per request on stdout, keys masked (default off). */
   accessLog?: boolean
+  /**
+   * The bearer token rotate, refresh-cache, reactivate and reset-limits want (else
+   * `KEY_MANAGER_ADMIN_TOKEN`; neither: no auth).
+   */
+  adminToken?: string
+  /** Listen beyond loopback without an admin token (else `KEY_MANAGER_ALLOW_INSECURE`; default off). */
+  allowInsecure?: boolean
 }
 
 /** Options of `NativeKeyPool.attachStore`. */

@@ -836,5 +836,6 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeKeyPool = nativeBinding.NativeKeyPool
+module.exports.NativeRouter = nativeBinding.NativeRouter
 module.exports.NativeServer = nativeBinding.NativeServer
 module.exports.resultsLayout = nativeBinding.resultsLayout

@@ -1,12 +1,13 @@
 #!/usr/bin/env node
 'use strict'
 
-// `gemini-key-manager serve [--port N] [--host ADDR] [--access-log]`: the key manager as an HTTP
-// service (SPEC section 4). Keys and limits come from the environment.
+// `gemini-key-manager serve [--port N] [--host ADDR] [--access-log] [--allow-insecure]`: the key
+// manager as an HTTP service (SPEC section 4). Keys, limits and the admin token
+// (KEY_MANAGER_ADMIN_TOKEN: never an argument, which `ps` would show) come from the environment.
 
 const { ApiKeyManagerService } = require('../lib')
 
-const USAGE = 'usage: gemini-key-manager serve [--port N] [--host ADDRESS] [--access-log]'
+const USAGE = 'usage: gemini-key-manager serve [--port N] [--host ADDRESS] [--access-log] [--allow-insecure]'
 
 function parseArgs(argv) {
   const [command, ...rest] = argv
@@ -21,6 +22,8 @@ function parseArgs(argv) {
     if (arg === '--port') options.port = Number(rest[++i])
     else if (arg === '--host') options.host = rest[++i]
     else if (arg === '--access-log') options.accessLog = true
+    // Listen beyond loopback without an admin token; otherwise KEY_MANAGER_ALLOW_INSECURE decides.
+    else if (arg === '--allow-insecure') options.allowInsecure = true
     else return { error: `unknown option: ${arg}` }
   }
   if (!Number.isInteger(options.port) || options.port < 0 || options.port > 65535) {

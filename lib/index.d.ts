@@ -179,6 +179,22 @@ export interface ServeOptions {
   accessLog?: boolean
   /** Largest request body accepted (default 64 KiB). */
   maxBodyBytes?: number
+  /**
+   * The bearer token that rotate, refresh-cache, reactivate and reset-limits want
+   * (`Authorization: Bearer <token>`; visible ASCII, no spaces). Default: `KEY_MANAGER_ADMIN_TOKEN`;
+   * with neither, those endpoints are open.
+   */
+  adminToken?: string
+  /**
+   * Listen on a non-loopback address without an admin token (default: `KEY_MANAGER_ALLOW_INSECURE`,
+   * else false: such a `serve()` rejects).
+   */
+  allowInsecure?: boolean
+}
+
+export interface KeyRoutesOptions {
+  /** As `ServeOptions.adminToken`: default `KEY_MANAGER_ADMIN_TOKEN`. */
+  adminToken?: string
 }
 
 export interface KeyServer {
@@ -248,9 +264,10 @@ export declare class ApiKeyManagerService {
 
 /**
  * The HTTP API as Express (or any `(req, res, next)`) middleware, answered by the same Rust route
- * table as `serve()`: `app.use('/api/keys', keyRoutes())`. Defaults to the shared manager.
+ * table as `serve()`, admin auth included: `app.use('/api/keys', keyRoutes())`. Defaults to the
+ * shared manager.
  */
-export declare function keyRoutes(manager?: ApiKeyManagerService): KeyRoutesMiddleware
+export declare function keyRoutes(manager?: ApiKeyManagerService, options?: KeyRoutesOptions): KeyRoutesMiddleware
 
 /** What the middleware uses of node:http's request and response (Express's extend them), so these types need no @types/node. */
 export type KeyRoutesMiddleware = (

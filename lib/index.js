@@ -52,12 +52,34 @@ const RECORDED_PROMISE = Promise.resolve(RECORDED)
 // No key handed out yet: equal to nothing a caller can pass.
 const NONE_HANDED = Symbol('none handed out')
 
+// Longer error texts (an option echoed back, say) are cut: a failure is read by people.
+const MAX_ERROR_LENGTH = 1000
+
 function failure(error, metadata = {}) {
-  return { success: false, error, metadata }
+  const text = error.length > MAX_ERROR_LENGTH ? `${error.slice(0, MAX_ERROR_LENGTH)}…` : error
+  return { success: false, error: text, metadata }
 }
 
+/** The message of anything thrown, even a revoked proxy or an object whose conversion throws. */
 function messageOf(e) {
-  return e instanceof Error ? e.message : String(e)
+  try {
+    const text = e instanceof Error ? e.message : String(e)
+    return typeof text === 'string' && text !== '' ? text : 'Unknown error'
+  } catch {
+    return 'Unknown error'
+  }
+}
+
+/** A value as quoted in an error: short strings as JSON, long ones masked as keys are, else its type. */
+function shown(value) {
+  if (typeof value === 'string') return value.length > 16 ? `"${value.slice(0, 8)}...${value.slice(-4)}"` : JSON.stringify(value)
+  if (typeof value === 'number' || typeof value === 'boolean' || value === null || value === undefined) return String(value)
+  return typeof value
+}
+
+/** A failure for a throw no check foresaw (a hostile getter, a revoked proxy): SPEC methods resolve, never reject. */
+function unexpected(e) {
+  return failure(`invalid argument: ${messageOf(e)}`)
 }
 
 function newStatus(apiKey) {
@@ -80,6 +102,15 @@ function newStatus(apiKey) {
  * (HTTP status, `errorDetails` with RetryInfo and QuotaFailure, a response body).
  */
 function describeError(error) {
+  try {
+    return describeErrorParts(error)
+  } catch {
+    // A getter or conversion threw: the failure still counts, described as well as it can be.
+    return messageOf(error)
+  }
+}
+
+function describeErrorParts(error) {
   if (error == null) return 'Unknown error'
   if (typeof error !== 'object') return String(error)
   const parts = [error.message ?? String(error)]
@@ -141,6 +172,31 @@ function envFlag(name) {
   return undefined
 }
 
+const OPTION_NAMES = [
+  'keys', 'model', 'modelLimits', 'limits', 'windowMs', 'dailyReset', 'reservationTtlMs', 'quiet', 'mongodbUri',
+  'mongodbDbName', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'usageBatchSize', 'usageQueueCapacity',
+  'sharedQuota',
+]
+
+/** The options read once into a plain object, so a getter runs (and may throw) only here. */
+function readOptions(options) {
+  if (options === undefined || options === null) return {}
+  if (typeof options !== 'object') throw new Error(`options must be an object (got ${typeof options})`)
+  const out = {}
+  for (const name of OPTION_NAMES) out[name] = options[name]
+  return out
+}
+
+/** Every configured key in `text` replaced by its mask: options echoed in an error may hold one. */
+function scrubKeys(text, keys) {
+  if (!Array.isArray(keys)) return text
+  let out = text
+  for (const key of keys) {
+    if (typeof key === 'string' && key.length > 0 && out.includes(key)) out = out.split(key).join(`${key.slice(0, 8)}...${key.slice(-4)}`)
+  }
+  return out
+}
+
 /** Optional numeric options must be numbers: napi's own conversion errors are unreadable. */
 function checkOptions(options) {
   const numbers = [
@@ -152,7 +208,7 @@ function checkOptions(options) {
     if (typeof limits !== 'object' || limits === null) return `${name} must be an object`
     for (const field of ['rpm', 'rpd', 'tpm']) {
       if (limits[field] !== undefined && typeof limits[field] !== 'number') {
-        return `${name}.${field} must be a positive integer (got ${JSON.stringify(limits[field])})`
+        return `${name}.${field} must be a positive integer (got ${shown(limits[field])})`
       }
     }
   }
@@ -160,7 +216,7 @@ function checkOptions(options) {
     return `mongodbUri must be a string (got ${typeof options.mongodbUri})`
   }
   if (options.sharedQuota !== undefined && typeof options.sharedQuota !== 'boolean') {
-    return `sharedQuota must be a boolean (got ${JSON.stringify(options.sharedQuota)})`
+    return `sharedQuota must be a boolean (got ${shown(options.sharedQuota)})`
   }
   if (options.mongodbDbName !== undefined && typeof options.mongodbDbName !== 'string') {
     return `mongodbDbName must be a string (got ${typeof options.mongodbDbName})`
@@ -168,12 +224,12 @@ function checkOptions(options) {
   for (const field of ['usageBatchSize', 'usageQueueCapacity']) {
     const n = options[field]
     if (n !== undefined && !(Number.isInteger(n) && n > 0 && n < 2 ** 32)) {
-      return `${field} must be a positive integer (got ${JSON.stringify(n)})`
+      return `${field} must be a positive integer (got ${shown(n)})`
     }
   }
   for (const field of ['windowMs', 'reservationTtlMs', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs']) {
     if (options[field] !== undefined && typeof options[field] !== 'number') {
-      return `${field} must be a positive integer of milliseconds (got ${JSON.stringify(options[field])})`
+      return `${field} must be a positive integer of milliseconds (got ${shown(options[field])})`
     }
   }
   if (options.keys !== undefined && !(Array.isArray(options.keys) && options.keys.every((k) => typeof k === 'string'))) {
@@ -215,13 +271,17 @@ class ApiKeyManagerService {
     if (this._closed) return 'API key manager is closed'
     if (this._native !== null) return null
     if (this._initError !== null) return this._initError
+    let keys
     try {
+      this._options = readOptions(this._options)
+      keys = this._options.keys
       const invalid = checkOptions(this._options)
       if (invalid !== null) throw new Error(`invalid configuration: ${invalid}`)
-      const { keys, model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet } = this._options
+      const { model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet } = this._options
       this._native = new NativeKeyPool({ keys, model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet })
     } catch (e) {
-      this._initError = messageOf(e)
+      this._options = {}
+      this._initError = scrubKeys(messageOf(e), keys)
       return this._initError
     }
     this._hot = this._native.hotPath()
@@ -415,7 +475,11 @@ class ApiKeyManagerService {
    *   the key's TPM until `recordUsage` reports the real count.
    */
   getBestAvailableKey(options) {
-    return Promise.resolve(this._best(options?.estimatedTokens ?? 0))
+    try {
+      return Promise.resolve(this._best(options?.estimatedTokens ?? 0))
+    } catch (e) {
+      return Promise.resolve(unexpected(e))
+    }
   }
 
   _best(estimatedTokens) {
@@ -465,7 +529,12 @@ class ApiKeyManagerService {
   }
 
   recordUsage(apiKey, tokensUsed, success, error, responseTime) {
-    const result = this._recordUsage(apiKey, tokensUsed, success, error, responseTime)
+    let result
+    try {
+      result = this._recordUsage(apiKey, tokensUsed, success, error, responseTime)
+    } catch (e) {
+      result = unexpected(e)
+    }
     return result === RECORDED ? RECORDED_PROMISE : Promise.resolve(result)
   }
 
@@ -503,10 +572,13 @@ class ApiKeyManagerService {
     if (typeof i !== 'number') return i
     const retryAfterMs = options?.retryAfterMs
     if (retryAfterMs !== undefined && typeof retryAfterMs !== 'number') {
-      return failure(`retryAfterMs must be a number of milliseconds (got ${JSON.stringify(retryAfterMs)})`)
+      return failure(`retryAfterMs must be a number of milliseconds (got ${shown(retryAfterMs)})`)
+    }
+    if (limitType !== 'RPM' && limitType !== 'RPD' && limitType !== 'TPM') {
+      return failure(`limitType must be 'RPM', 'RPD' or 'TPM' (got ${shown(limitType)})`)
     }
     try {
-      this._native.handleRateLimit(i, String(limitType), retryAfterMs)
+      this._native.handleRateLimit(i, limitType, retryAfterMs)
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -573,10 +645,10 @@ class ApiKeyManagerService {
   async execute(call, { estimatedTokens = 0, maxAttempts = 3, maxWaitMs = 0 } = {}) {
     if (typeof call !== 'function') throw new TypeError('execute needs a function (apiKey) => Promise')
     if (!(Number.isInteger(maxAttempts) && maxAttempts >= 1)) {
-      throw new RangeError(`maxAttempts must be a positive integer (got ${JSON.stringify(maxAttempts)})`)
+      throw new RangeError(`maxAttempts must be a positive integer (got ${shown(maxAttempts)})`)
     }
     if (!(typeof maxWaitMs === 'number' && maxWaitMs >= 0 && !Number.isNaN(maxWaitMs))) {
-      throw new RangeError(`maxWaitMs must be a non-negative number of milliseconds (got ${JSON.stringify(maxWaitMs)})`)
+      throw new RangeError(`maxWaitMs must be a non-negative number of milliseconds (got ${shown(maxWaitMs)})`)
     }
     const waitUntil = Date.now() + maxWaitMs
     let lastError
@@ -611,10 +683,13 @@ class ApiKeyManagerService {
    * for this process's event loop. Resolves once listening; the process stays alive until
    * `server.close()`.
    */
-  async serve({ host = '127.0.0.1', port = 3001, accessLog = false, maxBodyBytes } = {}) {
+  async serve(options = {}) {
+    const { host = '127.0.0.1', port = 3001, accessLog = false, maxBodyBytes, adminToken, allowInsecure } = options
+    const invalid = checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure })
+    if (invalid !== null) throw new TypeError(`invalid serve options: ${invalid}`)
     const reason = this._ready()
     if (reason !== null) throw new Error(reason)
-    const native = await this._native.serve(host, port, { accessLog, maxBodyBytes })
+    const native = await this._native.serve(host, port, { accessLog, maxBodyBytes, adminToken, allowInsecure })
     // The server runs on Rust threads that Node does not know about; this timer is what keeps
     // the process alive while it listens, as a node:http server would.
     const keepAlive = setInterval(() => {}, 1 << 30)
@@ -630,13 +705,22 @@ class ApiKeyManagerService {
     }
   }
 
-  /** Answers one HTTP API request through the same route table as `serve`; `url` is relative to the mount point. */
-  _route(method, url, body) {
-    const reason = this._ready()
-    if (reason !== null) {
-      return { status: 500, body: JSON.stringify({ success: false, error: reason, message: reason }) }
+  /**
+   * The route table `serve` answers with, for the Express adapter: `route(method, url,
+   * authorization, body)`, `url` relative to the mount point. A manager that cannot serve, or an
+   * admin token that cannot be used, gets a router that answers 500 with the reason.
+   */
+  _router(adminToken) {
+    let reason = this._ready()
+    if (reason === null) {
+      try {
+        return this._native.router(adminToken)
+      } catch (e) {
+        reason = messageOf(e)
+      }
     }
-    return this._native.route(method, url, body)
+    const body = JSON.stringify({ success: false, error: reason, message: reason })
+    return { route: () => ({ status: 500, body, headers: { 'content-type': JSON_TYPE } }) }
   }
 
   /**
@@ -661,6 +745,22 @@ class ApiKeyManagerService {
   }
 }
 
+// The async SPEC methods resolve even when a check did not foresee a throw (the two hot methods
+// catch their own): a rejection there would crash callers that, as the old service allowed, do not
+// catch.
+for (const name of ['initialize', 'getNextKeyForRotation', 'handleRateLimit', 'getRateLimitInfo', 'getAllKeysStatus', 'reactivateKey', 'resetAllLimits', 'refreshCache']) {
+  const method = ApiKeyManagerService.prototype[name]
+  Object.defineProperty(ApiKeyManagerService.prototype, name, {
+    value: {
+      [name](...args) {
+        return method.apply(this, args).catch(unexpected)
+      },
+    }[name],
+    writable: true,
+    configurable: true,
+  })
+}
+
 let instance = null
 
 /**
@@ -676,6 +776,22 @@ async function getApiKeyManager(options) {
 }
 
 const MAX_ROUTE_BODY = 64 * 1024
+const JSON_TYPE = 'application/json; charset=utf-8'
+
+/** serve()'s options: napi's own conversion errors are unreadable. */
+function checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure }) {
+  if (typeof host !== 'string') return `host must be an IP address string (got ${typeof host})`
+  if (!(Number.isInteger(port) && port >= 0 && port <= 65535)) return 'port must be an integer from 0 to 65535'
+  if (typeof accessLog !== 'boolean') return `accessLog must be a boolean (got ${typeof accessLog})`
+  if (maxBodyBytes !== undefined && !(Number.isInteger(maxBodyBytes) && maxBodyBytes >= 0 && maxBodyBytes < 2 ** 32)) {
+    return 'maxBodyBytes must be a whole number of bytes'
+  }
+  if (adminToken !== undefined && typeof adminToken !== 'string') return `adminToken must be a string (got ${typeof adminToken})`
+  if (allowInsecure !== undefined && typeof allowInsecure !== 'boolean') {
+    return `allowInsecure must be a boolean (got ${typeof allowInsecure})`
+  }
+  return null
+}
 
 /** Reads a request body (at most `limit` bytes) unless a body parser already has. */
 function readBody(req, limit) {
@@ -705,24 +821,36 @@ function readBody(req, limit) {
 
 /**
  * The HTTP API as a middleware for Express (or any `(req, res, next)` stack):
- * `app.use('/api/keys', keyRoutes())`. It answers through the same Rust route table as `serve()`;
- * `manager` defaults to the process's shared manager.
+ * `app.use('/api/keys', keyRoutes())`. It answers through the same Rust route table as `serve()`,
+ * admin auth included: `options.adminToken`, else KEY_MANAGER_ADMIN_TOKEN. `manager` defaults to
+ * the process's shared manager.
  */
-function keyRoutes(manager) {
+function keyRoutes(manager, options = {}) {
+  const adminToken = options?.adminToken
+  if (adminToken !== undefined && typeof adminToken !== 'string') {
+    throw new TypeError(`keyRoutes: adminToken must be a string (got ${typeof adminToken})`)
+  }
+  // One native router per manager (the shared one is replaced after close()).
+  let routerOf = null
+  let router = null
   return function keyManagerRoutes(req, res, next) {
     const managerReady = manager ? Promise.resolve(manager) : getApiKeyManager()
     Promise.all([managerReady, readBody(req, MAX_ROUTE_BODY)])
       .then(([m, body]) => {
-        const reply = m._route(req.method, req.url, body)
+        if (routerOf !== m) {
+          router = m._router(adminToken)
+          routerOf = m
+        }
+        const authorization = req.headers.authorization
+        const reply = router.route(req.method, req.url, typeof authorization === 'string' ? authorization : undefined, body)
         res.statusCode = reply.status
-        res.setHeader('content-type', 'application/json; charset=utf-8')
-        if (reply.allow) res.setHeader('allow', reply.allow)
+        for (const [name, value] of Object.entries(reply.headers)) res.setHeader(name, value)
         res.end(reply.body)
       })
       .catch((e) => {
         if (e && e.status === 400) {
           res.statusCode = 400
-          res.setHeader('content-type', 'application/json; charset=utf-8')
+          res.setHeader('content-type', JSON_TYPE)
           res.end(JSON.stringify({ success: false, error: e.message, message: 'The request could not be read' }))
         } else if (typeof next === 'function') next(e)
         else res.destroy(e)

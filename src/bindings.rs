@@ -16,7 +16,8 @@ use crate::config::{self, js_number, LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
 use crate::health::HealthState;
-use crate::http::{self, ServerHandle, ServerOptions};
+use crate::http::auth::resolve_allow_insecure;
+use crate::http::{self, AdminGuard, ApiRequest, ServerHandle, ServerOptions};
 use crate::log::{ConsoleLog, Log, SilentLog};
 use crate::persistence::{PersistOptions, Started, WriteBehind};
 use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
@@ -360,17 +361,16 @@ impl NativeKeyPool {
     Ok(())
   }
 
-  /// Serves one request of the HTTP API (`url` relative to where the routes are mounted, e.g.
-  /// `/best?x=1`): the Express adapter's way into the same route table as the server's.
+  /// The HTTP API's route table for the Express adapter, guarded by `adminToken` (else
+  /// `KEY_MANAGER_ADMIN_TOKEN`) as the server is.
   #[napi]
-  pub fn route(&self, method: String, url: String, body: Option<Buffer>) -> RouteReply {
-    let body = body.as_deref().unwrap_or_default();
-    let reply = http::route_mounted(self.pool(), &method, &url, body);
-    RouteReply {
-      status: reply.status as u32,
-      body: reply.body,
-      allow: reply.allow.map(str::to_owned),
-    }
+  pub fn router(&self, admin_token: Option<String>) -> napi::Result<NativeRouter> {
+    let guard = AdminGuard::resolve(admin_token.as_deref(), &env_var)
+      .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    Ok(NativeRouter {
+      pool: self.js.pool.clone(),
+      guard,
+    })
   }
 
   /// Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime.
@@ -383,17 +383,23 @@ impl NativeKeyPool {
     options: Option<ServeOptions>,
   ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
     let ip: IpAddr = host.parse().map_err(|_| {
-      napi::Error::from_reason(format!("host must be an IP address (got {host:?})"))
+      // A key pasted into the wrong field must not come back whole.
+      let shown = crate::mask::scrub(&host, self.pool().keys());
+      napi::Error::from_reason(format!("host must be an IP address (got {shown:?})"))
     })?;
     let port = u16::try_from(port)
       .map_err(|_| napi::Error::from_reason(format!("port must be 0 to 65535 (got {port})")))?;
+    let o = options.unwrap_or_default();
+    let config_error = |e: http::AuthConfigError| napi::Error::from_reason(e.to_string());
     let defaults = ServerOptions::default();
-    let options = options.map_or(defaults, |o| ServerOptions {
+    let options = ServerOptions {
       max_body_bytes: o
         .max_body_bytes
         .map_or(defaults.max_body_bytes, |n| n as usize),
       access_log: o.access_log.unwrap_or(defaults.access_log),
-    });
+      admin: AdminGuard::resolve(o.admin_token.as_deref(), &env_var).map_err(config_error)?,
+      allow_insecure: resolve_allow_insecure(o.allow_insecure, &env_var).map_err(config_error)?,
+    };
     let pool = self.js.pool.clone();
     env.spawn_future(async move {
       let handle = http::start(pool, SocketAddr::new(ip, port), options)
@@ -527,23 +533,75 @@ pub struct RateLimitEntry {
   pub is_limited: bool,
 }
 
+fn env_var(name: &str) -> Option<String> {
+  std::env::var(name).ok()
+}
+
+/// The HTTP API's route table over one pool, with its admin guard: what the Express adapter calls.
+#[napi]
+pub struct NativeRouter {
+  pool: Arc<KeyPool>,
+  guard: AdminGuard,
+}
+
+#[napi]
+impl NativeRouter {
+  /// Serves one request (`url` relative to where the routes are mounted, e.g. `/best?x=1`) with
+  /// its `Authorization` header, if any.
+  #[napi]
+  pub fn route(
+    &self,
+    method: String,
+    url: String,
+    authorization: Option<String>,
+    body: Option<Buffer>,
+  ) -> RouteReply {
+    let req = ApiRequest {
+      method: &method,
+      target: &url,
+      authorization: authorization.as_deref(),
+      body: body.as_deref().unwrap_or_default(),
+    };
+    let reply = http::route_mounted(&self.pool, &self.guard, &req);
+    let mut headers = HashMap::new();
+    headers.insert("content-type".to_owned(), reply.content_type.to_owned());
+    if let Some(allow) = reply.allow {
+      headers.insert("allow".to_owned(), allow.to_owned());
+    }
+    for (name, value) in reply.headers {
+      headers.insert((*name).to_owned(), (*value).to_owned());
+    }
+    RouteReply {
+      status: reply.status as u32,
+      body: reply.body,
+      headers,
+    }
+  }
+}
+
 /// A reply of the HTTP API's route table.
 #[napi(object)]
 pub struct RouteReply {
   pub status: u32,
-  /// JSON.
+  /// JSON, or the dashboard's HTML.
   pub body: String,
-  /// The `Allow` header of a 405.
-  pub allow: Option<String>,
+  /// Lower-case names: `content-type` always, `allow` on a 405, `www-authenticate` on a 401, ...
+  pub headers: HashMap<String, String>,
 }
 
 /// Options of `NativeKeyPool.serve`.
 #[napi(object)]
+#[derive(Default)]
 pub struct ServeOptions {
   /// Largest request body accepted (default 64 KiB); a larger one gets a 400.
   pub max_body_bytes: Option<u32>,
   /// One line per request on stdout, keys masked (default off).
   pub access_log: Option<bool>,
+  /// The bearer token rotate, refresh-cache, reactivate and reset-limits want (else
+  /// `KEY_MANAGER_ADMIN_TOKEN`; neither: no auth).
+  pub admin_token: Option<String>,
+  /// Listen beyond loopback without an admin token (else `KEY_MANAGER_ALLOW_INSECURE`; default off).
+  pub allow_insecure: Option<bool>,
 }
 
 /// The running HTTP API.

@@ -1,9 +1,15 @@
 //! The HTTP API of SPEC section 4: one route table ([`routes`]) that both the hyper server
-//! ([`server`]) and the Express adapter in the bindings serve.
+//! ([`server`]) and the Express adapter in the bindings serve, with admin auth ([`auth`]) and key
+//! references ([`key_ref`]) decided in one place for both.
 
+pub mod auth;
+#[cfg(test)]
+mod hostile;
 mod json;
+pub mod key_ref;
 pub mod routes;
 pub mod server;
 
-pub use routes::{redact_path, route, route_mounted, Reply};
+pub use auth::{AdminGuard, AuthConfigError};
+pub use routes::{redact_path, route, route_mounted, ApiRequest, Reply};
 pub use server::{start, HttpError, ServerHandle, ServerOptions};

@@ -9,19 +9,60 @@ use crate::error::PoolError;
 use crate::mask::mask_key;
 use crate::pool::{Claim, KeyPool};
 
+use super::auth::{AdminGuard, Denied};
 use super::json::{
   parse_date, Failure, IsoDate, KeyStatusJson, LimitsJson, RateLimitInfoJson, Success, UsageJson,
 };
+use super::key_ref::{resolve_key_ref, KeyRefError};
 
 /// Where the API is served when the whole request path is given.
 pub const PREFIX: &str = "/api/keys";
 
-/// A response: a status and a JSON body, plus the `Allow` header's value on a 405.
+const JSON_TYPE: &str = "application/json; charset=utf-8";
+const HTML_TYPE: &str = "text/html; charset=utf-8";
+
+/// The live dashboard: one page with its CSS and JS inline.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+/// What the dashboard may load: nothing but itself and this API, so no outside resource can be
+/// pulled in even by a key's error text.
+const DASHBOARD_HEADERS: &[(&str, &str)] = &[
+  (
+    "content-security-policy",
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+     connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'",
+  ),
+  ("x-content-type-options", "nosniff"),
+  ("cache-control", "no-store"),
+];
+const CHALLENGE_MISSING: &[(&str, &str)] =
+  &[("www-authenticate", r#"Bearer realm="gemini-key-manager""#)];
+const CHALLENGE_WRONG: &[(&str, &str)] = &[(
+  "www-authenticate",
+  r#"Bearer realm="gemini-key-manager", error="invalid_token""#,
+)];
+
+/// One request as the table sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiRequest<'a> {
+  pub method: &'a str,
+  /// Path and query: from the server root for [`route`], from the mount point for
+  /// [`route_mounted`].
+  pub target: &'a str,
+  /// The `Authorization` header, if any.
+  pub authorization: Option<&'a str>,
+  pub body: &'a [u8],
+}
+
+/// A response: a status, a body and its type, the `Allow` header's value on a 405, and any other
+/// headers it needs (lower-case names).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
   pub status: u16,
   pub body: String,
+  pub content_type: &'static str,
   pub allow: Option<&'static str>,
+  pub headers: &'static [(&'static str, &'static str)],
 }
 
 /// Written when a body cannot be serialized, which only a bug can cause.
@@ -34,12 +75,16 @@ impl Reply {
       Ok(body) => Self {
         status,
         body,
+        content_type: JSON_TYPE,
         allow: None,
+        headers: &[],
       },
       Err(_) => Self {
         status: 500,
         body: SERIALIZATION_FAILED.to_owned(),
+        content_type: JSON_TYPE,
         allow: None,
+        headers: &[],
       },
     }
   }
@@ -80,6 +125,21 @@ impl Reply {
     };
     Self::error(status, &err.to_string(), message)
   }
+
+  /// A 401 with its `WWW-Authenticate` challenge.
+  fn denied(denied: Denied) -> Self {
+    let (message, headers) = match denied {
+      Denied::Missing => (
+        "This endpoint needs an Authorization: Bearer <admin token> header",
+        CHALLENGE_MISSING,
+      ),
+      Denied::Wrong => ("The admin token is not valid", CHALLENGE_WRONG),
+    };
+    Self {
+      headers,
+      ..Self::error(401, "Unauthorized", message)
+    }
+  }
 }
 
 /// One segment of a route's path.
@@ -92,7 +152,7 @@ enum Seg {
 
 /// What a handler gets besides the pool: the percent-decoded `:apiKey` segment (empty when it is
 /// missing) and the raw query string.
-struct Request<'a> {
+struct Params<'a> {
   key: String,
   query: &'a str,
 }
@@ -100,7 +160,9 @@ struct Request<'a> {
 struct Route {
   method: &'static str,
   path: &'static [Seg],
-  handler: fn(&KeyPool, &Request<'_>) -> Reply,
+  /// Changes state, so needs the admin token when one is set.
+  admin: bool,
+  handler: fn(&KeyPool, &Params<'_>) -> Reply,
 }
 
 /// The table. Every path has one method, so a 405's `Allow` is that route's method.
@@ -108,58 +170,79 @@ const ROUTES: &[Route] = &[
   Route {
     method: "GET",
     path: &[Seg::Lit("status")],
+    admin: false,
     handler: status,
   },
   Route {
     method: "GET",
     path: &[Seg::Lit("best")],
+    admin: false,
     handler: best,
   },
   Route {
     method: "POST",
     path: &[Seg::Lit("rotate")],
+    admin: true,
     handler: rotate,
   },
   Route {
     method: "POST",
     path: &[Seg::Lit("refresh-cache")],
+    admin: true,
     handler: refresh_cache,
   },
   Route {
     method: "GET",
     path: &[Seg::Lit("rate-limit"), Seg::Key],
+    admin: false,
     handler: rate_limit,
   },
   Route {
     method: "POST",
     path: &[Seg::Lit("reactivate"), Seg::Key],
+    admin: true,
     handler: reactivate,
   },
   Route {
     method: "POST",
     path: &[Seg::Lit("reset-limits")],
+    admin: true,
     handler: reset_limits,
   },
   Route {
     method: "GET",
     path: &[Seg::Lit("usage-stats")],
+    admin: false,
     handler: usage_stats,
+  },
+  Route {
+    method: "GET",
+    path: &[Seg::Lit("dashboard")],
+    admin: false,
+    handler: dashboard,
   },
 ];
 
 /// Serves a request whose path starts at the server root (`/api/keys/best?x=1`). Paths outside
 /// [`PREFIX`] are 404s.
-pub fn route(pool: &KeyPool, method: &str, path_and_query: &str, body: &[u8]) -> Reply {
-  match strip_prefix(path_and_query) {
-    Some(rest) => route_mounted(pool, method, rest, body),
-    None => not_found(pool, path_and_query),
+pub fn route(pool: &KeyPool, guard: &AdminGuard, req: &ApiRequest<'_>) -> Reply {
+  match strip_prefix(req.target) {
+    Some(target) => route_mounted(pool, guard, &ApiRequest { target, ..*req }),
+    None => not_found(pool, req.target),
   }
 }
 
 /// Serves a request whose path is relative to where the API is mounted (`/best?x=1` for
-/// `/api/keys/best?x=1`), as an Express router sees it.
-pub fn route_mounted(pool: &KeyPool, method: &str, sub_path_and_query: &str, body: &[u8]) -> Reply {
-  let (path, query) = split_query(sub_path_and_query);
+/// `/api/keys/best?x=1`), as an Express router sees it. Admin auth is checked here, so the server
+/// and the Express adapter cannot differ on it.
+pub fn route_mounted(pool: &KeyPool, guard: &AdminGuard, req: &ApiRequest<'_>) -> Reply {
+  let ApiRequest {
+    method,
+    target,
+    authorization,
+    body,
+  } = *req;
+  let (path, query) = split_query(target);
   let segments = split_path(path);
   let Some(route) = ROUTES.iter().find(|r| shape_matches(r.path, &segments)) else {
     return not_found(pool, &format!("{PREFIX}{path}"));
@@ -173,6 +256,12 @@ pub fn route_mounted(pool: &KeyPool, method: &str, sub_path_and_query: &str, bod
         &format!("This endpoint only accepts {}", route.method),
       )
     };
+  }
+  // Before the body and the key are looked at, so nobody unauthorized learns which keys exist.
+  if route.admin {
+    if let Err(denied) = guard.check(authorization) {
+      return Reply::denied(denied);
+    }
   }
   // No endpoint takes a body; one that is there must at least be well-formed JSON.
   if route.method == "POST"
@@ -201,7 +290,7 @@ pub fn route_mounted(pool: &KeyPool, method: &str, sub_path_and_query: &str, bod
     }
     None => String::new(),
   };
-  (route.handler)(pool, &Request { key, query })
+  (route.handler)(pool, &Params { key, query })
 }
 
 /// The request path fit for logs and error messages: the query is dropped (it is free text), and
@@ -222,7 +311,7 @@ pub fn redact_path(pool: &KeyPool, path_and_query: &str) -> String {
     out.push('/');
     let decoded = percent_decode(raw, false).unwrap_or_else(|| raw.to_string());
     if pattern.and_then(|p| p.get(i)) == Some(&Seg::Key) {
-      let known = find_key(pool, &decoded)
+      let known = resolve_key_ref(pool, &decoded)
         .ok()
         .and_then(|index| pool.key_name(index));
       out.push_str(&mask_key(known.unwrap_or(&decoded)));
@@ -312,26 +401,8 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
   String::from_utf8(out).ok()
 }
 
-/// The position of the key a path names: its full text, or its masked form when exactly one key
-/// has that mask.
-fn find_key(pool: &KeyPool, text: &str) -> Result<usize, PoolError> {
-  if let Ok(index) = pool.index_of(text) {
-    return Ok(index);
-  }
-  let mut hits = pool
-    .keys()
-    .iter()
-    .enumerate()
-    .filter(|(_, k)| mask_key(k) == text)
-    .map(|(i, _)| i);
-  match (hits.next(), hits.next()) {
-    (Some(index), None) => Ok(index),
-    _ => Err(PoolError::KeyNotFound),
-  }
-}
-
 /// Resolves the `:apiKey` of a request, or the reply that says why it cannot be.
-fn key_index(pool: &KeyPool, req: &Request<'_>) -> Result<usize, Reply> {
+fn key_index(pool: &KeyPool, req: &Params<'_>) -> Result<usize, Reply> {
   if req.key.trim().is_empty() {
     return Err(Reply::error(
       400,
@@ -339,14 +410,21 @@ fn key_index(pool: &KeyPool, req: &Request<'_>) -> Result<usize, Reply> {
       "Put the API key, or its masked form, in the path",
     ));
   }
-  find_key(pool, &req.key).map_err(|err| {
-    Reply::pool_error(
-      err,
+  resolve_key_ref(pool, &req.key).map_err(|err| match err {
+    KeyRefError::NotFound => Reply::error(
+      404,
+      &err.to_string(),
+      &format!("No API key matches {}", mask_key(&req.key)),
+    ),
+    // An ambiguous reference is a derived form several keys share, never a key: safe to quote.
+    KeyRefError::Ambiguous { matches } => Reply::error(
+      409,
+      &err.to_string(),
       &format!(
-        "No API key matches {} (a masked key must match exactly one key)",
-        mask_key(&req.key)
+        "{matches} keys have the masked form {}: name the key in full",
+        req.key
       ),
-    )
+    ),
   })
 }
 
@@ -357,7 +435,7 @@ struct StatusMeta {
   active_keys: usize,
 }
 
-fn status(pool: &KeyPool, _: &Request<'_>) -> Reply {
+fn status(pool: &KeyPool, _: &Params<'_>) -> Reply {
   let statuses = match pool.statuses() {
     Ok(s) => s,
     Err(err) => return Reply::pool_error(err, "Failed to get API key status"),
@@ -393,7 +471,7 @@ struct BestMeta {
   rotation_method: &'static str,
 }
 
-fn best(pool: &KeyPool, _: &Request<'_>) -> Reply {
+fn best(pool: &KeyPool, _: &Params<'_>) -> Reply {
   let picked = match pool.best(Claim::LookOnly) {
     Ok(p) => p,
     Err(err) => return Reply::pool_error(err, "Failed to get the best available API key"),
@@ -445,7 +523,7 @@ struct RotateMeta {
   rotation_method: &'static str,
 }
 
-fn rotate(pool: &KeyPool, _: &Request<'_>) -> Reply {
+fn rotate(pool: &KeyPool, _: &Params<'_>) -> Reply {
   let picked = match pool.rotate(Claim::LookOnly) {
     Ok(p) => p,
     Err(err) => return Reply::pool_error(err, "Failed to rotate the API key"),
@@ -477,7 +555,7 @@ struct RefreshMeta {
   available_keys: usize,
 }
 
-fn refresh_cache(pool: &KeyPool, _: &Request<'_>) -> Reply {
+fn refresh_cache(pool: &KeyPool, _: &Params<'_>) -> Reply {
   match pool.refresh_cache() {
     Ok(available_keys) => Reply::ok(
       None::<()>,
@@ -491,7 +569,7 @@ fn refresh_cache(pool: &KeyPool, _: &Request<'_>) -> Reply {
   }
 }
 
-fn rate_limit(pool: &KeyPool, req: &Request<'_>) -> Reply {
+fn rate_limit(pool: &KeyPool, req: &Params<'_>) -> Reply {
   let index = match key_index(pool, req) {
     Ok(i) => i,
     Err(reply) => return reply,
@@ -509,7 +587,7 @@ fn rate_limit(pool: &KeyPool, req: &Request<'_>) -> Reply {
   }
 }
 
-fn reactivate(pool: &KeyPool, req: &Request<'_>) -> Reply {
+fn reactivate(pool: &KeyPool, req: &Params<'_>) -> Reply {
   let index = match key_index(pool, req) {
     Ok(i) => i,
     Err(reply) => return reply,
@@ -520,7 +598,7 @@ fn reactivate(pool: &KeyPool, req: &Request<'_>) -> Reply {
   }
 }
 
-fn reset_limits(pool: &KeyPool, _: &Request<'_>) -> Reply {
+fn reset_limits(pool: &KeyPool, _: &Params<'_>) -> Reply {
   match pool.reset_all_limits() {
     Ok(()) => Reply::ok(
       None::<()>,
@@ -585,7 +663,7 @@ fn date_range(query: &str) -> Result<(Option<Millis>, Option<Millis>), Reply> {
 
 /// The in-memory pool keeps no per-call history, so the range is validated and echoed but every
 /// key's current windows are reported.
-fn usage_stats(pool: &KeyPool, req: &Request<'_>) -> Reply {
+fn usage_stats(pool: &KeyPool, req: &Params<'_>) -> Reply {
   let (start, end) = match date_range(req.query) {
     Ok(range) => range,
     Err(reply) => return reply,
@@ -605,6 +683,17 @@ fn usage_stats(pool: &KeyPool, req: &Request<'_>) -> Reply {
     Some(metadata),
     "Usage statistics retrieved successfully",
   )
+}
+
+/// The dashboard reads `GET /status` from the browser; the page itself holds no data.
+fn dashboard(_: &KeyPool, _: &Params<'_>) -> Reply {
+  Reply {
+    status: 200,
+    body: DASHBOARD_HTML.to_owned(),
+    content_type: HTML_TYPE,
+    allow: None,
+    headers: DASHBOARD_HEADERS,
+  }
 }
 
 #[cfg(test)]
@@ -644,10 +733,28 @@ mod tests {
     pool_of(&KEYS, Quota::default()).0
   }
 
+  fn req<'a>(method: &'a str, target: &'a str, body: &'a [u8]) -> ApiRequest<'a> {
+    ApiRequest {
+      method,
+      target,
+      authorization: None,
+      body,
+    }
+  }
+
+  /// The table with no admin token set.
+  fn open_route(pool: &KeyPool, method: &str, target: &str, body: &[u8]) -> Reply {
+    route(pool, &AdminGuard::open(), &req(method, target, body))
+  }
+
+  fn open_mounted(pool: &KeyPool, method: &str, target: &str, body: &[u8]) -> Reply {
+    route_mounted(pool, &AdminGuard::open(), &req(method, target, body))
+  }
+
   /// Calls the table and checks what every reply must satisfy: JSON with `success`, and no full
   /// key anywhere.
   fn call(pool: &KeyPool, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let reply = route(pool, method, path, body.as_bytes());
+    let reply = open_route(pool, method, path, body.as_bytes());
     for key in pool.keys() {
       assert!(!reply.body.contains(key.as_str()), "{path}: {}", reply.body);
     }
@@ -968,13 +1075,106 @@ mod tests {
       assert_eq!(status, 404, "{path}");
       assert_eq!(v["error"], "Not found");
     }
-    let reply = route(&p, "GET", "/api/keys/rotate", b"");
+    let reply = open_route(&p, "GET", "/api/keys/rotate", b"");
     assert_eq!((reply.status, reply.allow), (405, Some("POST")));
-    let reply = route(&p, "POST", "/api/keys/best", b"");
+    let reply = open_route(&p, "POST", "/api/keys/best", b"");
     assert_eq!((reply.status, reply.allow), (405, Some("GET")));
-    let reply = route(&p, "DELETE", "/api/keys/reactivate/x", b"");
+    let reply = open_route(&p, "DELETE", "/api/keys/reactivate/x", b"");
     assert_eq!((reply.status, reply.allow), (405, Some("POST")));
-    assert_eq!(route(&p, "GET", "/api/keys/best", b"").allow, None);
+    assert_eq!(open_route(&p, "GET", "/api/keys/best", b"").allow, None);
+  }
+
+  #[test]
+  fn admin_routes_want_the_token_when_one_is_set() {
+    let p = pool();
+    let guard = AdminGuard::with_token("admin-s3cret").unwrap();
+    let admin = [
+      "/api/keys/rotate",
+      "/api/keys/refresh-cache",
+      "/api/keys/reactivate/AIzaSyAA...0001",
+      "/api/keys/reset-limits",
+    ];
+    for path in admin {
+      for (authorization, challenge) in [
+        (None, CHALLENGE_MISSING),
+        (Some("Bearer wrong"), CHALLENGE_WRONG),
+        (Some("Basic YWRtaW4="), CHALLENGE_MISSING),
+        (Some("Bearer admin-s3cret-"), CHALLENGE_WRONG),
+      ] {
+        let r = route(
+          &p,
+          &guard,
+          &ApiRequest {
+            authorization,
+            ..req("POST", path, b"")
+          },
+        );
+        assert_eq!(r.status, 401, "{path} {authorization:?}");
+        assert_eq!(r.headers, challenge);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["success"], false);
+        assert_eq!(v["error"], "Unauthorized");
+      }
+      let r = route(
+        &p,
+        &guard,
+        &ApiRequest {
+          authorization: Some("Bearer admin-s3cret"),
+          ..req("POST", path, b"")
+        },
+      );
+      assert_eq!(r.status, 200, "{path}: {}", r.body);
+      // Mounted (Express) paths are guarded the same way.
+      let sub = path.strip_prefix(PREFIX).unwrap();
+      assert_eq!(
+        route_mounted(&p, &guard, &req("POST", sub, b"")).status,
+        401
+      );
+    }
+    // Unauthorized requests learn nothing about keys or bodies.
+    let r = route(
+      &p,
+      &guard,
+      &req("POST", "/api/keys/reactivate/AIzaSyZZ...9999", b"{oops"),
+    );
+    assert_eq!(r.status, 401);
+    // Reading needs no token.
+    for path in [
+      "/api/keys/status",
+      "/api/keys/best",
+      "/api/keys/rate-limit/AIzaSyAA...0001",
+      "/api/keys/usage-stats",
+      "/api/keys/dashboard",
+    ] {
+      assert_eq!(
+        route(&p, &guard, &req("GET", path, b"")).status,
+        200,
+        "{path}"
+      );
+    }
+  }
+
+  #[test]
+  fn the_dashboard_is_one_html_page_that_loads_nothing_from_outside() {
+    let p = pool();
+    let r = open_route(&p, "GET", "/api/keys/dashboard", b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.content_type, HTML_TYPE);
+    assert!(r.body.starts_with("<!doctype html>"));
+    let csp = r
+      .headers
+      .iter()
+      .find(|(name, _)| *name == "content-security-policy")
+      .unwrap()
+      .1;
+    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+    for outside in ["http://", "https://", "//cdn", "src=\"", "@import"] {
+      assert!(!r.body.contains(outside), "{outside}");
+    }
+    assert_eq!(
+      open_route(&p, "POST", "/api/keys/dashboard", b"").status,
+      405
+    );
   }
 
   #[test]
@@ -1004,8 +1204,12 @@ mod tests {
     ];
     let (p, _) = pool_of(&twins, Quota::default());
     let (status, v) = get(&p, "/api/keys/rate-limit/AIzaSyTW...0000");
-    assert_eq!(status, 404);
-    assert_eq!(v["error"], "API key not found");
+    assert_eq!(status, 409);
+    assert_eq!(v["error"], "Ambiguous API key");
+    assert_eq!(
+      v["message"],
+      "2 keys have the masked form AIzaSyTW...0000: name the key in full"
+    );
     let (status, _) = get(&p, &format!("/api/keys/rate-limit/{}", twins[1]));
     assert_eq!(status, 200);
   }
@@ -1075,13 +1279,10 @@ mod tests {
   #[test]
   fn mounted_paths_reach_the_same_table() {
     let p = pool();
-    let reply = route_mounted(&p, "GET", "/best?x=1", b"");
+    let reply = open_mounted(&p, "GET", "/best?x=1", b"");
     assert_eq!(reply.status, 200);
-    assert_eq!(route_mounted(&p, "GET", "/STATUS/", b"").status, 200);
-    assert_eq!(
-      route_mounted(&p, "GET", "/api/keys/status", b"").status,
-      404
-    );
-    assert_eq!(route_mounted(&p, "GET", "", b"").status, 404);
+    assert_eq!(open_mounted(&p, "GET", "/STATUS/", b"").status, 200);
+    assert_eq!(open_mounted(&p, "GET", "/api/keys/status", b"").status, 404);
+    assert_eq!(open_mounted(&p, "GET", "", b"").status, 404);
   }
 }

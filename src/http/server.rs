@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -22,8 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::auth::{may_listen, AdminGuard, ADMIN_TOKEN_ENV, ALLOW_INSECURE_ENV};
 use super::json::IsoDate;
-use super::routes::{redact_path, route, Reply};
+use super::routes::{redact_path, route, ApiRequest, Reply};
 use crate::pool::KeyPool;
 
 /// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
@@ -41,12 +42,16 @@ const ACCESS_LOG_QUEUE: usize = 4096;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How the server treats requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOptions {
   /// Largest request body accepted; a larger one gets a 400.
   pub max_body_bytes: usize,
   /// One line per request on stdout: time, method, path (keys masked), status, duration.
   pub access_log: bool,
+  /// The token the endpoints that change state want, if any.
+  pub admin: AdminGuard,
+  /// Listen beyond loopback even without an admin token.
+  pub allow_insecure: bool,
 }
 
 impl Default for ServerOptions {
@@ -54,6 +59,8 @@ impl Default for ServerOptions {
     Self {
       max_body_bytes: DEFAULT_MAX_BODY_BYTES,
       access_log: false,
+      admin: AdminGuard::open(),
+      allow_insecure: false,
     }
   }
 }
@@ -61,6 +68,13 @@ impl Default for ServerOptions {
 /// Why the server could not start.
 #[derive(Debug, Error)]
 pub enum HttpError {
+  #[error(
+    "refusing to listen on {addr} without an admin token: anyone who can reach it could rotate, \
+     reactivate and reset keys. Set {ADMIN_TOKEN_ENV} (or the adminToken option), listen on \
+     127.0.0.1, or allow it explicitly with allowInsecure: true ({ALLOW_INSECURE_ENV}=1, \
+     --allow-insecure)"
+  )]
+  Insecure { addr: SocketAddr },
   #[error("cannot listen on {addr}: {source}")]
   Bind {
     addr: SocketAddr,
@@ -99,12 +113,16 @@ impl ServerHandle {
   }
 }
 
-/// Starts serving [`route`] on `addr` (port 0 picks a free port).
+/// Starts serving [`route`] on `addr` (port 0 picks a free port). Beyond loopback it needs an
+/// admin token or `allow_insecure`.
 pub async fn start(
   pool: Arc<KeyPool>,
   addr: SocketAddr,
   options: ServerOptions,
 ) -> Result<ServerHandle, HttpError> {
+  if !may_listen(addr.ip(), &options.admin, options.allow_insecure) {
+    return Err(HttpError::Insecure { addr });
+  }
   let listener = TcpListener::bind(addr)
     .await
     .map_err(|source| HttpError::Bind { addr, source })?;
@@ -120,6 +138,7 @@ pub async fn start(
   let shared = Arc::new(Shared {
     pool,
     max_body_bytes: options.max_body_bytes,
+    admin: options.admin,
     access_log,
     http,
   });
@@ -136,6 +155,7 @@ pub async fn start(
 struct Shared {
   pool: Arc<KeyPool>,
   max_body_bytes: usize,
+  admin: AdminGuard,
   access_log: Option<AccessLog>,
   http: http1::Builder,
 }
@@ -197,11 +217,21 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
   let started = Instant::now();
   let (parts, body) = req.into_parts();
   let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+  // A header that is not visible ASCII cannot hold the token: it counts as missing.
+  let authorization = parts
+    .headers
+    .get(AUTHORIZATION)
+    .and_then(|v| v.to_str().ok());
   let (reply, close) = match read_body(body, shared.max_body_bytes).await {
-    Ok(body) => (
-      route(&shared.pool, parts.method.as_str(), target, &body),
-      false,
-    ),
+    Ok(body) => {
+      let req = ApiRequest {
+        method: parts.method.as_str(),
+        target,
+        authorization,
+        body: &body,
+      };
+      (route(&shared.pool, &shared.admin, &req), false)
+    }
     Err(err) => (err.reply(shared.max_body_bytes), err.leaves_unread_data()),
   };
   if let Some(log) = &shared.access_log {
@@ -221,12 +251,15 @@ fn response(reply: Reply, close: bool) -> Response<Full<Bytes>> {
   *res.status_mut() =
     StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
   let headers = res.headers_mut();
-  headers.insert(
-    CONTENT_TYPE,
-    HeaderValue::from_static("application/json; charset=utf-8"),
-  );
+  headers.insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
   if let Some(allow) = reply.allow {
     headers.insert(ALLOW, HeaderValue::from_static(allow));
+  }
+  for (name, value) in reply.headers {
+    headers.insert(
+      HeaderName::from_static(name),
+      HeaderValue::from_static(value),
+    );
   }
   if close {
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -306,11 +339,25 @@ async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<u8>, BodyError>
 /// `2026-11-27T20:30:42.123Z GET /api/keys/rate-limit/AIzaSyA1...WXYZ 200 0.084ms`.
 fn access_line(pool: &KeyPool, method: &str, target: &str, status: u16, took: Duration) -> String {
   format!(
-    "{} {method} {} {status} {:.3}ms",
+    "{} {} {} {status} {:.3}ms",
     IsoDate(pool.now()),
+    loggable_method(method),
     redact_path(pool, target),
     took.as_secs_f64() * 1_000.0
   )
+}
+
+/// The method as logged. HTTP lets any token be a method, and a key is a valid token: only the
+/// standard methods are printed as sent.
+fn loggable_method(method: &str) -> &str {
+  const STANDARD: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+  ];
+  STANDARD
+    .iter()
+    .find(|m| **m == method)
+    .copied()
+    .unwrap_or("(other method)")
 }
 
 /// Hands lines to a thread that writes them to stdout, so a slow stdout never holds up a request.
@@ -487,6 +534,7 @@ mod tests {
     let handle = server(ServerOptions {
       max_body_bytes: 16,
       access_log: true,
+      ..ServerOptions::default()
     })
     .await;
     let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
@@ -566,5 +614,59 @@ mod tests {
       line,
       "2023-11-14T22:13:20.000Z GET /api/keys/rate-limit/AIzaSyHT...0001 200 1.500ms"
     );
+    let line = access_line(&p, KEY, "/", 400, Duration::ZERO);
+    assert!(!line.contains(KEY), "{line}");
+    assert!(line.contains(" (other method) / 400 "), "{line}");
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn no_listening_beyond_loopback_without_a_token_unless_allowed() {
+    let anywhere = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    let err = start(pool(), anywhere, ServerOptions::default())
+      .await
+      .unwrap_err();
+    assert!(matches!(err, HttpError::Insecure { .. }), "{err}");
+    assert!(err.to_string().contains(ADMIN_TOKEN_ENV), "{err}");
+    for options in [
+      ServerOptions {
+        admin: AdminGuard::with_token("t0ken").unwrap(),
+        ..ServerOptions::default()
+      },
+      ServerOptions {
+        allow_insecure: true,
+        ..ServerOptions::default()
+      },
+    ] {
+      start(pool(), anywhere, options)
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    }
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn admin_endpoints_answer_401_with_a_challenge_over_the_wire() {
+    let handle = server(ServerOptions {
+      admin: AdminGuard::with_token("t0ken").unwrap(),
+      ..ServerOptions::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+    let a = ask(&mut s, "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(a.status, 401);
+    assert!(a
+      .head
+      .contains("\r\nwww-authenticate: bearer realm=\"gemini-key-manager\""));
+    let authorized =
+      "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n\r\n";
+    assert_eq!(ask(&mut s, authorized).await.status, 200);
+    let a = ask(&mut s, &get("/api/keys/dashboard")).await;
+    assert_eq!(a.status, 200);
+    assert!(a.head.contains("content-type: text/html; charset=utf-8"));
+    assert!(a
+      .head
+      .contains("content-security-policy: default-src 'none'"));
+    handle.shutdown().await;
   }
 }

@@ -1,0 +1,92 @@
+//! How a URL names a key: its full text, or a form derived from it that does not reveal it.
+
+use thiserror::Error;
+
+use crate::mask::mask_key;
+use crate::pool::KeyPool;
+
+/// Why a key reference names no single key. Messages never quote the reference: it may be a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum KeyRefError {
+  #[error("API key not found")]
+  NotFound,
+  /// A derived form that several keys share (two keys with the same first 8 and last 4).
+  #[error("Ambiguous API key")]
+  Ambiguous { matches: usize },
+}
+
+/// The forms a key can be named by besides its full text. One line per form: a fingerprint form
+/// goes here when the pool has one.
+const DERIVED_FORMS: &[fn(&KeyPool, &str) -> String] = &[|_, key| mask_key(key)];
+
+/// The position of the key `text` names: its full text, or a derived form that exactly one key
+/// has.
+pub fn resolve_key_ref(pool: &KeyPool, text: &str) -> Result<usize, KeyRefError> {
+  if let Ok(index) = pool.index_of(text) {
+    return Ok(index);
+  }
+  let mut hits = pool
+    .keys()
+    .iter()
+    .enumerate()
+    .filter(|(_, key)| DERIVED_FORMS.iter().any(|form| form(pool, key) == text))
+    .map(|(index, _)| index);
+  match (hits.next(), hits.count()) {
+    (Some(index), 0) => Ok(index),
+    (Some(_), more) => Err(KeyRefError::Ambiguous { matches: more + 1 }),
+    (None, _) => Err(KeyRefError::NotFound),
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use std::sync::Arc;
+
+  use super::*;
+  use crate::clock::FakeClock;
+  use crate::config::PoolConfig;
+  use crate::log::SilentLog;
+  use crate::quota::{Quota, WindowPolicy};
+
+  fn pool_of(keys: &[&str]) -> KeyPool {
+    let config = PoolConfig {
+      keys: keys.iter().map(|k| k.to_string()).collect(),
+      quota: Quota::default(),
+      policy: WindowPolicy::default(),
+      warnings: vec![],
+    };
+    KeyPool::new(config, Arc::new(FakeClock::at(0)), Arc::new(SilentLog)).unwrap()
+  }
+
+  #[test]
+  fn full_and_masked_forms_name_a_key() {
+    let keys = [
+      "AIzaSyREF-one-0000000000000000000000001",
+      "AIzaSyFER-two-0000000000000000000000002",
+    ];
+    let p = pool_of(&keys);
+    assert_eq!(resolve_key_ref(&p, keys[1]), Ok(1));
+    assert_eq!(resolve_key_ref(&p, "AIzaSyRE...0001"), Ok(0));
+    assert_eq!(resolve_key_ref(&p, "AIzaSyFE...0002"), Ok(1));
+    assert_eq!(
+      resolve_key_ref(&p, "AIzaSyRE...0002"),
+      Err(KeyRefError::NotFound)
+    );
+    assert_eq!(resolve_key_ref(&p, ""), Err(KeyRefError::NotFound));
+  }
+
+  #[test]
+  fn a_mask_two_keys_share_is_ambiguous_but_their_full_keys_are_not() {
+    let twins = [
+      "AIzaSyTWIN-first-key-0000000000000000000",
+      "AIzaSyTWIN-other-key-0000000000000000000",
+      "AIzaSyTWIN-third-key-0000000000000000000",
+    ];
+    let p = pool_of(&twins);
+    assert_eq!(
+      resolve_key_ref(&p, "AIzaSyTW...0000"),
+      Err(KeyRefError::Ambiguous { matches: 3 })
+    );
+    assert_eq!(resolve_key_ref(&p, twins[2]), Ok(2));
+  }
+}
