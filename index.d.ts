@@ -53,6 +53,15 @@ export declare class NativeKeyPool {
    * `/best?x=1`): the Express adapter's way into the same route table as the server's.
    */
   route(method: string, url: string, body?: Buffer | undefined | null): RouteReply
+  /**
+   * [`Self::route`] for a request without a body, answered on the addon's tokio runtime, so that
+   * usage statistics can query MongoDB.
+   */
+  routeAsync(method: string, url: string): Promise<RouteReply>
+  /** The metrics as a JSON object (see `getMetrics` in lib/index.d.ts). */
+  metricsJson(): string
+  /** The metrics in the Prometheus text exposition format. */
+  metricsText(): string
   /** Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime. */
   serve(host: string, port: number, options?: ServeOptions | undefined | null): Promise<NativeServer>
   /**
@@ -81,6 +90,12 @@ export declare class NativeServer {
   /** Stops accepting, lets in-flight requests finish (5 s at most), then resolves. Idempotent. */
   close(): Promise<void>
 }
+
+/**
+ * The fingerprint documents store for `apiKey` under `secret` (at least 16 bytes): `fp_` and 32
+ * hex digits.
+ */
+export declare function keyFingerprint(apiKey: string, secret: string): string
 
 /** Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier. */
 export interface LimitsOptions {
@@ -122,6 +137,8 @@ export interface PoolOptions {
   reservationTtlMs?: number
   /** Suppresses the log lines. */
   quiet?: boolean
+  /** Recorded calls kept in memory for usage statistics (default 10000; 0 keeps none). */
+  usageLogCapacity?: number
 }
 
 /** One window of `rateLimitInfo`. */
@@ -153,10 +170,13 @@ export interface ResultsLayout {
 /** A reply of the HTTP API's route table. */
 export interface RouteReply {
   status: number
-  /** JSON. */
   body: string
+  /** The `Content-Type` header. */
+  contentType: string
   /** The `Allow` header of a 405. */
   allow?: string
+  /** Not answered: ask `routeAsync` (usage statistics from MongoDB). */
+  deferred: boolean
 }
 
 /** Options of `NativeKeyPool.serve`. */
@@ -183,6 +203,10 @@ export interface StoreOptions {
   batchSize?: number
   /** Recorded calls kept while the server is away, at most (default 10000). */
   queueCapacity?: number
+  /** The secret keys are fingerprinted under in documents (`KEY_MANAGER_FINGERPRINT_SECRET`). */
+  fingerprintSecret?: string
+  /** Store keys in plaintext, as the old service did (`KEY_MANAGER_STORE_PLAINTEXT_KEYS`). */
+  storePlaintextKeys?: boolean
 }
 
 /** How `attachStore` went. */

@@ -837,4 +837,5 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.NativeKeyPool = nativeBinding.NativeKeyPool
 module.exports.NativeServer = nativeBinding.NativeServer
+module.exports.keyFingerprint = nativeBinding.keyFingerprint
 module.exports.resultsLayout = nativeBinding.resultsLayout

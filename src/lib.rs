@@ -7,15 +7,19 @@
 //! hot path) is the one layer that speaks N-API.
 
 pub mod calendar;
+pub mod call_log;
 pub mod clock;
 pub mod config;
+pub mod counters;
 pub mod error;
 pub mod failure;
+pub mod fingerprint;
 pub mod health;
 pub mod http;
 pub mod key;
 pub mod log;
 pub mod mask;
+pub mod metrics;
 pub mod persistence;
 pub mod pool;
 pub mod quota;
@@ -23,6 +27,7 @@ pub mod results;
 pub mod selection;
 pub mod store;
 pub mod usage_log;
+pub mod usage_stats;
 pub mod window;
 
 // The N-API layer, left out of `cargo test` builds: a test binary that links napi's symbols fails

@@ -21,7 +21,8 @@ use crate::log::Log;
 use crate::mask::scrub;
 use crate::pool::KeyPool;
 use crate::store::{
-  MongoStore, Store, StoreError, UsageRecord, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
+  KeyNaming, KeyStorage, MongoStore, Store, StoreError, UsageRecord, DEFAULT_CONNECT_TIMEOUT,
+  DEFAULT_DB_NAME,
 };
 use crate::usage_log::{DEFAULT_BATCH, DEFAULT_CAPACITY};
 
@@ -44,6 +45,8 @@ pub struct PersistOptions {
   /// Recorded calls kept while the server is away, at most (default 10,000), in the pool's queue
   /// and again in the batch being retried; past that the oldest are dropped and counted.
   pub queue_capacity: usize,
+  /// How keys are named in documents (default plaintext; the bindings decide, see `key_storage`).
+  pub key_storage: KeyStorage,
 }
 
 impl PersistOptions {
@@ -57,6 +60,7 @@ impl PersistOptions {
       retry_interval: Duration::from_secs(3),
       batch_size: DEFAULT_BATCH,
       queue_capacity: DEFAULT_CAPACITY,
+      key_storage: KeyStorage::Plaintext,
     }
   }
 }
@@ -105,13 +109,17 @@ pub struct WriteBehind {
 /// Connects, loads the stored keys and merges them into the pool, then marks every key for the
 /// next write, so the database ends up with one document per configured key in the merged state.
 async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, StoreError> {
-  let store = Store::Mongo(
-    MongoStore::connect(&options.uri, &options.db_name, options.connect_timeout).await?,
-  );
+  let naming = KeyNaming::new(options.key_storage.clone(), shared.pool.keys());
+  let mongo = MongoStore::connect(&options.uri, &options.db_name, options.connect_timeout)
+    .await?
+    .with_naming(naming);
+  let reader = mongo.usage_reader();
+  let store = Store::Mongo(mongo);
   match store.load(shared.pool.now()).await {
     Ok(records) => {
       shared.pool.import(&records);
       shared.pool.mark_all_dirty();
+      shared.pool.set_usage_reader(Some(reader));
       Ok(store)
     }
     Err(e) => {
@@ -200,6 +208,7 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Sto
       break;
     }
   }
+  shared.pool.set_usage_reader(None);
   if let Some(s) = store {
     s.close().await;
   }

@@ -4,6 +4,9 @@
 mod json;
 pub mod routes;
 pub mod server;
+pub mod usage;
 
-pub use routes::{redact_path, route, route_mounted, Reply};
+pub use routes::{
+  redact_path, route, route_mounted, usage_stats_request, usage_stats_request_mounted, Reply,
+};
 pub use server::{start, HttpError, ServerHandle, ServerOptions};

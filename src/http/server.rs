@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::json::IsoDate;
-use super::routes::{redact_path, route, Reply};
+use super::routes::{redact_path, route, usage_stats_request, Reply};
+use super::usage::usage_stats;
 use crate::pool::KeyPool;
 
 /// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
@@ -198,10 +199,14 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
   let (parts, body) = req.into_parts();
   let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
   let (reply, close) = match read_body(body, shared.max_body_bytes).await {
-    Ok(body) => (
-      route(&shared.pool, parts.method.as_str(), target, &body),
-      false,
-    ),
+    Ok(body) => match usage_stats_request(parts.method.as_str(), target) {
+      // May query MongoDB: answered here, where waiting holds up only this request.
+      Some(range) => (usage_stats(&shared.pool, range).await, false),
+      None => (
+        route(&shared.pool, parts.method.as_str(), target, &body),
+        false,
+      ),
+    },
     Err(err) => (err.reply(shared.max_body_bytes), err.leaves_unread_data()),
   };
   if let Some(log) = &shared.access_log {
@@ -221,10 +226,7 @@ fn response(reply: Reply, close: bool) -> Response<Full<Bytes>> {
   *res.status_mut() =
     StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
   let headers = res.headers_mut();
-  headers.insert(
-    CONTENT_TYPE,
-    HeaderValue::from_static("application/json; charset=utf-8"),
-  );
+  headers.insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
   if let Some(allow) = reply.allow {
     headers.insert(ALLOW, HeaderValue::from_static(allow));
   }
