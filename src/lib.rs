@@ -3,8 +3,9 @@
 //! The core (`clock`, `calendar`, `quota`, `window`, `key`, `failure`, `health`, `selection`,
 //! `pool`, `config`) is plain Rust with no napi types; `http` is the HTTP API; `store` keeps state in
 //! MongoDB and shares quota across processes; `persistence` writes the pool's changes (changed keys,
-//! and the calls `usage_log` queues) to it behind the hot path; `bindings` (with `fast_path` for the
-//! hot path) is the one layer that speaks N-API.
+//! and the calls `usage_log` queues) to it behind the hot path, with keys named by their
+//! `fingerprint`; `counters` and `metrics`, `call_log` and `usage_stats` are what operators see;
+//! `bindings` (with `fast_path` for the hot path) is the one layer that speaks N-API.
 
 pub mod calendar;
 pub mod call_log;

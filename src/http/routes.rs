@@ -247,9 +247,11 @@ pub fn usage_stats_request(method: &str, path_and_query: &str) -> Option<DateRan
 
 /// [`usage_stats_request`] for a path relative to where the API is mounted.
 pub fn usage_stats_request_mounted(method: &str, sub_path_and_query: &str) -> Option<DateRange> {
+  // Checked on every request the server gets: no allocation until it is this one.
   let (path, query) = split_query(sub_path_and_query);
-  let is_usage_stats = shape_matches(&[Seg::Lit("usage-stats")], &split_path(path));
-  (method == "GET" && is_usage_stats)
+  let path = path.strip_prefix('/').unwrap_or(path);
+  let path = path.strip_suffix('/').unwrap_or(path);
+  (method == "GET" && path.eq_ignore_ascii_case("usage-stats"))
     .then(|| date_range(query).ok())
     .flatten()
 }

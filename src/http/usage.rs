@@ -166,3 +166,53 @@ pub async fn usage_stats(pool: &KeyPool, range: DateRange) -> Reply {
   }
   from_memory(pool, range)
 }
+
+#[cfg(test)]
+mod tests {
+  use std::sync::Arc;
+
+  use serde_json::Value;
+
+  use super::*;
+  use crate::clock::FakeClock;
+  use crate::config::PoolConfig;
+  use crate::log::SilentLog;
+  use crate::pool::Outcome;
+  use crate::quota::{Quota, WindowPolicy};
+
+  #[tokio::test]
+  async fn without_a_database_statistics_come_from_the_call_log() {
+    let config = PoolConfig {
+      keys: vec!["AIzaSyAAAA0000000000000000000000000000001".to_owned()],
+      quota: Quota::default(),
+      policy: WindowPolicy::default(),
+      warnings: vec![],
+    };
+    let clock = FakeClock::at(1_700_000_000_000);
+    let pool = KeyPool::new(config, Arc::new(clock), Arc::new(SilentLog)).unwrap();
+    pool.record_usage(0, 5, Outcome::Success, 8.0).unwrap();
+    let reply = usage_stats(&pool, DateRange::ALL).await;
+    assert_eq!(reply.status, 200);
+    let v: Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(v["metadata"]["source"], "memory");
+    assert_eq!(v["data"][0]["requests"], 1);
+    assert_eq!(v["metadata"]["totals"]["p95ResponseTime"], 8.0);
+  }
+
+  #[test]
+  fn bad_dates_are_400s_that_say_what_is_wrong() {
+    for (start, end, error) in [
+      (Some("someday"), None, "Invalid startDate"),
+      (None, Some("2026-13-01"), "Invalid endDate"),
+      (Some("2026-02-01"), Some("2026-01-01"), "Invalid date range"),
+    ] {
+      let reply = parse_range(start, end).unwrap_err();
+      let v: Value = serde_json::from_str(&reply.body).unwrap();
+      assert_eq!((reply.status, v["error"].as_str()), (400, Some(error)));
+    }
+    assert_eq!(
+      parse_range(Some("1700000000000"), None),
+      Ok(DateRange::new(Some(1_700_000_000_000), None).unwrap())
+    );
+  }
+}
