@@ -45,7 +45,8 @@ pub struct PersistOptions {
   /// Recorded calls kept while the server is away, at most (default 10,000), in the pool's queue
   /// and again in the batch being retried; past that the oldest are dropped and counted.
   pub queue_capacity: usize,
-  /// How keys are named in documents (default plaintext; the bindings decide, see `key_storage`).
+  /// How keys are named in documents: plaintext unless set (the bindings set it from
+  /// `KeyStorage::resolve`, which never picks plaintext unasked).
   pub key_storage: KeyStorage,
 }
 
