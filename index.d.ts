@@ -53,6 +53,10 @@ export declare class NativeKeyPool {
    * `KEY_MANAGER_ADMIN_TOKEN`) as the server is.
    */
   router(adminToken?: string | undefined | null): NativeRouter
+  /** The metrics as a JSON object (see `getMetrics` in lib/index.d.ts). */
+  metricsJson(): string
+  /** The metrics in the Prometheus text exposition format. */
+  metricsText(): string
   /** Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime. */
   serve(host: string, port: number, options?: ServeOptions | undefined | null): Promise<NativeServer>
   /**
@@ -76,6 +80,11 @@ export declare class NativeKeyPool {
 /** The HTTP API's route table over one pool, with its admin guard: what the Express adapter calls. */
 export declare class NativeRouter {
   /**
+   * [`Self::route`] for a request without a body, answered on the addon's tokio runtime, so that
+   * usage statistics can query MongoDB.
+   */
+  routeAsync(method: string, url: string, authorization?: string | undefined | null): Promise<RouteReply>
+  /**
    * Serves one request (`url` relative to where the routes are mounted, e.g. `/best?x=1`) with
    * its `Authorization` header, if any.
    */
@@ -90,6 +99,12 @@ export declare class NativeServer {
   /** Stops accepting, lets in-flight requests finish (5 s at most), then resolves. Idempotent. */
   close(): Promise<void>
 }
+
+/**
+ * The fingerprint documents store for `apiKey` under `secret` (at least 16 bytes): `fp_` and 32
+ * hex digits.
+ */
+export declare function keyFingerprint(apiKey: string, secret: string): string
 
 /** Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier. */
 export interface LimitsOptions {
@@ -133,6 +148,8 @@ export interface PoolOptions {
   reservationTtlMs?: number
   /** Suppresses the log lines. */
   quiet?: boolean
+  /** Recorded calls kept in memory for usage statistics (default 10000; 0 keeps none). */
+  usageLogCapacity?: number
 }
 
 /** One window of `rateLimitInfo`. */
@@ -168,6 +185,8 @@ export interface RouteReply {
   body: string
   /** Lower-case names: `content-type` always, `allow` on a 405, `www-authenticate` on a 401, ... */
   headers: Record<string, string>
+  /** Not answered: ask `routeAsync` (usage statistics from MongoDB). */
+  deferred: boolean
 }
 
 /** Options of `NativeKeyPool.serve`. */
@@ -203,6 +222,10 @@ export interface StoreOptions {
   queueCapacity?: number
   /** Share each key's RPM and RPD with every process using the same database (default true). */
   sharedQuota?: boolean
+  /** The secret keys are fingerprinted under in documents (`KEY_MANAGER_FINGERPRINT_SECRET`). */
+  fingerprintSecret?: string
+  /** Store keys in plaintext, as the old service did (`KEY_MANAGER_STORE_PLAINTEXT_KEYS`). */
+  storePlaintextKeys?: boolean
 }
 
 /** How `attachStore` went. */

@@ -838,4 +838,5 @@ module.exports = nativeBinding
 module.exports.NativeKeyPool = nativeBinding.NativeKeyPool
 module.exports.NativeRouter = nativeBinding.NativeRouter
 module.exports.NativeServer = nativeBinding.NativeServer
+module.exports.keyFingerprint = nativeBinding.keyFingerprint
 module.exports.resultsLayout = nativeBinding.resultsLayout

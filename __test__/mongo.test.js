@@ -14,12 +14,32 @@ const os = require('node:os')
 const path = require('node:path')
 const { spawn } = require('node:child_process')
 const { MongoClient } = require('mongodb')
-const { PKG, FIXTURES, fakeKey, runFixture, expectClean, cleanEnv } = require('./helpers')
+const { PKG, FIXTURES, fakeKey, mask, runFixture, expectClean, cleanEnv } = require('./helpers')
 
-const { ApiKeyManagerService } = require(PKG)
+const { ApiKeyManagerService, keyFingerprint, keyRoutes } = require(PKG)
+const express = require('express')
 
 const NX = path.join(PKG, '.venv-mongo', 'bin', 'nx-27017')
 const KEYS = [fakeKey(51), fakeKey(52), fakeKey(53)]
+// Keys are stored as fingerprints under this secret, here and in the child processes (cleanEnv
+// keeps it).
+const SECRET = 'test fingerprint secret, 32 bytes'
+process.env.KEY_MANAGER_FINGERPRINT_SECRET = SECRET
+delete process.env.KEY_MANAGER_STORE_PLAINTEXT_KEYS
+const fp = (key) => keyFingerprint(key, SECRET)
+const FPS = KEYS.map(fp)
+
+/** No document of the database's key and usage collections holds any of `keys`. */
+async function assertNoPlaintextKey(uri, dbName, keys = KEYS) {
+  const { keys: keyDocs, usage } = await inspect(uri, dbName)
+  for (const c of [keyDocs, usage]) {
+    for (const d of await c.find().toArray()) {
+      const text = JSON.stringify(d)
+      for (const k of keys) assert.ok(!text.includes(k), `a key in plaintext in ${c.collectionName}: ${text}`)
+      assert.match(d.apiKey, /^fp_[0-9a-f]{32}$/)
+    }
+  }
+}
 const LIMITS = { rpm: 30, rpd: 200, tpm: 1000000 }
 const TMP = fs.mkdtempSync(path.join(os.tmpdir(), 'gkm-mongo-test-'))
 
@@ -158,7 +178,8 @@ test('with MONGODB_URI, state is written behind into the documents and indexes o
   await m.close()
 
   const docs = await keys.find().toArray()
-  assert.deepEqual(docs.map((d) => d.apiKey).sort(), [...KEYS].sort())
+  // Keys are stored as their fingerprints.
+  assert.deepEqual(docs.map((d) => d.apiKey).sort(), [...FPS].sort())
   for (const d of docs) {
     assert.equal(typeof d.isActive, 'boolean')
     assert.ok(d.lastUsed instanceof Date)
@@ -169,7 +190,7 @@ test('with MONGODB_URI, state is written behind into the documents and indexes o
       assert.ok(d.limits[w].resetTime instanceof Date)
     }
   }
-  const failed = docs.find((d) => d.apiKey === KEYS[2])
+  const failed = docs.find((d) => d.apiKey === FPS[2])
   assert.equal(failed.errorCount, 1)
   assert.match(failed.lastError, /503/)
   assert.ok(failed.lastErrorTime instanceof Date)
@@ -188,10 +209,11 @@ test('with MONGODB_URI, state is written behind into the documents and indexes o
     ],
   )
   const bad = calls.find((c) => !c.success)
-  assert.equal(bad.apiKey, KEYS[2])
+  assert.equal(bad.apiKey, FPS[2])
   assert.equal(bad.responseTime, 45.5)
   assert.match(bad.error, /503/)
-  for (const c of calls) assert.ok(c.timestamp instanceof Date && KEYS.includes(c.apiKey))
+  for (const c of calls) assert.ok(c.timestamp instanceof Date && FPS.includes(c.apiKey))
+  await assertNoPlaintextKey(server.uri, dbName)
 
   const indexKeys = async (c) => (await c.indexes()).map((i) => [JSON.stringify(i.key), i.unique === true])
   const keyIndexes = await indexKeys(keys)
@@ -277,10 +299,10 @@ test('SIGTERM flushes before the process ends', async () => {
   assert.equal(await usage.countDocuments(), 2)
 })
 
-test("a database written by the old service loads: windows whose resetTime passed start fresh", async () => {
+test("a database written by the old service loads (windows whose resetTime passed start fresh) and migrates to fingerprints", async () => {
   const server = await sharedServer()
   const dbName = 'gkm_old_shape'
-  const { keys } = await inspect(server.uri, dbName)
+  const { keys, usage } = await inspect(server.uri, dbName)
   const now = Date.now()
   const past = new Date(now - 120000)
   const future = new Date(now + 3600000)
@@ -311,7 +333,11 @@ test("a database written by the old service loads: windows whose resetTime passe
       lastErrorTime: new Date(now - 1000),
     },
   ])
-  const ids = Object.fromEntries((await keys.find().toArray()).map((d) => [d.apiKey, String(d._id)]))
+  // The old service's usage documents: keys in plaintext, one quoted in an error message.
+  await usage.insertMany([
+    { apiKey: KEYS[0], timestamp: new Date(now - 4000), tokensUsed: 10, success: true, responseTime: 100 },
+    { apiKey: KEYS[1], timestamp: new Date(now - 3000), tokensUsed: 0, success: false, error: `403 for key ${KEYS[1]}`, responseTime: 50 },
+  ])
   const m = manager(server.uri, dbName)
   assert.deepEqual((await m.initialize()).metadata, { totalKeys: 3 })
   const s = await statuses(m)
@@ -323,11 +349,116 @@ test("a database written by the old service loads: windows whose resetTime passe
   assert.equal(s[KEYS[1]].errorCount, 5)
   assert.equal(s[KEYS[1]].lastError, 'Request failed with status code 403')
   assert.equal(s[KEYS[0]].lastUsed.getTime(), now - 5000)
+  // The migrated usage is what the statistics read.
+  const stats = await m.getUsageStats()
+  assert.equal(stats.metadata.source, 'mongodb')
+  assert.deepEqual(
+    stats.data.map((k) => [k.requests, k.failures, k.tokens]),
+    [
+      [1, 0, 10],
+      [1, 1, 0],
+      [0, 0, 0],
+    ],
+  )
   await m.close()
-  // Still one document per key, the old ones kept under their _id.
+  // One document per key, under its fingerprint; no key in plaintext anywhere, error messages
+  // masked.
   const docs = await keys.find().toArray()
-  assert.equal(docs.length, 3)
-  for (const d of docs) if (ids[d.apiKey]) assert.equal(String(d._id), ids[d.apiKey])
+  assert.deepEqual(docs.map((d) => d.apiKey).sort(), [...FPS].sort())
+  await assertNoPlaintextKey(server.uri, dbName)
+  const failed = await usage.findOne({ success: false })
+  assert.equal(failed.apiKey, FPS[1])
+  assert.equal(failed.error, `403 for key ${mask(KEYS[1])}`)
+  assert.equal(await usage.countDocuments(), 2)
+})
+
+test('without a fingerprint secret, keys never reach MongoDB: the manager runs in memory and says why', async () => {
+  const server = await sharedServer()
+  const run = runFixture('mongo-client.js', {
+    args: [JSON.stringify(KEYS), JSON.stringify({ close: true, usage: [[0, 1, true, null, 1]] })],
+    env: { MONGODB_URI: server.uri, MONGODB_DB_NAME: 'gkm_no_secret', KEY_MANAGER_FINGERPRINT_SECRET: '' },
+  })
+  const out = expectClean(run, assert)
+  assert.deepEqual(out.metadata, { totalKeys: 3, mode: 'in-memory' })
+  assert.match(run.stderr, /^❌ MongoDB persistence disabled: .*KEY_MANAGER_FINGERPRINT_SECRET.*storePlaintextKeys/m)
+  assert.ok(run.lines.includes('✅ In-memory API Key Manager initialized with 3 keys'), run.lines.join('\n'))
+  const { keys, usage } = await inspect(server.uri, 'gkm_no_secret')
+  assert.equal((await keys.countDocuments()) + (await usage.countDocuments()), 0)
+})
+
+test('storePlaintextKeys: true stores keys as the old service did', async () => {
+  const server = await sharedServer()
+  const dbName = 'gkm_plaintext'
+  const m = manager(server.uri, dbName, { storePlaintextKeys: true })
+  assert.deepEqual((await m.initialize()).metadata, { totalKeys: 3 })
+  await m.recordUsage(KEYS[1], 5, true, undefined, 3)
+  await m.close()
+  const { keys, usage } = await inspect(server.uri, dbName)
+  assert.deepEqual((await keys.find().toArray()).map((d) => d.apiKey).sort(), [...KEYS].sort())
+  assert.equal((await usage.findOne()).apiKey, KEYS[1])
+})
+
+test('usage statistics come from the usage collection: getUsageStats, the Rust server and the Express adapter', async () => {
+  const server = await sharedServer()
+  const dbName = 'gkm_usage_stats'
+  const { usage } = await inspect(server.uri, dbName)
+  // Calls made by an earlier run, yesterday and an hour ago: only the database knows them.
+  const hour = 3600000
+  const now = Date.now()
+  await usage.insertMany([
+    { apiKey: FPS[0], timestamp: new Date(now - 24 * hour), tokensUsed: 1000, success: true, responseTime: 900 },
+    { apiKey: FPS[0], timestamp: new Date(now - hour), tokensUsed: 10, success: true, responseTime: 100 },
+    { apiKey: FPS[0], timestamp: new Date(now - hour), tokensUsed: 20, success: false, error: '503', responseTime: 300 },
+    { apiKey: FPS[2], timestamp: new Date(now - hour), tokensUsed: 5, success: true, responseTime: 200 },
+    { apiKey: fp(fakeKey(99)), timestamp: new Date(now - hour), tokensUsed: 5, success: true, responseTime: 1 },
+  ])
+  const m = manager(server.uri, dbName)
+  await m.initialize()
+  const since = new Date(now - 2 * hour)
+  const r = await m.getUsageStats({ startDate: since })
+  assert.ok(r.success, r.error)
+  assert.equal(r.metadata.source, 'mongodb')
+  assert.ok(r.metadata.startDate instanceof Date)
+  assert.equal(r.metadata.startDate.getTime(), since.getTime())
+  assert.equal(r.metadata.endDate, null)
+  const a = r.data[0]
+  assert.equal(a.apiKey, mask(KEYS[0]))
+  assert.ok(a.lastUsed instanceof Date)
+  assert.deepEqual(
+    [a.requests, a.successes, a.failures, a.errorRate, a.tokens, a.p50ResponseTime, a.p95ResponseTime],
+    [2, 1, 1, 0.5, 30, 100, 300],
+  )
+  assert.deepEqual(
+    [r.metadata.totals.requests, r.metadata.totals.tokens, r.metadata.totals.p50ResponseTime],
+    [3, 35, 200],
+  )
+  assert.equal((await m.getUsageStats()).metadata.totals.requests, 4)
+  const bad = await m.getUsageStats({ startDate: new Date(now), endDate: new Date(now - hour) })
+  assert.equal(bad.success, false)
+  assert.match(bad.error, /^Invalid date range/)
+
+  const query = `/usage-stats?startDate=${encodeURIComponent(since.toISOString())}`
+  const served = await m.serve({ port: 0 })
+  const app = express()
+  app.use('/api/keys', keyRoutes(m))
+  const viaExpress = await new Promise((resolve) => {
+    const s = app.listen(0, '127.0.0.1', () => resolve(s))
+  })
+  try {
+    for (const base of [`${served.url}/api/keys`, `http://127.0.0.1:${viaExpress.address().port}/api/keys`]) {
+      const res = await fetch(base + query)
+      assert.equal(res.status, 200, base)
+      const body = await res.json()
+      assert.equal(body.metadata.source, 'mongodb', base)
+      assert.equal(body.data[0].requests, 2, base)
+      assert.equal(body.metadata.totals.requests, 3, base)
+      assert.equal((await fetch(`${base}/usage-stats?endDate=nope`)).status, 400, base)
+    }
+  } finally {
+    viaExpress.close()
+    await served.close()
+    await m.close()
+  }
 })
 
 test('the SPEC log lines: connected, and an unreachable server that falls back within about 2 s', async () => {
@@ -370,6 +501,7 @@ test('fallback and recovery: a server that comes up later, then goes away and co
     const { keys, client } = await inspect(uri, dbName)
     const future = new Date(Date.now() + 3600000)
     const w = (current, limit) => ({ current, limit, resetTime: future })
+    // In plaintext, as the old service left it: migrated when the manager connects.
     await keys.insertOne({
       apiKey: KEYS[0],
       isActive: true,
@@ -424,9 +556,10 @@ test('fallback and recovery: a server that comes up later, then goes away and co
   assert.equal(await distinctIds(check.usage), recorded)
   const byKey = Object.fromEntries((await check.keys.find().toArray()).map((d) => [d.apiKey, d]))
   assert.equal(Object.keys(byKey).length, 3)
-  assert.equal(byKey[KEYS[0]].limits.rpd.current, 52)
-  assert.equal(byKey[KEYS[1]].limits.rpd.current, 8)
-  assert.equal(byKey[KEYS[2]].limits.rpd.current, 5)
+  assert.equal(byKey[FPS[0]].limits.rpd.current, 52)
+  assert.equal(byKey[FPS[1]].limits.rpd.current, 8)
+  assert.equal(byKey[FPS[2]].limits.rpd.current, 5)
+  await assertNoPlaintextKey(uri, dbName)
 })
 
 /** Runs a fixture without blocking the event loop; resolves to what runFixture returns. */
@@ -494,7 +627,9 @@ test('four processes at concurrency 20 over three keys at RPM 30 hand out at mos
   // out in its window, and one usage document per hand-out.
   const { db, usage } = await inspect(server.uri, dbName)
   const leases = await db.collection('api_key_leases').find({ window: 'rpm' }).toArray()
-  const used = new Map(leases.map((d) => [`${d.windowId}:${KEYS.indexOf(d.apiKey)}`, d.used]))
+  // Keys are stored as fingerprints, in lease documents too.
+  const used = new Map(leases.map((d) => [`${d.windowId}:${KEYS.findIndex((k) => fp(k) === d.apiKey)}`, d.used]))
+  for (const d of leases) assert.ok(!KEYS.some((k) => JSON.stringify(d).includes(k)), `lease ${d._id} holds a plaintext key`)
   for (const d of leases) assert.ok(d.used <= 30, `lease ${d._id} has used ${d.used}`)
   for (const [id, n] of perWindow) {
     assert.ok((used.get(id) ?? 0) >= n, `window ${id}: ${n} handed out, ${used.get(id)} leased`)

@@ -140,6 +140,106 @@ export interface ApiKeyManagerOptions {
    * (`KEY_MANAGER_SHARED_QUOTA`, default true). See the README's "One quota across processes".
    */
   sharedQuota?: boolean
+  /**
+   * MongoDB documents name keys by a keyed fingerprint (HMAC-SHA256 under this secret, at least 16
+   * bytes; `KEY_MANAGER_FINGERPRINT_SECRET`). With MongoDB and neither a secret nor
+   * `storePlaintextKeys`, the manager refuses to store keys and runs in memory.
+   */
+  fingerprintSecret?: string
+  /**
+   * Store keys in plaintext, as the old service did (`KEY_MANAGER_STORE_PLAINTEXT_KEYS=true`); only
+   * for deployments that still need the old documents. Default false.
+   */
+  storePlaintextKeys?: boolean
+  /** Recorded calls kept in memory for usage statistics without MongoDB (default 10,000; 0 keeps none). */
+  usageLogCapacity?: number
+}
+
+/** The range of `getUsageStats`: both ends optional and included. */
+export interface UsageStatsRange {
+  /** A Date, an ISO-8601 string (`2026-11-27`, `2026-11-27T20:30:42.123Z`) or epoch milliseconds. */
+  startDate?: Date | string | number
+  endDate?: Date | string | number
+}
+
+/** Usage over a range, per key or in total. */
+export interface UsageFigures {
+  requests: number
+  successes: number
+  failures: number
+  /** failures / requests; 0 without requests. */
+  errorRate: number
+  tokens: number
+  /** Median response time in ms (nearest rank); null without requests. */
+  p50ResponseTime: number | null
+  /** 95th-percentile response time in ms (nearest rank); null without requests. */
+  p95ResponseTime: number | null
+}
+
+/** One key's usage statistics: the SPEC's fields (current windows as `'current/limit'`) plus the range's figures. */
+export interface KeyUsageStats extends UsageFigures {
+  /** Masked. */
+  apiKey: string
+  isActive: boolean
+  lastUsed: Date
+  rpmUsage: string
+  rpdUsage: string
+  tpmUsage: string
+  errorCount: number
+  lastError: string | null
+}
+
+export interface UsageStatsMetadata {
+  startDate: Date | null
+  endDate: Date | null
+  totalKeys: number
+  /** Where the calls were read: the usage collection, or the in-memory log (no MongoDB, or it failed). */
+  source: 'mongodb' | 'memory'
+  /** Calls of the range may be missing: the in-memory log overwrote some, or over 1,000,000 were stored. */
+  truncated: boolean
+  /** How many calls the in-memory log keeps (with `source: 'memory'`). */
+  callLogCapacity?: number
+  totals: UsageFigures
+}
+
+/** Current use of one window. */
+export interface WindowUse {
+  current: number
+  limit: number
+}
+
+/** `getMetrics()`: counters since the manager started, and every key now. */
+export interface Metrics {
+  /** Keys handed out for a request (getBestAvailableKey, getNextKeyForRotation, execute's picks). */
+  handedOut: number
+  selections: {
+    /** Selections served from the fresh 5-second cache. */
+    cacheHits: number
+    /** Selections that rebuilt the cache first. */
+    cacheMisses: number
+    /** cacheHits / (cacheHits + cacheMisses); 0 before the first selection. */
+    cacheHitRate: number
+  }
+  rotations: {
+    /** getNextKeyForRotation moved off a key scoring under 0.3. */
+    proactive: number
+    /** A reported failure took a key out of rotation (a 429 rest, an open circuit, a deactivation). */
+    onError: number
+  }
+  /** 429s reported (recordUsage or handleRateLimit), by window. */
+  rateLimits: { total: number; rpm: number; rpd: number; tpm: number }
+  /** Calls recorded, and the tokens they reported. */
+  calls: { successes: number; failures: number; tokens: number }
+  keysByState: Record<KeyState, number>
+  keys: Array<{
+    /** Masked. */
+    apiKey: string
+    state: KeyState
+    availabilityScore: number
+    rpm: WindowUse
+    rpd: WindowUse
+    tpm: WindowUse
+  }>
 }
 
 /** What the MongoDB writer has done. */
@@ -216,6 +316,16 @@ export declare class ApiKeyManagerService {
   /** What the MongoDB writer has done; null without MongoDB. */
   persistenceStats(): PersistenceStats | null
   /**
+   * Usage statistics over a range: from the usage collection while MongoDB is connected, else from
+   * the in-memory log of recent calls. The same as `GET /api/keys/usage-stats`; a bad date fails
+   * with `Invalid startDate`, `Invalid endDate` or `Invalid date range`.
+   */
+  getUsageStats(range?: UsageStatsRange): Promise<ServiceResponse<KeyUsageStats[]> & { metadata: UsageStatsMetadata }>
+  /** The metrics as a plain object; throws when the manager cannot be built or is closed. */
+  getMetrics(): Metrics
+  /** The metrics in the Prometheus text exposition format, as `GET /metrics` serves them. */
+  getMetricsText(): string
+  /**
    * The next available key, round-robin over a 5-second cache sorted by availability score. The
    * request is counted on the key at once (the `recordUsage` that follows settles it), so concurrent
    * callers never share a key's last request; unsettled reservations expire after `reservationTtlMs`.
@@ -275,6 +385,13 @@ export type KeyRoutesMiddleware = (
   res: { statusCode: number; setHeader(name: string, value: string): unknown; end(body?: string): unknown; destroy(err?: unknown): unknown },
   next?: (err?: unknown) => void,
 ) => void
+
+/**
+ * The fingerprint MongoDB documents store for `apiKey`: `fp_` + 32 hex digits (HMAC-SHA256 under
+ * `secret`, default `KEY_MANAGER_FINGERPRINT_SECRET`, cut to 128 bits). Throws without a secret of
+ * at least 16 bytes.
+ */
+export declare function keyFingerprint(apiKey: string, secret?: string): string
 
 /** The process's shared manager, initialized; `options` apply to the call that creates it. */
 export declare function getApiKeyManager(options?: ApiKeyManagerOptions): Promise<ApiKeyManagerService>

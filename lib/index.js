@@ -5,7 +5,7 @@
 // the key's figures into the `results` array, and the key's status object (one per key, kept for
 // the life of the manager) is updated from it, so no object is built in Rust on the hot path.
 
-const { NativeKeyPool, resultsLayout } = require('../index.js')
+const { NativeKeyPool, resultsLayout, keyFingerprint: nativeFingerprint } = require('../index.js')
 
 const LAYOUT = resultsLayout()
 /** A slot's position in the native layout; a name the layout lacks is a build mismatch. */
@@ -161,6 +161,10 @@ function mongoSettings(options) {
     batchSize: options.usageBatchSize,
     queueCapacity: options.usageQueueCapacity,
     sharedQuota: options.sharedQuota ?? envFlag('KEY_MANAGER_SHARED_QUOTA'),
+    // Unset values fall back to KEY_MANAGER_FINGERPRINT_SECRET and KEY_MANAGER_STORE_PLAINTEXT_KEYS,
+    // read in Rust.
+    fingerprintSecret: options.fingerprintSecret,
+    storePlaintextKeys: options.storePlaintextKeys,
   }
 }
 
@@ -175,7 +179,7 @@ function envFlag(name) {
 const OPTION_NAMES = [
   'keys', 'model', 'modelLimits', 'limits', 'windowMs', 'dailyReset', 'reservationTtlMs', 'quiet', 'mongodbUri',
   'mongodbDbName', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'usageBatchSize', 'usageQueueCapacity',
-  'sharedQuota',
+  'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity',
 ]
 
 /** The options read once into a plain object, so a getter runs (and may throw) only here. */
@@ -220,6 +224,16 @@ function checkOptions(options) {
   }
   if (options.mongodbDbName !== undefined && typeof options.mongodbDbName !== 'string') {
     return `mongodbDbName must be a string (got ${typeof options.mongodbDbName})`
+  }
+  if (options.fingerprintSecret !== undefined && typeof options.fingerprintSecret !== 'string') {
+    return `fingerprintSecret must be a string (got ${typeof options.fingerprintSecret})`
+  }
+  if (options.storePlaintextKeys !== undefined && typeof options.storePlaintextKeys !== 'boolean') {
+    return `storePlaintextKeys must be a boolean (got ${typeof options.storePlaintextKeys})`
+  }
+  const capacity = options.usageLogCapacity
+  if (capacity !== undefined && !(Number.isInteger(capacity) && capacity >= 0 && capacity < 2 ** 32)) {
+    return `usageLogCapacity must be a non-negative integer (got ${JSON.stringify(capacity)})`
   }
   for (const field of ['usageBatchSize', 'usageQueueCapacity']) {
     const n = options[field]
@@ -277,8 +291,18 @@ class ApiKeyManagerService {
       keys = this._options.keys
       const invalid = checkOptions(this._options)
       if (invalid !== null) throw new Error(`invalid configuration: ${invalid}`)
-      const { model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet } = this._options
-      this._native = new NativeKeyPool({ keys, model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet })
+      const { model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet, usageLogCapacity } = this._options
+      this._native = new NativeKeyPool({
+        keys,
+        model,
+        modelLimits,
+        limits,
+        windowMs,
+        dailyReset,
+        reservationTtlMs,
+        quiet,
+        usageLogCapacity,
+      })
     } catch (e) {
       this._options = {}
       this._initError = scrubKeys(messageOf(e), keys)
@@ -632,6 +656,65 @@ class ApiKeyManagerService {
   }
 
   /**
+   * Usage statistics over `startDate`..`endDate` (both optional and included; a Date, an ISO-8601
+   * string or epoch milliseconds), computed from the usage collection while MongoDB is connected,
+   * else from the in-memory log of recent calls: `data` has one entry per key (masked) with the
+   * SPEC's usage-stats fields plus requests, successes, failures, errorRate, tokens,
+   * p50ResponseTime and p95ResponseTime; `metadata` has the range, `source`, `truncated` and the
+   * `totals`. The same as `GET /api/keys/usage-stats`.
+   */
+  async getUsageStats({ startDate, endDate } = {}) {
+    const reason = this._ready()
+    if (reason !== null) return failure(reason)
+    const query = new URLSearchParams()
+    for (const [name, value] of [
+      ['startDate', startDate],
+      ['endDate', endDate],
+    ]) {
+      if (value === undefined || value === null) continue
+      if (value instanceof Date) {
+        if (Number.isNaN(value.getTime())) return failure(`Invalid ${name}: an invalid Date`)
+        query.set(name, value.toISOString())
+      } else if (typeof value === 'string' || typeof value === 'number') {
+        query.set(name, String(value))
+      } else {
+        return failure(`Invalid ${name}: give a Date, an ISO-8601 string or epoch milliseconds`)
+      }
+    }
+    let reply
+    try {
+      reply = await this._native.routeAsync('GET', `/usage-stats?${query}`)
+    } catch (e) {
+      return failure(messageOf(e))
+    }
+    const body = JSON.parse(reply.body)
+    if (!body.success) return failure(`${body.error}: ${body.message}`)
+    for (const key of body.data) key.lastUsed = new Date(key.lastUsed)
+    const { metadata } = body
+    metadata.startDate = metadata.startDate === null ? null : new Date(metadata.startDate)
+    metadata.endDate = metadata.endDate === null ? null : new Date(metadata.endDate)
+    return { success: true, data: body.data, metadata }
+  }
+
+  /**
+   * The pool's metrics as a plain object (shape in lib/index.d.ts): keys handed out, selection
+   * cache hits, rotations, 429s reported, recorded calls, keys by state, and every key's
+   * availability score and window use. Throws when the manager cannot be built or is closed.
+   */
+  getMetrics() {
+    const reason = this._ready()
+    if (reason !== null) throw new Error(reason)
+    return JSON.parse(this._native.metricsJson())
+  }
+
+  /** The same metrics in the Prometheus text exposition format (what `GET /metrics` serves). */
+  getMetricsText() {
+    const reason = this._ready()
+    if (reason !== null) throw new Error(reason)
+    return this._native.metricsText()
+  }
+
+  /**
    * Runs one Gemini call with a key from the pool: picks a key (reserving `estimatedTokens`),
    * calls `call(apiKey)`, records the outcome with the tokens the result's `usageMetadata` reports
    * and the latency, and on a 429, 500 or 503 moves to another key and tries again after a short
@@ -720,7 +803,8 @@ class ApiKeyManagerService {
       }
     }
     const body = JSON.stringify({ success: false, error: reason, message: reason })
-    return { route: () => ({ status: 500, body, headers: { 'content-type': JSON_TYPE } }) }
+    const failed = () => ({ status: 500, body, headers: { 'content-type': JSON_TYPE }, deferred: false })
+    return { route: failed, routeAsync: async () => failed() }
   }
 
   /**
@@ -841,8 +925,13 @@ function keyRoutes(manager, options = {}) {
           router = m._router(adminToken)
           routerOf = m
         }
-        const authorization = req.headers.authorization
-        const reply = router.route(req.method, req.url, typeof authorization === 'string' ? authorization : undefined, body)
+        const header = req.headers.authorization
+        const authorization = typeof header === 'string' ? header : undefined
+        const reply = router.route(req.method, req.url, authorization, body)
+        // Usage statistics read MongoDB: answered off the JS thread.
+        return reply.deferred ? router.routeAsync(req.method, req.url, authorization) : reply
+      })
+      .then((reply) => {
         res.statusCode = reply.status
         for (const [name, value] of Object.entries(reply.headers)) res.setHeader(name, value)
         res.end(reply.body)
@@ -858,4 +947,17 @@ function keyRoutes(manager, options = {}) {
   }
 }
 
-module.exports = { ApiKeyManagerService, getApiKeyManager, keyRoutes }
+/**
+ * The fingerprint MongoDB documents store for `apiKey` (`fp_` + 32 hex digits: HMAC-SHA256 under
+ * `secret`, cut to 128 bits). `secret` defaults to KEY_MANAGER_FINGERPRINT_SECRET; throws without
+ * one, or when it is shorter than 16 bytes.
+ */
+function keyFingerprint(apiKey, secret = process.env.KEY_MANAGER_FINGERPRINT_SECRET) {
+  if (typeof apiKey !== 'string') throw new TypeError('apiKey must be a string')
+  if (typeof secret !== 'string' || secret === '') {
+    throw new Error('keyFingerprint needs a secret: pass one, or set KEY_MANAGER_FINGERPRINT_SECRET')
+  }
+  return nativeFingerprint(apiKey, secret)
+}
+
+module.exports = { ApiKeyManagerService, getApiKeyManager, keyRoutes, keyFingerprint }

@@ -15,14 +15,18 @@ use crate::clock::SystemClock;
 use crate::config::{self, js_number, LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
+use crate::fingerprint::Fingerprinter;
 use crate::health::HealthState;
 use crate::http::auth::resolve_allow_insecure;
-use crate::http::{self, AdminGuard, ApiRequest, ServerHandle, ServerOptions};
+use crate::http::usage::usage_stats;
+use crate::http::{self, AdminGuard, ApiRequest, Reply, ServerHandle, ServerOptions};
 use crate::log::{ConsoleLog, Log, SilentLog};
+use crate::metrics;
 use crate::persistence::{PersistOptions, Started, WriteBehind};
 use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::quota::LimitType;
 use crate::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
+use crate::store::KeyStorage;
 
 /// How to read the result slots: their names in order, and the strings that the `method` and
 /// `rotationReason` slots' codes stand for.
@@ -86,6 +90,8 @@ pub struct PoolOptions {
   pub reservation_ttl_ms: Option<f64>,
   /// Suppresses the log lines.
   pub quiet: Option<bool>,
+  /// Recorded calls kept in memory for usage statistics (default 10000; 0 keeps none).
+  pub usage_log_capacity: Option<u32>,
 }
 
 fn js_error(e: PoolError) -> napi::Error {
@@ -125,6 +131,10 @@ pub struct StoreOptions {
   pub queue_capacity: Option<u32>,
   /// Share each key's RPM and RPD with every process using the same database (default true).
   pub shared_quota: Option<bool>,
+  /// The secret keys are fingerprinted under in documents (`KEY_MANAGER_FINGERPRINT_SECRET`).
+  pub fingerprint_secret: Option<String>,
+  /// Store keys in plaintext, as the old service did (`KEY_MANAGER_STORE_PLAINTEXT_KEYS`).
+  pub store_plaintext_keys: Option<bool>,
 }
 
 /// How `attachStore` went.
@@ -169,6 +179,7 @@ impl NativeKeyPool {
   /// Builds the pool from `options` and the environment.
   #[napi(constructor)]
   pub fn new(options: Option<PoolOptions>) -> napi::Result<Self> {
+    let call_log_capacity = options.as_ref().and_then(|o| o.usage_log_capacity);
     let (options, quiet) = match options {
       None => (config::PoolOptions::default(), false),
       Some(o) => (
@@ -197,6 +208,9 @@ impl NativeKeyPool {
       Arc::new(ConsoleLog)
     };
     let pool = KeyPool::new(config, Arc::new(SystemClock), log.clone()).map_err(js_error)?;
+    if let Some(capacity) = call_log_capacity {
+      pool.keep_calls(capacity as usize);
+    }
     Ok(Self {
       js: Arc::new(JsPool {
         pool: Arc::new(pool),
@@ -373,6 +387,20 @@ impl NativeKeyPool {
     })
   }
 
+  /// The metrics as a JSON object (see `getMetrics` in lib/index.d.ts).
+  #[napi]
+  pub fn metrics_json(&self) -> napi::Result<String> {
+    let snapshot = self.pool().metrics().map_err(js_error)?;
+    Ok(metrics::to_json(&snapshot))
+  }
+
+  /// The metrics in the Prometheus text exposition format.
+  #[napi]
+  pub fn metrics_text(&self) -> napi::Result<String> {
+    let snapshot = self.pool().metrics().map_err(js_error)?;
+    Ok(metrics::prometheus_text(&snapshot))
+  }
+
   /// Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime.
   #[napi(ts_return_type = "Promise<NativeServer>")]
   pub fn serve<'env>(
@@ -422,8 +450,15 @@ impl NativeKeyPool {
     env: &'env Env,
     options: StoreOptions,
   ) -> napi::Result<PromiseRaw<'env, StoreStart>> {
+    let key_storage = KeyStorage::resolve(
+      options.fingerprint_secret,
+      options.store_plaintext_keys,
+      &|name| std::env::var(name).ok(),
+    )
+    .map_err(|e| napi::Error::from_reason(e.to_string()))?;
     let defaults = PersistOptions::new(options.uri);
     let persist = PersistOptions {
+      key_storage,
       db_name: options.db_name.unwrap_or(defaults.db_name.clone()),
       connect_timeout: millis_option(
         "mongoConnectTimeoutMs",
@@ -546,6 +581,34 @@ pub struct NativeRouter {
 
 #[napi]
 impl NativeRouter {
+  /// [`Self::route`] for a request without a body, answered on the addon's tokio runtime, so that
+  /// usage statistics can query MongoDB.
+  #[napi(ts_return_type = "Promise<RouteReply>")]
+  pub fn route_async<'env>(
+    &self,
+    env: &'env Env,
+    method: String,
+    url: String,
+    authorization: Option<String>,
+  ) -> napi::Result<PromiseRaw<'env, RouteReply>> {
+    let (pool, guard) = (self.pool.clone(), self.guard.clone());
+    env.spawn_future(async move {
+      let reply = match http::usage_stats_request_mounted(&method, &url) {
+        Some(range) => usage_stats(&pool, range).await,
+        None => {
+          let req = ApiRequest {
+            method: &method,
+            target: &url,
+            authorization: authorization.as_deref(),
+            body: &[],
+          };
+          http::route_mounted(&pool, &guard, &req)
+        }
+      };
+      Ok(route_reply(reply))
+    })
+  }
+
   /// Serves one request (`url` relative to where the routes are mounted, e.g. `/best?x=1`) with
   /// its `Authorization` header, if any.
   #[napi]
@@ -562,20 +625,18 @@ impl NativeRouter {
       authorization: authorization.as_deref(),
       body: body.as_deref().unwrap_or_default(),
     };
-    let reply = http::route_mounted(&self.pool, &self.guard, &req);
-    let mut headers = HashMap::new();
-    headers.insert("content-type".to_owned(), reply.content_type.to_owned());
-    if let Some(allow) = reply.allow {
-      headers.insert("allow".to_owned(), allow.to_owned());
+    // Usage statistics read MongoDB while it is connected: `routeAsync` answers those.
+    if http::usage_stats_request_mounted(&method, &url).is_some()
+      && self.pool.usage_reader().is_some()
+    {
+      return RouteReply {
+        status: 0,
+        body: String::new(),
+        headers: HashMap::new(),
+        deferred: true,
+      };
     }
-    for (name, value) in reply.headers {
-      headers.insert((*name).to_owned(), (*value).to_owned());
-    }
-    RouteReply {
-      status: reply.status as u32,
-      body: reply.body,
-      headers,
-    }
+    route_reply(http::route_mounted(&self.pool, &self.guard, &req))
   }
 }
 
@@ -587,6 +648,34 @@ pub struct RouteReply {
   pub body: String,
   /// Lower-case names: `content-type` always, `allow` on a 405, `www-authenticate` on a 401, ...
   pub headers: HashMap<String, String>,
+  /// Not answered: ask `routeAsync` (usage statistics from MongoDB).
+  pub deferred: bool,
+}
+
+fn route_reply(reply: Reply) -> RouteReply {
+  let mut headers = HashMap::new();
+  headers.insert("content-type".to_owned(), reply.content_type.to_owned());
+  if let Some(allow) = reply.allow {
+    headers.insert("allow".to_owned(), allow.to_owned());
+  }
+  for (name, value) in reply.headers {
+    headers.insert((*name).to_owned(), (*value).to_owned());
+  }
+  RouteReply {
+    status: reply.status as u32,
+    body: reply.body,
+    headers,
+    deferred: false,
+  }
+}
+
+/// The fingerprint documents store for `apiKey` under `secret` (at least 16 bytes): `fp_` and 32
+/// hex digits.
+#[napi]
+pub fn key_fingerprint(api_key: String, secret: String) -> napi::Result<String> {
+  let f =
+    Fingerprinter::new(secret.as_bytes()).map_err(|e| napi::Error::from_reason(e.to_string()))?;
+  Ok(f.fingerprint(&api_key))
 }
 
 /// Options of `NativeKeyPool.serve`.

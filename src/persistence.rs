@@ -22,7 +22,8 @@ use crate::log::Log;
 use crate::mask::scrub;
 use crate::pool::KeyPool;
 use crate::store::{
-  MongoStore, Store, StoreError, UsageRecord, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
+  KeyNaming, KeyStorage, MongoStore, Store, StoreError, UsageRecord, DEFAULT_CONNECT_TIMEOUT,
+  DEFAULT_DB_NAME,
 };
 use crate::usage_log::{DEFAULT_BATCH, DEFAULT_CAPACITY};
 
@@ -48,6 +49,9 @@ pub struct PersistOptions {
   /// Share each key's RPM and RPD with every process using the same database (default on):
   /// see `share` and `leasing`.
   pub share_quota: bool,
+  /// How keys are named in documents: plaintext unless set (the bindings set it from
+  /// `KeyStorage::resolve`, which never picks plaintext unasked).
+  pub key_storage: KeyStorage,
 }
 
 impl PersistOptions {
@@ -62,6 +66,7 @@ impl PersistOptions {
       batch_size: DEFAULT_BATCH,
       queue_capacity: DEFAULT_CAPACITY,
       share_quota: true,
+      key_storage: KeyStorage::Plaintext,
     }
   }
 }
@@ -115,13 +120,17 @@ pub struct WriteBehind {
 /// Connects, loads the stored keys and merges them into the pool, then marks every key for the
 /// next write, so the database ends up with one document per configured key in the merged state.
 async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, StoreError> {
-  let store = Store::Mongo(
-    MongoStore::connect(&options.uri, &options.db_name, options.connect_timeout).await?,
-  );
+  let naming = KeyNaming::new(options.key_storage.clone(), shared.pool.keys());
+  let mongo = MongoStore::connect(&options.uri, &options.db_name, options.connect_timeout)
+    .await?
+    .with_naming(naming);
+  let reader = mongo.usage_reader();
+  let store = Store::Mongo(mongo);
   match store.load(shared.pool.now()).await {
     Ok(records) => {
       shared.pool.import(&records);
       shared.pool.mark_all_dirty();
+      shared.pool.set_usage_reader(Some(reader));
       Ok(store)
     }
     Err(e) => {
@@ -213,6 +222,7 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
     }
   }
   shared.store.lock().take();
+  shared.pool.set_usage_reader(None);
   if let Some(s) = store {
     s.close().await;
   }

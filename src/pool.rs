@@ -10,19 +10,25 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::call_log::{Call, CallLog, DEFAULT_CALL_LOG_CAPACITY};
 use crate::clock::{Clock, Millis};
 use crate::config::{js_number, PoolConfig};
+use crate::counters::Counters;
 use crate::error::PoolError;
 use crate::failure::{classify, Failure};
 use crate::health::{HealthChange, HealthState};
 use crate::key::{KeyFigures, KeyState, KeyStatus, RateLimitInfo};
 use crate::log::Log;
 use crate::mask::{mask_key, scrub};
+use crate::metrics::{KeyMetrics, MetricsSnapshot};
 use crate::quota::{LimitType, WindowPolicy};
-use crate::selection::{Rotation, Selection, SelectionCache};
+use crate::selection::{
+  availability_score, Rotation, RotationReason, Selection, SelectionCache, SelectionMethod,
+};
 use crate::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
-use crate::store::{KeyRecord, UsageIds, UsageRecord};
+use crate::store::{KeyRecord, UsageIds, UsageReader, UsageRecord};
 use crate::usage_log::{UsageEntry, UsageLog};
+use crate::usage_stats::DateRange;
 
 /// Longest rest a retry delay can impose: a day, the longest window there is.
 const MAX_REST_MS: Millis = 86_400_000;
@@ -80,6 +86,9 @@ struct PoolState {
   usage: Option<UsageLog>,
   /// Wakes the leasing task when a shared lease runs low; `None` while the quota is not shared.
   lease_wake: Option<Arc<Notify>>,
+  /// The recent calls, for usage statistics without a database.
+  calls: CallLog,
+  counters: Counters,
 }
 
 impl PoolState {
@@ -100,6 +109,7 @@ impl PoolState {
   /// Applies `claim` to the key just chosen; returns its figures.
   fn claim(&mut self, index: usize, claim: Claim, now: Millis, ttl: Millis) -> KeyFigures {
     if let Claim::Reserve { estimated_tokens } = claim {
+      self.counters.handed_out += 1;
       let key = &mut self.keys[index];
       key.expire_reservations(now, ttl);
       if key.reserve(now, estimated_tokens) {
@@ -114,6 +124,23 @@ impl PoolState {
 
   /// Releases every key's expired reservations when the cache is about to be rebuilt, so that
   /// keys no one touches get their room back at least every cache lifetime.
+  fn count_selection(&mut self, method: SelectionMethod) {
+    match method {
+      SelectionMethod::CachedRoundRobin => self.counters.cache_hits += 1,
+      SelectionMethod::RoundRobin => self.counters.cache_misses += 1,
+    }
+  }
+
+  /// Counts what a call reported: a 429 on `limited`'s window, and a key taken out of rotation.
+  fn count_outcome(&mut self, limited: Option<LimitType>, change: HealthChange) {
+    if let Some(limit) = limited {
+      self.counters.rate_limits[limit as usize] += 1;
+    }
+    if change != HealthChange::Unchanged {
+      self.counters.error_rotations += 1;
+    }
+  }
+
   fn expire_before_rebuild(&mut self, now: Millis, ttl: Millis) {
     if self.cache.is_stale(now) {
       for index in 0..self.keys.len() {
@@ -137,6 +164,18 @@ pub struct KeyPool {
   /// Issues the ids of recorded calls, for the pool's life: a batch resent after a failed write,
   /// even through a new connection, must carry the ids it had.
   usage_ids: UsageIds,
+  /// Reads the stored usage while MongoDB is connected: usage statistics are computed from it.
+  usage_reader: Mutex<Option<UsageReader>>,
+}
+
+/// The in-memory log's calls in a range, for usage statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentCalls {
+  pub calls: Vec<Call>,
+  /// Calls of the range may be missing: the log has overwritten calls no older than its start.
+  pub truncated: bool,
+  /// How many calls the log keeps.
+  pub capacity: usize,
 }
 
 /// A recorded call's latency as the caller reported it, in ms; anything but a non-negative finite
@@ -227,6 +266,8 @@ impl KeyPool {
         dirty_keys: Vec::with_capacity(n),
         usage: None,
         lease_wake: None,
+        calls: CallLog::new(DEFAULT_CALL_LOG_CAPACITY),
+        counters: Counters::default(),
       }),
       names: config.keys,
       index,
@@ -234,6 +275,7 @@ impl KeyPool {
       clock,
       log,
       usage_ids: UsageIds::new(),
+      usage_reader: Mutex::new(None),
     })
   }
 
@@ -297,6 +339,7 @@ impl KeyPool {
         let pick = state
           .cache
           .next(&state.keys, now, claim.estimated_tokens())?;
+        state.count_selection(pick.method);
         Some(Picked {
           pick,
           figures: state.claim(pick.index, claim, now, ttl),
@@ -316,6 +359,10 @@ impl KeyPool {
           .cache
           .rotation(&state.keys, now, claim.estimated_tokens())?;
         state.last_rotation = now;
+        state.count_selection(pick.selection.method);
+        if pick.reason == RotationReason::Proactive {
+          state.counters.proactive_rotations += 1;
+        }
         Some(Picked {
           pick,
           figures: state.claim(pick.selection.index, claim, now, ttl),
@@ -350,6 +397,20 @@ impl KeyPool {
     let span = self.policy.span_ms;
     let (figures, change, limited) = self.with_key(index, |state, now| {
       state.touch(index);
+      state.calls.push(Call {
+        key: index,
+        timestamp: now,
+        tokens,
+        success: failure.is_none(),
+        response_time: response_time(response_time_ms),
+      });
+      let counters = &mut state.counters;
+      if failure.is_none() {
+        counters.successes += 1;
+      } else {
+        counters.failures += 1;
+      }
+      counters.tokens = counters.tokens.saturating_add(tokens);
       if let Some(usage) = &mut state.usage {
         usage.push(UsageEntry {
           id: self.usage_ids.next_id(),
@@ -391,6 +452,7 @@ impl KeyPool {
       if change != HealthChange::Unchanged {
         state.cache.invalidate();
       }
+      state.count_outcome(limited, change);
       (state.keys[index].figures(now), change, limited)
     })?;
     if let Some(limit) = limited {
@@ -421,6 +483,7 @@ impl KeyPool {
       let until = rest_until(key, now, Some(limit_type), retry_after_ms, span);
       let change = key.health.on_rate_limited(now, until);
       state.cache.invalidate();
+      state.count_outcome(Some(limit_type), change);
       (state.keys[index].figures(now), change)
     })?;
     self.log_rate_limit(index, limit_type, change);
@@ -759,6 +822,62 @@ impl KeyPool {
       }
     }
     unused
+  }
+
+  /// Keeps the last `capacity` recorded calls for usage statistics (default
+  /// [`DEFAULT_CALL_LOG_CAPACITY`]; 0 keeps none), starting empty.
+  pub fn keep_calls(&self, capacity: usize) {
+    self.state.lock().calls = CallLog::new(capacity);
+  }
+
+  /// The recorded calls of `range` that the in-memory log still holds.
+  pub fn recent_calls(&self, range: DateRange) -> Result<RecentCalls, PoolError> {
+    self.with_state(|state, _| {
+      let log = &state.calls;
+      let truncated = log.overwritten() > 0
+        && match (log.oldest(), range.start) {
+          (Some(oldest), Some(start)) => oldest.timestamp >= start,
+          _ => true,
+        };
+      RecentCalls {
+        calls: log.within(range),
+        truncated,
+        capacity: log.capacity(),
+      }
+    })
+  }
+
+  /// The counters and every key's figures, at one instant; keys masked.
+  pub fn metrics(&self) -> Result<MetricsSnapshot, PoolError> {
+    let (counters, figures) = self.with_state(|state, now| {
+      let figures: Vec<_> = state
+        .keys
+        .iter()
+        .map(|k| (k.figures(now), availability_score(k, now)))
+        .collect();
+      (state.counters, figures)
+    })?;
+    // Masked after the lock is released.
+    let keys = figures
+      .into_iter()
+      .enumerate()
+      .map(|(i, (f, score))| KeyMetrics {
+        api_key: self.masked(i),
+        state: f.state,
+        availability_score: score,
+        windows: [f.rpm, f.rpd, f.tpm],
+      })
+      .collect();
+    Ok(MetricsSnapshot { counters, keys })
+  }
+
+  /// Where usage statistics read the stored usage from: set while MongoDB is connected.
+  pub fn set_usage_reader(&self, reader: Option<UsageReader>) {
+    *self.usage_reader.lock() = reader;
+  }
+
+  pub fn usage_reader(&self) -> Option<UsageReader> {
+    self.usage_reader.lock().clone()
   }
 
   /// Refuses every later call. Idempotent.
@@ -1158,6 +1277,7 @@ mod tests {
       p.record_usage(0, 0, Outcome::Success, 0.0).unwrap();
     }
     let r = p.rotate(RESERVE).unwrap();
+    assert_eq!(p.metrics().unwrap().counters.proactive_rotations, 1);
     assert_eq!(r.pick.reason, RotationReason::Proactive);
     assert_eq!(r.pick.selection.index, 1);
     assert!(r.pick.previous_key_score.unwrap() < 0.3);
@@ -1309,6 +1429,49 @@ mod tests {
     // A closed pool still hands over what it holds, so closing can flush.
     assert_eq!(p.take_usage(10).len(), 1);
     assert_eq!(p.usage_backlog(), (0, 1));
+  }
+
+  #[test]
+  fn metrics_count_hand_outs_cache_hits_rotations_and_429s() {
+    let (p, _, _) = pool(2);
+    p.best(RESERVE).unwrap();
+    p.best(RESERVE).unwrap();
+    // Looking is a selection, not a hand-out.
+    p.best(Claim::LookOnly).unwrap();
+    p.record_usage(0, 10, Outcome::Success, 5.0).unwrap();
+    p.record_usage(1, 0, Outcome::Failure("429 RESOURCE_EXHAUSTED"), 1.0)
+      .unwrap();
+    p.handle_rate_limit(0, LimitType::Tpm, None).unwrap();
+    let m = p.metrics().unwrap();
+    let c = m.counters;
+    assert_eq!(c.handed_out, 2);
+    assert_eq!((c.cache_hits, c.cache_misses), (2, 1));
+    assert_eq!(c.rate_limits, [1, 0, 1]);
+    assert_eq!(c.error_rotations, 2);
+    assert_eq!((c.successes, c.failures, c.tokens), (1, 1, 10));
+    assert_eq!(m.keys[0].api_key, "AIzaSyTE...ijkl");
+    assert_eq!(m.keys[0].windows[2].current, 10);
+    assert_eq!(m.keys_by_state(), [0, 2, 0, 0, 0]);
+  }
+
+  #[test]
+  fn recent_calls_are_kept_in_a_bounded_log() {
+    let (p, clock, _) = pool(2);
+    p.keep_calls(3);
+    for i in 0..4 {
+      clock.advance(10);
+      p.record_usage(i % 2, 5, Outcome::Success, i as f64)
+        .unwrap();
+    }
+    let all = p.recent_calls(DateRange::ALL).unwrap();
+    assert_eq!((all.calls.len(), all.truncated, all.capacity), (3, true, 3));
+    let late = p
+      .recent_calls(DateRange::new(Some(T0 + 30), None).unwrap())
+      .unwrap();
+    assert!(!late.truncated);
+    let mut held: Vec<_> = late.calls.iter().map(|c| (c.timestamp, c.key)).collect();
+    held.sort_unstable();
+    assert_eq!(held, vec![(T0 + 30, 0), (T0 + 40, 1)]);
   }
 
   #[test]

@@ -9,7 +9,11 @@ mod json;
 pub mod key_ref;
 pub mod routes;
 pub mod server;
+pub mod usage;
 
 pub use auth::{AdminGuard, AuthConfigError};
-pub use routes::{redact_path, route, route_mounted, ApiRequest, Reply};
+pub use routes::{
+  redact_path, route, route_mounted, usage_stats_request, usage_stats_request_mounted, ApiRequest,
+  Reply,
+};
 pub use server::{start, HttpError, ServerHandle, ServerOptions};

@@ -4,21 +4,27 @@
 use serde::de::IgnoredAny;
 use serde::Serialize;
 
-use crate::clock::Millis;
 use crate::error::PoolError;
 use crate::mask::mask_key;
+use crate::metrics::prometheus_text;
 use crate::pool::{Claim, KeyPool};
+use crate::usage_stats::DateRange;
 
 use super::auth::{AdminGuard, Denied};
-use super::json::{
-  parse_date, Failure, IsoDate, KeyStatusJson, LimitsJson, RateLimitInfoJson, Success, UsageJson,
-};
+use super::json::{Failure, IsoDate, KeyStatusJson, LimitsJson, RateLimitInfoJson, Success};
 use super::key_ref::{resolve_key_ref, KeyRefError};
+use super::usage;
 
 /// Where the API is served when the whole request path is given.
 pub const PREFIX: &str = "/api/keys";
 
-const JSON_TYPE: &str = "application/json; charset=utf-8";
+/// Where the Prometheus text format is served, from the server root.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The content type of every JSON reply.
+pub const JSON: &str = "application/json; charset=utf-8";
+/// The content type of the Prometheus text exposition format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const HTML_TYPE: &str = "text/html; charset=utf-8";
 
 /// The live dashboard: one page with its CSS and JS inline.
@@ -70,19 +76,19 @@ const SERIALIZATION_FAILED: &str =
   r#"{"success":false,"error":"Internal error","message":"The response could not be encoded"}"#;
 
 impl Reply {
-  fn json(status: u16, value: &impl Serialize) -> Self {
+  pub(crate) fn json(status: u16, value: &impl Serialize) -> Self {
     match serde_json::to_string(value) {
       Ok(body) => Self {
         status,
         body,
-        content_type: JSON_TYPE,
+        content_type: JSON,
         allow: None,
         headers: &[],
       },
       Err(_) => Self {
         status: 500,
         body: SERIALIZATION_FAILED.to_owned(),
-        content_type: JSON_TYPE,
+        content_type: JSON,
         allow: None,
         headers: &[],
       },
@@ -223,9 +229,12 @@ const ROUTES: &[Route] = &[
   },
 ];
 
-/// Serves a request whose path starts at the server root (`/api/keys/best?x=1`). Paths outside
-/// [`PREFIX`] are 404s.
+/// Serves a request whose path starts at the server root (`/api/keys/best?x=1`), and
+/// [`METRICS_PATH`]. Other paths outside [`PREFIX`] are 404s.
 pub fn route(pool: &KeyPool, guard: &AdminGuard, req: &ApiRequest<'_>) -> Reply {
+  if split_query(req.target).0 == METRICS_PATH {
+    return metrics(pool, req.method);
+  }
   match strip_prefix(req.target) {
     Some(target) => route_mounted(pool, guard, &ApiRequest { target, ..*req }),
     None => not_found(pool, req.target),
@@ -291,6 +300,45 @@ pub fn route_mounted(pool: &KeyPool, guard: &AdminGuard, req: &ApiRequest<'_>) -
     None => String::new(),
   };
   (route.handler)(pool, &Params { key, query })
+}
+
+/// `GET /metrics`: the pool's metrics in the Prometheus text format.
+fn metrics(pool: &KeyPool, method: &str) -> Reply {
+  if method != "GET" {
+    return Reply {
+      allow: Some("GET"),
+      ..Reply::error(405, "Method not allowed", "This endpoint only accepts GET")
+    };
+  }
+  match pool.metrics() {
+    Ok(snapshot) => Reply {
+      status: 200,
+      body: prometheus_text(&snapshot),
+      content_type: PROMETHEUS_TEXT,
+      allow: None,
+      headers: &[],
+    },
+    Err(err) => Reply::pool_error(err, "Failed to get metrics"),
+  }
+}
+
+/// The range of a request (path from the server root) for usage statistics, when it is one and
+/// its range is valid. Those may need a database query, which this synchronous table cannot make:
+/// the server answers them with [`usage::usage_stats`] instead (the table's own handler reads the
+/// in-memory call log).
+pub fn usage_stats_request(method: &str, path_and_query: &str) -> Option<DateRange> {
+  strip_prefix(path_and_query).and_then(|rest| usage_stats_request_mounted(method, rest))
+}
+
+/// [`usage_stats_request`] for a path relative to where the API is mounted.
+pub fn usage_stats_request_mounted(method: &str, sub_path_and_query: &str) -> Option<DateRange> {
+  // Checked on every request the server gets: no allocation until it is this one.
+  let (path, query) = split_query(sub_path_and_query);
+  let path = path.strip_prefix('/').unwrap_or(path);
+  let path = path.strip_suffix('/').unwrap_or(path);
+  (method == "GET" && path.eq_ignore_ascii_case("usage-stats"))
+    .then(|| date_range(query).ok())
+    .flatten()
 }
 
 /// The request path fit for logs and error messages: the query is dropped (it is free text), and
@@ -609,16 +657,10 @@ fn reset_limits(pool: &KeyPool, _: &Params<'_>) -> Reply {
   }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct UsageMeta {
-  start_date: Option<IsoDate>,
-  end_date: Option<IsoDate>,
-  total_keys: usize,
-}
-
-/// Reads the optional `startDate` and `endDate` of a query string.
-fn date_range(query: &str) -> Result<(Option<Millis>, Option<Millis>), Reply> {
+/// Reads the optional `startDate` and `endDate` of a query string. A value that is not valid
+/// percent-encoding counts as an invalid date.
+fn date_range(query: &str) -> Result<DateRange, Reply> {
+  const INVALID: &str = "\u{0}";
   let mut start = None;
   let mut end = None;
   for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -628,20 +670,8 @@ fn date_range(query: &str) -> Result<(Option<Millis>, Option<Millis>), Reply> {
       Some("endDate") => ("endDate", &mut end),
       _ => continue,
     };
-    let parsed = percent_decode(value, true)
-      .as_deref()
-      .and_then(parse_date)
-      .ok_or_else(|| {
-        Reply::error(
-          400,
-          &format!("Invalid {name}"),
-          &format!(
-            "{name} must be an ISO-8601 date or date-time (e.g. 2026-11-27 or \
-             2026-11-27T20:30:42.123Z) or milliseconds since the epoch"
-          ),
-        )
-      })?;
-    if slot.replace(parsed).is_some() {
+    let text = percent_decode(value, true).unwrap_or_else(|| INVALID.to_owned());
+    if slot.replace(text).is_some() {
       return Err(Reply::error(
         400,
         &format!("Invalid {name}"),
@@ -649,40 +679,15 @@ fn date_range(query: &str) -> Result<(Option<Millis>, Option<Millis>), Reply> {
       ));
     }
   }
-  if let (Some(s), Some(e)) = (start, end) {
-    if s > e {
-      return Err(Reply::error(
-        400,
-        "Invalid date range",
-        "startDate must not be after endDate",
-      ));
-    }
-  }
-  Ok((start, end))
+  usage::parse_range(start.as_deref(), end.as_deref())
 }
 
-/// The in-memory pool keeps no per-call history, so the range is validated and echoed but every
-/// key's current windows are reported.
+/// Usage statistics from the in-memory call log (see [`usage_stats_request`] for the database).
 fn usage_stats(pool: &KeyPool, req: &Params<'_>) -> Reply {
-  let (start, end) = match date_range(req.query) {
-    Ok(range) => range,
-    Err(reply) => return reply,
-  };
-  let statuses = match pool.statuses() {
-    Ok(s) => s,
-    Err(err) => return Reply::pool_error(err, "Failed to get usage statistics"),
-  };
-  let data: Vec<UsageJson> = statuses.iter().map(UsageJson::new).collect();
-  let metadata = UsageMeta {
-    start_date: start.map(IsoDate),
-    end_date: end.map(IsoDate),
-    total_keys: statuses.len(),
-  };
-  Reply::ok(
-    Some(data),
-    Some(metadata),
-    "Usage statistics retrieved successfully",
-  )
+  match date_range(req.query) {
+    Ok(range) => usage::from_memory(pool, range),
+    Err(reply) => reply,
+  }
 }
 
 /// The dashboard reads `GET /status` from the browser; the page itself holds no data.
@@ -703,7 +708,7 @@ mod tests {
   use serde_json::{json, Value};
 
   use super::*;
-  use crate::clock::FakeClock;
+  use crate::clock::{FakeClock, Millis};
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
   use crate::pool::Outcome;
@@ -1009,10 +1014,10 @@ mod tests {
     let (status, v) = get(&p, "/api/keys/usage-stats");
     assert_eq!(status, 200);
     assert_eq!(v["message"], "Usage statistics retrieved successfully");
-    assert_eq!(
-      v["metadata"],
-      json!({ "startDate": null, "endDate": null, "totalKeys": 3 })
-    );
+    assert_eq!(v["metadata"]["startDate"], Value::Null);
+    assert_eq!(v["metadata"]["endDate"], Value::Null);
+    assert_eq!(v["metadata"]["totalKeys"], 3);
+    assert_eq!(v["metadata"]["source"], "memory");
     assert_eq!(
       v["data"][0],
       json!({
@@ -1024,9 +1029,88 @@ mod tests {
         "tpmUsage": "1234/1000000",
         "errorCount": 0,
         "lastError": null,
+        "requests": 1,
+        "successes": 1,
+        "failures": 0,
+        "errorRate": 0.0,
+        "tokens": 1234,
+        "p50ResponseTime": 0.0,
+        "p95ResponseTime": 0.0,
       })
     );
     assert_eq!(v["data"][2]["lastError"], "quota");
+  }
+
+  #[test]
+  fn metrics_are_served_in_the_prometheus_text_format() {
+    let p = pool();
+    p.best(Claim::Reserve {
+      estimated_tokens: 0,
+    })
+    .unwrap();
+    let reply = open_route(&p, "GET", "/metrics", b"");
+    assert_eq!((reply.status, reply.content_type), (200, PROMETHEUS_TEXT));
+    assert!(reply
+      .body
+      .contains("gemini_key_manager_keys_handed_out_total 1\n"));
+    assert!(reply.body.contains("key=\"AIzaSyAA...0001\""));
+    for key in KEYS {
+      assert!(!reply.body.contains(key));
+    }
+    let reply = open_route(&p, "POST", "/metrics?x=1", b"");
+    assert_eq!((reply.status, reply.allow), (405, Some("GET")));
+    assert_eq!(open_route(&p, "GET", "/api/keys/best", b"").content_type, JSON);
+  }
+
+  #[test]
+  fn usage_stats_computes_figures_over_the_range_from_the_call_log() {
+    let (p, clock) = pool_of(&KEYS, Quota::default());
+    p.record_usage(0, 100, Outcome::Success, 10.0).unwrap();
+    clock.advance(1_000);
+    p.record_usage(0, 50, Outcome::Success, 30.0).unwrap();
+    p.record_usage(1, 0, Outcome::Failure("503"), 20.0).unwrap();
+    let (_, v) = get(&p, "/api/keys/usage-stats");
+    let a = &v["data"][0];
+    assert_eq!(
+      (
+        &a["requests"],
+        &a["tokens"],
+        &a["p50ResponseTime"],
+        &a["p95ResponseTime"]
+      ),
+      (&json!(2), &json!(150), &json!(10.0), &json!(30.0))
+    );
+    assert_eq!(v["data"][1]["errorRate"], 1.0);
+    assert_eq!(v["data"][2]["p50ResponseTime"], Value::Null);
+    assert_eq!(
+      v["metadata"]["totals"],
+      json!({
+        "requests": 3, "successes": 2, "failures": 1, "errorRate": 1.0 / 3.0, "tokens": 150,
+        "p50ResponseTime": 20.0, "p95ResponseTime": 30.0,
+      })
+    );
+    assert_eq!(v["metadata"]["callLogCapacity"], 10_000);
+    assert_eq!(v["metadata"]["truncated"], false);
+    // From T0 + 1 s on: the first call is left out.
+    let later = "/api/keys/usage-stats?startDate=1700000001000";
+    let (_, v) = get(&p, later);
+    assert_eq!(v["data"][0]["requests"], 1);
+    assert_eq!(v["metadata"]["totals"]["requests"], 2);
+    assert_eq!(
+      usage_stats_request("GET", later),
+      Some(DateRange::new(Some(T0 + 1_000), None).unwrap())
+    );
+    assert_eq!(
+      usage_stats_request_mounted("GET", "/usage-stats/"),
+      Some(DateRange::ALL)
+    );
+    for (method, path) in [
+      ("GET", "/api/keys/usage-stats?startDate=bad"),
+      ("POST", "/api/keys/usage-stats"),
+      ("GET", "/api/keys/status"),
+    ] {
+      assert_eq!(usage_stats_request(method, path), None, "{method} {path}");
+    }
   }
 
   #[test]

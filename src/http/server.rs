@@ -24,7 +24,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::auth::{may_listen, AdminGuard, ADMIN_TOKEN_ENV, ALLOW_INSECURE_ENV};
 use super::json::IsoDate;
-use super::routes::{redact_path, route, ApiRequest, Reply};
+use super::routes::{redact_path, route, usage_stats_request, ApiRequest, Reply};
+use super::usage::usage_stats;
 use crate::pool::KeyPool;
 
 /// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
@@ -223,15 +224,19 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     .get(AUTHORIZATION)
     .and_then(|v| v.to_str().ok());
   let (reply, close) = match read_body(body, shared.max_body_bytes).await {
-    Ok(body) => {
-      let req = ApiRequest {
-        method: parts.method.as_str(),
-        target,
-        authorization,
-        body: &body,
-      };
-      (route(&shared.pool, &shared.admin, &req), false)
-    }
+    Ok(body) => match usage_stats_request(parts.method.as_str(), target) {
+      // May query MongoDB: answered here, where waiting holds up only this request.
+      Some(range) => (usage_stats(&shared.pool, range).await, false),
+      None => {
+        let req = ApiRequest {
+          method: parts.method.as_str(),
+          target,
+          authorization,
+          body: &body,
+        };
+        (route(&shared.pool, &shared.admin, &req), false)
+      }
+    },
     Err(err) => (err.reply(shared.max_body_bytes), err.leaves_unread_data()),
   };
   if let Some(log) = &shared.access_log {

@@ -75,10 +75,11 @@ fn window_from(limits: Option<&Document>, name: &str, default_limit: u64) -> Win
   }
 }
 
-/// The whole `api_keys` document for a key, without `_id` (the server keeps or assigns it).
-pub fn key_document(k: &KeyRecord) -> Document {
+/// The whole `api_keys` document for a key, named `api_key` (its stored name), without `_id` (the
+/// server keeps or assigns it).
+pub fn key_document(k: &KeyRecord, api_key: &str) -> Document {
   let mut d = doc! {
-    "apiKey": &k.api_key,
+    "apiKey": api_key,
     "isActive": k.is_active,
     "lastUsed": date(k.last_used),
     "limits": {
@@ -120,11 +121,12 @@ pub fn key_from_document(d: &Document, now: Millis) -> Option<KeyRecord> {
   Some(record.at(now))
 }
 
-/// The `api_key_usage` document for a call, with its stable `_id`.
-pub fn usage_document(u: &UsageRecord) -> Document {
+/// The `api_key_usage` document for a call, its key named `api_key` (its stored name), with its
+/// stable `_id`.
+pub fn usage_document(u: &UsageRecord, api_key: &str) -> Document {
   let mut d = doc! {
     "_id": u.id.to_string(),
-    "apiKey": &u.api_key,
+    "apiKey": api_key,
     "timestamp": date(u.timestamp),
     "tokensUsed": int(u.tokens_used),
     "success": u.success,
@@ -165,7 +167,7 @@ mod tests {
 
   #[test]
   fn key_documents_round_trip_in_the_spec_shape() {
-    let d = key_document(&record());
+    let d = key_document(&record(), "AIzaSyEXAMPLE");
     assert_eq!(d.get_str("apiKey").unwrap(), "AIzaSyEXAMPLE");
     let rpm = d
       .get_document("limits")
@@ -191,7 +193,7 @@ mod tests {
     let mut k = record();
     k.last_error = None;
     k.last_error_time = None;
-    let d = key_document(&k);
+    let d = key_document(&k, &k.api_key);
     assert!(!d.contains_key("lastError") && !d.contains_key("lastErrorTime"));
     assert_eq!(key_from_document(&d, NOW), Some(k));
   }
@@ -265,16 +267,20 @@ mod tests {
       error: Some("429".into()),
       response_time: 12.5,
     };
-    let d = usage_document(&u);
+    let d = usage_document(&u, "k");
     assert_eq!(d.get_str("_id").unwrap(), u.id.to_string());
     assert_eq!(d.get_i32("tokensUsed").unwrap(), 42);
     assert_eq!(d.get_f64("responseTime").unwrap(), 12.5);
     assert_eq!(d.get_str("error").unwrap(), "429");
-    let whole = usage_document(&UsageRecord {
-      response_time: 80.0,
-      error: None,
-      ..u
-    });
+    let whole = usage_document(
+      &UsageRecord {
+        response_time: 80.0,
+        error: None,
+        ..u
+      },
+      "fp_0",
+    );
+    assert_eq!(whole.get_str("apiKey").unwrap(), "fp_0");
     assert_eq!(whole.get_i32("responseTime").unwrap(), 80);
     assert!(!whole.contains_key("error"));
   }

@@ -10,18 +10,22 @@ mod lease;
 mod memory;
 mod mongo;
 mod mongo_lease;
+mod naming;
 mod records;
 #[cfg(test)]
 pub(crate) mod test_server;
+mod usage_query;
 
 use crate::clock::Millis;
 
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
+pub use naming::{KeyNaming, KeyStorage};
 pub use records::{
   Grant, KeyRecord, LeaseSlot, UsageId, UsageIds, UsageRecord, WindowRecord, DAY_MS, MINUTE_MS,
 };
+pub use usage_query::{StoredCalls, UsageReader};
 
 /// Where state is kept. Every call that has something to do is one round trip per batch (see
 /// [`Store::ops`]); leases are described in [`MongoStore::lease`].

@@ -2,7 +2,9 @@
 //! write is one round trip per batch, and every round trip is counted in [`MongoStore::ops`], so
 //! the layer above can show it stays off the hot path.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mongodb::bson::{doc, Bson, Document};
@@ -12,7 +14,9 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::documents::{key_document, key_from_document, usage_document};
 use super::error::StoreError;
+use super::naming::KeyNaming;
 use super::records::{KeyRecord, UsageRecord};
+use super::usage_query::UsageReader;
 use crate::clock::Millis;
 use crate::mask::scrub;
 
@@ -53,15 +57,14 @@ pub(super) fn error_code(e: &DriverError) -> Option<i32> {
   }
 }
 
-/// Reads the reply of a raw write command on `keys`: any write error or write concern error fails
-/// the batch. A duplicate-key message quotes the key, so the keys are masked in it.
-fn check_write_reply(reply: &Document, keys: &[KeyRecord]) -> Result<(), StoreError> {
+/// Reads the reply of a raw write command on the keys `names`: any write error or write concern
+/// error fails the batch. A duplicate-key message quotes the key, so the keys are masked in it.
+fn check_write_reply(reply: &Document, names: &[String]) -> Result<(), StoreError> {
   if let Ok(errors) = reply.get_array("writeErrors") {
     if let Some(first) = errors.first() {
-      let names: Vec<String> = keys.iter().map(|k| k.api_key.clone()).collect();
       return Err(StoreError::Write {
         failed: errors.len(),
-        first: scrub(&message_of(first), &names),
+        first: scrub(&message_of(first), names),
       });
     }
   }
@@ -90,6 +93,8 @@ pub struct MongoStore {
   usage: Collection<Document>,
   pub(super) leases: Collection<Document>,
   ops: AtomicU64,
+  /// How keys are named in documents.
+  pub(super) naming: Arc<KeyNaming>,
 }
 
 impl MongoStore {
@@ -124,6 +129,7 @@ impl MongoStore {
       db,
       client,
       ops: AtomicU64::new(0),
+      naming: Arc::new(KeyNaming::plaintext()),
     };
     store.count_op();
     tokio::time::timeout_at(deadline, store.db.run_command(doc! { "ping": 1 }))
@@ -158,6 +164,21 @@ impl MongoStore {
     Ok(())
   }
 
+  /// Names keys in documents by `naming` (plaintext, as the old service did, until this is
+  /// called).
+  pub fn with_naming(mut self, naming: KeyNaming) -> Self {
+    self.naming = Arc::new(naming);
+    self
+  }
+
+  /// A reader of the usage collection, for statistics.
+  pub fn usage_reader(&self) -> UsageReader {
+    UsageReader {
+      usage: self.usage.clone(),
+      naming: self.naming.clone(),
+    }
+  }
+
   /// Database round trips made so far, failed ones included.
   pub fn ops(&self) -> u64 {
     self.ops.load(Ordering::Relaxed)
@@ -167,19 +188,100 @@ impl MongoStore {
     self.ops.fetch_add(1, Ordering::Relaxed);
   }
 
-  /// Every key document, as it stands at `now`: windows whose reset time has passed restarted.
+  /// Every key document, as it stands at `now`: windows whose reset time has passed restarted,
+  /// each named by its key (a fingerprint of a key not configured stays a fingerprint).
   /// Documents without a string `apiKey` cannot belong to any configured key and are skipped.
-  /// One round trip for up to 10,000 keys.
+  /// One round trip for up to 10,000 keys. When keys are stored as fingerprints, documents that
+  /// hold a key in plaintext (the old service's) are migrated first: see [`Self::migrate`].
   pub async fn load(&self, now: Millis) -> Result<Vec<KeyRecord>, StoreError> {
     self.count_op();
     let mut cursor = self.keys.find(doc! {}).batch_size(READ_BATCH).await?;
     let mut records = Vec::new();
+    let mut plaintext = Vec::new();
     while cursor.advance().await? {
-      if let Some(record) = key_from_document(&cursor.deserialize_current()?, now) {
-        records.push(record);
+      let d = cursor.deserialize_current()?;
+      let Some(mut record) = key_from_document(&d, now) else {
+        continue;
+      };
+      if self.naming.needs_migration(&record.api_key) {
+        plaintext.push((d.get("_id").cloned().unwrap_or(Bson::Null), record));
+        continue;
       }
+      if let Some(i) = self.naming.position(&record.api_key) {
+        record.api_key = self.naming.keys()[i].clone();
+      }
+      records.push(record);
+    }
+    if matches!(
+      self.naming.storage(),
+      super::naming::KeyStorage::Fingerprint(_)
+    ) {
+      self.migrate(plaintext, &mut records).await?;
     }
     Ok(records)
+  }
+
+  /// Rewrites documents that hold a key in plaintext under its fingerprint. Key documents are
+  /// written again under the fingerprint (unless one is there already, which wins), then the
+  /// plaintext ones deleted; usage documents of the configured keys and of those key documents get
+  /// the fingerprint in `apiKey`. Keys quoted in their error messages are masked. Resumable: a
+  /// migration cut short finishes at the next load.
+  async fn migrate(
+    &self,
+    plaintext: Vec<(Bson, KeyRecord)>,
+    records: &mut Vec<KeyRecord>,
+  ) -> Result<(), StoreError> {
+    let mut names: Vec<String> = self.naming.keys().to_vec();
+    names.extend(plaintext.iter().map(|(_, r)| r.api_key.clone()));
+    let present: HashSet<&str> = records.iter().map(|r| r.api_key.as_str()).collect();
+    let mut ids = Vec::with_capacity(plaintext.len());
+    let mut moved = Vec::new();
+    for (id, record) in plaintext {
+      ids.push(id);
+      if !present.contains(record.api_key.as_str()) {
+        moved.push(KeyRecord {
+          last_error: record.last_error.as_deref().map(|e| scrub(e, &names)),
+          ..record
+        });
+      }
+    }
+    if !ids.is_empty() {
+      self.save_keys(&moved).await?;
+      self.count_op();
+      self
+        .keys
+        .delete_many(doc! { "_id": { "$in": ids } })
+        .await?;
+      records.extend(moved);
+    }
+    self.count_op();
+    let mut cursor = self
+      .usage
+      .find(doc! { "apiKey": { "$in": names.clone() } })
+      .projection(doc! { "apiKey": 1, "error": 1 })
+      .batch_size(READ_BATCH)
+      .await?;
+    let mut updates = Vec::new();
+    while cursor.advance().await? {
+      let d = cursor.deserialize_current()?;
+      let (Some(id), Ok(key)) = (d.get("_id"), d.get_str("apiKey")) else {
+        continue;
+      };
+      let mut set = doc! { "apiKey": self.naming.stored(key) };
+      if let Ok(error) = d.get_str("error") {
+        set.insert("error", scrub(error, &names));
+      }
+      updates.push(doc! { "q": { "_id": id.clone() }, "u": { "$set": set } });
+    }
+    for chunk in updates.chunks(KEY_BATCH) {
+      self.count_op();
+      let reply = self
+        .db
+        .run_command(doc! { "update": USAGE, "updates": chunk.to_vec(), "ordered": false })
+        .await?;
+      check_write_reply(&reply, &names)?;
+    }
+    Ok(())
   }
 
   /// Writes each key's whole document, inserting those not stored yet: one `update` command per
@@ -192,9 +294,10 @@ impl MongoStore {
       let updates: Vec<Document> = chunk
         .iter()
         .map(|k| {
+          let stored = self.naming.stored(&k.api_key);
           doc! {
-            "q": { "apiKey": &k.api_key },
-            "u": key_document(k),
+            "q": { "apiKey": &stored },
+            "u": key_document(k, &stored),
             "upsert": true,
           }
         })
@@ -204,7 +307,8 @@ impl MongoStore {
         .db
         .run_command(doc! { "update": KEYS, "updates": updates, "ordered": false })
         .await?;
-      check_write_reply(&reply, chunk)?;
+      let names: Vec<String> = chunk.iter().map(|k| k.api_key.clone()).collect();
+      check_write_reply(&reply, &names)?;
     }
     Ok(())
   }
@@ -216,7 +320,10 @@ impl MongoStore {
   pub async fn append_usage(&self, usage: &[UsageRecord]) -> Result<usize, StoreError> {
     let mut stored = 0;
     for chunk in usage.chunks(USAGE_BATCH) {
-      let docs: Vec<Document> = chunk.iter().map(usage_document).collect();
+      let docs: Vec<Document> = chunk
+        .iter()
+        .map(|u| usage_document(u, &self.naming.stored(&u.api_key)))
+        .collect();
       self.count_op();
       stored += match self.usage.insert_many(docs).ordered(false).await {
         Ok(result) => result.inserted_ids.len(),
@@ -465,6 +572,95 @@ mod tests {
       .count();
     assert_eq!(failed, 10);
     assert!(docs.iter().all(|d| d.get_datetime("timestamp").is_ok()));
+  }
+
+  #[tokio::test]
+  async fn plaintext_documents_migrate_to_fingerprints_on_load() {
+    use crate::fingerprint::Fingerprinter;
+    use crate::store::{KeyNaming, KeyStorage};
+    use crate::usage_stats::DateRange;
+
+    let server = TestServer::start();
+    let keys = vec![
+      "AIzaSyOLD-KEY-A-00000000000000".to_owned(),
+      "AIzaSyOLD-KEY-B-00000000000000".to_owned(),
+    ];
+    let retired = "AIzaSyRETIRED-KEY-000000000000";
+    // The old service's documents: keys in plaintext, and quoted in error messages.
+    let old = connect(&server).await;
+    let quoting = format!("failed for {}", keys[1]);
+    old
+      .save_keys(&[
+        key(&keys[0], 3, Some(&quoting)),
+        key(&keys[1], 1, None),
+        key(retired, 0, None),
+      ])
+      .await
+      .unwrap();
+    let ids = UsageIds::new();
+    let usage = |k: &str, timestamp: Millis, error: Option<String>| UsageRecord {
+      id: ids.next_id(),
+      api_key: k.into(),
+      timestamp,
+      tokens_used: 7,
+      success: error.is_none(),
+      error,
+      response_time: 12.5,
+    };
+    old
+      .append_usage(&[
+        usage(&keys[0], NOW, Some(format!("quota for {}", keys[0]))),
+        usage(&keys[1], NOW + 5_000, None),
+        usage(retired, NOW + 6_000, None),
+      ])
+      .await
+      .unwrap();
+
+    let f = Fingerprinter::new(b"test secret, 16+ bytes").unwrap();
+    let store = connect(&server)
+      .await
+      .with_naming(KeyNaming::new(KeyStorage::Fingerprint(f.clone()), &keys));
+    let loaded = store.load(NOW).await.unwrap();
+    let mut names: Vec<&str> = loaded.iter().map(|r| r.api_key.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, vec![keys[0].as_str(), keys[1].as_str(), retired]);
+    let a = loaded.iter().find(|r| r.api_key == keys[0]).unwrap();
+    assert_eq!(a.rpm.current, 3);
+    assert_eq!(a.last_error.as_deref(), Some("failed for AIzaSyOL...0000"));
+    let documents = [
+      raw_documents(&store.keys).await,
+      raw_documents(&store.usage).await,
+    ];
+    assert_eq!((documents[0].len(), documents[1].len()), (3, 3));
+    for d in documents.iter().flatten() {
+      let text = d.to_string();
+      for k in keys.iter().map(String::as_str).chain([retired]) {
+        assert!(!text.contains(k), "{text}");
+      }
+      assert!(
+        crate::fingerprint::is_fingerprint(d.get_str("apiKey").unwrap()),
+        "{d}"
+      );
+    }
+    // Nothing left to migrate; the retired key is now only a fingerprint.
+    let again = store.load(NOW).await.unwrap();
+    assert_eq!(again.len(), 3);
+    assert!(again.iter().any(|r| r.api_key == f.fingerprint(retired)));
+    // Usage is read back by position, by date (seconds apart: the test server compares dates to
+    // the second).
+    let reader = store.usage_reader();
+    let all = reader.calls(DateRange::ALL, 10).await.unwrap();
+    assert_eq!((all.calls.len(), all.truncated), (2, false));
+    let late = reader
+      .calls(
+        DateRange::new(Some(NOW + 1_000), Some(NOW + 5_000)).unwrap(),
+        10,
+      )
+      .await
+      .unwrap();
+    assert_eq!(late.calls.len(), 1, "{late:?}");
+    assert_eq!((late.calls[0].key, late.calls[0].response_time), (1, 12.5));
+    assert!(reader.calls(DateRange::ALL, 1).await.unwrap().truncated);
   }
 
   #[tokio::test]

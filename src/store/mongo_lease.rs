@@ -37,6 +37,11 @@ impl MongoStore {
     expires_at: Millis,
   ) -> Result<Grant, StoreError> {
     lease::check(slot, holder)?;
+    let stored = self.naming.stored(slot.api_key);
+    let slot = &LeaseSlot {
+      api_key: &stored,
+      ..*slot
+    };
     let want = want.min(limit);
     let nothing = |holders| Grant {
       granted: 0,
@@ -232,6 +237,11 @@ impl MongoStore {
     to_pool: bool,
   ) -> Result<u64, StoreError> {
     lease::check(slot, holder)?;
+    let stored = self.naming.stored(slot.api_key);
+    let slot = &LeaseSlot {
+      api_key: &stored,
+      ..*slot
+    };
     let id = lease_id(slot);
     let holding = format!("holders.{holder}");
     let mut n = amount;

@@ -1,0 +1,454 @@
+//! The pool's metrics as operators read them: the Prometheus text exposition format (`GET
+//! /metrics`) and a plain object for `getMetrics()`. The pool takes a [`MetricsSnapshot`] under its
+//! lock; rendering happens here, after the lock is released.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::counters::Counters;
+use crate::health::HealthState;
+use crate::key::LimitFigures;
+use crate::quota::LimitType;
+
+/// Every metric's name starts with this.
+const NS: &str = "gemini_key_manager";
+
+/// One key's figures at the time of the snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyMetrics {
+  /// Masked.
+  pub api_key: String,
+  pub state: HealthState,
+  pub availability_score: f64,
+  /// RPM, RPD, TPM.
+  pub windows: [LimitFigures; 3],
+}
+
+/// The counters and every key's figures, read at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsSnapshot {
+  pub counters: Counters,
+  pub keys: Vec<KeyMetrics>,
+}
+
+impl MetricsSnapshot {
+  /// Selections served from the cache over all selections; 0 before the first.
+  pub fn cache_hit_rate(&self) -> f64 {
+    let c = &self.counters;
+    let all = c.cache_hits + c.cache_misses;
+    if all == 0 {
+      0.0
+    } else {
+      c.cache_hits as f64 / all as f64
+    }
+  }
+
+  /// How many keys are in each state, in [`HealthState::LABELS`] order.
+  pub fn keys_by_state(&self) -> [u64; 5] {
+    let mut counts = [0; 5];
+    for k in &self.keys {
+      counts[k.state.code()] += 1;
+    }
+    counts
+  }
+}
+
+/// A label value as the exposition format wants it: backslash, double quote and newline escaped.
+pub fn escape_label(value: &str) -> String {
+  let mut out = String::with_capacity(value.len());
+  for c in value.chars() {
+    match c {
+      '\\' => out.push_str("\\\\"),
+      '"' => out.push_str("\\\""),
+      '\n' => out.push_str("\\n"),
+      c => out.push(c),
+    }
+  }
+  out
+}
+
+/// A number as the exposition format writes it.
+fn number(x: f64) -> String {
+  if x.is_nan() {
+    "NaN".to_owned()
+  } else if x.is_infinite() {
+    if x > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+  } else {
+    format!("{x}")
+  }
+}
+
+/// Writes a metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+  // Writing to a String cannot fail.
+  let _ = writeln!(out, "# HELP {NS}_{name} {help}");
+  let _ = writeln!(out, "# TYPE {NS}_{name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+  let _ = write!(out, "{NS}_{name}");
+  if !labels.is_empty() {
+    out.push('{');
+    for (i, (label, v)) in labels.iter().enumerate() {
+      if i > 0 {
+        out.push(',');
+      }
+      let _ = write!(out, "{label}=\"{}\"", escape_label(v));
+    }
+    out.push('}');
+  }
+  let _ = writeln!(out, " {}", number(value));
+}
+
+/// The snapshot in the Prometheus text exposition format (version 0.0.4). Per-key series carry the
+/// masked key and, since two keys can share a mask, the key's position.
+pub fn prometheus_text(m: &MetricsSnapshot) -> String {
+  let c = &m.counters;
+  let mut out = String::new();
+  family(
+    &mut out,
+    "keys_handed_out_total",
+    "counter",
+    "Keys handed out for a request.",
+  );
+  sample(&mut out, "keys_handed_out_total", &[], c.handed_out as f64);
+  family(
+    &mut out,
+    "selections_total",
+    "counter",
+    "Key selections, by whether the 5-second selection cache served them.",
+  );
+  sample(
+    &mut out,
+    "selections_total",
+    &[("cache", "hit")],
+    c.cache_hits as f64,
+  );
+  sample(
+    &mut out,
+    "selections_total",
+    &[("cache", "miss")],
+    c.cache_misses as f64,
+  );
+  family(
+    &mut out,
+    "selection_cache_hit_ratio",
+    "gauge",
+    "Share of selections served from the cache since start.",
+  );
+  sample(
+    &mut out,
+    "selection_cache_hit_ratio",
+    &[],
+    m.cache_hit_rate(),
+  );
+  family(
+    &mut out,
+    "rotations_total",
+    "counter",
+    "Rotations away from a key: proactive (its score fell under 0.3) or on error (a 429, an open circuit or a deactivation took it out).",
+  );
+  sample(
+    &mut out,
+    "rotations_total",
+    &[("reason", "proactive")],
+    c.proactive_rotations as f64,
+  );
+  sample(
+    &mut out,
+    "rotations_total",
+    &[("reason", "error")],
+    c.error_rotations as f64,
+  );
+  family(
+    &mut out,
+    "rate_limits_total",
+    "counter",
+    "429 responses reported, by the window that ran out.",
+  );
+  for limit in LimitType::ALL {
+    let window = limit.as_str().to_ascii_lowercase();
+    sample(
+      &mut out,
+      "rate_limits_total",
+      &[("window", &window)],
+      c.rate_limits[limit as usize] as f64,
+    );
+  }
+  family(
+    &mut out,
+    "calls_total",
+    "counter",
+    "Calls recorded, by outcome.",
+  );
+  sample(
+    &mut out,
+    "calls_total",
+    &[("outcome", "success")],
+    c.successes as f64,
+  );
+  sample(
+    &mut out,
+    "calls_total",
+    &[("outcome", "failure")],
+    c.failures as f64,
+  );
+  family(
+    &mut out,
+    "tokens_total",
+    "counter",
+    "Tokens reported by recorded calls.",
+  );
+  sample(&mut out, "tokens_total", &[], c.tokens as f64);
+  family(&mut out, "keys", "gauge", "Keys in each state.");
+  for (state, n) in HealthState::LABELS.iter().zip(m.keys_by_state()) {
+    sample(&mut out, "keys", &[("state", state)], n as f64);
+  }
+  family(
+    &mut out,
+    "key_availability_score",
+    "gauge",
+    "0.5 x remaining RPM share + 0.3 x remaining RPD share + 0.2 x remaining TPM share.",
+  );
+  let positions: Vec<String> = (0..m.keys.len()).map(|i| i.to_string()).collect();
+  for (k, index) in m.keys.iter().zip(&positions) {
+    let labels = [("key", k.api_key.as_str()), ("index", index.as_str())];
+    sample(
+      &mut out,
+      "key_availability_score",
+      &labels,
+      k.availability_score,
+    );
+  }
+  for (name, help) in [
+    (
+      "key_window_current",
+      "Requests (RPM, RPD) or tokens (TPM) counted in the key's window now.",
+    ),
+    ("key_window_limit", "The key's limit for the window."),
+  ] {
+    family(&mut out, name, "gauge", help);
+    for (k, index) in m.keys.iter().zip(&positions) {
+      for (limit, w) in LimitType::ALL.iter().zip(&k.windows) {
+        let window = limit.as_str().to_ascii_lowercase();
+        let labels = [
+          ("key", k.api_key.as_str()),
+          ("index", index.as_str()),
+          ("window", &window),
+        ];
+        let value = if name == "key_window_current" {
+          w.current
+        } else {
+          w.limit
+        };
+        sample(&mut out, name, &labels, value as f64);
+      }
+    }
+  }
+  out
+}
+
+#[derive(Serialize)]
+struct Window {
+  current: u64,
+  limit: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyJson<'a> {
+  api_key: &'a str,
+  state: &'static str,
+  availability_score: f64,
+  rpm: Window,
+  rpd: Window,
+  tpm: Window,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Selections {
+  cache_hits: u64,
+  cache_misses: u64,
+  cache_hit_rate: f64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rotations {
+  proactive: u64,
+  on_error: u64,
+}
+
+#[derive(Serialize)]
+struct RateLimits {
+  total: u64,
+  rpm: u64,
+  rpd: u64,
+  tpm: u64,
+}
+
+#[derive(Serialize)]
+struct Calls {
+  successes: u64,
+  failures: u64,
+  tokens: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MetricsJson<'a> {
+  handed_out: u64,
+  selections: Selections,
+  rotations: Rotations,
+  rate_limits: RateLimits,
+  calls: Calls,
+  keys_by_state: serde_json::Map<String, serde_json::Value>,
+  keys: Vec<KeyJson<'a>>,
+}
+
+/// The snapshot as the JSON object `getMetrics()` returns (its shape is in lib/index.d.ts).
+pub fn to_json(m: &MetricsSnapshot) -> String {
+  let c = &m.counters;
+  let window = |w: &LimitFigures| Window {
+    current: w.current,
+    limit: w.limit,
+  };
+  let value = MetricsJson {
+    handed_out: c.handed_out,
+    selections: Selections {
+      cache_hits: c.cache_hits,
+      cache_misses: c.cache_misses,
+      cache_hit_rate: m.cache_hit_rate(),
+    },
+    rotations: Rotations {
+      proactive: c.proactive_rotations,
+      on_error: c.error_rotations,
+    },
+    rate_limits: RateLimits {
+      total: c.rate_limits.iter().sum(),
+      rpm: c.rate_limits[0],
+      rpd: c.rate_limits[1],
+      tpm: c.rate_limits[2],
+    },
+    calls: Calls {
+      successes: c.successes,
+      failures: c.failures,
+      tokens: c.tokens,
+    },
+    keys_by_state: HealthState::LABELS
+      .iter()
+      .zip(m.keys_by_state())
+      .map(|(state, n)| (state.to_string(), n.into()))
+      .collect(),
+    keys: m
+      .keys
+      .iter()
+      .map(|k| KeyJson {
+        api_key: &k.api_key,
+        state: k.state.label(),
+        availability_score: k.availability_score,
+        rpm: window(&k.windows[0]),
+        rpd: window(&k.windows[1]),
+        tpm: window(&k.windows[2]),
+      })
+      .collect(),
+  };
+  // Plain numbers and strings only: serializing cannot fail.
+  serde_json::to_string(&value).unwrap_or_else(|_| "{}".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  fn snapshot() -> MetricsSnapshot {
+    let w = |current, limit| LimitFigures {
+      current,
+      limit,
+      reset_time: 0,
+    };
+    MetricsSnapshot {
+      counters: Counters {
+        handed_out: 7,
+        cache_hits: 3,
+        cache_misses: 1,
+        proactive_rotations: 2,
+        error_rotations: 1,
+        rate_limits: [4, 0, 1],
+        successes: 5,
+        failures: 2,
+        tokens: 1234,
+      },
+      keys: vec![
+        KeyMetrics {
+          api_key: "AIzaSyAA...0001".into(),
+          state: HealthState::Active,
+          availability_score: 0.75,
+          windows: [w(3, 30), w(10, 200), w(1234, 1_000_000)],
+        },
+        KeyMetrics {
+          api_key: "we\"ird\\key\n".into(),
+          state: HealthState::Resting { until: 5 },
+          availability_score: 1.0,
+          windows: [w(0, 30), w(0, 200), w(0, 1_000_000)],
+        },
+      ],
+    }
+  }
+
+  #[test]
+  fn the_text_format_has_help_type_and_escaped_labels() {
+    let text = prometheus_text(&snapshot());
+    for line in [
+      "# HELP gemini_key_manager_keys_handed_out_total Keys handed out for a request.",
+      "# TYPE gemini_key_manager_keys_handed_out_total counter",
+      "gemini_key_manager_keys_handed_out_total 7",
+      "gemini_key_manager_selections_total{cache=\"hit\"} 3",
+      "gemini_key_manager_selection_cache_hit_ratio 0.75",
+      "gemini_key_manager_rotations_total{reason=\"proactive\"} 2",
+      "gemini_key_manager_rate_limits_total{window=\"rpm\"} 4",
+      "gemini_key_manager_keys{state=\"resting\"} 1",
+      "gemini_key_manager_keys{state=\"deactivated\"} 0",
+      "gemini_key_manager_key_availability_score{key=\"AIzaSyAA...0001\",index=\"0\"} 0.75",
+      "gemini_key_manager_key_window_current{key=\"AIzaSyAA...0001\",index=\"0\",window=\"tpm\"} 1234",
+      "gemini_key_manager_key_window_limit{key=\"we\\\"ird\\\\key\\n\",index=\"1\",window=\"rpd\"} 200",
+    ] {
+      assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    // Every sample belongs to a family declared just before, and every counter ends in _total.
+    let mut declared = String::new();
+    for line in text.lines() {
+      if let Some(rest) = line.strip_prefix("# TYPE ") {
+        let (name, kind) = rest.split_once(' ').unwrap();
+        assert!(kind != "counter" || name.ends_with("_total"), "{name}");
+        declared = name.to_owned();
+      } else if !line.starts_with('#') {
+        let name = line.split(['{', ' ']).next().unwrap();
+        assert_eq!(name, declared, "{line}");
+      }
+    }
+  }
+
+  #[test]
+  fn the_object_form_has_the_same_figures() {
+    let v: serde_json::Value = serde_json::from_str(&to_json(&snapshot())).unwrap();
+    assert_eq!(v["handedOut"], 7);
+    assert_eq!(v["selections"]["cacheHitRate"], 0.75);
+    assert_eq!(v["rotations"]["onError"], 1);
+    assert_eq!(v["rateLimits"]["total"], 5);
+    assert_eq!(v["keysByState"]["active"], 1);
+    assert_eq!(v["keysByState"]["circuit-open"], 0);
+    assert_eq!(v["keys"][1]["state"], "resting");
+    assert_eq!(v["keys"][0]["tpm"]["current"], 1234);
+  }
+
+  #[test]
+  fn numbers_are_written_as_the_format_wants() {
+    assert_eq!(number(f64::NAN), "NaN");
+    assert_eq!(number(f64::INFINITY), "+Inf");
+    assert_eq!(number(2.0), "2");
+    assert_eq!(number(0.5), "0.5");
+  }
+}

@@ -1,0 +1,199 @@
+//! Usage statistics: recorded calls and a date range in, per-key and total figures out (requests,
+//! successes, failures, error rate, tokens, median and 95th-percentile response time). Pure: the
+//! calls come from the usage collection or the in-memory call log, whichever the caller has.
+
+use thiserror::Error;
+
+use crate::call_log::Call;
+use crate::clock::Millis;
+
+/// A range of instants, both ends included; an open end is `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DateRange {
+  pub start: Option<Millis>,
+  pub end: Option<Millis>,
+}
+
+/// Why a range was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum RangeError {
+  #[error("startDate must not be after endDate")]
+  EndBeforeStart,
+}
+
+impl DateRange {
+  /// All time.
+  pub const ALL: Self = Self {
+    start: None,
+    end: None,
+  };
+
+  /// `start..=end`; an end before the start is refused.
+  pub fn new(start: Option<Millis>, end: Option<Millis>) -> Result<Self, RangeError> {
+    match (start, end) {
+      (Some(s), Some(e)) if e < s => Err(RangeError::EndBeforeStart),
+      _ => Ok(Self { start, end }),
+    }
+  }
+
+  pub fn contains(&self, t: Millis) -> bool {
+    self.start.is_none_or(|s| t >= s) && self.end.is_none_or(|e| t <= e)
+  }
+}
+
+/// The figures of one key, or of all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct UsageFigures {
+  pub requests: u64,
+  pub successes: u64,
+  pub failures: u64,
+  /// Failures over requests, 0 when there were none.
+  pub error_rate: f64,
+  pub tokens: u64,
+  /// Median response time in ms, `None` without requests.
+  pub p50_response_time: Option<f64>,
+  /// 95th-percentile response time in ms, `None` without requests.
+  pub p95_response_time: Option<f64>,
+}
+
+/// Statistics over a range: one entry per key of the pool, in pool order, and the totals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageReport {
+  pub keys: Vec<UsageFigures>,
+  pub totals: UsageFigures,
+}
+
+/// The nearest-rank percentile `p` (0 < p <= 100) of `sorted`, which must be sorted ascending:
+/// the smallest value with at least p% of the values at or below it.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+  if sorted.is_empty() {
+    return None;
+  }
+  let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+  Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Counts and response times gathered for one key before the percentiles are taken.
+#[derive(Default)]
+struct Tally {
+  figures: UsageFigures,
+  times: Vec<f64>,
+}
+
+impl Tally {
+  fn add(&mut self, call: &Call) {
+    let f = &mut self.figures;
+    f.requests += 1;
+    if call.success {
+      f.successes += 1;
+    } else {
+      f.failures += 1;
+    }
+    f.tokens = f.tokens.saturating_add(call.tokens);
+    self.times.push(call.response_time);
+  }
+
+  fn finish(mut self) -> UsageFigures {
+    self.times.sort_unstable_by(f64::total_cmp);
+    let f = &mut self.figures;
+    if f.requests > 0 {
+      f.error_rate = f.failures as f64 / f.requests as f64;
+    }
+    f.p50_response_time = percentile(&self.times, 50.0);
+    f.p95_response_time = percentile(&self.times, 95.0);
+    self.figures
+  }
+}
+
+/// Statistics for a pool of `key_count` keys over the calls in `range`. Calls outside the range or
+/// naming no key of the pool are left out.
+pub fn compute(key_count: usize, calls: &[Call], range: DateRange) -> UsageReport {
+  let mut keys: Vec<Tally> = (0..key_count).map(|_| Tally::default()).collect();
+  let mut totals = Tally::default();
+  for call in calls.iter().filter(|c| range.contains(c.timestamp)) {
+    if let Some(tally) = keys.get_mut(call.key) {
+      tally.add(call);
+      totals.add(call);
+    }
+  }
+  UsageReport {
+    keys: keys.into_iter().map(Tally::finish).collect(),
+    totals: totals.finish(),
+  }
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+
+  fn call(key: usize, timestamp: Millis, success: bool, response_time: f64) -> Call {
+    Call {
+      key,
+      timestamp,
+      tokens: 10,
+      success,
+      response_time,
+    }
+  }
+
+  #[test]
+  fn percentiles_are_nearest_rank() {
+    let v: Vec<f64> = (1..=100).map(f64::from).collect();
+    assert_eq!(percentile(&v, 50.0), Some(50.0));
+    assert_eq!(percentile(&v, 95.0), Some(95.0));
+    assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
+    assert_eq!(percentile(&[1.0, 2.0], 50.0), Some(1.0));
+    assert_eq!(percentile(&[1.0, 2.0], 95.0), Some(2.0));
+    assert_eq!(percentile(&[], 50.0), None);
+  }
+
+  #[test]
+  fn figures_per_key_and_in_total_over_the_range_only() {
+    let mut calls = vec![
+      call(0, 100, true, 30.0),
+      call(0, 200, false, 10.0),
+      call(0, 300, true, 20.0),
+      call(1, 150, true, 5.0),
+      // Outside the range, or of no key in the pool.
+      call(1, 50, false, 1.0),
+      call(0, 301, false, 1.0),
+      call(7, 200, true, 1.0),
+    ];
+    calls.reverse();
+    let range = DateRange::new(Some(100), Some(300)).unwrap();
+    let r = compute(3, &calls, range);
+    assert_eq!(
+      r.keys[0],
+      UsageFigures {
+        requests: 3,
+        successes: 2,
+        failures: 1,
+        error_rate: 1.0 / 3.0,
+        tokens: 30,
+        p50_response_time: Some(20.0),
+        p95_response_time: Some(30.0),
+      }
+    );
+    assert_eq!((r.keys[1].requests, r.keys[1].error_rate), (1, 0.0));
+    assert_eq!(r.keys[2], UsageFigures::default());
+    assert_eq!(
+      (r.totals.requests, r.totals.failures, r.totals.tokens),
+      (4, 1, 40)
+    );
+    assert_eq!(r.totals.error_rate, 0.25);
+    assert_eq!(r.totals.p50_response_time, Some(10.0));
+    assert_eq!(r.totals.p95_response_time, Some(30.0));
+    assert_eq!(compute(3, &calls, DateRange::ALL).totals.requests, 6);
+  }
+
+  #[test]
+  fn ranges_include_both_ends_and_refuse_an_end_before_the_start() {
+    let r = DateRange::new(Some(5), Some(5)).unwrap();
+    assert!(r.contains(5) && !r.contains(4) && !r.contains(6));
+    assert!(DateRange::new(None, Some(1)).unwrap().contains(Millis::MIN));
+    assert_eq!(
+      DateRange::new(Some(2), Some(1)),
+      Err(RangeError::EndBeforeStart)
+    );
+  }
+}
