@@ -683,7 +683,9 @@ class ApiKeyManagerService {
     }
     let reply
     try {
-      reply = await this._native.routeAsync('GET', `/usage-stats?${query}`)
+      // The route table's own answer, as `serve` gives it: one implementation of the statistics.
+      this._usageRouter ??= this._router()
+      reply = await this._usageRouter.routeAsync('GET', `/usage-stats?${query}`)
     } catch (e) {
       return failure(messageOf(e))
     }
