@@ -168,11 +168,11 @@ function mongoSettings(options) {
   }
 }
 
-/** A boolean environment variable: `true`/`1`/`false`/`0`, or undefined when unset or anything else. */
+/** A boolean environment variable: `true`/`1`/`yes` or `false`/`0`/`no`; undefined when unset or anything else. */
 function envFlag(name) {
   const value = (process.env[name] ?? '').trim().toLowerCase()
-  if (value === 'true' || value === '1') return true
-  if (value === 'false' || value === '0') return false
+  if (value === 'true' || value === '1' || value === 'yes') return true
+  if (value === 'false' || value === '0' || value === 'no') return false
   return undefined
 }
 
