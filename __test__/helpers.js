@@ -2,6 +2,7 @@
 
 // Shared by the test files (not a test file itself: node --test only runs *.test.js here).
 
+const net = require('node:net')
 const path = require('node:path')
 const { spawnSync } = require('node:child_process')
 
@@ -116,7 +117,33 @@ async function statusOf(m, key) {
   return all.data.find((s) => s.apiKey === key)
 }
 
+/** A TCP port free on 127.0.0.1 right now. */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer()
+    srv.on('error', reject)
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address()
+      srv.close(() => resolve(port))
+    })
+  })
+}
+
+/** A small seeded PRNG (mulberry32): the same seed gives the same sequence. */
+function prng(seed) {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
 module.exports = {
+  freePort,
+  prng,
   PKG,
   FIXTURES,
   LIMITS,

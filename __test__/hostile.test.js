@@ -10,25 +10,13 @@
 const { test, before, after } = require('node:test')
 const assert = require('node:assert/strict')
 
-const { PKG, fakeKey, mask, settle } = require('./helpers')
+const { PKG, fakeKey, mask, settle, prng } = require('./helpers')
 const { ApiKeyManagerService } = require(PKG)
 
 const SEED = Number(process.env.HOSTILE_SEED ?? 0x6b657973)
 const RANDOM_CALLS = 400
 const KEYS = [fakeKey(701), fakeKey(702), fakeKey(703)]
 const LIMITS = { rpm: 1000000, rpd: 1000000, tpm: 1000000000 }
-
-/** mulberry32: a small seeded PRNG. */
-function prng(seed) {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 const boom = () => {
   throw new Error('hostile getter')

@@ -14,7 +14,7 @@ const os = require('node:os')
 const path = require('node:path')
 const { spawn } = require('node:child_process')
 const { MongoClient } = require('mongodb')
-const { PKG, FIXTURES, fakeKey, mask, runFixture, expectClean, cleanEnv } = require('./helpers')
+const { PKG, FIXTURES, fakeKey, mask, runFixture, expectClean, cleanEnv, freePort } = require('./helpers')
 
 const { ApiKeyManagerService, keyFingerprint, keyRoutes } = require(PKG)
 const express = require('express')
@@ -51,17 +51,6 @@ test.after(async () => {
   for (const s of servers) s.stop()
   fs.rmSync(TMP, { recursive: true, force: true })
 })
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer()
-    srv.on('error', reject)
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address()
-      srv.close(() => resolve(port))
-    })
-  })
-}
 
 function canConnect(port) {
   return new Promise((resolve) => {

@@ -18,6 +18,7 @@ const { spawn, spawnSync } = require('node:child_process')
 const { MongoClient } = require('mongodb')
 const { ApiKeyManagerService } = require('../lib')
 const { BaselineKeyManager } = require('./baseline')
+const { freePort } = require('../__test__/helpers')
 
 const ROOT = path.join(__dirname, '..')
 const NX = path.join(ROOT, '.venv-mongo', 'bin', 'nx-27017')
@@ -32,17 +33,6 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 const median = (xs) => {
   const s = [...xs].sort((a, b) => a - b)
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer()
-    srv.on('error', reject)
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address()
-      srv.close(() => resolve(port))
-    })
-  })
 }
 
 async function startServer() {

@@ -183,7 +183,9 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
       }
     }
     let closing = shared.closing.load(Ordering::Acquire);
-    if store.is_none() && !closing && Instant::now() >= next_connect {
+    // Closing tries once more, so that what was recorded while the server was away is not lost
+    // when it is back by then.
+    if store.is_none() && (closing || Instant::now() >= next_connect) {
       match connect(&shared, &options).await {
         Ok(s) => {
           shared.log.info(CONNECTED_LINE);
@@ -403,6 +405,31 @@ mod tests {
     q.close();
     again.close().await;
     assert_eq!(count(&server.uri(), "api_key_usage").await, 12);
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn closing_in_memory_tries_the_server_once_more_and_writes_what_waited() {
+    let port = free_port();
+    let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let p = pool(&["key-a"]);
+    let (writer, started) = WriteBehind::start(
+      p.clone(),
+      PersistOptions {
+        connect_timeout: Duration::from_millis(500),
+        // No retry before the close: only the close's own try can write.
+        retry_interval: Duration::from_secs(600),
+        ..options(uri)
+      },
+      Arc::new(CapturedLog::default()),
+    )
+    .await;
+    assert!(matches!(started, Started::Fallback(_)), "{started:?}");
+    p.record_usage(0, 3, Outcome::Success, 1.0).unwrap();
+    let server = TestServer::start_on(port);
+    p.close();
+    writer.close().await;
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 1);
+    assert_eq!(count(&server.uri(), "api_keys").await, 1);
   }
 
   #[tokio::test(flavor = "multi_thread")]

@@ -1059,7 +1059,10 @@ mod tests {
     }
     let reply = open_route(&p, "POST", "/metrics?x=1", b"");
     assert_eq!((reply.status, reply.allow), (405, Some("GET")));
-    assert_eq!(open_route(&p, "GET", "/api/keys/best", b"").content_type, JSON);
+    assert_eq!(
+      open_route(&p, "GET", "/api/keys/best", b"").content_type,
+      JSON
+    );
   }
 
   #[test]

@@ -30,16 +30,11 @@ impl TestServer {
   /// Starts a server and waits until it accepts connections. Panics, saying what to do, when the
   /// server is not installed or does not come up.
   pub fn start() -> Self {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-mongo/bin/nx-27017");
-    assert!(
-      bin.is_file(),
-      "{} is missing: run `bash scripts/mongo-test-server.sh` to install the test MongoDB server",
-      bin.display()
-    );
+    let bin = Self::bin();
     let mut failures = Vec::new();
     // A port found free can be taken before the server binds it: try another.
     for _ in 0..3 {
-      match Self::try_start(&bin) {
+      match Self::try_start(&bin, free_port()) {
         Ok(server) => return server,
         Err(why) => failures.push(why),
       }
@@ -47,8 +42,23 @@ impl TestServer {
     panic!("nx-27017 did not start: {failures:#?}");
   }
 
-  fn try_start(bin: &Path) -> Result<Self, String> {
-    let port = free_port();
+  /// [`Self::start`] on a given port, for a server that comes up where a client already looks.
+  pub fn start_on(port: u16) -> Self {
+    Self::try_start(&Self::bin(), port)
+      .unwrap_or_else(|why| panic!("nx-27017 did not start on {port}: {why}"))
+  }
+
+  fn bin() -> PathBuf {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-mongo/bin/nx-27017");
+    assert!(
+      bin.is_file(),
+      "{} is missing: run `bash scripts/mongo-test-server.sh` to install the test MongoDB server",
+      bin.display()
+    );
+    bin
+  }
+
+  fn try_start(bin: &Path, port: u16) -> Result<Self, String> {
     let dir = std::env::temp_dir().join(format!("gkm-nx-{}-{port}", std::process::id()));
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let child = Command::new(bin)
