@@ -642,3 +642,22 @@ test('sharedQuota: on by default with MongoDB, off on request, and it must be a 
   assert.equal(r.success, false)
   assert.match(r.error, /sharedQuota must be a boolean/)
 })
+
+test('with keys stored as fingerprints, URLs may name a key by its fingerprint', async () => {
+  const server = await sharedServer()
+  const m = manager(server.uri, 'gkm_fingerprint_urls')
+  assert.ok((await m.initialize()).success)
+  const http = await m.serve({ port: 0 })
+  try {
+    const r = await fetch(`${http.url}/api/keys/rate-limit/${fp(KEYS[1])}`)
+    assert.equal(r.status, 200)
+    const body = await r.json()
+    assert.equal(body.success, true)
+    assert.ok(!JSON.stringify(body).includes(KEYS[1]))
+    const unknown = await fetch(`${http.url}/api/keys/rate-limit/${keyFingerprint('AIzaSyNOTCONFIGURED0000000000000000000', SECRET)}`)
+    assert.equal(unknown.status, 404)
+  } finally {
+    await http.close()
+    await m.close()
+  }
+})

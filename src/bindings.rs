@@ -456,6 +456,9 @@ impl NativeKeyPool {
       &|name| std::env::var(name).ok(),
     )
     .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    if let KeyStorage::Fingerprint(f) = &key_storage {
+      self.pool().set_fingerprints(f);
+    }
     let defaults = PersistOptions::new(options.uri);
     let persist = PersistOptions {
       key_storage,

@@ -16,6 +16,7 @@ use crate::config::{js_number, PoolConfig};
 use crate::counters::Counters;
 use crate::error::PoolError;
 use crate::failure::{classify, Failure};
+use crate::fingerprint::Fingerprinter;
 use crate::health::{HealthChange, HealthState};
 use crate::key::{KeyFigures, KeyState, KeyStatus, RateLimitInfo};
 use crate::log::Log;
@@ -166,6 +167,9 @@ pub struct KeyPool {
   usage_ids: UsageIds,
   /// Reads the stored usage while MongoDB is connected: usage statistics are computed from it.
   usage_reader: Mutex<Option<UsageReader>>,
+  /// Every key's fingerprint, by position, once keys are stored as fingerprints: URLs may name a
+  /// key by it.
+  fingerprints: Mutex<Option<Arc<[String]>>>,
 }
 
 /// The in-memory log's calls in a range, for usage statistics.
@@ -276,6 +280,7 @@ impl KeyPool {
       log,
       usage_ids: UsageIds::new(),
       usage_reader: Mutex::new(None),
+      fingerprints: Mutex::new(None),
     })
   }
 
@@ -874,6 +879,21 @@ impl KeyPool {
   /// Where usage statistics read the stored usage from: set while MongoDB is connected.
   pub fn set_usage_reader(&self, reader: Option<UsageReader>) {
     *self.usage_reader.lock() = reader;
+  }
+
+  /// Lets callers name keys by their fingerprint under `fingerprinter` (see `fingerprint`).
+  pub fn set_fingerprints(&self, fingerprinter: &Fingerprinter) {
+    let prints = self
+      .names
+      .iter()
+      .map(|k| fingerprinter.fingerprint(k))
+      .collect();
+    *self.fingerprints.lock() = Some(prints);
+  }
+
+  /// Every key's fingerprint, by position, when they have one.
+  pub fn fingerprints(&self) -> Option<Arc<[String]>> {
+    self.fingerprints.lock().clone()
   }
 
   pub fn usage_reader(&self) -> Option<UsageReader> {

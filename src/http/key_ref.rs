@@ -15,21 +15,19 @@ pub enum KeyRefError {
   Ambiguous { matches: usize },
 }
 
-/// The forms a key can be named by besides its full text. One line per form: a fingerprint form
-/// goes here when the pool has one.
-const DERIVED_FORMS: &[fn(&KeyPool, &str) -> String] = &[|_, key| mask_key(key)];
-
-/// The position of the key `text` names: its full text, or a derived form that exactly one key
-/// has.
+/// The position of the key `text` names: its full text, or a form derived from it that exactly
+/// one key has: its masked form, or its fingerprint when keys are stored as fingerprints.
 pub fn resolve_key_ref(pool: &KeyPool, text: &str) -> Result<usize, KeyRefError> {
   if let Ok(index) = pool.index_of(text) {
     return Ok(index);
   }
+  let fingerprints = pool.fingerprints();
+  let fingerprint = |index: usize| fingerprints.as_ref().map(|f| f[index].as_str());
   let mut hits = pool
     .keys()
     .iter()
     .enumerate()
-    .filter(|(_, key)| DERIVED_FORMS.iter().any(|form| form(pool, key) == text))
+    .filter(|&(index, key)| mask_key(key) == text || fingerprint(index) == Some(text))
     .map(|(index, _)| index);
   match (hits.next(), hits.count()) {
     (Some(index), 0) => Ok(index),
@@ -56,6 +54,24 @@ mod tests {
       warnings: vec![],
     };
     KeyPool::new(config, Arc::new(FakeClock::at(0)), Arc::new(SilentLog)).unwrap()
+  }
+
+  #[test]
+  fn fingerprints_name_a_key_once_keys_have_them() {
+    let keys = [
+      "AIzaSyREF-one-0000000000000000000000001",
+      "AIzaSyFER-two-0000000000000000000000002",
+    ];
+    let p = pool_of(&keys);
+    let f = crate::fingerprint::Fingerprinter::new(b"a secret of sixteen+ bytes").unwrap();
+    let print = f.fingerprint(keys[1]);
+    assert_eq!(resolve_key_ref(&p, &print), Err(KeyRefError::NotFound));
+    p.set_fingerprints(&f);
+    assert_eq!(resolve_key_ref(&p, &print), Ok(1));
+    assert_eq!(
+      resolve_key_ref(&p, &f.fingerprint("AIzaSyOTHER")),
+      Err(KeyRefError::NotFound)
+    );
   }
 
   #[test]
