@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::sleep;
 
 use crate::clock::Millis;
+use crate::log::Log;
 use crate::pool::KeyPool;
 use crate::share::{Answer, LeaseNeed, SharedWindow, DAILY_LEASE_TTL_MS};
 use crate::store::{LeaseSlot, Store, StoreError};
@@ -24,12 +25,18 @@ const TICK: Duration = Duration::from_millis(100);
 /// long after it expired by our clock.
 const CLOCK_SKEW_MS: Millis = 5_000;
 
+/// Logged when leases are granted again after the store could not be reached.
+pub const RECONNECTED_LINE: &str = "✅ Shared quota: leasing from MongoDB again";
+
 /// The store connection the persistence writer holds, shared with the leasing task: `None` while
 /// there is none.
 pub type StoreSlot = Mutex<Option<Arc<Store>>>;
 
 struct Inner {
   pool: Arc<KeyPool>,
+  log: Arc<dyn Log>,
+  /// Whether the last round that asked the store got its answers: the change is logged, once.
+  reached: AtomicBool,
   store: Arc<StoreSlot>,
   /// This process's name in lease documents: unique across processes and hosts.
   holder: String,
@@ -49,10 +56,12 @@ impl LeaseKeeper {
   /// Makes `pool` share its quota through `store` (if it does not already: see
   /// [`KeyPool::share_quota`]), takes the first leases, so the pool can serve when this returns,
   /// and starts the task. Must run inside a tokio runtime.
-  pub async fn start(pool: Arc<KeyPool>, store: Arc<StoreSlot>) -> Self {
+  pub async fn start(pool: Arc<KeyPool>, store: Arc<StoreSlot>, log: Arc<dyn Log>) -> Self {
     let wake = pool.share_quota();
     let inner = Arc::new(Inner {
       pool,
+      log,
+      reached: AtomicBool::new(true),
       store,
       holder: mongodb::bson::oid::ObjectId::new().to_hex(),
       wake,
@@ -176,10 +185,19 @@ async fn round(inner: &Inner) {
   if peers > 0 {
     inner.peers.store(peers, Ordering::Relaxed);
   }
+  let peers = inner.peers.load(Ordering::Relaxed);
+  if inner.reached.swap(reachable, Ordering::Relaxed) != reachable {
+    if reachable {
+      inner.log.info(RECONNECTED_LINE);
+    } else {
+      inner.log.warn(&format!(
+        "⚠️ Shared quota: MongoDB cannot be reached; keys serve what they hold, then 1/{peers} of \
+         each limit"
+      ));
+    }
+  }
   if !reachable {
-    inner
-      .pool
-      .grant_locally(inner.peers.load(Ordering::Relaxed));
+    inner.pool.grant_locally(peers);
   }
 }
 
@@ -240,6 +258,14 @@ mod tests {
   };
 
   fn process(clock: &FakeClock, store: &Arc<StoreSlot>) -> Arc<Inner> {
+    process_logging(clock, store, &Arc::new(CapturedLog::default()))
+  }
+
+  fn process_logging(
+    clock: &FakeClock,
+    store: &Arc<StoreSlot>,
+    log: &Arc<CapturedLog>,
+  ) -> Arc<Inner> {
     let config = PoolConfig {
       keys: vec!["key-a".into(), "key-b".into(), "key-c".into()],
       quota: Quota {
@@ -261,6 +287,8 @@ mod tests {
     let wake = pool.share_quota();
     Arc::new(Inner {
       pool,
+      log: log.clone(),
+      reached: AtomicBool::new(true),
       store: store.clone(),
       holder: mongodb::bson::oid::ObjectId::new().to_hex(),
       wake,
@@ -306,7 +334,8 @@ mod tests {
   async fn without_a_store_each_process_serves_its_share_of_the_peers_last_seen() {
     let clock = FakeClock::at(T0);
     let slot = Arc::new(StoreSlot::new(None));
-    let inner = process(&clock, &slot);
+    let log = Arc::new(CapturedLog::default());
+    let inner = process_logging(&clock, &slot, &log);
     inner.peers.store(3, Ordering::Relaxed);
     round(&inner).await;
     let mut served = 0;
@@ -314,5 +343,16 @@ mod tests {
       served += 1;
     }
     assert_eq!(served, 3 * 10);
+    // Said once, and once more when the store answers again.
+    clock.advance(60_000);
+    round(&inner).await;
+    *slot.lock() = Some(Arc::new(Store::Memory(MemoryStore::new())));
+    // Local shares last their window: the store is asked again for the next one.
+    clock.advance(60_000);
+    round(&inner).await;
+    let lines = log.0.lock().clone();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].contains("1/3 of each limit"), "{lines:?}");
+    assert_eq!(lines[1], RECONNECTED_LINE);
   }
 }

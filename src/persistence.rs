@@ -263,7 +263,7 @@ impl WriteBehind {
       Err(e) => (None, Started::Fallback(e.to_string())),
     };
     let keeper = match options.share_quota {
-      true => Some(LeaseKeeper::start(pool, shared.store.clone()).await),
+      true => Some(LeaseKeeper::start(pool, shared.store.clone(), shared.log.clone()).await),
       false => None,
     };
     if let Some(store) = &store {
