@@ -100,6 +100,9 @@ export declare class NativeServer {
   close(): Promise<void>
 }
 
+/** The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too. */
+export declare const DEFAULT_MAX_BODY_BYTES: number
+
 /**
  * The fingerprint documents store for `apiKey` under `secret` (at least 16 bytes): `fp_` and 32
  * hex digits.

@@ -838,5 +838,6 @@ module.exports = nativeBinding
 module.exports.NativeKeyPool = nativeBinding.NativeKeyPool
 module.exports.NativeRouter = nativeBinding.NativeRouter
 module.exports.NativeServer = nativeBinding.NativeServer
+module.exports.DEFAULT_MAX_BODY_BYTES = nativeBinding.DEFAULT_MAX_BODY_BYTES
 module.exports.keyFingerprint = nativeBinding.keyFingerprint
 module.exports.resultsLayout = nativeBinding.resultsLayout

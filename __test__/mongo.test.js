@@ -661,3 +661,14 @@ test('with keys stored as fingerprints, URLs may name a key by its fingerprint',
     await m.close()
   }
 })
+
+test('a second attachStore is refused at once, even while the first is still connecting', async () => {
+  const { NativeKeyPool } = require(path.join(PKG, 'index.js'))
+  const pool = new NativeKeyPool({ keys: KEYS, quiet: true })
+  const uri = `mongodb://127.0.0.1:${await freePort()}/?directConnection=true`
+  const first = pool.attachStore({ uri, connectTimeoutMs: 300, storePlaintextKeys: true })
+  assert.throws(() => pool.attachStore({ uri, storePlaintextKeys: true }), /a store is already attached/)
+  assert.equal((await first).connected, false)
+  pool.close()
+  await pool.closeStore()
+})

@@ -5,7 +5,7 @@
 // the key's figures into the `results` array, and the key's status object (one per key, kept for
 // the life of the manager) is updated from it, so no object is built in Rust on the hot path.
 
-const { NativeKeyPool, resultsLayout, keyFingerprint: nativeFingerprint } = require('../index.js')
+const { NativeKeyPool, resultsLayout, keyFingerprint: nativeFingerprint, DEFAULT_MAX_BODY_BYTES } = require('../index.js')
 
 const LAYOUT = resultsLayout()
 /** A slot's position in the native layout; a name the layout lacks is a build mismatch. */
@@ -861,7 +861,6 @@ async function getApiKeyManager(options) {
   return instance
 }
 
-const MAX_ROUTE_BODY = 64 * 1024
 const JSON_TYPE = 'application/json; charset=utf-8'
 
 /** serve()'s options: napi's own conversion errors are unreadable. */
@@ -921,7 +920,7 @@ function keyRoutes(manager, options = {}) {
   let router = null
   return function keyManagerRoutes(req, res, next) {
     const managerReady = manager ? Promise.resolve(manager) : getApiKeyManager()
-    Promise.all([managerReady, readBody(req, MAX_ROUTE_BODY)])
+    Promise.all([managerReady, readBody(req, DEFAULT_MAX_BODY_BYTES)])
       .then(([m, body]) => {
         if (routerOf !== m) {
           router = m._router(adminToken)

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +111,14 @@ pub struct NativeKeyPool {
   log: Arc<dyn Log>,
   /// The MongoDB writer, once `attachStore` has started it.
   writer: Arc<parking_lot::Mutex<Option<Arc<WriteBehind>>>>,
+  /// Set by the first `attachStore` that gets past its checks: the writer arrives only later, so
+  /// a second call in between must be refused by something set at once.
+  store_attached: AtomicBool,
 }
+
+/// The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too.
+#[napi]
+pub const DEFAULT_MAX_BODY_BYTES: u32 = http::server::DEFAULT_MAX_BODY_BYTES as u32;
 
 /// Options of `NativeKeyPool.attachStore`.
 #[napi(object)]
@@ -218,6 +226,7 @@ impl NativeKeyPool {
       }),
       log,
       writer: Arc::default(),
+      store_attached: AtomicBool::new(false),
     })
   }
 
@@ -487,7 +496,7 @@ impl NativeKeyPool {
       share_quota: options.shared_quota.unwrap_or(defaults.share_quota),
       ..defaults
     };
-    if self.writer.lock().is_some() {
+    if self.store_attached.swap(true, Ordering::AcqRel) {
       return Err(napi::Error::from_reason("a store is already attached"));
     }
     let (pool, log, slot) = (self.js.pool.clone(), self.log.clone(), self.writer.clone());
