@@ -173,10 +173,7 @@ async fn round(inner: &Inner) {
             given_back,
           });
         }
-        Err(e) => {
-          eprintln!("LEASEDEBUG {e}");
-          reachable = false
-        }
+        Err(_) => reachable = false,
       }
     }
     answers.push((index, window, need, answer));
@@ -328,6 +325,37 @@ mod tests {
       assert!((80..=90).contains(&served), "{per_minute:?}");
     }
     assert!(per_process.iter().all(|&n| n > 0), "{per_process:?}");
+  }
+
+  /// One busy process and three that serve nothing: after the first minute the idle ones hold one
+  /// of each window's budget per key, and the busy one gets the rest.
+  #[tokio::test]
+  async fn idle_processes_leave_the_budget_to_a_busy_one() {
+    let clock = FakeClock::at(T0);
+    let store = Arc::new(StoreSlot::new(Some(Arc::new(Store::Memory(
+      MemoryStore::new(),
+    )))));
+    let processes: Vec<_> = (0..4).map(|_| process(&clock, &store)).collect();
+    let mut per_minute = [0u64; 3];
+    for _ in 0..18_000 {
+      for inner in &processes {
+        round(inner).await;
+      }
+      while let Ok(picked) = processes[0].pool.best(RESERVE) {
+        per_minute[((crate::clock::Clock::now_ms(&clock) - T0) / 60_000) as usize] += 1;
+        processes[0]
+          .pool
+          .record_usage(picked.pick.index, 1, Outcome::Success, 1.0)
+          .unwrap();
+      }
+      clock.advance(10);
+    }
+    // The first minute, everyone starts with a full grant; from the second on, the idle ones
+    // lease one a key.
+    assert!(per_minute[0] >= 24, "{per_minute:?}");
+    for served in &per_minute[1..] {
+      assert!((81..=90).contains(served), "{per_minute:?}");
+    }
   }
 
   #[tokio::test]

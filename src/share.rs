@@ -152,6 +152,10 @@ pub struct Answer {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allowance {
   leases: [Option<Lease>; 2],
+  /// Requests served in the last occurrence that ended: a window's first lease asks for about
+  /// that much (or what the current one served so far, if more), so a process that serves little
+  /// holds little of everyone's budget. `None` until an occurrence ended.
+  demand: Option<u64>,
   /// A grant is on its way: do not ask twice.
   asking: bool,
 }
@@ -215,29 +219,34 @@ impl Allowance {
       return None;
     }
     let current = Occurrence::of(window, at, span_ms, daily);
+    for l in self.leases.iter().flatten() {
+      if l.occurrence.end <= at {
+        self.demand = Some(l.served);
+      }
+    }
     self.leases = self.leases.map(|l| l.filter(|l| l.occurrence.end > at));
     let want = window.grant_size(limit).max(1);
+    let served_now = self.lease_at(at).map(|l| l.served);
+    let first = match (self.demand, served_now) {
+      // Nothing leased yet: a process just started.
+      (None, None) => want,
+      (demand, now) => demand.unwrap_or(0).max(now.unwrap_or(0)).clamp(1, want),
+    };
     let need = match self.lease_at(at) {
-      None => Some(grant(window, current, want, limit, at, 0, 0)),
+      None => Some(grant(window, current, first, limit, at, 0, 0)),
       Some(l) if l.local => None,
       Some(l) => {
         let low = l.left() <= l.last_want / 2;
         let expiring =
           l.expires_at < l.occurrence.end && l.expires_at - at <= DAILY_LEASE_TTL_MS / 2;
         let retry = l.short_at.is_none_or(|t| at - t >= RECHECK_MS);
-        // A renewal gives back what is left for a fresh grant: held budget never piles up.
+        // A renewal gives back what is left for a fresh grant the size of what was served since
+        // the last report: held budget never piles up.
         let give_back = if expiring { l.left() } else { 0 };
-        ((low || expiring) && retry).then(|| {
-          grant(
-            window,
-            current,
-            want,
-            limit,
-            at,
-            l.served - l.reported,
-            give_back,
-          )
-        })
+        let spent = l.served - l.reported;
+        let size = if low { want } else { spent.clamp(1, want) };
+        ((low || expiring) && retry)
+          .then(|| grant(window, current, size, limit, at, spent, give_back))
       }
     };
     // What is being given back is not served meanwhile; `granted` puts back what was not.
@@ -251,7 +260,7 @@ impl Allowance {
       let lead = PREFETCH_MS.min((current.end - current.start) / 10);
       (at >= next_at - lead && self.lease_at(next_at).is_none()).then(|| {
         let next = Occurrence::of(window, next_at, span_ms, daily);
-        grant(window, next, want, limit, at, 0, 0)
+        grant(window, next, first, limit, at, 0, 0)
       })
     });
     self.asking = need.is_some();
@@ -464,6 +473,13 @@ mod tests {
     );
   }
 
+  /// A fresh allowance's first lease at `at` (a full grant: no history), granted `granted`.
+  fn leased(a: &mut Allowance, at: Millis, granted: u64) {
+    let first = need(a, at).expect("a first lease");
+    assert_eq!(want(&first).1, 8, "a fresh process asks for a full grant");
+    a.granted(&first, got(granted), at);
+  }
+
   #[test]
   fn nothing_is_served_without_a_lease_and_no_more_than_granted() {
     let mut a = Allowance::default();
@@ -488,8 +504,7 @@ mod tests {
   #[test]
   fn a_short_grant_waits_for_the_window_and_asks_again_only_later() {
     let mut a = Allowance::default();
-    let n = need(&mut a, T0).unwrap();
-    a.granted(&n, got(3), T0);
+    leased(&mut a, T0, 3);
     for _ in 0..3 {
       a.serve(T0 + 10);
     }
@@ -503,18 +518,51 @@ mod tests {
   #[test]
   fn the_next_window_is_leased_before_it_starts() {
     let mut a = Allowance::default();
-    let n = need(&mut a, T0).unwrap();
-    a.granted(&n, got(8), T0);
+    leased(&mut a, T0, 8);
+    for _ in 0..3 {
+      a.serve(T0 + 1);
+    }
     assert_eq!(need(&mut a, T0 + SPAN - 6_001), None);
     let next = need(&mut a, T0 + SPAN - PREFETCH_MS).expect("the next window's lease");
-    assert_eq!(want(&next), (T0 + SPAN, 8, 0));
-    a.granted(&next, got(8), T0 + SPAN - PREFETCH_MS);
+    // As large as this window's use so far.
+    assert_eq!(want(&next), (T0 + SPAN, 3, 0));
+    a.granted(&next, got(3), T0 + SPAN - PREFETCH_MS);
     // Not served before its window starts; at once when it does.
     a.serve(T0 + SPAN - 1);
     assert!(a.can_serve(T0 + SPAN));
     assert!(!a.serve(T0 + SPAN));
-    let held: Vec<_> = a.unused(T0 + SPAN - 1).collect();
-    assert_eq!(held.len(), 2);
+    assert_eq!(a.unused(T0 + SPAN - 1).count(), 2);
+  }
+
+  #[test]
+  fn after_a_window_first_leases_ask_for_what_it_served() {
+    let mut idle = Allowance::default();
+    leased(&mut idle, T0, 8);
+    // Nothing served: the next windows' first leases are of one, whatever the limit.
+    let next = need(&mut idle, T0 + SPAN + 1).unwrap();
+    assert_eq!(want(&next), (T0 + SPAN, 1, 0));
+    let mut some = Allowance::default();
+    leased(&mut some, T0, 8);
+    for _ in 0..3 {
+      some.serve(T0 + 1);
+    }
+    let next = need(&mut some, T0 + SPAN + 1).unwrap();
+    assert_eq!(want(&next), (T0 + SPAN, 3, 0));
+    some.granted(&next, got(3), T0 + SPAN + 1);
+    // The prefetch of the window after that: as much as either window served, so far.
+    let prefetch = need(&mut some, T0 + 2 * SPAN - PREFETCH_MS).unwrap();
+    assert_eq!(want(&prefetch), (T0 + 2 * SPAN, 3, 0));
+    let mut busy = Allowance::default();
+    leased(&mut busy, T0, 8);
+    for _ in 0..8 {
+      busy.serve(T0 + 1);
+    }
+    let next = need(&mut busy, T0 + SPAN + 1).unwrap();
+    assert_eq!(
+      want(&next),
+      (T0 + SPAN, 8, 0),
+      "at most a quarter of the limit"
+    );
   }
 
   #[test]
@@ -531,10 +579,18 @@ mod tests {
     assert_eq!(day(&mut a, T0 + 2), None);
     let renew = day(&mut a, T0 + DAILY_LEASE_TTL_MS / 2).expect("a renewal");
     let LeaseNeed::Grant {
-      spent, give_back, ..
+      want,
+      spent,
+      give_back,
+      ..
     } = renew;
-    assert_eq!((spent, give_back), (1, 46));
-    // Not renewed (the store was away): no serving past the expiry.
+    // What was served since the last report is reported and asked for again; the rest goes back.
+    assert_eq!((want, spent, give_back), (1, 1, 46));
+    assert!(
+      !a.can_serve(T0 + DAILY_LEASE_TTL_MS / 2),
+      "what goes back is not served meanwhile"
+    );
+    // Not renewed (the store was away): the old lease serves until it expires, no longer.
     a.granted(&renew, None, T0 + DAILY_LEASE_TTL_MS / 2);
     assert!(a.can_serve(T0 + DAILY_LEASE_TTL_MS - 1));
     assert!(!a.can_serve(T0 + DAILY_LEASE_TTL_MS));
