@@ -304,7 +304,12 @@ impl WriteBehind {
     PersistStats {
       peers: self.keeper.as_ref().map_or(0, LeaseKeeper::peers),
       connected: self.shared.connected.load(Ordering::Relaxed),
-      ops: self.shared.ops.load(Ordering::Relaxed),
+      // Live while connected (the leasing task's round trips land between flushes); the last
+      // figure once the connection is gone.
+      ops: match self.shared.store.lock().as_ref() {
+        Some(store) => store.ops(),
+        None => self.shared.ops.load(Ordering::Relaxed),
+      },
       queued,
       pending: self.shared.pending.load(Ordering::Relaxed),
       dropped,
