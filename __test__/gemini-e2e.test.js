@@ -15,7 +15,7 @@
 const test = require('node:test')
 const assert = require('node:assert/strict')
 const { PKG, fakeKey } = require('./helpers')
-const { startFakeGemini, callGemini } = require('./fixtures/fake-gemini')
+const { startFakeGemini, callGemini, pacedCallers } = require('./fixtures/fake-gemini')
 
 const { ApiKeyManagerService } = require(PKG)
 
@@ -36,8 +36,6 @@ const LATENCY_MS = [100, 400]
 const DEMAND_PER_MS = (3 * KEYS * RPM) / WINDOW_MS
 const INTERVAL_MS = WORKERS / DEMAND_PER_MS
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)))
-
 test('end to end: 3 keys, 3x their capacity from 20 callers for 2 simulated minutes: no 429 reaches a caller, >= 99% of capacity served, no key lost', async (t) => {
   const server = await startFakeGemini({ limits: LIMITS, windowMs: WINDOW_MS, tokens: TOKENS, latencyMs: LATENCY_MS, seed: 7 })
   t.after(() => server.close())
@@ -49,12 +47,12 @@ test('end to end: 3 keys, 3x their capacity from 20 callers for 2 simulated minu
   const start = Date.now()
   const end = start + DURATION_MS
 
-  async function worker(_, i) {
-    let next = start + (i * INTERVAL_MS) / WORKERS
-    for (;;) {
-      await sleep(Math.min(next, end) - Date.now())
-      if (Date.now() >= end) return
-      next += INTERVAL_MS
+  await pacedCallers({
+    workers: WORKERS,
+    intervalMs: INTERVAL_MS,
+    start,
+    end,
+    async once() {
       outcome.issued++
       try {
         await m.execute((key) => callGemini(server.url, key), {
@@ -73,9 +71,8 @@ test('end to end: 3 keys, 3x their capacity from 20 callers for 2 simulated minu
           outcome.otherErrors.push(String(e && e.stack))
         }
       }
-    }
-  }
-  await Promise.all(Array.from({ length: WORKERS }, worker))
+    },
+  })
   const finished = Date.now()
 
   const capacity = (KEYS * RPM * DURATION_MS) / WINDOW_MS

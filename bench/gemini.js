@@ -21,7 +21,7 @@
 
 const { ApiKeyManagerService } = require('../lib')
 const { BaselineKeyManager } = require('./baseline')
-const { startFakeGemini, callGemini } = require('../__test__/fixtures/fake-gemini')
+const { startFakeGemini, callGemini, pacedCallers } = require('../__test__/fixtures/fake-gemini')
 
 function option(name, env, fallback) {
   const arg = process.argv.find((a) => a.startsWith(`--${name}=`))
@@ -118,20 +118,19 @@ async function run(name) {
   await sleep(PHASE * WINDOW_MS)
   const start = Date.now()
   const end = start + DURATION_MS
-  async function worker(_, i) {
-    let next = start + (i * INTERVAL_MS) / WORKERS
-    for (;;) {
-      await sleep(Math.min(next, end) - Date.now())
-      if (Date.now() >= end) return
-      next += INTERVAL_MS
+  await pacedCallers({
+    workers: WORKERS,
+    intervalMs: INTERVAL_MS,
+    start,
+    end,
+    async once() {
       tally.issued++
       const throttled = tally.throttled
       await request(m, server.url, tally, end)
       // Callers without a schedule pause a little when no key was free, rather than spin.
-      if (INTERVAL_MS === 0 && tally.throttled > throttled) next = Date.now() + IDLE_MS
-    }
-  }
-  await Promise.all(Array.from({ length: WORKERS }, worker))
+      return INTERVAL_MS === 0 && tally.throttled > throttled ? Date.now() + IDLE_MS : undefined
+    },
+  })
   const statuses = (await m.getAllKeysStatus()).data
   const totals = server.totals()
   const capacity = (KEYS * RPM * DURATION_MS) / WINDOW_MS
