@@ -121,6 +121,7 @@ export interface LimitsOptions {
 
 /** What the MongoDB writer has done. */
 export interface PersistenceStats {
+  /** Connected, and the last write (if any) succeeded. */
   connected: boolean
   /** Database round trips so far. */
   ops: number
@@ -128,9 +129,9 @@ export interface PersistenceStats {
   queued: number
   /** Recorded calls of a write being retried. */
   pending: number
-  /** Recorded calls dropped because the queue was full. */
+  /** Recorded calls dropped because more than `usageQueueCapacity` waited. */
   dropped: number
-  /** Processes seen sharing the keys' quota, this one included; 0 when it is not shared. */
+  /** Processes seen sharing the keys' quota, this one included; 0 when `sharedQuota` is off. */
   peers: number
 }
 

@@ -1,5 +1,7 @@
 // Types of gemini-key-manager's JS API: the old apiKeyManager.ts surface (SPEC section 1), so code
 // written against the old service type-checks unchanged.
+// Self-contained on purpose: the generated native index.d.ts needs @types/node (Buffer), which an
+// application's types must not be made to depend on, so the few shapes both describe are written here.
 
 /**
  * Every method resolves to this; failures are returned, never thrown. A selection that fails only

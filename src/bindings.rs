@@ -157,6 +157,7 @@ pub struct StoreStart {
 /// What the MongoDB writer has done.
 #[napi(object)]
 pub struct PersistenceStats {
+  /// Connected, and the last write (if any) succeeded.
   pub connected: bool,
   /// Database round trips so far.
   pub ops: f64,
@@ -164,9 +165,9 @@ pub struct PersistenceStats {
   pub queued: u32,
   /// Recorded calls of a write being retried.
   pub pending: u32,
-  /// Recorded calls dropped because the queue was full.
+  /// Recorded calls dropped because more than `usageQueueCapacity` waited.
   pub dropped: f64,
-  /// Processes seen sharing the keys' quota, this one included; 0 when it is not shared.
+  /// Processes seen sharing the keys' quota, this one included; 0 when `sharedQuota` is off.
   pub peers: u32,
 }
 

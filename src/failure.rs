@@ -62,7 +62,8 @@ fn retry_delay(message: &str) -> Option<Millis> {
     return None;
   }
   let seconds: f64 = number.parse().ok()?;
-  (seconds.is_finite() && seconds >= 0.0 && seconds <= 86_400.0)
+  (0.0..=86_400.0)
+    .contains(&seconds)
     .then(|| (seconds * 1_000.0).ceil() as Millis)
 }
 

@@ -249,7 +249,8 @@ mod tests {
   use crate::quota::{Quota, WindowPolicy};
   use crate::store::MemoryStore;
 
-  const T0: Millis = 1_800_000_000_000 - 1_800_000_000_000 % 60_000;
+  /// A minute boundary.
+  const T0: Millis = 1_800_000_000_000;
   const RESERVE: Claim = Claim::Reserve {
     estimated_tokens: 0,
   };

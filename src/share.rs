@@ -432,7 +432,7 @@ mod tests {
 
   const SPAN: Millis = 60_000;
   /// A minute boundary.
-  const T0: Millis = 1_800_000_000_000 - 1_800_000_000_000 % SPAN;
+  const T0: Millis = 1_800_000_000_000;
   const PACIFIC: DailyReset = DailyReset::PacificMidnight;
 
   fn got(granted: u64) -> Option<Answer> {

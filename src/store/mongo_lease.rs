@@ -306,6 +306,22 @@ mod tests {
       .expect("connect to the test server")
   }
 
+  /// What one lease request of `store` was granted.
+  async fn granted(
+    store: &MongoStore,
+    slot: &LeaseSlot<'_>,
+    want: u64,
+    limit: u64,
+    holder: &str,
+    expires_at: Millis,
+  ) -> u64 {
+    store
+      .lease(slot, want, limit, holder, expires_at)
+      .await
+      .expect("lease")
+      .granted
+  }
+
   async fn lease_doc(store: &MongoStore, slot: &LeaseSlot<'_>) -> Document {
     store
       .leases
@@ -380,43 +396,15 @@ mod tests {
     let slot = slot(t);
     let store = connect(&server).await;
     let before = store.ops();
-    assert_eq!(
-      store
-        .lease(&slot, 20, 30, "a", t + 5_000)
-        .await
-        .unwrap()
-        .granted,
-      20
-    );
+    assert_eq!(granted(&store, &slot, 20, 30, "a", t + 5_000).await, 20);
     // First lease of a window: failed grant, read, the creating upsert.
     assert_eq!(store.ops() - before, 3);
     let before = store.ops();
-    assert_eq!(
-      store
-        .lease(&slot, 20, 30, "b", t + 5_000)
-        .await
-        .unwrap()
-        .granted,
-      10
-    );
-    assert_eq!(
-      store
-        .lease(&slot, 5, 30, "b", t + 5_000)
-        .await
-        .unwrap()
-        .granted,
-      0
-    );
+    assert_eq!(granted(&store, &slot, 20, 30, "b", t + 5_000).await, 10);
+    assert_eq!(granted(&store, &slot, 5, 30, "b", t + 5_000).await, 0);
     assert_eq!(store.release(&slot, "a", 15).await.unwrap(), 15);
     assert_eq!(store.ops() - before, 6);
-    assert_eq!(
-      store
-        .lease(&slot, 20, 30, "b", t + 5_000)
-        .await
-        .unwrap()
-        .granted,
-      15
-    );
+    assert_eq!(granted(&store, &slot, 20, 30, "b", t + 5_000).await, 15);
     // "a" holds 5: asking to give back more gives back those 5 and no more.
     assert_eq!(store.release(&slot, "a", 100).await.unwrap(), 5);
     assert_eq!(store.release(&slot, "a", 1).await.unwrap(), 0);
@@ -430,10 +418,7 @@ mod tests {
       window: "rpd",
       ..slot
     };
-    assert_eq!(
-      store.lease(&other, 500, 200, "a", t).await.unwrap().granted,
-      200
-    );
+    assert_eq!(granted(&store, &other, 500, 200, "a", t).await, 200);
     assert!(matches!(
       store.lease(&slot, 1, 30, "bad.holder", t).await,
       Err(StoreError::InvalidLease(_))
@@ -446,35 +431,17 @@ mod tests {
     let t = minute();
     let slot = slot(t);
     let store = connect(&server).await;
-    assert_eq!(
-      store
-        .lease(&slot, 10, 30, "dead", t + 1_000)
-        .await
-        .unwrap()
-        .granted,
-      10
-    );
+    assert_eq!(granted(&store, &slot, 10, 30, "dead", t + 1_000).await, 10);
     assert_eq!(store.consume(&slot, "dead", 4).await.unwrap(), 4);
     assert_eq!(
-      store
-        .lease(&slot, 30, 30, "alive", t + 50_000)
-        .await
-        .unwrap()
-        .granted,
+      granted(&store, &slot, 30, 30, "alive", t + 50_000).await,
       20
     );
     assert_eq!(store.reclaim_expired(t + 500).await.unwrap(), 0);
     // The dead holder's 6 unspent come back; the 4 it spent stay counted.
     assert_eq!(store.reclaim_expired(t + 2_000).await.unwrap(), 6);
     assert_eq!(store.reclaim_expired(t + 2_000).await.unwrap(), 0);
-    assert_eq!(
-      store
-        .lease(&slot, 30, 30, "alive", t + 50_000)
-        .await
-        .unwrap()
-        .granted,
-      6
-    );
+    assert_eq!(granted(&store, &slot, 30, 30, "alive", t + 50_000).await, 6);
     let d = lease_doc(&store, &slot).await;
     assert_eq!(count(d.get("used")), Some(30));
     assert!(!d.get_document("holders").unwrap().contains_key("dead"));
