@@ -413,6 +413,38 @@ mod tests {
   }
 
   #[tokio::test(flavor = "multi_thread")]
+  async fn round_trips_are_counted_as_they_happen_not_only_at_flushes() {
+    let server = TestServer::start();
+    let p = pool(&["key-a"]);
+    let (writer, _) = WriteBehind::start(
+      p.clone(),
+      PersistOptions {
+        flush_interval: Duration::from_secs(600),
+        ..options(server.uri())
+      },
+      Arc::new(CapturedLog::default()),
+    )
+    .await;
+    // The write of the merged state at start-up is done by then; no other flush comes.
+    sleep(Duration::from_millis(300)).await;
+    let before = writer.stats().ops;
+    // Past half the first minute lease: the leasing task tops it up, long before any flush.
+    for _ in 0..6 {
+      p.best(Claim::Reserve {
+        estimated_tokens: 0,
+      })
+      .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while writer.stats().ops == before && Instant::now() < deadline {
+      sleep(Duration::from_millis(20)).await;
+    }
+    assert!(writer.stats().ops > before);
+    p.close();
+    writer.close().await;
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
   async fn closing_in_memory_tries_the_server_once_more_and_writes_what_waited() {
     let port = free_port();
     let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
