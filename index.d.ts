@@ -19,8 +19,23 @@ export declare class NativeKeyPool {
    * key's figures into `results`.
    */
   hotPath(): { results: Float64Array; best(estimatedTokens: number): number; recordSuccess(index: number, tokens: number, responseTime: number): void; figures(index: number): void }
-  /** The keys, in the order whose positions every other method takes and returns. */
+  /**
+   * Every key the pool has known, by the position every other method takes and returns:
+   * removed keys keep theirs, and keys added later come after.
+   */
   keys(): Array<string>
+  /** How many positions are in use (see `keys`): a cheap check for keys added since. */
+  keyCount(): number
+  /**
+   * Adds `apiKey` to the pool (or brings back a removed one) and writes its figures into the
+   * result slots; returns its position.
+   */
+  addKey(apiKey: string): number
+  /**
+   * An operator's decision about the key at `index`: back in service, out of service, or out of
+   * the pool. Returns whether it changed anything.
+   */
+  admit(index: number, admission: KeyAdmission): boolean
   /**
    * `getNextKeyForRotation`: returns the chosen key's position; the reason and the weak key's
    * score are in the result slots.
@@ -57,7 +72,10 @@ export declare class NativeKeyPool {
   metricsJson(): string
   /** The metrics in the Prometheus text exposition format. */
   metricsText(): string
-  /** Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime. */
+  /**
+   * Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime.
+   * `host` is an IP address, or `localhost`: 127.0.0.1 and ::1 both.
+   */
   serve(host: string, port: number, options?: ServeOptions | undefined | null): Promise<NativeServer>
   /**
    * Persists the pool in MongoDB from now on, written behind (see `persistence`): connects within
@@ -95,6 +113,7 @@ export declare class NativeRouter {
 export declare class NativeServer {
   /** The port it listens on (the real one when started on port 0). */
   get port(): number
+  /** The IP address it listens on, or `localhost` for 127.0.0.1 and ::1 both. */
   get host(): string
   /** Stops accepting, lets in-flight requests finish (5 s at most), then resolves. Idempotent. */
   close(): Promise<void>
@@ -102,6 +121,13 @@ export declare class NativeServer {
 
 /** The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too. */
 export declare const DEFAULT_MAX_BODY_BYTES: number
+
+/** What an operator decides about a key. */
+export declare const enum KeyAdmission {
+  Enabled = 'enabled',
+  Disabled = 'disabled',
+  Removed = 'removed',
+}
 
 /**
  * The fingerprint documents store for `apiKey` under `secret` (at least 16 bytes): `fp_` and 32
@@ -220,6 +246,11 @@ export interface StoreOptions {
   flushIntervalMs?: number
   /** How often to try the server again while running in memory (default 3000 ms). */
   retryIntervalMs?: number
+  /**
+   * How often to read the keys other processes added, removed, disabled or enabled (default
+   * 2000 ms).
+   */
+  keySyncIntervalMs?: number
   /** Recorded calls that trigger a write before the interval is up (default 500). */
   batchSize?: number
   /** Recorded calls kept while the server is away, at most (default 10000). */

@@ -839,5 +839,6 @@ module.exports.NativeKeyPool = nativeBinding.NativeKeyPool
 module.exports.NativeRouter = nativeBinding.NativeRouter
 module.exports.NativeServer = nativeBinding.NativeServer
 module.exports.DEFAULT_MAX_BODY_BYTES = nativeBinding.DEFAULT_MAX_BODY_BYTES
+module.exports.KeyAdmission = nativeBinding.KeyAdmission
 module.exports.keyFingerprint = nativeBinding.keyFingerprint
 module.exports.resultsLayout = nativeBinding.resultsLayout

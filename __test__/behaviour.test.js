@@ -5,7 +5,7 @@
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
-const { newManager, assertFailure, pick, statusOf } = require('./helpers')
+const { newManager, assertFailure, pick, statusOf, fakeKey } = require('./helpers')
 
 const close = (a, b, eps = 1e-9) => Math.abs(a - b) <= eps
 
@@ -296,4 +296,44 @@ test('a key at its RPM limit through recordUsage is not handed out', async () =>
   for (let i = 0; i < 3; i++) await m.recordUsage(keys[0], 1, true)
   assert.equal((await m.getRateLimitInfo(keys[0])).data[0].isLimited, true)
   assert.deepEqual(await pick(m, 3), [keys[1], keys[1], keys[1]])
+})
+
+test('keys are added, disabled, enabled and removed at run time; errors say what is wrong', async () => {
+  const { m, keys } = newManager(3)
+  const added = fakeKey(77)
+  const r = await m.addKey(added)
+  assert.equal(r.success, true, r.error)
+  assert.equal(r.data.apiKey, added)
+  assert.equal(r.data.state, 'active')
+  assert.equal(r.metadata.totalKeys, keys.length + 1)
+  const handed = new Set()
+  for (let i = 0; i < 2 * (keys.length + 1); i++) handed.add((await m.getBestAvailableKey()).data[0])
+  assert.ok(handed.has(added), 'the added key is handed out')
+  assert.equal((await m.addKey(added)).error, 'API key already exists')
+  assert.match((await m.addKey('')).error, /^Invalid API key: it is empty/)
+  assert.match((await m.addKey('a,b')).error, /^Invalid API key: /)
+  assert.match((await m.addKey(42)).error, /^Invalid API key: it must be a string/)
+  assert.equal((await m.removeKey('AIzaSyNOTHERE000000000000000000000000000')).error, 'API key not found')
+
+  assert.deepEqual(await m.disableKey(keys[0]), { success: true, metadata: { changed: true } })
+  assert.equal((await m.disableKey(keys[0])).metadata.changed, false)
+  const disabled = (await m.getAllKeysStatus()).data.find((s) => s.apiKey === keys[0])
+  assert.equal(disabled.isActive, false)
+  assert.equal(disabled.state, 'disabled')
+  await m.refreshCache()
+  for (let i = 0; i < 8; i++) assert.notEqual((await m.getBestAvailableKey()).data[0], keys[0])
+  assert.equal((await m.enableKey(keys[0])).success, true)
+  assert.equal((await m.getAllKeysStatus()).data.find((s) => s.apiKey === keys[0]).state, 'active')
+
+  assert.equal((await m.removeKey(added)).success, true)
+  const listed = (await m.getAllKeysStatus()).data.map((s) => s.apiKey)
+  assert.deepEqual(listed, keys)
+  assert.equal((await m.getRateLimitInfo(added)).error, 'API key not found')
+  assert.equal((await m.initialize()).metadata.totalKeys, keys.length)
+  // A call handed out before the removal still reports on it.
+  assert.equal((await m.recordUsage(added, 5, true)).success, true)
+  // Adding it again brings it back.
+  assert.equal((await m.addKey(added)).success, true)
+  assert.equal((await m.getAllKeysStatus()).data.length, keys.length + 1)
+  await m.close()
 })

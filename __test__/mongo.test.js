@@ -8,6 +8,7 @@
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
+const crypto = require('node:crypto')
 const fs = require('node:fs')
 const net = require('node:net')
 const os = require('node:os')
@@ -29,14 +30,17 @@ delete process.env.KEY_MANAGER_STORE_PLAINTEXT_KEYS
 const fp = (key) => keyFingerprint(key, SECRET)
 const FPS = KEYS.map(fp)
 
+/** `sha256_` and the first 128 bits of the key's SHA-256: its stored name without a secret. */
+const digest = (key) => `sha256_${crypto.createHash('sha256').update(key).digest('hex').slice(0, 32)}`
+
 /** No document of the database's key and usage collections holds any of `keys`. */
-async function assertNoPlaintextKey(uri, dbName, keys = KEYS) {
+async function assertNoPlaintextKey(uri, dbName, keys = KEYS, form = /^fp_[0-9a-f]{32}$/) {
   const { keys: keyDocs, usage } = await inspect(uri, dbName)
   for (const c of [keyDocs, usage]) {
     for (const d of await c.find().toArray()) {
       const text = JSON.stringify(d)
       for (const k of keys) assert.ok(!text.includes(k), `a key in plaintext in ${c.collectionName}: ${text}`)
-      assert.match(d.apiKey, /^fp_[0-9a-f]{32}$/)
+      assert.match(d.apiKey, form)
     }
   }
 }
@@ -361,18 +365,100 @@ test("a database written by the old service loads (windows whose resetTime passe
   assert.equal(await usage.countDocuments(), 2)
 })
 
-test('without a fingerprint secret, keys never reach MongoDB: the manager runs in memory and says why', async () => {
+test('MONGODB_URI and MONGODB_DB_NAME alone persist, with keys stored as SHA-256 digests and no secret', async () => {
   const server = await sharedServer()
-  const run = runFixture('mongo-client.js', {
-    args: [JSON.stringify(KEYS), JSON.stringify({ close: true, usage: [[0, 1, true, null, 1]] })],
-    env: { MONGODB_URI: server.uri, MONGODB_DB_NAME: 'gkm_no_secret', KEY_MANAGER_FINGERPRINT_SECRET: '' },
+  const dbName = 'gkm_no_secret'
+  const env = { MONGODB_URI: server.uri, MONGODB_DB_NAME: dbName, KEY_MANAGER_FINGERPRINT_SECRET: '' }
+  const first = runFixture('mongo-client.js', {
+    args: [JSON.stringify(KEYS), JSON.stringify({ close: true, usage: [[0, 1, true, null, 1], [1, 0, false, 'API_KEY_INVALID', 2]] })],
+    env,
   })
-  const out = expectClean(run, assert)
-  assert.deepEqual(out.metadata, { totalKeys: 3, mode: 'in-memory' })
-  assert.match(run.stderr, /^❌ MongoDB persistence disabled: .*KEY_MANAGER_FINGERPRINT_SECRET.*storePlaintextKeys/m)
-  assert.ok(run.lines.includes('✅ In-memory API Key Manager initialized with 3 keys'), run.lines.join('\n'))
-  const { keys, usage } = await inspect(server.uri, 'gkm_no_secret')
-  assert.equal((await keys.countDocuments()) + (await usage.countDocuments()), 0)
+  const out = expectClean(first, assert)
+  assert.deepEqual(out.metadata, { totalKeys: 3 })
+  assert.ok(first.lines.includes('✅ MongoDB connection established for API key management'), first.lines.join('\n'))
+  const { keys, usage } = await inspect(server.uri, dbName)
+  assert.deepEqual((await keys.find().toArray()).map((d) => d.apiKey).sort(), KEYS.map(digest).sort())
+  assert.equal(await usage.countDocuments(), 2)
+  await assertNoPlaintextKey(server.uri, dbName, KEYS, /^sha256_[0-9a-f]{32}$/)
+  // A second run with the same two variables finds the state: the refused key stays out.
+  const second = runFixture('mongo-client.js', {
+    args: [JSON.stringify(KEYS), JSON.stringify({ close: true, statuses: true })],
+    env,
+  })
+  const again = expectClean(second, assert)
+  assert.deepEqual(again.active, [true, false, true])
+  assert.equal(again.rpd[0], 1)
+})
+
+test('keys added, removed, disabled and enabled at run time reach every process sharing the database', async () => {
+  const server = await sharedServer()
+  const dbName = 'gkm_key_admin'
+  const added = fakeKey(61)
+  const options = { keySyncIntervalMs: 200 }
+  const [a, b] = [manager(server.uri, dbName, options), manager(server.uri, dbName, options)]
+  assert.ok((await a.initialize()).success && (await b.initialize()).success)
+  const listed = async (m) => (await m.getAllKeysStatus()).data.map((s) => [s.apiKey, s.state])
+  const r = await a.addKey(added)
+  assert.ok(r.success, r.error)
+  assert.equal(r.data.apiKey, added)
+  assert.equal((await a.addKey(added)).error, 'API key already exists')
+  assert.match((await a.addKey('two words')).error, /^Invalid API key: /)
+  assert.ok(await eventually(async () => (await listed(b)).some(([k]) => k === added), 5000), 'b took in the added key')
+  // b hands it out and records a call on it; then disables another key and removes the new one.
+  await b.recordUsage(added, 7, true, undefined, 3)
+  assert.ok((await b.disableKey(KEYS[0])).success)
+  assert.ok((await b.removeKey(added)).success)
+  assert.ok(
+    await eventually(async () => {
+      const seen = await listed(a)
+      return !seen.some(([k]) => k === added) && seen.some(([k, state]) => k === KEYS[0] && state === 'disabled')
+    }, 5000),
+    JSON.stringify(await listed(a)),
+  )
+  assert.equal((await a.getRateLimitInfo(added)).error, 'API key not found')
+  for (let i = 0; i < 10; i++) {
+    const best = await a.getBestAvailableKey()
+    assert.ok(best.success && best.data[0] !== KEYS[0] && best.data[0] !== added)
+  }
+  assert.ok((await a.enableKey(KEYS[0])).success)
+  assert.ok(await eventually(async () => (await listed(b)).some(([k, state]) => k === KEYS[0] && state === 'active'), 5000))
+  await a.close()
+  await b.close()
+  // The removed key's usage history stays, and no document holds a key readable.
+  const { db, usage } = await inspect(server.uri, dbName)
+  assert.equal(await usage.countDocuments({ apiKey: fp(added) }), 1)
+  const decisions = await db.collection('api_key_admissions').find().toArray()
+  assert.equal(decisions.length, 2)
+  for (const d of decisions) {
+    const text = JSON.stringify(d)
+    for (const k of [...KEYS, added]) assert.ok(!text.includes(k), text)
+  }
+  // A process started later takes in the same decisions, the sealed key included (removed).
+  const c = manager(server.uri, dbName)
+  assert.ok((await c.initialize()).success)
+  assert.deepEqual((await listed(c)).map(([, state]) => state), ['active', 'active', 'active'])
+  const stats = await c.getUsageStats()
+  const removed = stats.data.find((k) => k.removed)
+  assert.equal(removed.apiKey, mask(added))
+  assert.equal(removed.requests, 1)
+  await c.close()
+})
+
+test('without a secret, a key added at run time would be lost to other processes: refused with the reason', async () => {
+  const server = await sharedServer()
+  const m = manager(server.uri, 'gkm_add_no_secret', { fingerprintSecret: undefined })
+  const saved = process.env.KEY_MANAGER_FINGERPRINT_SECRET
+  delete process.env.KEY_MANAGER_FINGERPRINT_SECRET
+  try {
+    assert.ok((await m.initialize()).success)
+    const r = await m.addKey(fakeKey(62))
+    assert.equal(r.success, false)
+    assert.match(r.error, /^API key cannot be stored: .*KEY_MANAGER_FINGERPRINT_SECRET/)
+    assert.equal((await m.getAllKeysStatus()).data.length, 3)
+  } finally {
+    process.env.KEY_MANAGER_FINGERPRINT_SECRET = saved
+    await m.close()
+  }
 })
 
 test('storePlaintextKeys: true stores keys as the old service did', async () => {
@@ -571,8 +657,10 @@ function runFixtureAsync(file, { env = {}, args = [] } = {}) {
 }
 
 test('four processes at concurrency 20 over three keys at RPM 30 hand out at most 90 per window in total', async (t) => {
-  const server = await sharedServer()
-  const dbName = 'gkm_shared_quota'
+  // Its own server: the processes are configured with MONGODB_URI alone (no database name, no
+  // secret), as the old service documents it, so they use its default database.
+  const server = await startServer(await freePort())
+  const dbName = 'rag_db'
   const windowMs = 2000
   // Starts on a window boundary, once every process has had time to connect, and runs 4 windows.
   const startAt = Math.ceil((Date.now() + 3000) / windowMs) * windowMs
@@ -580,7 +668,7 @@ test('four processes at concurrency 20 over three keys at RPM 30 hand out at mos
   const runs = await Promise.all(
     Array.from({ length: 4 }, () =>
       runFixtureAsync('shared-quota-worker.js', {
-        env: { MONGODB_URI: server.uri, MONGODB_DB_NAME: dbName },
+        env: { MONGODB_URI: server.uri, KEY_MANAGER_FINGERPRINT_SECRET: '' },
         args: [JSON.stringify(KEYS), JSON.stringify(plan)],
       }),
     ),
@@ -616,8 +704,8 @@ test('four processes at concurrency 20 over three keys at RPM 30 hand out at mos
   // out in its window, and one usage document per hand-out.
   const { db, usage } = await inspect(server.uri, dbName)
   const leases = await db.collection('api_key_leases').find({ window: 'rpm' }).toArray()
-  // Keys are stored as fingerprints, in lease documents too.
-  const used = new Map(leases.map((d) => [`${d.windowId}:${KEYS.findIndex((k) => fp(k) === d.apiKey)}`, d.used]))
+  // Keys are stored as digests (no secret is set), in lease documents too.
+  const used = new Map(leases.map((d) => [`${d.windowId}:${KEYS.findIndex((k) => digest(k) === d.apiKey)}`, d.used]))
   for (const d of leases) assert.ok(!KEYS.some((k) => JSON.stringify(d).includes(k)), `lease ${d._id} holds a plaintext key`)
   for (const d of leases) assert.ok(d.used <= 30, `lease ${d._id} has used ${d.used}`)
   for (const [id, n] of perWindow) {

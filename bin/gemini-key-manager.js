@@ -13,7 +13,8 @@ function parseArgs(argv) {
   const [command, ...rest] = argv
   if (command !== 'serve') return { error: command ? `unknown command: ${command}` : 'no command given' }
   const options = {
-    host: process.env.HOST || '127.0.0.1',
+    // Unset: localhost, both 127.0.0.1 and ::1, as `http://localhost:3001` may resolve to either.
+    host: process.env.HOST || 'localhost',
     port: process.env.PORT ? Number(process.env.PORT) : 3001,
     accessLog: false,
   }

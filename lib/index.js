@@ -158,6 +158,7 @@ function mongoSettings(options) {
     connectTimeoutMs: options.mongoConnectTimeoutMs,
     flushIntervalMs: options.flushIntervalMs,
     retryIntervalMs: options.mongoRetryIntervalMs,
+    keySyncIntervalMs: options.keySyncIntervalMs,
     batchSize: options.usageBatchSize,
     queueCapacity: options.usageQueueCapacity,
     sharedQuota: options.sharedQuota ?? envFlag('KEY_MANAGER_SHARED_QUOTA'),
@@ -179,7 +180,7 @@ function envFlag(name) {
 const OPTION_NAMES = [
   'keys', 'model', 'modelLimits', 'limits', 'windowMs', 'dailyReset', 'reservationTtlMs', 'quiet', 'mongodbUri',
   'mongodbDbName', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'usageBatchSize', 'usageQueueCapacity',
-  'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity',
+  'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity', 'keySyncIntervalMs',
 ]
 
 /** The options read once into a plain object, so a getter runs (and may throw) only here. */
@@ -241,7 +242,7 @@ function checkOptions(options) {
       return `${field} must be a positive integer (got ${shown(n)})`
     }
   }
-  for (const field of ['windowMs', 'reservationTtlMs', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs']) {
+  for (const field of ['windowMs', 'reservationTtlMs', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'keySyncIntervalMs']) {
     if (options[field] !== undefined && typeof options[field] !== 'number') {
       return `${field} must be a positive integer of milliseconds (got ${shown(options[field])})`
     }
@@ -310,18 +311,8 @@ class ApiKeyManagerService {
     }
     this._hot = this._native.hotPath()
     this._results = this._hot.results
-    this._keys = this._native.keys()
-    this._keys.forEach((key, i) => this._index.set(key, i))
-    this._status = this._keys.map(newStatus)
-    this._seen = new Float64Array(this._keys.length * SEEN).fill(NaN)
-    for (let i = 0; i < this._keys.length; i++) {
-      this._hot.figures(i)
-      // Limits are fixed for the pool's life: set here once, not on every refresh.
-      const { rpm, rpd, tpm } = this._refresh(i).limits
-      rpm.limit = this._results[SLOT.rpmLimit]
-      rpd.limit = this._results[SLOT.rpdLimit]
-      tpm.limit = this._results[SLOT.tpmLimit]
-    }
+    this._seen = new Float64Array(0)
+    this._syncKeys()
     this._mongo = mongoSettings(this._options)
     if (this._mongo !== null) {
       this._storeStart = this._attachStore()
@@ -405,6 +396,30 @@ class ApiKeyManagerService {
     return reason === this._initError ? failure(fallback, { cause: reason }) : failure(reason)
   }
 
+  /**
+   * Takes in the keys the pool gained since last looked (added here or, through MongoDB, in another
+   * process): positions never change, so the arrays only grow.
+   */
+  _syncKeys() {
+    const keys = this._native.keys()
+    const known = this._keys.length
+    if (keys.length === known) return
+    const seen = new Float64Array(keys.length * SEEN).fill(NaN)
+    seen.set(this._seen)
+    this._seen = seen
+    for (let i = known; i < keys.length; i++) {
+      this._keys.push(keys[i])
+      this._index.set(keys[i], i)
+      this._status.push(newStatus(keys[i]))
+      this._hot.figures(i)
+      // Limits are fixed for a key's life: set here once, not on every refresh.
+      const { rpm, rpd, tpm } = this._refresh(i).limits
+      rpm.limit = this._results[SLOT.rpmLimit]
+      rpd.limit = this._results[SLOT.rpdLimit]
+      tpm.limit = this._results[SLOT.tpmLimit]
+    }
+  }
+
   /** Copies key i's figures from the result array into its status object. */
   _refresh(i) {
     const s = this._results
@@ -456,20 +471,25 @@ class ApiKeyManagerService {
 
   _managerInfo() {
     this._native.summary()
+    const keys = this._allStatuses()
     return {
-      keys: this._allStatuses(),
+      keys,
       currentIndex: this._results[SLOT.currentIndex],
-      totalKeys: this._keys.length,
+      totalKeys: keys.length,
       lastRotation: new Date(this._results[SLOT.lastRotation]),
     }
   }
 
+  /** Every key in the pool (removed ones are not), refreshed. */
   _allStatuses() {
+    if (this._native.keyCount() !== this._keys.length) this._syncKeys()
+    const listed = []
     for (let i = 0; i < this._keys.length; i++) {
       this._hot.figures(i)
-      this._refresh(i)
+      const status = this._refresh(i)
+      if (status.state !== 'removed') listed.push(status)
     }
-    return this._status.slice()
+    return listed
   }
 
   async initialize() {
@@ -477,10 +497,11 @@ class ApiKeyManagerService {
     if (reason !== null) return failure(reason)
     const connected = this._storeStart !== null && (await this._storeStart).connected
     if (this._closed) return failure('API key manager is closed')
+    const data = this._managerInfo()
     return {
       success: true,
-      data: this._managerInfo(),
-      metadata: connected ? { totalKeys: this._keys.length } : { totalKeys: this._keys.length, mode: 'in-memory' },
+      data,
+      metadata: connected ? { totalKeys: data.totalKeys } : { totalKeys: data.totalKeys, mode: 'in-memory' },
     }
   }
 
@@ -515,6 +536,7 @@ class ApiKeyManagerService {
     } catch (e) {
       return this._noKey(e, estimatedTokens)
     }
+    if (i >= this._keys.length) this._syncKeys()
     const s = this._results
     const apiKey = this._keys[i]
     this._lastHanded = apiKey
@@ -540,6 +562,7 @@ class ApiKeyManagerService {
     } catch (e) {
       return this._noKey(e, estimatedTokens)
     }
+    if (i >= this._keys.length) this._syncKeys()
     const s = this._results
     const rotationReason = LAYOUT.reasons[s[SLOT.rotationReason]]
     const metadata = { availabilityScore: s[SLOT.score], rotationReason }
@@ -615,7 +638,14 @@ class ApiKeyManagerService {
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
     if (typeof i !== 'number') return i
-    const data = this._native.rateLimitInfo(i).map((w) => ({ ...w, resetTime: new Date(w.resetTime) }))
+    let info
+    try {
+      info = this._native.rateLimitInfo(i)
+    } catch (e) {
+      // A key removed since: not found.
+      return failure(messageOf(e))
+    }
+    const data = info.map((w) => ({ ...w, resetTime: new Date(w.resetTime) }))
     return { success: true, data, metadata: {} }
   }
 
@@ -635,9 +665,62 @@ class ApiKeyManagerService {
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
     if (typeof i !== 'number') return i
-    this._native.reactivate(i)
+    try {
+      this._native.reactivate(i)
+    } catch (e) {
+      return failure(messageOf(e))
+    }
     this._refresh(i)
     return { success: true, metadata: {} }
+  }
+
+  /**
+   * Adds a key to the pool at run time: it is handed out from now on, and with MongoDB every
+   * process sharing the database takes it in within a few seconds (stored sealed: that needs
+   * KEY_MANAGER_FINGERPRINT_SECRET). A removed key comes back. `data` is its status.
+   */
+  async addKey(apiKey) {
+    const reason = this._ready()
+    if (reason !== null) return failure(reason)
+    if (typeof apiKey !== 'string') return failure(`Invalid API key: it must be a string (got ${typeof apiKey})`)
+    let i
+    try {
+      i = this._native.addKey(apiKey)
+    } catch (e) {
+      return failure(messageOf(e))
+    }
+    this._syncKeys()
+    return { success: true, data: this._refresh(i), metadata: { totalKeys: this._allStatuses().length } }
+  }
+
+  /** Takes a key out of the pool (its usage history stays); every process sharing MongoDB follows. */
+  async removeKey(apiKey) {
+    return this._admit(apiKey, 'removed')
+  }
+
+  /** Takes a key out of service until `enableKey`; every process sharing MongoDB follows. */
+  async disableKey(apiKey) {
+    return this._admit(apiKey, 'disabled')
+  }
+
+  /** Puts a disabled key back into service; every process sharing MongoDB follows. */
+  async enableKey(apiKey) {
+    return this._admit(apiKey, 'enabled')
+  }
+
+  async _admit(apiKey, admission) {
+    const reason = this._ready()
+    if (reason !== null) return this._unavailable(reason, 'API key not found')
+    const i = this._locate(apiKey)
+    if (typeof i !== 'number') return i
+    let changed
+    try {
+      changed = this._native.admit(i, admission)
+    } catch (e) {
+      return failure(messageOf(e))
+    }
+    this._refresh(i)
+    return { success: true, metadata: { changed } }
   }
 
   async resetAllLimits() {
@@ -769,7 +852,7 @@ class ApiKeyManagerService {
    * `server.close()`.
    */
   async serve(options = {}) {
-    const { host = '127.0.0.1', port = 3001, accessLog = false, maxBodyBytes, adminToken, allowInsecure } = options
+    const { host = 'localhost', port = 3001, accessLog = false, maxBodyBytes, adminToken, allowInsecure } = options
     const invalid = checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure })
     if (invalid !== null) throw new TypeError(`invalid serve options: ${invalid}`)
     const reason = this._ready()
@@ -834,7 +917,10 @@ class ApiKeyManagerService {
 // The async SPEC methods resolve even when a check did not foresee a throw (the two hot methods
 // catch their own): a rejection there would crash callers that, as the old service allowed, do not
 // catch.
-for (const name of ['initialize', 'getNextKeyForRotation', 'handleRateLimit', 'getRateLimitInfo', 'getAllKeysStatus', 'reactivateKey', 'resetAllLimits', 'refreshCache']) {
+for (const name of [
+  'initialize', 'getNextKeyForRotation', 'handleRateLimit', 'getRateLimitInfo', 'getAllKeysStatus', 'reactivateKey',
+  'resetAllLimits', 'refreshCache', 'addKey', 'removeKey', 'disableKey', 'enableKey',
+]) {
   const method = ApiKeyManagerService.prototype[name]
   Object.defineProperty(ApiKeyManagerService.prototype, name, {
     value: {
@@ -865,7 +951,7 @@ const JSON_TYPE = 'application/json; charset=utf-8'
 
 /** serve()'s options: napi's own conversion errors are unreadable. */
 function checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure }) {
-  if (typeof host !== 'string') return `host must be an IP address string (got ${typeof host})`
+  if (typeof host !== 'string') return `host must be an IP address or 'localhost' (got ${typeof host})`
   if (!(Number.isInteger(port) && port >= 0 && port <= 65535)) return 'port must be an integer from 0 to 65535'
   if (typeof accessLog !== 'boolean') return `accessLog must be a boolean (got ${typeof accessLog})`
   if (maxBodyBytes !== undefined && !(Number.isInteger(maxBodyBytes) && maxBodyBytes >= 0 && maxBodyBytes < 2 ** 32)) {

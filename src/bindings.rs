@@ -17,10 +17,10 @@ use crate::config::{self, js_number, LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
 use crate::fingerprint::Fingerprinter;
-use crate::health::HealthState;
 use crate::http::auth::resolve_allow_insecure;
 use crate::http::usage::usage_stats;
-use crate::http::{self, AdminGuard, ApiRequest, Reply, ServerHandle, ServerOptions};
+use crate::http::{self, AdminGuard, ApiRequest, Listen, Reply, ServerHandle, ServerOptions};
+use crate::key::{Admission, STATE_LABELS};
 use crate::log::{ConsoleLog, Log, SilentLog};
 use crate::metrics;
 use crate::persistence::{PersistOptions, Started, WriteBehind};
@@ -48,7 +48,7 @@ pub fn results_layout() -> ResultsLayout {
     length: RESULTS_LEN as u32,
     methods: METHODS.iter().map(|m| m.as_str().to_owned()).collect(),
     reasons: REASONS.iter().map(|r| r.as_str().to_owned()).collect(),
-    states: HealthState::LABELS.iter().map(|s| s.to_string()).collect(),
+    states: STATE_LABELS.iter().map(|s| s.to_string()).collect(),
   }
 }
 
@@ -133,6 +133,9 @@ pub struct StoreOptions {
   pub flush_interval_ms: Option<f64>,
   /// How often to try the server again while running in memory (default 3000 ms).
   pub retry_interval_ms: Option<f64>,
+  /// How often to read the keys other processes added, removed, disabled or enabled (default
+  /// 2000 ms).
+  pub key_sync_interval_ms: Option<f64>,
   /// Recorded calls that trigger a write before the interval is up (default 500).
   pub batch_size: Option<u32>,
   /// Recorded calls kept while the server is away, at most (default 10000).
@@ -251,10 +254,42 @@ impl NativeKeyPool {
     Ok(Object::from_raw(env.raw(), raw))
   }
 
-  /// The keys, in the order whose positions every other method takes and returns.
+  /// Every key the pool has known, by the position every other method takes and returns:
+  /// removed keys keep theirs, and keys added later come after.
   #[napi]
   pub fn keys(&self) -> Vec<String> {
-    self.pool().keys().to_vec()
+    self.pool().names().keys().to_vec()
+  }
+
+  /// How many positions are in use (see `keys`): a cheap check for keys added since.
+  #[napi]
+  pub fn key_count(&self) -> u32 {
+    u32::try_from(self.pool().len()).unwrap_or(u32::MAX)
+  }
+
+  /// Adds `apiKey` to the pool (or brings back a removed one) and writes its figures into the
+  /// result slots; returns its position.
+  #[napi]
+  pub fn add_key(&self, api_key: String) -> napi::Result<u32> {
+    let index = self.pool().add_key(&api_key).map_err(js_error)?;
+    self
+      .results()
+      .write_figures(&self.pool().figures(index).map_err(js_error)?);
+    Ok(index as u32)
+  }
+
+  /// An operator's decision about the key at `index`: back in service, out of service, or out of
+  /// the pool. Returns whether it changed anything.
+  #[napi]
+  pub fn admit(&self, index: u32, admission: KeyAdmission) -> napi::Result<bool> {
+    let changed = self
+      .pool()
+      .admit(at(index), admission.into())
+      .map_err(js_error)?;
+    self
+      .results()
+      .write_figures(&self.pool().figures(at(index)).map_err(js_error)?);
+    Ok(changed)
   }
 
   /// `getNextKeyForRotation`: returns the chosen key's position; the reason and the weak key's
@@ -412,6 +447,7 @@ impl NativeKeyPool {
   }
 
   /// Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime.
+  /// `host` is an IP address, or `localhost`: 127.0.0.1 and ::1 both.
   #[napi(ts_return_type = "Promise<NativeServer>")]
   pub fn serve<'env>(
     &self,
@@ -420,13 +456,20 @@ impl NativeKeyPool {
     port: u32,
     options: Option<ServeOptions>,
   ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
-    let ip: IpAddr = host.parse().map_err(|_| {
-      // A key pasted into the wrong field must not come back whole.
-      let shown = crate::mask::scrub(&host, self.pool().keys());
-      napi::Error::from_reason(format!("host must be an IP address (got {shown:?})"))
-    })?;
     let port = u16::try_from(port)
       .map_err(|_| napi::Error::from_reason(format!("port must be 0 to 65535 (got {port})")))?;
+    let listen = if host.eq_ignore_ascii_case("localhost") {
+      Listen::Localhost { port }
+    } else {
+      let ip: IpAddr = host.parse().map_err(|_| {
+        // A key pasted into the wrong field must not come back whole.
+        let shown = crate::mask::scrub(&host, self.pool().names().keys());
+        napi::Error::from_reason(format!(
+          "host must be an IP address or localhost (got {shown:?})"
+        ))
+      })?;
+      Listen::Addr(SocketAddr::new(ip, port))
+    };
     let o = options.unwrap_or_default();
     let config_error = |e: http::AuthConfigError| napi::Error::from_reason(e.to_string());
     let defaults = ServerOptions::default();
@@ -440,11 +483,15 @@ impl NativeKeyPool {
     };
     let pool = self.js.pool.clone();
     env.spawn_future(async move {
-      let handle = http::start(pool, SocketAddr::new(ip, port), options)
+      let handle = http::start(pool, listen, options)
         .await
         .map_err(|e| napi::Error::from_reason(e.to_string()))?;
       Ok(NativeServer {
-        address: handle.local_addr(),
+        host: match listen {
+          Listen::Localhost { .. } => "localhost".to_owned(),
+          Listen::Addr(addr) => addr.ip().to_string(),
+        },
+        port: handle.port(),
         handle: Arc::new(AsyncMutex::new(Some(handle))),
       })
     })
@@ -466,9 +513,6 @@ impl NativeKeyPool {
       &|name| std::env::var(name).ok(),
     )
     .map_err(|e| napi::Error::from_reason(e.to_string()))?;
-    if let KeyStorage::Fingerprint(f) = &key_storage {
-      self.pool().set_fingerprints(f);
-    }
     let defaults = PersistOptions::new(options.uri);
     let persist = PersistOptions {
       key_storage,
@@ -487,6 +531,11 @@ impl NativeKeyPool {
         "retryIntervalMs",
         options.retry_interval_ms,
         defaults.retry_interval,
+      )?,
+      key_sync_interval: millis_option(
+        "keySyncIntervalMs",
+        options.key_sync_interval_ms,
+        defaults.key_sync_interval,
       )?,
       batch_size: options
         .batch_size
@@ -564,6 +613,24 @@ impl Drop for NativeKeyPool {
   fn drop(&mut self) {
     if let Some(writer) = self.writer.lock().take() {
       writer.stop();
+    }
+  }
+}
+
+/// What an operator decides about a key.
+#[napi(string_enum = "lowercase")]
+pub enum KeyAdmission {
+  Enabled,
+  Disabled,
+  Removed,
+}
+
+impl From<KeyAdmission> for Admission {
+  fn from(a: KeyAdmission) -> Self {
+    match a {
+      KeyAdmission::Enabled => Admission::Enabled,
+      KeyAdmission::Disabled => Admission::Disabled,
+      KeyAdmission::Removed => Admission::Removed,
     }
   }
 }
@@ -709,7 +776,8 @@ pub struct ServeOptions {
 /// The running HTTP API.
 #[napi]
 pub struct NativeServer {
-  address: SocketAddr,
+  host: String,
+  port: u16,
   handle: Arc<AsyncMutex<Option<ServerHandle>>>,
 }
 
@@ -718,12 +786,13 @@ impl NativeServer {
   /// The port it listens on (the real one when started on port 0).
   #[napi(getter)]
   pub fn port(&self) -> u32 {
-    self.address.port() as u32
+    u32::from(self.port)
   }
 
+  /// The IP address it listens on, or `localhost` for 127.0.0.1 and ::1 both.
   #[napi(getter)]
   pub fn host(&self) -> String {
-    self.address.ip().to_string()
+    self.host.clone()
   }
 
   /// Stops accepting, lets in-flight requests finish (5 s at most), then resolves. Idempotent.

@@ -19,4 +19,10 @@ pub enum PoolError {
   InvalidConfig(String),
   #[error("API key manager is closed")]
   Closed,
+  #[error("Invalid API key: {0}")]
+  InvalidKey(&'static str),
+  #[error("API key already exists")]
+  DuplicateKey,
+  #[error("API key cannot be stored: {0}")]
+  KeyNotStorable(String),
 }

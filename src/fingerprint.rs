@@ -1,11 +1,12 @@
-//! Keyed fingerprints of API keys: what MongoDB stores instead of a key. HMAC-SHA256 under a secret
-//! the database never sees, so a leaked database gives neither the keys nor a way to test guesses
-//! against them.
+//! What MongoDB stores instead of a key: by default its SHA-256 digest (a Gemini key holds about
+//! 200 random bits, so its digest cannot be turned back into it), or, under a secret, its keyed
+//! fingerprint (HMAC-SHA256), which also protects keys with few random bits and gives someone who
+//! holds the database no way to test a guessed key against it.
 
 use std::fmt::Write;
 
 use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// What every fingerprint starts with: tells a fingerprint from a key stored in plaintext (Gemini
@@ -21,6 +22,36 @@ const KEPT_BYTES: usize = 16;
 pub enum FingerprintError {
   #[error("the fingerprint secret must be at least {MIN_SECRET_BYTES} bytes (got {0})")]
   SecretTooShort(usize),
+}
+
+/// What every unkeyed digest name starts with.
+pub const DIGEST_PREFIX: &str = "sha256_";
+
+/// `prefix` and the first 128 bits of `bytes` in lowercase hex.
+fn name(prefix: &str, bytes: &[u8]) -> String {
+  let mut out = String::with_capacity(prefix.len() + 2 * KEPT_BYTES);
+  out.push_str(prefix);
+  for byte in &bytes[..KEPT_BYTES] {
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{byte:02x}");
+  }
+  out
+}
+
+fn has_form(text: &str, prefix: &str) -> bool {
+  text.strip_prefix(prefix).is_some_and(|hex| {
+    hex.len() == 2 * KEPT_BYTES && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+  })
+}
+
+/// `sha256_` and the first 128 bits of SHA-256(key) in lowercase hex: 39 characters.
+pub fn digest_name(key: &str) -> String {
+  name(DIGEST_PREFIX, &Sha256::digest(key.as_bytes()))
+}
+
+/// Whether `text` has the form of a digest name.
+pub fn is_digest_name(text: &str) -> bool {
+  has_form(text, DIGEST_PREFIX)
 }
 
 /// HMAC-SHA256 of `message` under `secret`.
@@ -58,22 +89,19 @@ impl Fingerprinter {
 
   /// `fp_` and the first 128 bits of HMAC-SHA256(secret, key) in lowercase hex: 35 characters.
   pub fn fingerprint(&self, key: &str) -> String {
-    let mac = hmac_sha256(&self.secret, key.as_bytes());
-    let mut out = String::with_capacity(PREFIX.len() + 2 * KEPT_BYTES);
-    out.push_str(PREFIX);
-    for byte in &mac[..KEPT_BYTES] {
-      // Writing to a String cannot fail.
-      let _ = write!(out, "{byte:02x}");
-    }
-    out
+    name(PREFIX, &hmac_sha256(&self.secret, key.as_bytes()))
+  }
+
+  /// A 256-bit key for `purpose`, derived from the secret: one secret serves several uses, none of
+  /// which can be computed from another's.
+  pub fn derive(&self, purpose: &[u8]) -> [u8; 32] {
+    hmac_sha256(&self.secret, purpose)
   }
 }
 
 /// Whether `text` has the form of a fingerprint (not whether it is one of a known key).
 pub fn is_fingerprint(text: &str) -> bool {
-  text.strip_prefix(PREFIX).is_some_and(|hex| {
-    hex.len() == 2 * KEPT_BYTES && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-  })
+  has_form(text, PREFIX)
 }
 
 #[cfg(test)]
@@ -126,6 +154,18 @@ mod tests {
     assert!(!is_fingerprint(key));
     assert!(!is_fingerprint("fp_XYZ"));
     assert!(!format!("{a:?}").contains("0123"));
+  }
+
+  #[test]
+  fn digest_names_are_sha256_and_recognisable() {
+    let key = "AIzaSyTESTQm7Lx2Vb9Rc4Nw8Dk1Fh6Jt3Pk001";
+    // `printf %s "$key" | sha256sum`
+    assert_eq!(digest_name(key), "sha256_014ec466abb6a05c30adf20b1ed08efd");
+    assert!(is_digest_name(&digest_name(key)));
+    assert!(!is_digest_name(key));
+    assert!(!is_fingerprint(&digest_name(key)));
+    let f = Fingerprinter::new(b"0123456789abcdef").unwrap();
+    assert_ne!(f.derive(b"one"), f.derive(b"two"));
   }
 
   #[test]

@@ -17,6 +17,48 @@ pub struct Reservation {
   pub tokens: u64,
 }
 
+/// Whether an operator keeps the key in service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Admission {
+  #[default]
+  Enabled,
+  /// Out of service until enabled again.
+  Disabled,
+  /// Gone from the pool: listed nowhere and never handed out, but its position and its history
+  /// stay (a call already under way may still report on it), and adding it again brings it back.
+  Removed,
+}
+
+impl Admission {
+  pub fn as_str(self) -> &'static str {
+    match self {
+      Admission::Enabled => "enabled",
+      Admission::Disabled => "disabled",
+      Admission::Removed => "removed",
+    }
+  }
+
+  pub fn parse(text: &str) -> Option<Self> {
+    match text {
+      "enabled" => Some(Admission::Enabled),
+      "disabled" => Some(Admission::Disabled),
+      "removed" => Some(Admission::Removed),
+      _ => None,
+    }
+  }
+}
+
+/// The states a key's status reports: its health's, or what an operator made it.
+pub const STATE_LABELS: [&str; 7] = [
+  HealthState::LABELS[0],
+  HealthState::LABELS[1],
+  HealthState::LABELS[2],
+  HealthState::LABELS[3],
+  HealthState::LABELS[4],
+  "disabled",
+  "removed",
+];
+
 /// Reservations kept per key at most; past that the oldest is taken as settled. Only callers that
 /// never report usage get there.
 const MAX_PENDING: usize = 4_096;
@@ -43,6 +85,12 @@ pub struct KeyState {
   /// What this process may hand out of the key's quota shared with other processes; `None` when
   /// it does not share (boxed: most pools do not, and a key's hot fields stay close together).
   pub shared: Option<Box<SharedBudget>>,
+  pub admission: Admission,
+  /// When an operator last added, removed, disabled or enabled it (0: never): of two changes to
+  /// one key made in different processes, the later wins.
+  pub admitted_at: Millis,
+  /// Added at run time rather than configured: other processes can only learn it from the store.
+  pub added: bool,
 }
 
 /// One window as callers see it.
@@ -59,8 +107,10 @@ pub struct LimitFigures {
 /// without allocating.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KeyFigures {
+  /// In service: neither refused by the upstream nor taken out by an operator.
   pub active: bool,
   pub state: HealthState,
+  pub admission: Admission,
   pub last_used: Millis,
   pub rpm: LimitFigures,
   pub rpd: LimitFigures,
@@ -68,6 +118,30 @@ pub struct KeyFigures {
   pub error_count: u32,
   pub last_error_time: Option<Millis>,
   pub error_seq: u32,
+}
+
+impl KeyFigures {
+  /// Position of the key's state in [`STATE_LABELS`].
+  pub fn state_code(&self) -> usize {
+    match self.admission {
+      Admission::Enabled => self.state.code(),
+      Admission::Disabled => 5,
+      Admission::Removed => 6,
+    }
+  }
+
+  pub fn state_label(&self) -> &'static str {
+    STATE_LABELS[self.state_code()]
+  }
+
+  /// Until when a resting or open key is kept out; a disabled or removed one is out until an
+  /// operator says otherwise, not until a time.
+  pub fn state_until(&self) -> Option<Millis> {
+    self
+      .state
+      .until()
+      .filter(|_| self.admission == Admission::Enabled)
+  }
 }
 
 /// A key's full status (the SPEC's `ApiKeyStatus`), key unmasked: mask it before it leaves the process.
@@ -105,7 +179,30 @@ impl KeyState {
       error_seq: 0,
       pending: VecDeque::new(),
       shared: None,
+      admission: Admission::Enabled,
+      admitted_at: 0,
+      added: false,
     }
+  }
+
+  /// An operator's change, unless a later one is already in force.
+  pub fn admit(&mut self, admission: Admission, at: Millis) -> bool {
+    if at < self.admitted_at {
+      return false;
+    }
+    self.admitted_at = at;
+    let changed = self.admission != admission;
+    self.admission = admission;
+    if admission != Admission::Enabled {
+      // Its reservations will never be settled by a caller that may still hold it; they expire.
+      self.health.trial_lost(at);
+    }
+    changed
+  }
+
+  /// In service as far as the operator and the upstream are concerned.
+  pub fn in_service(&self, now: Millis) -> bool {
+    self.admission == Admission::Enabled && self.health.can_serve(now)
   }
 
   pub fn limit(&self, limit_type: LimitType) -> u64 {
@@ -234,8 +331,9 @@ impl KeyState {
 
   pub fn figures(&self, now: Millis) -> KeyFigures {
     KeyFigures {
-      active: !self.health.is_deactivated(),
+      active: !self.health.is_deactivated() && self.admission == Admission::Enabled,
       state: self.health.state(now),
+      admission: self.admission,
       last_used: self.last_used,
       rpm: self.limit_figures(LimitType::Rpm, now),
       rpd: self.limit_figures(LimitType::Rpd, now),
@@ -265,7 +363,7 @@ impl KeyState {
     };
     KeyRecord {
       api_key: self.key.clone(),
-      is_active: !self.health.is_deactivated(),
+      is_active: !self.health.is_deactivated() && self.admission == Admission::Enabled,
       last_used: self.last_used,
       rpm: rolling(&self.rpm, self.quota.rpm),
       rpd: WindowRecord {
@@ -305,11 +403,14 @@ impl KeyState {
       return;
     }
     self.last_used = record.last_used;
-    match (record.is_active, self.health.is_deactivated()) {
-      (false, false) => {
+    // A key an operator took out is stored as inactive too; only an enabled one's `isActive:
+    // false` says the upstream refused it.
+    let refused = !record.is_active && self.admission == Admission::Enabled;
+    match (refused, self.health.is_deactivated()) {
+      (true, false) => {
         self.health.on_key_rejected();
       }
-      (true, true) => self.health.reactivate(),
+      (false, true) => self.health.reactivate(),
       _ => {}
     }
     self.error_count = record.error_count;

@@ -96,8 +96,9 @@ impl LeaseKeeper {
     let Some(store) = self.inner.store.lock().clone() else {
       return;
     };
+    let names = self.inner.pool.names();
     for (index, window, occurrence, unused, spent) in self.inner.pool.unused_leases() {
-      let Some(api_key) = self.inner.pool.key_name(index) else {
+      let Some(api_key) = names.get(index) else {
         continue;
       };
       let slot = LeaseSlot {
@@ -216,7 +217,8 @@ async fn ask(
     spent,
     give_back,
   } = *need;
-  let Some(api_key) = inner.pool.key_name(index) else {
+  let names = inner.pool.names();
+  let Some(api_key) = names.get(index) else {
     return Ok((0, 1, 0));
   };
   let slot = LeaseSlot {

@@ -26,6 +26,7 @@ pub mod persistence;
 pub mod pool;
 pub mod quota;
 pub mod results;
+pub mod roster;
 pub mod selection;
 pub mod share;
 pub mod store;

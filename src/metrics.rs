@@ -7,19 +7,31 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::counters::Counters;
-use crate::health::HealthState;
-use crate::key::LimitFigures;
+use crate::key::{LimitFigures, STATE_LABELS};
 use crate::quota::LimitType;
 
 /// Every metric's name starts with this.
 const NS: &str = "gemini_key_manager";
+
+/// The states of keys in the pool: every state but `removed` (removed keys are not listed).
+pub const LISTED_STATES: [&str; 6] = [
+  STATE_LABELS[0],
+  STATE_LABELS[1],
+  STATE_LABELS[2],
+  STATE_LABELS[3],
+  STATE_LABELS[4],
+  STATE_LABELS[5],
+];
 
 /// One key's figures at the time of the snapshot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyMetrics {
   /// Masked.
   pub api_key: String,
-  pub state: HealthState,
+  /// Its position in the pool: two keys can share a mask.
+  pub index: usize,
+  /// Position in [`STATE_LABELS`].
+  pub state: usize,
   pub availability_score: f64,
   /// RPM, RPD, TPM.
   pub windows: [LimitFigures; 3],
@@ -44,11 +56,13 @@ impl MetricsSnapshot {
     }
   }
 
-  /// How many keys are in each state, in [`HealthState::LABELS`] order.
-  pub fn keys_by_state(&self) -> [u64; 5] {
-    let mut counts = [0; 5];
+  /// How many keys are in each state a listed key can be in, in [`LISTED_STATES`] order.
+  pub fn keys_by_state(&self) -> [u64; LISTED_STATES.len()] {
+    let mut counts = [0; LISTED_STATES.len()];
     for k in &self.keys {
-      counts[k.state.code()] += 1;
+      if let Some(n) = counts.get_mut(k.state) {
+        *n += 1;
+      }
     }
     counts
   }
@@ -202,7 +216,7 @@ pub fn prometheus_text(m: &MetricsSnapshot) -> String {
   );
   sample(&mut out, "tokens_total", &[], c.tokens as f64);
   family(&mut out, "keys", "gauge", "Keys in each state.");
-  for (state, n) in HealthState::LABELS.iter().zip(m.keys_by_state()) {
+  for (state, n) in LISTED_STATES.iter().zip(m.keys_by_state()) {
     sample(&mut out, "keys", &[("state", state)], n as f64);
   }
   family(
@@ -211,7 +225,7 @@ pub fn prometheus_text(m: &MetricsSnapshot) -> String {
     "gauge",
     "0.5 x remaining RPM share + 0.3 x remaining RPD share + 0.2 x remaining TPM share.",
   );
-  let positions: Vec<String> = (0..m.keys.len()).map(|i| i.to_string()).collect();
+  let positions: Vec<String> = m.keys.iter().map(|k| k.index.to_string()).collect();
   for (k, index) in m.keys.iter().zip(&positions) {
     let labels = [("key", k.api_key.as_str()), ("index", index.as_str())];
     sample(
@@ -337,7 +351,7 @@ pub fn to_json(m: &MetricsSnapshot) -> String {
       failures: c.failures,
       tokens: c.tokens,
     },
-    keys_by_state: HealthState::LABELS
+    keys_by_state: LISTED_STATES
       .iter()
       .zip(m.keys_by_state())
       .map(|(state, n)| (state.to_string(), n.into()))
@@ -347,7 +361,7 @@ pub fn to_json(m: &MetricsSnapshot) -> String {
       .iter()
       .map(|k| KeyJson {
         api_key: &k.api_key,
-        state: k.state.label(),
+        state: STATE_LABELS.get(k.state).copied().unwrap_or("active"),
         availability_score: k.availability_score,
         rpm: window(&k.windows[0]),
         rpd: window(&k.windows[1]),
@@ -384,13 +398,15 @@ mod tests {
       keys: vec![
         KeyMetrics {
           api_key: "AIzaSyAA...0001".into(),
-          state: HealthState::Active,
+          index: 0,
+          state: 0,
           availability_score: 0.75,
           windows: [w(3, 30), w(10, 200), w(1234, 1_000_000)],
         },
         KeyMetrics {
           api_key: "we\"ird\\key\n".into(),
-          state: HealthState::Resting { until: 5 },
+          index: 1,
+          state: 1,
           availability_score: 1.0,
           windows: [w(0, 30), w(0, 200), w(0, 1_000_000)],
         },

@@ -22,8 +22,8 @@ use crate::log::Log;
 use crate::mask::scrub;
 use crate::pool::KeyPool;
 use crate::store::{
-  KeyNaming, KeyStorage, MongoStore, Store, StoreError, UsageRecord, DEFAULT_CONNECT_TIMEOUT,
-  DEFAULT_DB_NAME,
+  AdmissionRecord, KeyNaming, KeyStorage, MongoStore, Store, StoreError, UsageRecord,
+  DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
 };
 use crate::usage_log::{DEFAULT_BATCH, DEFAULT_CAPACITY};
 
@@ -41,6 +41,9 @@ pub struct PersistOptions {
   pub flush_interval: Duration,
   /// How often a pool running in memory tries to reach the server again (default 3 s).
   pub retry_interval: Duration,
+  /// How often operators' decisions made in other processes (keys added, removed, disabled,
+  /// enabled) are read from the store (default 2 s).
+  pub key_sync_interval: Duration,
   /// Recorded calls that trigger a write before the interval is up (default 500).
   pub batch_size: usize,
   /// Recorded calls kept while the server is away, at most (default 10,000), in the pool's queue
@@ -63,6 +66,7 @@ impl PersistOptions {
       connect_timeout: DEFAULT_CONNECT_TIMEOUT,
       flush_interval: Duration::from_secs(1),
       retry_interval: Duration::from_secs(3),
+      key_sync_interval: Duration::from_secs(2),
       batch_size: DEFAULT_BATCH,
       queue_capacity: DEFAULT_CAPACITY,
       share_quota: true,
@@ -99,6 +103,7 @@ pub struct PersistStats {
 
 struct Shared {
   pool: Arc<KeyPool>,
+  naming: Arc<KeyNaming>,
   /// The connection, for the leasing task too.
   store: Arc<StoreSlot>,
   log: Arc<dyn Log>,
@@ -107,6 +112,8 @@ struct Shared {
   connected: AtomicBool,
   ops: AtomicU64,
   pending: AtomicUsize,
+  /// Keys sealed under another secret were found and logged.
+  unreadable_logged: AtomicBool,
 }
 
 /// The running writer. Dropping it leaves the task running until the runtime ends; call
@@ -117,20 +124,25 @@ pub struct WriteBehind {
   keeper: Option<LeaseKeeper>,
 }
 
-/// Connects, loads the stored keys and merges them into the pool, then marks every key for the
-/// next write, so the database ends up with one document per configured key in the merged state.
+/// Connects, follows the operators' decisions stored there, loads the stored keys and merges them
+/// into the pool, then marks every key for the next write, so the database ends up with one
+/// document per key in the merged state.
 async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, StoreError> {
-  let naming = KeyNaming::new(options.key_storage.clone(), shared.pool.keys());
   let mongo = MongoStore::connect(&options.uri, &options.db_name, options.connect_timeout)
     .await?
-    .with_naming(naming);
+    .with_naming(shared.naming.clone());
   let reader = mongo.usage_reader();
   let store = Store::Mongo(mongo);
-  match store.load(shared.pool.now()).await {
+  let pool = &shared.pool;
+  let loaded = async {
+    follow_admissions(shared, &store).await?;
+    store.load(pool.now(), pool.names().keys()).await
+  };
+  match loaded.await {
     Ok(records) => {
-      shared.pool.import(&records);
-      shared.pool.mark_all_dirty();
-      shared.pool.set_usage_reader(Some(reader));
+      pool.import(&records);
+      pool.mark_all_dirty();
+      pool.set_usage_reader(Some(reader));
       Ok(store)
     }
     Err(e) => {
@@ -138,6 +150,43 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
       Err(e)
     }
   }
+}
+
+/// Follows the operators' decisions other processes stored (see [`KeyPool::follow_admissions`]).
+/// A key added elsewhere is recovered from its sealed copy; one sealed under another secret, or
+/// stored without one, cannot be, and is left out (logged once per connection).
+async fn follow_admissions(shared: &Shared, store: &Store) -> Result<(), StoreError> {
+  let stored = store.load_admissions().await?;
+  let names = shared.pool.names();
+  let mut unreadable = 0;
+  let records: Vec<AdmissionRecord> = stored
+    .into_iter()
+    .filter_map(|a| {
+      let known = names
+        .position_of_stored(&a.stored)
+        .and_then(|i| names.get(i));
+      let key = known
+        .map(str::to_owned)
+        .or_else(|| store.naming().recover(&a.stored, a.sealed.as_deref()));
+      if key.is_none() {
+        unreadable += 1;
+      }
+      Some(AdmissionRecord {
+        api_key: key?,
+        admission: a.admission,
+        changed_at: a.changed_at,
+        added: a.added,
+      })
+    })
+    .collect();
+  shared.pool.follow_admissions(&records);
+  if unreadable > 0 && !shared.unreadable_logged.swap(true, Ordering::Relaxed) {
+    shared.log.warn(&format!(
+      "⚠️ {unreadable} keys added in other processes cannot be used here: they are stored sealed \
+       under a secret this process does not have (KEY_MANAGER_FINGERPRINT_SECRET)"
+    ));
+  }
+  Ok(())
 }
 
 /// Writes the changed keys, then the recorded calls (those of an earlier failed try first). On a
@@ -150,6 +199,11 @@ async fn flush(
   capacity: usize,
 ) -> Result<(), StoreError> {
   let pool = &shared.pool;
+  let admissions = pool.export_admissions();
+  if let Err(e) = store.save_admissions(&admissions).await {
+    pool.mark_admissions(&admissions);
+    return Err(e);
+  }
   let keys = pool.export_dirty();
   if !keys.is_empty() {
     if let Err(e) = store.save_keys(&keys).await {
@@ -171,6 +225,7 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
   let mut pending = Vec::new();
   let mut failing = false;
   let mut next_connect = Instant::now() + options.retry_interval;
+  let mut next_sync = Instant::now() + options.key_sync_interval;
   loop {
     if !shared.closing.load(Ordering::Acquire) {
       let wait = match store {
@@ -197,7 +252,12 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
       }
     }
     if let Some(s) = &store {
-      match flush(&shared, s, &mut pending, options.queue_capacity).await {
+      let mut result = flush(&shared, s, &mut pending, options.queue_capacity).await;
+      if result.is_ok() && !closing && Instant::now() >= next_sync {
+        next_sync = Instant::now() + options.key_sync_interval;
+        result = follow_admissions(&shared, s).await;
+      }
+      match result {
         Ok(()) => {
           if failing {
             shared.log.info(CONNECTED_LINE);
@@ -209,7 +269,7 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
             // Driver errors can quote documents, and so keys.
             shared.log.warn(&format!(
               "⚠️ MongoDB write failed; keeping the changes for the next try: {}",
-              scrub(&e.to_string(), shared.pool.keys())
+              scrub(&e.to_string(), shared.pool.names().keys())
             ));
           }
           failing = true;
@@ -241,8 +301,15 @@ impl WriteBehind {
   ) -> (Self, Started) {
     let wake = Arc::new(Notify::new());
     pool.enable_usage_log(options.queue_capacity, options.batch_size, wake.clone());
+    let naming = Arc::new(KeyNaming::new(options.key_storage.clone()));
+    // Before connecting: URLs name keys by their stored names whether connected or not, and a key
+    // added before the connection must be one the store can keep.
+    let namer = naming.clone();
+    pool.set_namer(Arc::new(move |key: &str| namer.stored(key)));
+    pool.refuse_additions((!naming.keeps_added_keys()).then(|| StoreError::CannotSeal.to_string()));
     let shared = Arc::new(Shared {
       pool: pool.clone(),
+      naming,
       store: Arc::new(StoreSlot::new(None)),
       log,
       wake,
@@ -250,6 +317,7 @@ impl WriteBehind {
       connected: AtomicBool::new(false),
       ops: AtomicU64::new(0),
       pending: AtomicUsize::new(0),
+      unreadable_logged: AtomicBool::new(false),
     });
     let (store, started) = match connect(&shared, &options).await {
       Ok(store) => {
@@ -322,6 +390,8 @@ mod tests {
   use super::*;
   use crate::clock::SystemClock;
   use crate::config::PoolConfig;
+  use crate::error::PoolError;
+  use crate::key::Admission;
   use crate::log::CapturedLog;
   use crate::pool::{Claim, Outcome};
   use crate::quota::{Quota, WindowPolicy};
@@ -410,6 +480,97 @@ mod tests {
     q.close();
     again.close().await;
     assert_eq!(count(&server.uri(), "api_key_usage").await, 12);
+  }
+
+  /// Waits until `done` holds, at most a few seconds.
+  async fn eventually(done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() && Instant::now() < deadline {
+      sleep(Duration::from_millis(20)).await;
+    }
+    done()
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn keys_added_removed_and_disabled_in_one_process_are_followed_by_the_others() {
+    let server = TestServer::start();
+    let secret = crate::fingerprint::Fingerprinter::new(b"follow test secret").unwrap();
+    let shared_options = || PersistOptions {
+      key_sync_interval: Duration::from_millis(100),
+      key_storage: KeyStorage::Fingerprint(secret.clone()),
+      share_quota: false,
+      ..options(server.uri())
+    };
+    let log = || Arc::new(CapturedLog::default());
+    let (a, b) = (pool(&["key-a", "key-b"]), pool(&["key-a", "key-b"]));
+    let (wa, _) = WriteBehind::start(a.clone(), shared_options(), log()).await;
+    let (wb, _) = WriteBehind::start(b.clone(), shared_options(), log()).await;
+    let added = "AIzaSyFOLLOW000000000000000000000000001";
+    a.add_key(added).unwrap();
+    b.admit(0, Admission::Disabled).unwrap();
+    assert!(eventually(|| b.names().position(added).is_some()).await);
+    assert!(
+      eventually(|| a
+        .figures(0)
+        .is_ok_and(|f| f.admission == Admission::Disabled))
+      .await
+    );
+    b.admit(b.names().position(added).unwrap(), Admission::Removed)
+      .unwrap();
+    assert!(eventually(|| a.index_of(added).is_err()).await);
+    // A third process started later gets the same picture, the added key included.
+    let c = pool(&["key-a", "key-b"]);
+    let (wc, _) = WriteBehind::start(c.clone(), shared_options(), log()).await;
+    let at = c.names().position(added).expect("the added key is known");
+    assert_eq!(c.figures(at).unwrap().admission, Admission::Removed);
+    assert_eq!(c.figures(0).unwrap().admission, Admission::Disabled);
+    for (p, w) in [(a, wa), (b, wb), (c, wc)] {
+      p.close();
+      w.close().await;
+    }
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn without_a_secret_keys_cannot_be_added_and_mongodb_alone_stores_digests() {
+    let server = TestServer::start();
+    let p = pool(&["key-a"]);
+    let (writer, started) = WriteBehind::start(
+      p.clone(),
+      PersistOptions {
+        key_storage: KeyStorage::Digest,
+        ..options(server.uri())
+      },
+      Arc::new(CapturedLog::default()),
+    )
+    .await;
+    assert_eq!(started, Started::Connected);
+    let refused = p.add_key("AIzaSyREFUSED0000000000000000000000001");
+    assert!(
+      matches!(refused, Err(PoolError::KeyNotStorable(_))),
+      "{refused:?}"
+    );
+    p.record_usage(0, 1, Outcome::Success, 1.0).unwrap();
+    p.close();
+    writer.close().await;
+    let client = mongodb::Client::with_uri_str(server.uri()).await.unwrap();
+    let keys: Vec<Document> = {
+      let mut cursor = client
+        .database("gkm_write_behind")
+        .collection::<Document>("api_keys")
+        .find(doc! {})
+        .await
+        .unwrap();
+      let mut out = Vec::new();
+      while cursor.advance().await.unwrap() {
+        out.push(cursor.deserialize_current().unwrap());
+      }
+      out
+    };
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+      keys[0].get_str("apiKey").unwrap(),
+      crate::fingerprint::digest_name("key-a")
+    );
   }
 
   #[tokio::test(flavor = "multi_thread")]

@@ -4,7 +4,6 @@
 //! write-behind layer (`persistence`): a flag per changed key and a queue of recorded calls, both
 //! O(1) to add to.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -16,18 +15,18 @@ use crate::config::{js_number, PoolConfig};
 use crate::counters::Counters;
 use crate::error::PoolError;
 use crate::failure::{classify, Failure};
-use crate::fingerprint::Fingerprinter;
 use crate::health::{HealthChange, HealthState};
-use crate::key::{KeyFigures, KeyState, KeyStatus, RateLimitInfo};
+use crate::key::{Admission, KeyFigures, KeyState, KeyStatus, RateLimitInfo};
 use crate::log::Log;
 use crate::mask::{mask_key, scrub};
 use crate::metrics::{KeyMetrics, MetricsSnapshot};
-use crate::quota::{LimitType, WindowPolicy};
+use crate::quota::{LimitType, Quota, WindowPolicy};
+use crate::roster::{Namer, Names, Roster};
 use crate::selection::{
   availability_score, Rotation, RotationReason, Selection, SelectionCache, SelectionMethod,
 };
 use crate::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
-use crate::store::{KeyRecord, UsageIds, UsageReader, UsageRecord};
+use crate::store::{AdmissionRecord, KeyRecord, UsageIds, UsageReader, UsageRecord};
 use crate::usage_log::{UsageEntry, UsageLog};
 use crate::usage_stats::DateRange;
 
@@ -83,6 +82,9 @@ struct PoolState {
   /// O(1) and exporting is O(changed keys) however large the pool.
   dirty: Vec<bool>,
   dirty_keys: Vec<usize>,
+  /// Keys an operator added, removed, disabled or enabled here since last exported: other
+  /// processes learn of it from the store.
+  admission_changed: Vec<usize>,
   /// Recorded calls waiting to be stored; `None` while nothing stores them.
   usage: Option<UsageLog>,
   /// Wakes the leasing task when a shared lease runs low; `None` while the quota is not shared.
@@ -105,6 +107,29 @@ impl PoolState {
     for index in 0..self.keys.len() {
       self.touch(index);
     }
+  }
+
+  /// Notes an operator's change to key `index`, for the store.
+  fn admission_changed(&mut self, index: usize) {
+    if !self.admission_changed.contains(&index) {
+      self.admission_changed.push(index);
+    }
+    self.touch(index);
+    self.cache.invalidate();
+  }
+
+  /// A key new to the pool at the next position, counted from `now`.
+  fn push_key(&mut self, key: KeyState) -> usize {
+    let index = self.keys.len();
+    let mut key = key;
+    if self.lease_wake.is_some() {
+      key.shared = Some(Box::default());
+    }
+    self.keys.push(key);
+    self.dirty.push(false);
+    self.touch(index);
+    self.cache.invalidate();
+    index
   }
 
   /// Applies `claim` to the key just chosen; returns its figures.
@@ -155,10 +180,10 @@ impl PoolState {
 
 pub struct KeyPool {
   state: Mutex<PoolState>,
-  /// The keys in configuration order, and key text to position: fixed at construction, so they
-  /// are read without the lock.
-  names: Vec<String>,
-  index: HashMap<String, usize>,
+  /// The keys by position, read without the pool's lock; keys are added to it under the lock.
+  roster: Roster,
+  /// The limits a key added at run time gets.
+  quota: Quota,
   policy: WindowPolicy,
   clock: Arc<dyn Clock>,
   log: Arc<dyn Log>,
@@ -167,9 +192,8 @@ pub struct KeyPool {
   usage_ids: UsageIds,
   /// Reads the stored usage while MongoDB is connected: usage statistics are computed from it.
   usage_reader: Mutex<Option<UsageReader>>,
-  /// Every key's fingerprint, by position, once keys are stored as fingerprints: URLs may name a
-  /// key by it.
-  fingerprints: Mutex<Option<Arc<[String]>>>,
+  /// Why keys cannot be added now, if they cannot (see [`Self::refuse_additions`]).
+  additions_refused: Mutex<Option<String>>,
 }
 
 /// The in-memory log's calls in a range, for usage statistics.
@@ -180,6 +204,26 @@ pub struct RecentCalls {
   pub truncated: bool,
   /// How many calls the log keeps.
   pub capacity: usize,
+}
+
+/// Longest key accepted from an operator, in bytes: Gemini's are 39.
+pub const MAX_KEY_BYTES: usize = 512;
+
+/// Checks a key an operator gives: 1 to [`MAX_KEY_BYTES`] visible ASCII characters, without `,`
+/// or `:` (they separate keys and projects in the environment's key lists).
+pub fn check_key_text(key: &str) -> Result<(), PoolError> {
+  let reason = if key.is_empty() {
+    "it is empty"
+  } else if key.len() > MAX_KEY_BYTES {
+    "it is longer than 512 characters"
+  } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+    "it may only hold visible ASCII characters, without spaces"
+  } else if key.contains([',', ':']) {
+    "it may not hold ',' or ':'"
+  } else {
+    return Ok(());
+  };
+  Err(PoolError::InvalidKey(reason))
 }
 
 /// A recorded call's latency as the caller reported it, in ms; anything but a non-negative finite
@@ -247,12 +291,6 @@ impl KeyPool {
       log.warn(warning);
     }
     let now = clock.now_ms();
-    let index = config
-      .keys
-      .iter()
-      .enumerate()
-      .map(|(i, k)| (k.clone(), i))
-      .collect();
     let keys: Vec<KeyState> = config
       .keys
       .iter()
@@ -268,45 +306,193 @@ impl KeyPool {
         closed: false,
         dirty: vec![false; n],
         dirty_keys: Vec::with_capacity(n),
+        admission_changed: Vec::new(),
         usage: None,
         lease_wake: None,
         calls: CallLog::new(DEFAULT_CALL_LOG_CAPACITY),
         counters: Counters::default(),
       }),
-      names: config.keys,
-      index,
+      roster: Roster::new(config.keys),
+      quota: config.quota,
       policy: config.policy,
       clock,
       log,
       usage_ids: UsageIds::new(),
       usage_reader: Mutex::new(None),
-      fingerprints: Mutex::new(None),
+      additions_refused: Mutex::new(None),
     })
   }
 
+  /// Positions in use: every key ever known, removed ones included.
   pub fn len(&self) -> usize {
-    self.names.len()
+    self.roster.names().len()
   }
 
   pub fn is_empty(&self) -> bool {
-    self.names.is_empty()
+    self.len() == 0
   }
 
   pub fn now(&self) -> Millis {
     self.clock.now_ms()
   }
 
-  /// The keys in configuration order (position = the index every other call takes).
-  pub fn keys(&self) -> &[String] {
-    &self.names
+  /// Every key the pool knows, by position (the index every other call takes), removed ones
+  /// included: a snapshot, read without the pool's lock.
+  pub fn names(&self) -> Arc<Names> {
+    self.roster.names()
   }
 
-  pub fn key_name(&self, index: usize) -> Option<&str> {
-    self.names.get(index).map(String::as_str)
+  /// The key at `index`, masked.
+  pub fn masked(&self, index: usize) -> String {
+    self.names().get(index).map(mask_key).unwrap_or_default()
   }
 
+  /// The position of `key`, if it is in the pool (not removed).
   pub fn index_of(&self, key: &str) -> Result<usize, PoolError> {
-    self.index.get(key).copied().ok_or(PoolError::KeyNotFound)
+    let index = self.names().position(key).ok_or(PoolError::KeyNotFound)?;
+    self.with_live_key(index, |_, _| index)
+  }
+
+  /// Adds `key` to the pool, or brings it back if it was removed: it is handed out from now on.
+  /// With a store, other processes sharing it learn of it too.
+  pub fn add_key(&self, key: &str) -> Result<usize, PoolError> {
+    check_key_text(key)?;
+    if let Some(reason) = self.additions_refused.lock().clone() {
+      return Err(PoolError::KeyNotStorable(reason));
+    }
+    let index = self.with_state(|state, now| {
+      let known = self.roster.names().position(key);
+      match known {
+        Some(i) if state.keys[i].admission != Admission::Removed => Err(PoolError::DuplicateKey),
+        Some(i) => {
+          state.keys[i].admit(Admission::Enabled, now);
+          state.admission_changed(i);
+          Ok(i)
+        }
+        None => {
+          let (i, _) = self.roster.add(key);
+          let mut new = KeyState::new(key.to_owned(), self.quota, &self.policy, now);
+          new.added = true;
+          new.admitted_at = now;
+          let index = state.push_key(new);
+          debug_assert_eq!(i, index);
+          state.admission_changed(index);
+          Ok(index)
+        }
+      }
+    })??;
+    self
+      .log
+      .info(&format!("✅ API key {} added", self.masked(index)));
+    Ok(index)
+  }
+
+  /// Takes the key at `index` out of the pool (its history stays), or out of service
+  /// ([`Admission::Disabled`]), or back into service ([`Admission::Enabled`]): an operator's
+  /// decision, which other processes sharing a store follow. Returns whether anything changed.
+  pub fn admit(&self, index: usize, admission: Admission) -> Result<bool, PoolError> {
+    let changed = self.with_live_key(index, |state, now| {
+      let changed = state.keys[index].admit(admission, now);
+      state.admission_changed(index);
+      changed
+    })?;
+    if changed {
+      self.log_admission(index, admission, "");
+    }
+    Ok(changed)
+  }
+
+  fn log_admission(&self, index: usize, admission: Admission, by: &str) {
+    let key = self.masked(index);
+    match admission {
+      Admission::Enabled => self.log.info(&format!("✅ API key {key} enabled{by}")),
+      Admission::Disabled => self.log.warn(&format!("⚠️ API key {key} disabled{by}")),
+      Admission::Removed => self.log.warn(&format!("⚠️ API key {key} removed{by}")),
+    }
+  }
+
+  /// The operators' changes made here since the last call, for the store; the pool forgets them
+  /// (hand them back with [`Self::mark_admissions`] when their write fails).
+  pub fn export_admissions(&self) -> Vec<AdmissionRecord> {
+    let mut state = self.state.lock();
+    let state = &mut *state;
+    state
+      .admission_changed
+      .drain(..)
+      .map(|i| {
+        let key = &state.keys[i];
+        AdmissionRecord {
+          api_key: key.key.clone(),
+          admission: key.admission,
+          changed_at: key.admitted_at,
+          added: key.added,
+        }
+      })
+      .collect()
+  }
+
+  /// Notes `records` as not written yet: they go with the next export.
+  pub fn mark_admissions(&self, records: &[AdmissionRecord]) {
+    let names = self.names();
+    let mut state = self.state.lock();
+    for r in records {
+      if let Some(i) = names.position(&r.api_key) {
+        if !state.admission_changed.contains(&i) {
+          state.admission_changed.push(i);
+        }
+      }
+    }
+  }
+
+  /// Follows operators' changes made in other processes (read from the store): a change applies
+  /// unless a later one was made to the key here; a key added elsewhere joins the pool. Returns
+  /// how many keys changed.
+  pub fn follow_admissions(&self, records: &[AdmissionRecord]) -> usize {
+    let mut changes = Vec::new();
+    {
+      let mut state = self.state.lock();
+      let now = self.clock.now_ms().max(state.last_now);
+      for r in records {
+        if check_key_text(&r.api_key).is_err() {
+          continue;
+        }
+        let index = match self.roster.names().position(&r.api_key) {
+          Some(i) => {
+            if !state.keys[i].admit(r.admission, r.changed_at) {
+              continue;
+            }
+            state.touch(i);
+            i
+          }
+          None => {
+            self.roster.add(&r.api_key);
+            let mut key = KeyState::new(r.api_key.clone(), self.quota, &self.policy, now);
+            key.added = true;
+            key.admission = r.admission;
+            key.admitted_at = r.changed_at;
+            state.push_key(key)
+          }
+        };
+        state.cache.invalidate();
+        changes.push((index, r.admission));
+      }
+    }
+    for &(index, admission) in &changes {
+      self.log_admission(index, admission, " by another process");
+    }
+    changes.len()
+  }
+
+  /// Refuses keys added from now on, saying why (`None` accepts them again): a store that cannot
+  /// keep a key without exposing it sets this.
+  pub fn refuse_additions(&self, reason: Option<String>) {
+    *self.additions_refused.lock() = reason;
+  }
+
+  /// Names stored documents and URLs may use for keys from now on (see [`Roster::set_namer`]).
+  pub fn set_namer(&self, namer: Namer) {
+    let _state = self.state.lock();
+    self.roster.set_namer(namer);
   }
 
   fn with_state<T>(&self, f: impl FnOnce(&mut PoolState, Millis) -> T) -> Result<T, PoolError> {
@@ -327,10 +513,24 @@ impl KeyPool {
     index: usize,
     f: impl FnOnce(&mut PoolState, Millis) -> T,
   ) -> Result<T, PoolError> {
-    if index >= self.names.len() {
-      return Err(PoolError::KeyNotFound);
-    }
-    self.with_state(f)
+    self.with_state(|state, now| {
+      if index >= state.keys.len() {
+        return Err(PoolError::KeyNotFound);
+      }
+      Ok(f(state, now))
+    })?
+  }
+
+  /// [`Self::with_key`] for calls that concern only keys still in the pool.
+  fn with_live_key<T>(
+    &self,
+    index: usize,
+    f: impl FnOnce(&mut PoolState, Millis) -> T,
+  ) -> Result<T, PoolError> {
+    self.with_state(|state, now| match state.keys.get(index) {
+      Some(key) if key.admission != Admission::Removed => Ok(f(state, now)),
+      _ => Err(PoolError::KeyNotFound),
+    })?
   }
 
   /// `getBestAvailableKey`: the next available key round-robin from the score-sorted cache. A
@@ -390,7 +590,7 @@ impl KeyPool {
   ) -> Result<KeyFigures, PoolError> {
     let failure = match outcome {
       Outcome::Failure(error) => {
-        let message: String = scrub(error, &self.names)
+        let message: String = scrub(error, self.names().keys())
           .chars()
           .take(MAX_ERROR_CHARS)
           .collect();
@@ -495,10 +695,6 @@ impl KeyPool {
     Ok(figures)
   }
 
-  fn masked(&self, index: usize) -> String {
-    self.key_name(index).map(mask_key).unwrap_or_default()
-  }
-
   fn log_rate_limit(&self, index: usize, limit: LimitType, change: HealthChange) {
     let rest = match change {
       HealthChange::Rested { until } => format!(" (resting for {})", seconds(until - self.now())),
@@ -529,7 +725,7 @@ impl KeyPool {
 
   /// Back in service with a clean record.
   pub fn reactivate(&self, index: usize) -> Result<KeyFigures, PoolError> {
-    self.with_key(index, |state, now| {
+    self.with_live_key(index, |state, now| {
       state.touch(index);
       let key = &mut state.keys[index];
       key.health.reactivate();
@@ -573,8 +769,9 @@ impl KeyPool {
         .keys
         .iter()
         .filter_map(|key| {
-          // A request larger than the key's whole TPM never fits, however long one waits.
-          if estimated_tokens > key.quota.tpm {
+          // A request larger than the key's whole TPM never fits, however long one waits; a key
+          // out of service comes back only when an operator says so.
+          if estimated_tokens > key.quota.tpm || key.admission != Admission::Enabled {
             return None;
           }
           let mut at = match key.health.state(now) {
@@ -608,12 +805,25 @@ impl KeyPool {
     self.with_key(index, |state, _| state.keys[index].last_error.clone())
   }
 
-  pub fn statuses(&self) -> Result<Vec<KeyStatus>, PoolError> {
+  /// Every key ever in the pool, removed ones too, by position.
+  pub fn every_status(&self) -> Result<Vec<KeyStatus>, PoolError> {
     self.with_state(|state, now| state.keys.iter().map(|k| k.status(now)).collect())
   }
 
+  /// Every key in the pool (not removed), in position order.
+  pub fn statuses(&self) -> Result<Vec<KeyStatus>, PoolError> {
+    self.with_state(|state, now| {
+      state
+        .keys
+        .iter()
+        .filter(|k| k.admission != Admission::Removed)
+        .map(|k| k.status(now))
+        .collect()
+    })
+  }
+
   pub fn rate_limit_info(&self, index: usize) -> Result<[RateLimitInfo; 3], PoolError> {
-    self.with_key(index, |state, now| state.keys[index].rate_limit_info(now))
+    self.with_live_key(index, |state, now| state.keys[index].rate_limit_info(now))
   }
 
   /// The round-robin position and when a key was last handed out by rotation: the rest of the
@@ -641,7 +851,7 @@ impl KeyPool {
     // The keys' text is copied in here, after the lock is released.
     entries
       .into_iter()
-      .map(|e| e.into_record(&self.names))
+      .map(|e| e.into_record(self.names().keys()))
       .collect()
   }
 
@@ -673,9 +883,10 @@ impl KeyPool {
   /// Flags the keys of `records` as changed again: their write failed, so the next export must
   /// include them (with whatever state they have by then).
   pub fn mark_dirty(&self, records: &[KeyRecord]) {
+    let names = self.names();
     let mut state = self.state.lock();
     for r in records {
-      if let Some(&i) = self.index.get(&r.api_key) {
+      if let Some(i) = names.position(&r.api_key) {
         state.touch(i);
       }
     }
@@ -688,18 +899,20 @@ impl KeyPool {
 
   /// Merges stored records into the pool (see [`KeyState::merge_record`]): counters of open
   /// windows become the larger of the two sides; health and errors come from the record unless
-  /// the key changed here since its last export. Records of keys not in the pool are ignored.
-  /// Returns how many records were merged.
+  /// the key changed here since its last export. A record names its key by the key or by its
+  /// stored name; records of keys not in the pool are ignored. Returns how many were merged.
   pub fn import(&self, records: &[KeyRecord]) -> usize {
     let now = self.clock.now_ms();
+    let names = self.names();
     let mut state = self.state.lock();
     let mut merged = 0;
     for r in records {
-      if let Some(&i) = self.index.get(&r.api_key) {
+      if let Some(i) = names.resolve(&r.api_key) {
         let local_wins = state.dirty[i];
         // A database written by the old service may hold unmasked keys in its error messages.
         let record = KeyRecord {
-          last_error: r.last_error.as_deref().map(|e| scrub(e, &self.names)),
+          api_key: names.keys()[i].clone(),
+          last_error: r.last_error.as_deref().map(|e| scrub(e, names.keys())),
           ..r.clone()
         };
         state.keys[i].merge_record(&record, now, local_wins);
@@ -737,7 +950,8 @@ impl KeyPool {
     let now = state.last_now.max(self.clock.now_ms());
     let mut needs = Vec::new();
     for (index, key) in state.keys.iter_mut().enumerate() {
-      if key.health.is_deactivated() {
+      // Keys out of service hold nothing of the budget others could use.
+      if key.health.is_deactivated() || key.admission != Admission::Enabled {
         continue;
       }
       let limits = [key.quota.rpm, key.quota.rpd];
@@ -858,17 +1072,20 @@ impl KeyPool {
       let figures: Vec<_> = state
         .keys
         .iter()
-        .map(|k| (k.figures(now), availability_score(k, now)))
+        .enumerate()
+        .filter(|(_, k)| k.admission != Admission::Removed)
+        .map(|(i, k)| (i, k.figures(now), availability_score(k, now)))
         .collect();
       (state.counters, figures)
     })?;
     // Masked after the lock is released.
+    let names = self.names();
     let keys = figures
       .into_iter()
-      .enumerate()
-      .map(|(i, (f, score))| KeyMetrics {
-        api_key: self.masked(i),
-        state: f.state,
+      .map(|(i, f, score)| KeyMetrics {
+        api_key: names.get(i).map(mask_key).unwrap_or_default(),
+        index: i,
+        state: f.state_code(),
         availability_score: score,
         windows: [f.rpm, f.rpd, f.tpm],
       })
@@ -879,21 +1096,6 @@ impl KeyPool {
   /// Where usage statistics read the stored usage from: set while MongoDB is connected.
   pub fn set_usage_reader(&self, reader: Option<UsageReader>) {
     *self.usage_reader.lock() = reader;
-  }
-
-  /// Lets callers name keys by their fingerprint under `fingerprinter` (see `fingerprint`).
-  pub fn set_fingerprints(&self, fingerprinter: &Fingerprinter) {
-    let prints = self
-      .names
-      .iter()
-      .map(|k| fingerprinter.fingerprint(k))
-      .collect();
-    *self.fingerprints.lock() = Some(prints);
-  }
-
-  /// Every key's fingerprint, by position, when they have one.
-  pub fn fingerprints(&self) -> Option<Arc<[String]>> {
-    self.fingerprints.lock().clone()
   }
 
   pub fn usage_reader(&self) -> Option<UsageReader> {
@@ -1036,7 +1238,11 @@ mod tests {
   fn long_errors_are_masked_before_they_are_cut() {
     let (p, _, _) = pool(2);
     // The key straddles the cut: masked first, nothing of its middle survives.
-    let error = format!("{}{}", "x".repeat(MAX_ERROR_CHARS - 10), p.keys()[1]);
+    let error = format!(
+      "{}{}",
+      "x".repeat(MAX_ERROR_CHARS - 10),
+      p.names().keys()[1]
+    );
     p.record_usage(0, 0, Outcome::Failure(&error), 0.0).unwrap();
     let stored = p.last_error(0).unwrap().unwrap();
     assert_eq!(stored.chars().count(), MAX_ERROR_CHARS);
@@ -1050,8 +1256,8 @@ mod tests {
       p.mark_all_dirty();
       p.export_dirty().remove(0)
     });
-    record.api_key = p.keys()[0].clone();
-    record.last_error = Some(format!("old service saw {}", p.keys()[1]));
+    record.api_key = p.names().keys()[0].clone();
+    record.last_error = Some(format!("old service saw {}", p.names().keys()[1]));
     assert_eq!(p.import(&[record]), 1);
     assert_eq!(
       p.last_error(0).unwrap().as_deref(),
@@ -1251,7 +1457,7 @@ mod tests {
   #[test]
   fn recorded_errors_never_hold_a_full_key() {
     let (p, _, _) = pool(2);
-    let quoted = format!("403 on ?key={}", p.keys()[1]);
+    let quoted = format!("403 on ?key={}", p.names().keys()[1]);
     p.record_usage(0, 0, Outcome::Failure(&quoted), 0.0)
       .unwrap();
     assert_eq!(
@@ -1325,7 +1531,7 @@ mod tests {
   #[test]
   fn every_mutation_marks_its_key_for_export_and_export_clears_the_marks() {
     let (p, clock, _) = pool(3);
-    let k = p.keys().to_vec();
+    let k = p.names().keys().to_vec();
     assert!(exported(&p).is_empty());
     // Looking is not changing.
     p.best(Claim::LookOnly).unwrap();
@@ -1425,7 +1631,7 @@ mod tests {
     p.enable_usage_log(3, 2, wake);
     clock.advance(5);
     p.record_usage(0, 10, Outcome::Success, 120.5).unwrap();
-    let quoted = format!("403 for {}", p.keys()[1]);
+    let quoted = format!("403 for {}", p.names().keys()[1]);
     p.record_usage(1, 0, Outcome::Failure(&quoted), f64::NAN)
       .unwrap();
     p.record_usage(1, 2, Outcome::Success, -1.0).unwrap();
@@ -1434,7 +1640,7 @@ mod tests {
     let usage = p.take_usage(2);
     assert_eq!(usage.len(), 2);
     let (failed, ok) = (&usage[0], &usage[1]);
-    assert_eq!(failed.api_key, p.keys()[1]);
+    assert_eq!(failed.api_key, p.names().keys()[1]);
     assert_eq!(failed.timestamp, T0 + 5);
     assert!(!failed.success);
     assert_eq!(failed.error.as_deref(), Some("403 for AIzaSyTE...ijkl"));
@@ -1471,7 +1677,7 @@ mod tests {
     assert_eq!((c.successes, c.failures, c.tokens), (1, 1, 10));
     assert_eq!(m.keys[0].api_key, "AIzaSyTE...ijkl");
     assert_eq!(m.keys[0].windows[2].current, 10);
-    assert_eq!(m.keys_by_state(), [0, 2, 0, 0, 0]);
+    assert_eq!(m.keys_by_state(), [0, 2, 0, 0, 0, 0]);
   }
 
   #[test]
@@ -1504,6 +1710,127 @@ mod tests {
         "{bad}"
       );
     }
+  }
+
+  #[test]
+  fn operators_decisions_are_exported_once_and_again_after_a_failed_write() {
+    let (p, clock, log) = pool(2);
+    let new = "AIzaSyTESTKEYNEWWabcdefghijkl";
+    assert_eq!(p.add_key(new).unwrap(), 2);
+    clock.advance(5);
+    p.admit(0, Admission::Disabled).unwrap();
+    let exported = p.export_admissions();
+    assert_eq!(
+      exported,
+      vec![
+        AdmissionRecord {
+          api_key: new.into(),
+          admission: Admission::Enabled,
+          changed_at: T0,
+          added: true,
+        },
+        AdmissionRecord {
+          api_key: p.names().keys()[0].clone(),
+          admission: Admission::Disabled,
+          changed_at: T0 + 5,
+          added: false,
+        },
+      ]
+    );
+    assert!(p.export_admissions().is_empty());
+    p.mark_admissions(&exported[1..]);
+    assert_eq!(p.export_admissions(), exported[1..].to_vec());
+    let lines = logged(&log);
+    assert!(
+      lines.contains(&"✅ API key AIzaSyTE...ijkl added".to_owned()),
+      "{lines:?}"
+    );
+    assert!(lines
+      .iter()
+      .any(|l| l.starts_with("⚠️ API key") && l.ends_with("disabled")));
+    // Disabling what is disabled changes nothing and says nothing.
+    assert!(!p.admit(0, Admission::Disabled).unwrap());
+  }
+
+  #[test]
+  fn decisions_from_other_processes_apply_unless_a_later_one_was_made_here() {
+    let (p, clock, log) = pool(2);
+    clock.advance(1_000);
+    p.admit(1, Admission::Disabled).unwrap();
+    let names = p.names();
+    let record = |key: &str, admission, changed_at, added| AdmissionRecord {
+      api_key: key.into(),
+      admission,
+      changed_at,
+      added,
+    };
+    let joined = "AIzaSyTESTKEYJOINabcdefghijkl";
+    let changed = p.follow_admissions(&[
+      // Older than this process's own decision: ignored.
+      record(&names.keys()[1], Admission::Enabled, T0 + 500, false),
+      record(&names.keys()[0], Admission::Removed, T0 + 700, false),
+      record(joined, Admission::Enabled, T0 + 800, true),
+      record("not a key", Admission::Enabled, T0, true),
+    ]);
+    assert_eq!(changed, 2);
+    assert_eq!(p.figures(1).unwrap().admission, Admission::Disabled);
+    assert_eq!(p.figures(0).unwrap().admission, Admission::Removed);
+    assert_eq!(p.names().position(joined), Some(2));
+    // What came from the store is not exported back.
+    assert!(p
+      .export_admissions()
+      .iter()
+      .all(|r| r.api_key == names.keys()[1]));
+    // Only the joined key serves: key 0 is removed, key 1 disabled.
+    for _ in 0..4 {
+      assert_eq!(p.best(RESERVE).unwrap().pick.index, 2);
+    }
+    assert_eq!(p.statuses().unwrap().len(), 2);
+    assert_eq!(p.index_of(&names.keys()[0]), Err(PoolError::KeyNotFound));
+    assert!(logged(&log)
+      .iter()
+      .any(|l| l.ends_with("removed by another process")));
+    // The same records again change nothing.
+    assert_eq!(
+      p.follow_admissions(&[record(joined, Admission::Enabled, T0 + 800, true)]),
+      0
+    );
+  }
+
+  #[test]
+  fn a_removed_key_keeps_its_history_and_takes_a_late_report() {
+    let (p, _, _) = pool(2);
+    let picked = p.best(RESERVE).unwrap().pick.index;
+    p.admit(picked, Admission::Removed).unwrap();
+    // The call handed out before the removal still reports.
+    let f = p.record_usage(picked, 10, Outcome::Success, 1.0).unwrap();
+    assert_eq!((f.rpm.current, f.admission), (1, Admission::Removed));
+    assert!(!f.active);
+    assert_eq!(p.every_status().unwrap().len(), 2);
+    assert_eq!(p.metrics().unwrap().keys.len(), 1);
+    assert_eq!(
+      p.rate_limit_info(picked).unwrap_err(),
+      PoolError::KeyNotFound
+    );
+    assert_eq!(
+      p.admit(picked, Admission::Enabled).unwrap_err(),
+      PoolError::KeyNotFound
+    );
+    assert_eq!(
+      p.add_key(&p.names().keys()[1 - picked].clone()),
+      Err(PoolError::DuplicateKey)
+    );
+  }
+
+  #[test]
+  fn keys_out_of_service_need_no_leases_and_added_ones_share_too() {
+    let (p, _, _) = pool(2);
+    p.share_quota();
+    p.admit(0, Admission::Disabled).unwrap();
+    let added = p.add_key("AIzaSyTESTKEYLEASabcdefghijkl").unwrap();
+    let needs: Vec<usize> = p.lease_needs().iter().map(|(i, _, _)| *i).collect();
+    assert!(!needs.contains(&0), "{needs:?}");
+    assert!(needs.contains(&1) && needs.contains(&added), "{needs:?}");
   }
 
   #[test]

@@ -90,10 +90,10 @@ impl Results {
 
   pub fn write_figures(&self, f: &KeyFigures) {
     self.set(Slot::IsActive, if f.active { 1.0 } else { 0.0 });
-    self.set(Slot::State, f.state.code() as f64);
+    self.set(Slot::State, f.state_code() as f64);
     self.set(
       Slot::StateUntil,
-      f.state.until().map_or(f64::NAN, |t| t as f64),
+      f.state_until().map_or(f64::NAN, |t| t as f64),
     );
     self.set(Slot::LastUsed, f.last_used as f64);
     for (l, [current, limit, reset]) in [

@@ -24,10 +24,10 @@ pub fn availability_score(key: &KeyState, now: Millis) -> f64 {
     + 0.2 * remaining_fraction(key, LimitType::Tpm, now)
 }
 
-/// In service (not resting, open or deactivated), with room for one more request of
+/// In service (not resting, open, deactivated, disabled or removed), with room for one more request of
 /// `estimated_tokens` in every window.
 pub fn is_available(key: &KeyState, now: Millis, estimated_tokens: u64) -> bool {
-  key.health.can_serve(now) && key.has_room(now, estimated_tokens)
+  key.in_service(now) && key.has_room(now, estimated_tokens)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

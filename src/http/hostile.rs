@@ -21,7 +21,9 @@ const KEYS: [&str; 3] = [
   "AIzaSyOTHR0000000000000000000000000000003",
 ];
 const TOKEN: &str = "hostile-admin-token";
-const STATUSES: [u16; 7] = [200, 400, 401, 404, 405, 409, 500];
+const STATUSES: [u16; 8] = [200, 201, 400, 401, 404, 405, 409, 500];
+/// A key the bodies may add.
+const NEW_KEY: &str = "AIzaSyNEWK0000000000000000000000000000004";
 
 fn pool() -> KeyPool {
   let config = PoolConfig {
@@ -59,6 +61,10 @@ fn segment() -> impl Strategy<Value = String> {
       "reset-limits",
       "usage-stats",
       "dashboard",
+      "add",
+      "remove",
+      "disable",
+      "enable",
       "STATUS",
       "Rate-Limit",
       "api",
@@ -162,6 +168,11 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
       "-1e999999",
       "123456789012345678901234567890",
       "{\"apiKey\":\"AIzaSyHOST0000000000000000000000000000001\"}",
+      "{\"apiKey\":\"AIzaSyNEWK0000000000000000000000000000004\"}",
+      "{\"apiKey\":\"AIzaSyNEWK0000000000000000000000000000004\",\"x\":1}",
+      "{\"apiKey\":\"a key, with spaces\"}",
+      "{\"apiKey\":\"\"}",
+      "{\"apiKey\":42}",
       "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
       "\"\\ud800\"",
       "{\"a\":",
@@ -193,7 +204,7 @@ fn authorization() -> impl Strategy<Value = Option<String>> {
 /// What every reply must satisfy.
 fn check(reply: &super::routes::Reply) -> Result<(), TestCaseError> {
   prop_assert!(STATUSES.contains(&reply.status), "status {}", reply.status);
-  for key in KEYS {
+  for key in KEYS.iter().chain([&NEW_KEY]) {
     prop_assert!(!reply.body.contains(key), "full key in {}", reply.body);
   }
   if reply.content_type.starts_with("text/html") {
@@ -203,8 +214,9 @@ fn check(reply: &super::routes::Reply) -> Result<(), TestCaseError> {
   prop_assert!(reply.content_type.starts_with("application/json"));
   let value: Value = serde_json::from_str(&reply.body)
     .map_err(|e| TestCaseError::fail(format!("not JSON ({e}): {}", reply.body)))?;
-  prop_assert_eq!(&value["success"], &Value::Bool(reply.status == 200));
-  if reply.status != 200 {
+  let succeeded = (200..300).contains(&reply.status);
+  prop_assert_eq!(&value["success"], &Value::Bool(succeeded));
+  if !succeeded {
     prop_assert!(value["error"].is_string() && value["message"].is_string());
   }
   prop_assert_eq!(reply.allow.is_some(), reply.status == 405);

@@ -294,8 +294,8 @@ impl KeyStatusJson {
     Self {
       api_key: mask_key(&status.api_key),
       is_active: f.active,
-      state: f.state.label(),
-      state_until: f.state.until().map(IsoDate),
+      state: f.state_label(),
+      state_until: f.state_until().map(IsoDate),
       last_used: IsoDate(f.last_used),
       limits: f.into(),
       error_count: f.error_count,

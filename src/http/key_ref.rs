@@ -2,6 +2,7 @@
 
 use thiserror::Error;
 
+use crate::key::Admission;
 use crate::mask::mask_key;
 use crate::pool::KeyPool;
 
@@ -15,19 +16,24 @@ pub enum KeyRefError {
   Ambiguous { matches: usize },
 }
 
-/// The position of the key `text` names: its full text, or a form derived from it that exactly
-/// one key has: its masked form, or its fingerprint when keys are stored as fingerprints.
+/// The position of the key `text` names, among the keys in the pool (removed ones are not): its
+/// full text, or a form derived from it that exactly one key has: its masked form, or its stored
+/// name when keys are stored under names (a digest or fingerprint).
 pub fn resolve_key_ref(pool: &KeyPool, text: &str) -> Result<usize, KeyRefError> {
-  if let Ok(index) = pool.index_of(text) {
+  let names = pool.names();
+  let live = |index: usize| {
+    pool
+      .figures(index)
+      .is_ok_and(|f| f.admission != Admission::Removed)
+  };
+  if let Some(index) = names.resolve(text).filter(|&i| live(i)) {
     return Ok(index);
   }
-  let fingerprints = pool.fingerprints();
-  let fingerprint = |index: usize| fingerprints.as_ref().map(|f| f[index].as_str());
-  let mut hits = pool
+  let mut hits = names
     .keys()
     .iter()
     .enumerate()
-    .filter(|&(index, key)| mask_key(key) == text || fingerprint(index) == Some(text))
+    .filter(|&(index, key)| mask_key(key) == text && live(index))
     .map(|(index, _)| index);
   match (hits.next(), hits.count()) {
     (Some(index), 0) => Ok(index),
@@ -66,7 +72,8 @@ mod tests {
     let f = crate::fingerprint::Fingerprinter::new(b"a secret of sixteen+ bytes").unwrap();
     let print = f.fingerprint(keys[1]);
     assert_eq!(resolve_key_ref(&p, &print), Err(KeyRefError::NotFound));
-    p.set_fingerprints(&f);
+    let namer = f.clone();
+    p.set_namer(Arc::new(move |k: &str| namer.fingerprint(k)));
     assert_eq!(resolve_key_ref(&p, &print), Ok(1));
     assert_eq!(
       resolve_key_ref(&p, &f.fingerprint("AIzaSyOTHER")),

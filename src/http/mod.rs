@@ -16,4 +16,4 @@ pub use routes::{
   redact_path, route, route_mounted, usage_stats_request, usage_stats_request_mounted, ApiRequest,
   Reply,
 };
-pub use server::{start, HttpError, ServerHandle, ServerOptions};
+pub use server::{start, HttpError, Listen, ServerHandle, ServerOptions};

@@ -2,9 +2,10 @@
 //! The Rust server and the Express adapter both call it, so the two cannot drift apart.
 
 use serde::de::IgnoredAny;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::PoolError;
+use crate::key::{Admission, KeyStatus};
 use crate::mask::mask_key;
 use crate::metrics::prometheus_text;
 use crate::pool::{Claim, KeyPool};
@@ -123,10 +124,14 @@ impl Reply {
     )
   }
 
-  /// A pool failure: 404 for an unknown key, 500 for the rest, as the SPEC says.
+  /// A pool failure: what the caller got wrong is a 4xx (404 for an unknown key, 400 for a
+  /// malformed one, 409 for a key that is there already or cannot be stored), the rest a 500, as
+  /// the SPEC says.
   fn pool_error(err: PoolError, message: &str) -> Self {
     let status = match err {
       PoolError::KeyNotFound => 404,
+      PoolError::InvalidKey(_) => 400,
+      PoolError::DuplicateKey | PoolError::KeyNotStorable(_) => 409,
       _ => 500,
     };
     Self::error(status, &err.to_string(), message)
@@ -157,10 +162,11 @@ enum Seg {
 }
 
 /// What a handler gets besides the pool: the percent-decoded `:apiKey` segment (empty when it is
-/// missing) and the raw query string.
+/// missing), the raw query string and the body.
 struct Params<'a> {
   key: String,
   query: &'a str,
+  body: &'a [u8],
 }
 
 struct Route {
@@ -226,6 +232,30 @@ const ROUTES: &[Route] = &[
     path: &[Seg::Lit("dashboard")],
     admin: false,
     handler: dashboard,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("add")],
+    admin: true,
+    handler: add_key,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("remove"), Seg::Key],
+    admin: true,
+    handler: remove_key,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("disable"), Seg::Key],
+    admin: true,
+    handler: disable_key,
+  },
+  Route {
+    method: "POST",
+    path: &[Seg::Lit("enable"), Seg::Key],
+    admin: true,
+    handler: enable_key,
   },
 ];
 
@@ -299,7 +329,7 @@ pub fn route_mounted(pool: &KeyPool, guard: &AdminGuard, req: &ApiRequest<'_>) -
     }
     None => String::new(),
   };
-  (route.handler)(pool, &Params { key, query })
+  (route.handler)(pool, &Params { key, query, body })
 }
 
 /// `GET /metrics`: the pool's metrics in the Prometheus text format.
@@ -354,6 +384,7 @@ pub fn redact_path(pool: &KeyPool, path_and_query: &str) -> String {
     .iter()
     .find(|r| shape_matches(r.path, &segments))
     .map(|r| r.path);
+  let names = pool.names();
   let mut out = String::from(head);
   for (i, raw) in segments.iter().enumerate() {
     out.push('/');
@@ -361,9 +392,9 @@ pub fn redact_path(pool: &KeyPool, path_and_query: &str) -> String {
     if pattern.and_then(|p| p.get(i)) == Some(&Seg::Key) {
       let known = resolve_key_ref(pool, &decoded)
         .ok()
-        .and_then(|index| pool.key_name(index));
+        .and_then(|index| names.get(index));
       out.push_str(&mask_key(known.unwrap_or(&decoded)));
-    } else if pattern.is_none() && pool.keys().iter().any(|k| decoded.contains(k.as_str())) {
+    } else if pattern.is_none() && names.keys().iter().any(|k| decoded.contains(k.as_str())) {
       out.push_str(&mask_key(&decoded));
     } else {
       out.push_str(raw);
@@ -449,31 +480,33 @@ fn percent_decode(text: &str, plus_is_space: bool) -> Option<String> {
   String::from_utf8(out).ok()
 }
 
-/// Resolves the `:apiKey` of a request, or the reply that says why it cannot be.
-fn key_index(pool: &KeyPool, req: &Params<'_>) -> Result<usize, Reply> {
+/// Runs `act` on the key the request's `:apiKey` names. A missing key is the SPEC's 400; an
+/// unknown or ambiguous one, or a pool failure, is a reply with the route's `failure` message.
+fn on_key(
+  pool: &KeyPool,
+  req: &Params<'_>,
+  failure: &str,
+  act: impl FnOnce(usize) -> Result<Reply, PoolError>,
+) -> Reply {
   if req.key.trim().is_empty() {
-    return Err(Reply::error(
-      400,
-      "API key is required",
-      "Put the API key, or its masked form, in the path",
-    ));
+    return Reply::error(400, "API key is required", "Please provide an API key");
   }
-  resolve_key_ref(pool, &req.key).map_err(|err| match err {
-    KeyRefError::NotFound => Reply::error(
-      404,
-      &err.to_string(),
-      &format!("No API key matches {}", mask_key(&req.key)),
-    ),
+  let index = match resolve_key_ref(pool, &req.key) {
+    Ok(index) => index,
+    Err(err @ KeyRefError::NotFound) => return Reply::error(404, &err.to_string(), failure),
     // An ambiguous reference is a derived form several keys share, never a key: safe to quote.
-    KeyRefError::Ambiguous { matches } => Reply::error(
-      409,
-      &err.to_string(),
-      &format!(
-        "{matches} keys have the masked form {}: name the key in full",
-        req.key
-      ),
-    ),
-  })
+    Err(err @ KeyRefError::Ambiguous { matches }) => {
+      return Reply::error(
+        409,
+        &err.to_string(),
+        &format!(
+          "{failure}: {matches} keys have the masked form {}; name the key in full",
+          req.key
+        ),
+      )
+    }
+  };
+  act(index).unwrap_or_else(|err| Reply::pool_error(err, failure))
 }
 
 #[derive(Serialize)]
@@ -522,11 +555,11 @@ struct BestMeta {
 fn best(pool: &KeyPool, _: &Params<'_>) -> Reply {
   let picked = match pool.best(Claim::LookOnly) {
     Ok(p) => p,
-    Err(err) => return Reply::pool_error(err, "Failed to get the best available API key"),
+    Err(err) => return Reply::pool_error(err, "Failed to get best available API key"),
   };
   let pick = picked.pick;
   let data = BestData {
-    api_key: masked_key_at(pool, pick.index),
+    api_key: pool.masked(pick.index),
     availability_score: pick.score,
     total_available: pick.total_available,
     rotation_method: pick.method.as_str(),
@@ -541,13 +574,8 @@ fn best(pool: &KeyPool, _: &Params<'_>) -> Reply {
   Reply::ok(
     Some(data),
     Some(metadata),
-    "Best available API key retrieved",
+    "Best available API key retrieved successfully",
   )
-}
-
-/// The masked key at `index`. The pool hands out positions, not names, on its hot path.
-fn masked_key_at(pool: &KeyPool, index: usize) -> String {
-  pool.key_name(index).map(mask_key).unwrap_or_default()
 }
 
 #[derive(Serialize)]
@@ -574,12 +602,12 @@ struct RotateMeta {
 fn rotate(pool: &KeyPool, _: &Params<'_>) -> Reply {
   let picked = match pool.rotate(Claim::LookOnly) {
     Ok(p) => p,
-    Err(err) => return Reply::pool_error(err, "Failed to rotate the API key"),
+    Err(err) => return Reply::pool_error(err, "Failed to rotate API key proactively"),
   };
   let rotation = picked.pick;
   let selection = rotation.selection;
   let data = RotateData {
-    api_key: masked_key_at(pool, selection.index),
+    api_key: pool.masked(selection.index),
     availability_score: selection.score,
     rotation_reason: rotation.reason.as_str(),
     previous_key_score: rotation.previous_key_score,
@@ -613,37 +641,99 @@ fn refresh_cache(pool: &KeyPool, _: &Params<'_>) -> Reply {
       }),
       "API key cache refreshed successfully",
     ),
-    Err(err) => Reply::pool_error(err, "Failed to refresh the API key cache"),
+    Err(err) => Reply::pool_error(err, "Failed to refresh cache"),
   }
 }
 
 fn rate_limit(pool: &KeyPool, req: &Params<'_>) -> Reply {
-  let index = match key_index(pool, req) {
-    Ok(i) => i,
-    Err(reply) => return reply,
-  };
-  match pool.rate_limit_info(index) {
-    Ok(info) => {
-      let data: Vec<RateLimitInfoJson> = info.iter().map(RateLimitInfoJson::from).collect();
-      Reply::ok(
-        Some(data),
-        None::<()>,
-        "Rate limit info retrieved successfully",
-      )
-    }
-    Err(err) => Reply::pool_error(err, "Failed to get rate limit info"),
-  }
+  on_key(pool, req, "Failed to get rate limit info", |index| {
+    let info = pool.rate_limit_info(index)?;
+    let data: Vec<RateLimitInfoJson> = info.iter().map(RateLimitInfoJson::from).collect();
+    Ok(Reply::ok(
+      Some(data),
+      None::<()>,
+      "Rate limit info retrieved successfully",
+    ))
+  })
 }
 
 fn reactivate(pool: &KeyPool, req: &Params<'_>) -> Reply {
-  let index = match key_index(pool, req) {
-    Ok(i) => i,
-    Err(reply) => return reply,
+  on_key(pool, req, "Failed to reactivate API key", |index| {
+    pool.reactivate(index)?;
+    Ok(Reply::ok(
+      None::<()>,
+      None::<()>,
+      "API key reactivated successfully",
+    ))
+  })
+}
+
+/// The body of `POST /add`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AddKey {
+  api_key: String,
+}
+
+fn add_key(pool: &KeyPool, req: &Params<'_>) -> Reply {
+  const FAILURE: &str = "Failed to add API key";
+  let body: AddKey = match serde_json::from_slice(req.body) {
+    Ok(body) => body,
+    Err(_) => {
+      return Reply::error(
+        400,
+        "Invalid API key",
+        "The body must be a JSON object { \"apiKey\": \"...\" }",
+      )
+    }
   };
-  match pool.reactivate(index) {
-    Ok(_) => Reply::ok(None::<()>, None::<()>, "API key reactivated successfully"),
-    Err(err) => Reply::pool_error(err, "Failed to reactivate the API key"),
+  let added = pool
+    .add_key(&body.api_key)
+    .and_then(|index| Ok((index, pool.figures(index)?)));
+  match added {
+    Ok((index, figures)) => {
+      let status = KeyStatus {
+        api_key: body.api_key,
+        figures,
+        last_error: pool.last_error(index).ok().flatten(),
+      };
+      Reply {
+        status: 201,
+        ..Reply::ok(
+          Some(KeyStatusJson::new(&status)),
+          None::<()>,
+          "API key added successfully",
+        )
+      }
+    }
+    // The message names no key: the one refused may be malformed in a way that shows it whole.
+    Err(err) => Reply::pool_error(err, FAILURE),
   }
+}
+
+/// An operator's decision about the key the path names.
+fn admit(pool: &KeyPool, req: &Params<'_>, admission: Admission) -> Reply {
+  let (done, failure) = match admission {
+    Admission::Removed => ("API key removed successfully", "Failed to remove API key"),
+    Admission::Disabled => ("API key disabled successfully", "Failed to disable API key"),
+    Admission::Enabled => ("API key enabled successfully", "Failed to enable API key"),
+  };
+  on_key(pool, req, failure, |index| {
+    pool.admit(index, admission)?;
+    Ok(Reply::ok(None::<()>, None::<()>, done))
+  })
+}
+
+fn remove_key(pool: &KeyPool, req: &Params<'_>) -> Reply {
+  admit(pool, req, Admission::Removed)
+}
+
+fn disable_key(pool: &KeyPool, req: &Params<'_>) -> Reply {
+  admit(pool, req, Admission::Disabled)
+}
+
+fn enable_key(pool: &KeyPool, req: &Params<'_>) -> Reply {
+  admit(pool, req, Admission::Enabled)
 }
 
 fn reset_limits(pool: &KeyPool, _: &Params<'_>) -> Reply {
@@ -760,17 +850,13 @@ mod tests {
   /// key anywhere.
   fn call(pool: &KeyPool, method: &str, path: &str, body: &str) -> (u16, Value) {
     let reply = open_route(pool, method, path, body.as_bytes());
-    for key in pool.keys() {
+    for key in pool.names().keys() {
       assert!(!reply.body.contains(key.as_str()), "{path}: {}", reply.body);
     }
     let value: Value = serde_json::from_str(&reply.body).unwrap();
-    assert_eq!(
-      value["success"],
-      json!(reply.status == 200),
-      "{}",
-      reply.body
-    );
-    if reply.status != 200 {
+    let succeeded = (200..300).contains(&reply.status);
+    assert_eq!(value["success"], json!(succeeded), "{}", reply.body);
+    if !succeeded {
       assert!(value["error"].is_string() && value["message"].is_string());
     }
     (reply.status, value)
@@ -856,7 +942,10 @@ mod tests {
     let p = pool();
     let (status, v) = get(&p, "/api/keys/best");
     assert_eq!(status, 200);
-    assert_eq!(v["message"], "Best available API key retrieved");
+    assert_eq!(
+      v["message"],
+      "Best available API key retrieved successfully"
+    );
     let data = &v["data"];
     assert_eq!(
       field_names(data),
@@ -1029,6 +1118,7 @@ mod tests {
         "tpmUsage": "1234/1000000",
         "errorCount": 0,
         "lastError": null,
+        "removed": false,
         "requests": 1,
         "successes": 1,
         "failures": 0,
@@ -1264,6 +1354,246 @@ mod tests {
     );
   }
 
+  /// SPEC section 4's messages, which operators' scripts match on, endpoint by endpoint.
+  #[test]
+  fn every_endpoint_says_what_the_old_controller_said() {
+    let p = pool();
+    let key = "/AIzaSyAA...0001";
+    for (method, path, message) in [
+      ("GET", "/status", "API key status retrieved successfully"),
+      (
+        "GET",
+        "/best",
+        "Best available API key retrieved successfully",
+      ),
+      ("POST", "/rotate", "API key rotated proactively"),
+      (
+        "POST",
+        "/refresh-cache",
+        "API key cache refreshed successfully",
+      ),
+      (
+        "GET",
+        "/rate-limit",
+        "Rate limit info retrieved successfully",
+      ),
+      ("POST", "/reactivate", "API key reactivated successfully"),
+      (
+        "POST",
+        "/reset-limits",
+        "All API key limits reset successfully",
+      ),
+      (
+        "GET",
+        "/usage-stats",
+        "Usage statistics retrieved successfully",
+      ),
+    ] {
+      let with_key = if path.ends_with("limit") || path.ends_with("reactivate") {
+        format!("/api/keys{path}{key}")
+      } else {
+        format!("/api/keys{path}")
+      };
+      let (status, v) = call(&p, method, &with_key, "");
+      assert_eq!(
+        (status, v["message"].as_str()),
+        (200, Some(message)),
+        "{path}"
+      );
+    }
+    // No key in the path: the SPEC's 400.
+    for (method, path) in [("GET", "/rate-limit/"), ("POST", "/reactivate/")] {
+      let (status, v) = call(&p, method, &format!("/api/keys{path}"), "");
+      assert_eq!(status, 400);
+      assert_eq!(v["error"], "API key is required");
+      assert_eq!(v["message"], "Please provide an API key");
+    }
+    // Unknown keys, then a pool that fails every call: each endpoint's failure message.
+    for (method, path, message) in [
+      ("GET", "/rate-limit/nope", "Failed to get rate limit info"),
+      ("POST", "/reactivate/nope", "Failed to reactivate API key"),
+    ] {
+      let (status, v) = call(&p, method, &format!("/api/keys{path}"), "");
+      assert_eq!(
+        (status, v["message"].as_str()),
+        (404, Some(message)),
+        "{path}"
+      );
+    }
+    p.close();
+    for (method, path, message) in [
+      ("GET", "/status", "Failed to get API key status"),
+      ("GET", "/best", "Failed to get best available API key"),
+      ("POST", "/rotate", "Failed to rotate API key proactively"),
+      ("POST", "/refresh-cache", "Failed to refresh cache"),
+      ("POST", "/reset-limits", "Failed to reset API key limits"),
+      ("GET", "/usage-stats", "Failed to get usage statistics"),
+    ] {
+      let (status, v) = call(&p, method, &format!("/api/keys{path}"), "");
+      assert_eq!(
+        (status, v["message"].as_str()),
+        (500, Some(message)),
+        "{path}"
+      );
+      assert_eq!(v["error"], "API key manager is closed");
+    }
+  }
+
+  const NEW_KEY: &str = "AIzaSyNEWK0000000000000000000000000000004";
+
+  fn add(pool: &KeyPool, body: &str) -> (u16, Value) {
+    let (status, v) = call(pool, "POST", "/api/keys/add", body);
+    assert!(!v.to_string().contains(NEW_KEY), "{v}");
+    (status, v)
+  }
+
+  #[test]
+  fn keys_are_added_removed_disabled_and_enabled_without_a_restart() {
+    let p = pool();
+    let (status, v) = add(&p, &format!(r#"{{"apiKey":"{NEW_KEY}"}}"#));
+    assert_eq!(status, 201);
+    assert_eq!(v["message"], "API key added successfully");
+    assert_eq!(v["data"]["apiKey"], "AIzaSyNE...0004");
+    assert_eq!(v["data"]["isActive"], true);
+    let (_, v) = get(&p, "/api/keys/status");
+    assert_eq!(v["metadata"]["totalKeys"], 4);
+    // It is handed out like the others.
+    let handed: Vec<usize> = (0..8)
+      .map(|_| {
+        p.best(Claim::Reserve {
+          estimated_tokens: 0,
+        })
+        .unwrap()
+        .pick
+        .index
+      })
+      .collect();
+    assert!(handed.contains(&3), "{handed:?}");
+
+    // Disabled: listed, inactive, never handed out; enabled: back.
+    let (status, v) = post(&p, "/api/keys/disable/AIzaSyNE...0004");
+    assert_eq!(
+      (status, v["message"].as_str()),
+      (200, Some("API key disabled successfully"))
+    );
+    let (_, v) = get(&p, "/api/keys/status");
+    assert_eq!(v["data"][3]["state"], "disabled");
+    assert_eq!(v["data"][3]["isActive"], false);
+    assert_eq!(v["metadata"]["activeKeys"], 3);
+    p.refresh_cache().unwrap();
+    for _ in 0..8 {
+      assert_ne!(
+        p.best(Claim::Reserve {
+          estimated_tokens: 0
+        })
+        .unwrap()
+        .pick
+        .index,
+        3
+      );
+    }
+    let (status, v) = post(&p, &format!("/api/keys/enable/{NEW_KEY}"));
+    assert_eq!(
+      (status, v["message"].as_str()),
+      (200, Some("API key enabled successfully"))
+    );
+    assert_eq!(get(&p, "/api/keys/status").1["data"][3]["state"], "active");
+
+    // Removed: gone from every listing and lookup; its position stays, and adding it again
+    // brings it back there.
+    let (status, v) = post(&p, "/api/keys/remove/AIzaSyAA...0001");
+    assert_eq!(
+      (status, v["message"].as_str()),
+      (200, Some("API key removed successfully"))
+    );
+    let (_, v) = get(&p, "/api/keys/status");
+    assert_eq!(v["metadata"]["totalKeys"], 3);
+    assert!(!v.to_string().contains("AIzaSyAA...0001"));
+    let (status, v) = get(&p, "/api/keys/rate-limit/AIzaSyAA...0001");
+    assert_eq!(
+      (status, v["error"].as_str()),
+      (404, Some("API key not found"))
+    );
+    let (status, _) = post(&p, "/api/keys/remove/AIzaSyAA...0001");
+    assert_eq!(status, 404);
+    let (status, _) = add(&p, &format!(r#"{{"apiKey":"{}"}}"#, KEYS[0]));
+    assert_eq!(status, 201);
+    assert_eq!(p.names().position(KEYS[0]), Some(0));
+    assert_eq!(get(&p, "/api/keys/status").1["metadata"]["totalKeys"], 4);
+  }
+
+  #[test]
+  fn adding_refuses_duplicates_malformed_keys_and_bodies_with_clear_errors() {
+    let p = pool();
+    let (status, v) = add(&p, &format!(r#"{{"apiKey":"{}"}}"#, KEYS[1]));
+    assert_eq!(
+      (status, v["error"].as_str()),
+      (409, Some("API key already exists"))
+    );
+    assert_eq!(v["message"], "Failed to add API key");
+    for bad in [
+      r#""""#,
+      r#""two words""#,
+      r#""a,b""#,
+      r#""project:key""#,
+      r#""tab\tkey""#,
+    ] {
+      let (status, v) = add(&p, &format!(r#"{{"apiKey":{bad}}}"#));
+      assert_eq!(status, 400, "{bad}");
+      assert!(
+        v["error"]
+          .as_str()
+          .unwrap()
+          .starts_with("Invalid API key: "),
+        "{v}"
+      );
+    }
+    let long = "k".repeat(513);
+    assert_eq!(add(&p, &format!(r#"{{"apiKey":"{long}"}}"#)).0, 400);
+    for body in ["", "{}", "[]", r#"{"apiKey":5}"#, r#"{"key":"x"}"#] {
+      let (status, v) = add(&p, body);
+      assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("Invalid API key")),
+        "{body}"
+      );
+    }
+    assert_eq!(add(&p, "not json").1["error"], "Invalid request body");
+    // A pool that cannot keep an added key says why, and changes nothing.
+    p.refuse_additions(Some("no secret to seal it under".into()));
+    let (status, v) = add(&p, &format!(r#"{{"apiKey":"{NEW_KEY}"}}"#));
+    assert_eq!(status, 409);
+    assert_eq!(
+      v["error"],
+      "API key cannot be stored: no secret to seal it under"
+    );
+    assert_eq!(p.names().len(), 3);
+  }
+
+  #[test]
+  fn key_management_wants_the_admin_token() {
+    let p = pool();
+    let guard = AdminGuard::with_token("the-admin-token").unwrap();
+    for (path, body) in [
+      ("/api/keys/add", format!(r#"{{"apiKey":"{NEW_KEY}"}}"#)),
+      ("/api/keys/disable/AIzaSyAA...0001", String::new()),
+      ("/api/keys/enable/AIzaSyAA...0001", String::new()),
+      ("/api/keys/remove/AIzaSyAA...0001", String::new()),
+    ] {
+      let refused = route(&p, &guard, &req("POST", path, body.as_bytes()));
+      assert_eq!(refused.status, 401, "{path}");
+      let allowed = route(
+        &p,
+        &guard,
+        &ApiRequest {
+          authorization: Some("Bearer the-admin-token"),
+          ..req("POST", path, body.as_bytes())
+        },
+      );
+      assert!(allowed.status < 300, "{path}: {}", allowed.body);
+    }
+  }
+
   #[test]
   fn key_routes_refuse_missing_unknown_and_ambiguous_keys() {
     let p = pool();
@@ -1295,7 +1625,8 @@ mod tests {
     assert_eq!(v["error"], "Ambiguous API key");
     assert_eq!(
       v["message"],
-      "2 keys have the masked form AIzaSyTW...0000: name the key in full"
+      "Failed to get rate limit info: 2 keys have the masked form AIzaSyTW...0000; name the key in \
+       full"
     );
     let (status, _) = get(&p, &format!("/api/keys/rate-limit/{}", twins[1]));
     assert_eq!(status, 200);

@@ -4,10 +4,11 @@
 
 use std::convert::Infallible;
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
@@ -88,19 +89,98 @@ pub enum HttpError {
   AccessLog(#[source] io::Error),
 }
 
+/// Where the server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+  /// `localhost`: 127.0.0.1 and ::1 on one port, as a server listening on every address answers
+  /// `http://localhost:PORT`, which many systems resolve to ::1 first. A host without one of the
+  /// two loopbacks serves on the other.
+  Localhost { port: u16 },
+  /// Exactly this address.
+  Addr(SocketAddr),
+}
+
+/// How many ports to try for both loopbacks, when the system picks the port: it picks for IPv4,
+/// and ::1 may have that one in use.
+const LOCALHOST_ATTEMPTS: usize = 8;
+
+/// Binds what `listen` names.
+async fn bind(listen: Listen) -> Result<Vec<TcpListener>, HttpError> {
+  match listen {
+    Listen::Addr(addr) => Ok(vec![bind_addr(addr).await?]),
+    Listen::Localhost { port } => bind_localhost(port).await,
+  }
+}
+
+async fn bind_addr(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+  TcpListener::bind(addr)
+    .await
+    .map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// Whether binding failed because this host has no such address (no IPv6, say), rather than
+/// because it is taken or forbidden.
+fn absent(e: &HttpError) -> bool {
+  matches!(e, HttpError::Bind { source, .. }
+    if source.kind() == io::ErrorKind::AddrNotAvailable || source.raw_os_error() == Some(97))
+}
+
+/// 127.0.0.1 and ::1 on one port; one of them alone where the host lacks the other.
+async fn bind_localhost(port: u16) -> Result<Vec<TcpListener>, HttpError> {
+  let v6 = |port| SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+  let mut attempts = 0;
+  loop {
+    attempts += 1;
+    let v4 = match bind_addr(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await {
+      Ok(l) => l,
+      Err(e) if absent(&e) => return Ok(vec![bind_addr(v6(port)).await?]),
+      Err(e) => return Err(e),
+    };
+    let picked = v4.local_addr().map_err(HttpError::LocalAddr)?.port();
+    match bind_addr(v6(picked)).await {
+      Ok(second) => return Ok(vec![v4, second]),
+      Err(e) if absent(&e) => return Ok(vec![v4]),
+      Err(HttpError::Bind { source, .. })
+        if port == 0
+          && source.kind() == io::ErrorKind::AddrInUse
+          && attempts < LOCALHOST_ATTEMPTS => {}
+      Err(e) => return Err(e),
+    }
+  }
+}
+
+/// The next connection on any of `listeners`.
+async fn accept_any(listeners: &[TcpListener]) -> io::Result<(TcpStream, SocketAddr)> {
+  std::future::poll_fn(|cx| {
+    for listener in listeners {
+      if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+        return Poll::Ready(accepted);
+      }
+    }
+    Poll::Pending
+  })
+  .await
+}
+
 /// A running server. Dropping it stops the server as [`Self::shutdown`] does, without waiting.
 #[derive(Debug)]
 pub struct ServerHandle {
-  local_addr: SocketAddr,
+  /// Every address it listens on (two for [`Listen::Localhost`]), on one port.
+  local_addrs: Vec<SocketAddr>,
   /// Dropped to stop the server: every receiver then wakes.
   stop: watch::Sender<()>,
   task: JoinHandle<()>,
 }
 
 impl ServerHandle {
-  /// The address the server listens on (with the real port when started on port 0).
-  pub fn local_addr(&self) -> SocketAddr {
-    self.local_addr
+  /// The addresses the server listens on (with the real port when started on port 0).
+  pub fn local_addrs(&self) -> &[SocketAddr] {
+    &self.local_addrs
+  }
+
+  /// The port it listens on.
+  pub fn port(&self) -> u16 {
+    self.local_addrs.first().map_or(0, SocketAddr::port)
   }
 
   /// Stops accepting connections, closes idle ones, and returns once in-flight requests have been
@@ -114,20 +194,24 @@ impl ServerHandle {
   }
 }
 
-/// Starts serving [`route`] on `addr` (port 0 picks a free port). Beyond loopback it needs an
-/// admin token or `allow_insecure`.
+/// Starts serving [`route`] where `listen` says (port 0 picks a free port). Beyond loopback it
+/// needs an admin token or `allow_insecure`.
 pub async fn start(
   pool: Arc<KeyPool>,
-  addr: SocketAddr,
+  listen: Listen,
   options: ServerOptions,
 ) -> Result<ServerHandle, HttpError> {
-  if !may_listen(addr.ip(), &options.admin, options.allow_insecure) {
-    return Err(HttpError::Insecure { addr });
+  if let Listen::Addr(addr) = listen {
+    if !may_listen(addr.ip(), &options.admin, options.allow_insecure) {
+      return Err(HttpError::Insecure { addr });
+    }
   }
-  let listener = TcpListener::bind(addr)
-    .await
-    .map_err(|source| HttpError::Bind { addr, source })?;
-  let local_addr = listener.local_addr().map_err(HttpError::LocalAddr)?;
+  let listeners = bind(listen).await?;
+  let local_addrs = listeners
+    .iter()
+    .map(TcpListener::local_addr)
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(HttpError::LocalAddr)?;
   let access_log = if options.access_log {
     Some(AccessLog::start()?)
   } else {
@@ -144,9 +228,9 @@ pub async fn start(
     http,
   });
   let (stop, stopped) = watch::channel(());
-  let task = tokio::spawn(accept_loop(listener, shared, stopped));
+  let task = tokio::spawn(accept_loop(listeners, shared, stopped));
   Ok(ServerHandle {
-    local_addr,
+    local_addrs,
     stop,
     task,
   })
@@ -161,12 +245,16 @@ struct Shared {
   http: http1::Builder,
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
+async fn accept_loop(
+  listeners: Vec<TcpListener>,
+  shared: Arc<Shared>,
+  mut stopped: watch::Receiver<()>,
+) {
   let mut connections = JoinSet::new();
   loop {
     tokio::select! {
       _ = stopped.changed() => break,
-      accepted = listener.accept() => match accepted {
+      accepted = accept_any(&listeners) => match accepted {
         Ok((stream, _)) => {
           connections.spawn(serve_connection(stream, shared.clone(), stopped.clone()));
         }
@@ -179,7 +267,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stopped: wa
       Some(_) = connections.join_next(), if !connections.is_empty() => {}
     }
   }
-  drop(listener);
+  drop(listeners);
   let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
     while connections.join_next().await.is_some() {}
   })
@@ -404,7 +492,7 @@ impl AccessLog {
 
 #[cfg(test)]
 mod tests {
-  use std::net::Ipv4Addr;
+  use std::net::IpAddr;
 
   use super::*;
   use crate::clock::FakeClock;
@@ -430,7 +518,7 @@ mod tests {
 
   async fn server(options: ServerOptions) -> ServerHandle {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    start(pool(), addr, options).await.unwrap()
+    start(pool(), Listen::Addr(addr), options).await.unwrap()
   }
 
   // tokio's `io-util` feature is off, so the test client reads and writes through readiness.
@@ -503,7 +591,7 @@ mod tests {
   #[tokio::test(flavor = "multi_thread")]
   async fn serves_the_route_table_over_one_keep_alive_connection() {
     let handle = server(ServerOptions::default()).await;
-    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+    let mut s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
 
     let a = ask(&mut s, &get("/api/keys/status")).await;
     assert_eq!(a.status, 200);
@@ -542,7 +630,7 @@ mod tests {
       ..ServerOptions::default()
     })
     .await;
-    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+    let mut s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
     let body = format!("[{}0]", "0,".repeat(500));
     let request = format!(
       "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
@@ -555,7 +643,7 @@ mod tests {
     assert_eq!(ask(&mut s, &get("/api/keys/best")).await.status, 200);
 
     // A declared length past what is worth draining is refused before it is sent.
-    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+    let mut s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
     let huge = "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n";
     let a = ask(&mut s, huge).await;
     assert_eq!(a.status, 400);
@@ -566,7 +654,7 @@ mod tests {
   #[tokio::test(flavor = "multi_thread")]
   async fn shutdown_waits_for_the_request_in_flight() {
     let handle = server(ServerOptions::default()).await;
-    let addr = handle.local_addr();
+    let addr = handle.local_addrs()[0];
     let mut busy = TcpStream::connect(addr).await.unwrap();
     let mut idle = TcpStream::connect(addr).await.unwrap();
     assert_eq!(ask(&mut idle, &get("/api/keys/status")).await.status, 200);
@@ -598,7 +686,44 @@ mod tests {
   #[tokio::test(flavor = "multi_thread")]
   async fn binding_a_busy_port_is_an_error() {
     let handle = server(ServerOptions::default()).await;
-    let err = start(pool(), handle.local_addr(), ServerOptions::default())
+    let err = start(
+      pool(),
+      Listen::Addr(handle.local_addrs()[0]),
+      ServerOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, HttpError::Bind { .. }), "{err}");
+    handle.shutdown().await;
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn localhost_is_served_on_both_loopbacks_on_one_port() {
+    let handle = start(
+      pool(),
+      Listen::Localhost { port: 0 },
+      ServerOptions::default(),
+    )
+    .await
+    .unwrap();
+    let addrs = handle.local_addrs().to_vec();
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    assert_eq!(addrs[0].port(), addrs[1].port());
+    for ip in [
+      IpAddr::from(Ipv4Addr::LOCALHOST),
+      IpAddr::from(Ipv6Addr::LOCALHOST),
+    ] {
+      let mut s = TcpStream::connect((ip, handle.port())).await.unwrap();
+      assert_eq!(
+        ask(&mut s, &get("/api/keys/status")).await.status,
+        200,
+        "{ip}"
+      );
+    }
+    // A port taken on ::1 by someone else is not silently left to them.
+    let taken = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let err = start(pool(), Listen::Localhost { port }, ServerOptions::default())
       .await
       .unwrap_err();
     assert!(matches!(err, HttpError::Bind { .. }), "{err}");
@@ -627,7 +752,7 @@ mod tests {
   #[tokio::test(flavor = "multi_thread")]
   async fn no_listening_beyond_loopback_without_a_token_unless_allowed() {
     let anywhere = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-    let err = start(pool(), anywhere, ServerOptions::default())
+    let err = start(pool(), Listen::Addr(anywhere), ServerOptions::default())
       .await
       .unwrap_err();
     assert!(matches!(err, HttpError::Insecure { .. }), "{err}");
@@ -642,7 +767,7 @@ mod tests {
         ..ServerOptions::default()
       },
     ] {
-      start(pool(), anywhere, options)
+      start(pool(), Listen::Addr(anywhere), options)
         .await
         .unwrap()
         .shutdown()
@@ -657,7 +782,7 @@ mod tests {
       ..ServerOptions::default()
     })
     .await;
-    let mut s = TcpStream::connect(handle.local_addr()).await.unwrap();
+    let mut s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
     let a = ask(&mut s, "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(a.status, 401);
     assert!(a

@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::json::{parse_date, IsoDate, UsageJson};
 use super::routes::Reply;
 use crate::call_log::Call;
+use crate::key::{Admission, KeyStatus};
 use crate::pool::KeyPool;
 use crate::usage_stats::{compute, DateRange, UsageFigures};
 
@@ -65,6 +66,8 @@ impl From<&UsageFigures> for FiguresJson {
 struct KeyJson {
   #[serde(flatten)]
   status: UsageJson,
+  /// Removed from the pool: listed only for the calls it made in the range.
+  removed: bool,
   #[serde(flatten)]
   figures: FiguresJson,
 }
@@ -101,11 +104,13 @@ enum Source {
 }
 
 fn reply(pool: &KeyPool, range: DateRange, calls: &[Call], source: Source) -> Reply {
-  let statuses = match pool.statuses() {
+  // Every position, removed keys too: their calls stay part of the history.
+  let statuses = match pool.every_status() {
     Ok(s) => s,
     Err(err) => return Reply::error(500, &err.to_string(), "Failed to get usage statistics"),
   };
   let report = compute(statuses.len(), calls, range);
+  let removed = |s: &KeyStatus| s.figures.admission == Admission::Removed;
   let (source, truncated, call_log_capacity) = match source {
     Source::Mongo { truncated } => ("mongodb", truncated, None),
     Source::Memory {
@@ -118,15 +123,17 @@ fn reply(pool: &KeyPool, range: DateRange, calls: &[Call], source: Source) -> Re
     data: statuses
       .iter()
       .zip(&report.keys)
+      .filter(|(status, figures)| !removed(status) || figures.requests > 0)
       .map(|(status, figures)| KeyJson {
         status: UsageJson::new(status),
+        removed: removed(status),
         figures: figures.into(),
       })
       .collect(),
     metadata: Meta {
       start_date: range.start.map(IsoDate),
       end_date: range.end.map(IsoDate),
-      total_keys: statuses.len(),
+      total_keys: statuses.iter().filter(|s| !removed(s)).count(),
       source,
       truncated,
       call_log_capacity,
@@ -157,7 +164,7 @@ pub fn from_memory(pool: &KeyPool, range: DateRange) -> Reply {
 /// without it, or when the query fails (`metadata.source` says which).
 pub async fn usage_stats(pool: &KeyPool, range: DateRange) -> Reply {
   if let Some(reader) = pool.usage_reader() {
-    if let Ok(stored) = reader.calls(range, MAX_STORED_CALLS).await {
+    if let Ok(stored) = reader.calls(range, MAX_STORED_CALLS, &pool.names()).await {
       let source = Source::Mongo {
         truncated: stored.truncated,
       };

@@ -18,4 +18,9 @@ pub enum StoreError {
   WriteConcern(String),
   #[error("invalid lease request: {0}")]
   InvalidLease(String),
+  #[error(
+    "a key added at run time can only be stored sealed, and no secret is set to seal it under \
+     (KEY_MANAGER_FINGERPRINT_SECRET)"
+  )]
+  CannotSeal,
 }

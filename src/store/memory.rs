@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
+use super::admissions::StoredAdmission;
 use super::error::StoreError;
 use super::lease::{self, lease_id};
-use super::records::{Grant, KeyRecord, LeaseSlot, UsageId, UsageRecord};
+use super::naming::KeyNaming;
+use super::records::{AdmissionRecord, Grant, KeyRecord, LeaseSlot, UsageId, UsageRecord};
 use crate::clock::Millis;
 
 #[derive(Debug, Default)]
@@ -33,19 +35,37 @@ struct State {
   usage: Vec<UsageRecord>,
   usage_ids: HashSet<UsageId>,
   leases: HashMap<String, LeaseState>,
+  admissions: HashMap<String, StoredAdmission>,
 }
 
 /// Keys, usage and leases in this process, behind one lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
   state: Mutex<State>,
   ops: AtomicU64,
+  /// Keys are held as they are: nothing leaves the process.
+  naming: KeyNaming,
+}
+
+impl Default for MemoryStore {
+  fn default() -> Self {
+    Self {
+      state: Mutex::default(),
+      ops: AtomicU64::new(0),
+      naming: KeyNaming::plaintext(),
+    }
+  }
 }
 
 impl MemoryStore {
   /// An empty store.
   pub fn new() -> Self {
     Self::default()
+  }
+
+  /// Plaintext: see [`KeyNaming::plaintext`].
+  pub fn naming(&self) -> &KeyNaming {
+    &self.naming
   }
 
   /// Round trips a database would have made so far: one per call that had something to do.
@@ -95,6 +115,39 @@ impl MemoryStore {
       }
     }
     stored
+  }
+
+  /// See [`super::MongoStore::save_admissions`]: keys are kept by name, as in plaintext mode.
+  pub fn save_admissions(&self, records: &[AdmissionRecord]) {
+    if records.is_empty() {
+      return;
+    }
+    self.count_op();
+    let mut state = self.state.lock();
+    for r in records {
+      let newer = state
+        .admissions
+        .get(&r.api_key)
+        .is_some_and(|a| a.changed_at >= r.changed_at);
+      if !newer {
+        state.admissions.insert(
+          r.api_key.clone(),
+          StoredAdmission {
+            stored: r.api_key.clone(),
+            admission: r.admission,
+            changed_at: r.changed_at,
+            added: r.added,
+            sealed: None,
+          },
+        );
+      }
+    }
+  }
+
+  /// See [`super::MongoStore::load_admissions`].
+  pub fn load_admissions(&self) -> Vec<StoredAdmission> {
+    self.count_op();
+    self.state.lock().admissions.values().cloned().collect()
   }
 
   /// Every usage record stored, in the order stored.

@@ -4,6 +4,7 @@
 //! collections) and [`MemoryStore`] (the same contract in-process, for tests and runs without a
 //! database). Plain records in, plain records out: no pool types, no napi types.
 
+mod admissions;
 mod documents;
 mod error;
 mod lease;
@@ -12,18 +13,21 @@ mod mongo;
 mod mongo_lease;
 mod naming;
 mod records;
+mod sealing;
 #[cfg(test)]
 pub(crate) mod test_server;
 mod usage_query;
 
 use crate::clock::Millis;
 
+pub use admissions::StoredAdmission;
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
 pub use naming::{KeyNaming, KeyStorage};
 pub use records::{
-  Grant, KeyRecord, LeaseSlot, UsageId, UsageIds, UsageRecord, WindowRecord, DAY_MS, MINUTE_MS,
+  AdmissionRecord, Grant, KeyRecord, LeaseSlot, UsageId, UsageIds, UsageRecord, WindowRecord,
+  DAY_MS, MINUTE_MS,
 };
 pub use usage_query::{StoredCalls, UsageReader};
 
@@ -37,11 +41,39 @@ pub enum Store {
 }
 
 impl Store {
-  /// Every stored key as it stands at `now`, windows whose reset time has passed restarted.
-  pub async fn load(&self, now: Millis) -> Result<Vec<KeyRecord>, StoreError> {
+  /// Every stored key as it stands at `now` (windows whose reset time has passed restarted),
+  /// named as stored; documents naming one of `keys` the old way are migrated first.
+  pub async fn load(&self, now: Millis, keys: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
     match self {
       Store::Memory(s) => Ok(s.load(now)),
-      Store::Mongo(s) => s.load(now).await,
+      Store::Mongo(s) => s.load(now, keys).await,
+    }
+  }
+
+  /// See [`MongoStore::save_admissions`].
+  pub async fn save_admissions(&self, records: &[AdmissionRecord]) -> Result<(), StoreError> {
+    match self {
+      Store::Memory(s) => {
+        s.save_admissions(records);
+        Ok(())
+      }
+      Store::Mongo(s) => s.save_admissions(records).await,
+    }
+  }
+
+  /// See [`MongoStore::load_admissions`].
+  pub async fn load_admissions(&self) -> Result<Vec<StoredAdmission>, StoreError> {
+    match self {
+      Store::Memory(s) => Ok(s.load_admissions()),
+      Store::Mongo(s) => s.load_admissions().await,
+    }
+  }
+
+  /// How documents name keys.
+  pub fn naming(&self) -> &KeyNaming {
+    match self {
+      Store::Memory(s) => s.naming(),
+      Store::Mongo(s) => s.naming(),
     }
   }
 
@@ -154,7 +186,7 @@ mod tests {
       last_error_time: None,
     };
     store.save_keys(std::slice::from_ref(&key)).await.unwrap();
-    assert_eq!(store.load(0).await.unwrap(), vec![key]);
+    assert_eq!(store.load(0, &[]).await.unwrap(), vec![key]);
     let usage = UsageRecord {
       id: UsageIds::new().next_id(),
       api_key: "k".into(),

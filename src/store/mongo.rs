@@ -2,7 +2,7 @@
 //! write is one round trip per batch, and every round trip is counted in [`MongoStore::ops`], so
 //! the layer above can show it stays off the hot path.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +14,11 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::documents::{key_document, key_from_document, usage_document};
 use super::error::StoreError;
-use super::naming::KeyNaming;
+use super::naming::{KeyNaming, KeyStorage};
 use super::records::{KeyRecord, UsageRecord};
 use super::usage_query::UsageReader;
 use crate::clock::Millis;
+use crate::fingerprint::digest_name;
 use crate::mask::scrub;
 
 /// `MONGODB_DB_NAME` when unset, as in the old service.
@@ -28,6 +29,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const KEYS: &str = "api_keys";
 const USAGE: &str = "api_key_usage";
 const LEASES: &str = "api_key_leases";
+pub(super) const ADMISSIONS: &str = "api_key_admissions";
 
 /// Statements per `update` command and documents per `insert_many`: far below the server's
 /// 100,000-write and 16 MiB limits, so the driver never splits a batch into more round trips than
@@ -88,10 +90,11 @@ fn index(keys: Document, options: Option<IndexOptions>) -> IndexModel {
 /// A connection to one database holding `api_keys`, `api_key_usage` and `api_key_leases`.
 pub struct MongoStore {
   client: Client,
-  db: Database,
+  pub(super) db: Database,
   keys: Collection<Document>,
   usage: Collection<Document>,
   pub(super) leases: Collection<Document>,
+  pub(super) admissions: Collection<Document>,
   ops: AtomicU64,
   /// How keys are named in documents.
   pub(super) naming: Arc<KeyNaming>,
@@ -126,6 +129,7 @@ impl MongoStore {
       keys: db.collection(KEYS),
       usage: db.collection(USAGE),
       leases: db.collection(LEASES),
+      admissions: db.collection(ADMISSIONS),
       db,
       client,
       ops: AtomicU64::new(0),
@@ -145,13 +149,20 @@ impl MongoStore {
     let unique = IndexOptions::builder().unique(true).build();
     let ttl = IndexOptions::builder().expire_after(LEASE_GRACE).build();
     let wanted = [
-      (&self.keys, index(doc! { "apiKey": 1 }, Some(unique))),
+      (
+        &self.keys,
+        index(doc! { "apiKey": 1 }, Some(unique.clone())),
+      ),
       (&self.keys, index(doc! { "isActive": 1 }, None)),
       (&self.keys, index(doc! { "lastUsed": 1 }, None)),
       (&self.usage, index(doc! { "apiKey": 1 }, None)),
       (&self.usage, index(doc! { "timestamp": 1 }, None)),
       (&self.usage, index(doc! { "success": 1 }, None)),
       (&self.leases, index(doc! { "windowEnd": 1 }, Some(ttl))),
+      (
+        &self.admissions,
+        index(doc! { "apiKey": 1 }, Some(unique.clone())),
+      ),
     ];
     for (collection, model) in wanted {
       self.count_op();
@@ -166,16 +177,20 @@ impl MongoStore {
 
   /// Names keys in documents by `naming` (plaintext, as the old service did, until this is
   /// called).
-  pub fn with_naming(mut self, naming: KeyNaming) -> Self {
-    self.naming = Arc::new(naming);
+  pub fn with_naming(mut self, naming: Arc<KeyNaming>) -> Self {
+    self.naming = naming;
     self
+  }
+
+  /// How keys are named in documents.
+  pub fn naming(&self) -> &KeyNaming {
+    &self.naming
   }
 
   /// A reader of the usage collection, for statistics.
   pub fn usage_reader(&self) -> UsageReader {
     UsageReader {
       usage: self.usage.clone(),
-      naming: self.naming.clone(),
     }
   }
 
@@ -189,57 +204,65 @@ impl MongoStore {
   }
 
   /// Every key document, as it stands at `now`: windows whose reset time has passed restarted,
-  /// each named by its key (a fingerprint of a key not configured stays a fingerprint).
-  /// Documents without a string `apiKey` cannot belong to any configured key and are skipped.
-  /// One round trip for up to 10,000 keys. When keys are stored as fingerprints, documents that
-  /// hold a key in plaintext (the old service's) are migrated first: see [`Self::migrate`].
-  pub async fn load(&self, now: Millis) -> Result<Vec<KeyRecord>, StoreError> {
+  /// each named as stored (a digest or fingerprint; the pool maps those to its keys). Documents
+  /// without a string `apiKey` cannot belong to any key and are skipped. One round trip for up
+  /// to 10,000 keys. Documents that name their key under another naming first (the old service's
+  /// plaintext, or a digest of one of `keys` once a secret is set) are migrated: see
+  /// [`Self::migrate`].
+  pub async fn load(&self, now: Millis, keys: &[String]) -> Result<Vec<KeyRecord>, StoreError> {
     self.count_op();
     let mut cursor = self.keys.find(doc! {}).batch_size(READ_BATCH).await?;
     let mut records = Vec::new();
-    let mut plaintext = Vec::new();
+    let mut outdated = Vec::new();
     while cursor.advance().await? {
       let d = cursor.deserialize_current()?;
-      let Some(mut record) = key_from_document(&d, now) else {
+      let Some(record) = key_from_document(&d, now) else {
         continue;
       };
-      if self.naming.needs_migration(&record.api_key) {
-        plaintext.push((d.get("_id").cloned().unwrap_or(Bson::Null), record));
-        continue;
+      match self.naming.migration_source(&record.api_key, keys) {
+        Some(key) => outdated.push((d.get("_id").cloned().unwrap_or(Bson::Null), key, record)),
+        None => records.push(record),
       }
-      if let Some(i) = self.naming.position(&record.api_key) {
-        record.api_key = self.naming.keys()[i].clone();
-      }
-      records.push(record);
     }
-    if matches!(
-      self.naming.storage(),
-      super::naming::KeyStorage::Fingerprint(_)
-    ) {
-      self.migrate(plaintext, &mut records).await?;
+    if !matches!(self.naming.storage(), KeyStorage::Plaintext) {
+      self.migrate(outdated, keys, &mut records).await?;
     }
     Ok(records)
   }
 
-  /// Rewrites documents that hold a key in plaintext under its fingerprint. Key documents are
-  /// written again under the fingerprint (unless one is there already, which wins), then the
-  /// plaintext ones deleted; usage documents of the configured keys and of those key documents get
-  /// the fingerprint in `apiKey`. Keys quoted in their error messages are masked. Resumable: a
-  /// migration cut short finishes at the next load.
+  /// Rewrites documents that name their key under another naming (`outdated`: each document's
+  /// `_id`, its key, and its record) under this one. Key documents are written again under the
+  /// new name (unless one is there already, which wins), then the old ones deleted; usage
+  /// documents of `keys` and of those key documents get the new name in `apiKey`. Keys quoted in
+  /// their error messages are masked. Resumable: a migration cut short finishes at the next load.
   async fn migrate(
     &self,
-    plaintext: Vec<(Bson, KeyRecord)>,
+    outdated: Vec<(Bson, String, KeyRecord)>,
+    keys: &[String],
     records: &mut Vec<KeyRecord>,
   ) -> Result<(), StoreError> {
-    let mut names: Vec<String> = self.naming.keys().to_vec();
-    names.extend(plaintext.iter().map(|(_, r)| r.api_key.clone()));
-    let present: HashSet<&str> = records.iter().map(|r| r.api_key.as_str()).collect();
-    let mut ids = Vec::with_capacity(plaintext.len());
+    // Old stored name to key, for every name a document may still use.
+    let mut sources: HashMap<String, String> = HashMap::new();
+    for key in keys {
+      for old in [key.clone(), digest_name(key)] {
+        if self.naming.migration_source(&old, keys).is_some() {
+          sources.insert(old, key.clone());
+        }
+      }
+    }
+    for (_, key, record) in &outdated {
+      sources.insert(record.api_key.clone(), key.clone());
+    }
+    let mut names: Vec<String> = keys.to_vec();
+    names.extend(outdated.iter().map(|(_, key, _)| key.clone()));
+    let present: HashSet<String> = records.iter().map(|r| r.api_key.clone()).collect();
+    let mut ids = Vec::with_capacity(outdated.len());
     let mut moved = Vec::new();
-    for (id, record) in plaintext {
+    for (id, key, record) in outdated {
       ids.push(id);
-      if !present.contains(record.api_key.as_str()) {
+      if !present.contains(&self.naming.stored(&key)) {
         moved.push(KeyRecord {
+          api_key: key,
           last_error: record.last_error.as_deref().map(|e| scrub(e, &names)),
           ..record
         });
@@ -252,19 +275,29 @@ impl MongoStore {
         .keys
         .delete_many(doc! { "_id": { "$in": ids } })
         .await?;
-      records.extend(moved);
+      records.extend(moved.into_iter().map(|r| KeyRecord {
+        api_key: self.naming.stored(&r.api_key),
+        ..r
+      }));
+    }
+    if sources.is_empty() {
+      return Ok(());
     }
     self.count_op();
+    let old_names: Vec<&String> = sources.keys().collect();
     let mut cursor = self
       .usage
-      .find(doc! { "apiKey": { "$in": names.clone() } })
+      .find(doc! { "apiKey": { "$in": old_names } })
       .projection(doc! { "apiKey": 1, "error": 1 })
       .batch_size(READ_BATCH)
       .await?;
     let mut updates = Vec::new();
     while cursor.advance().await? {
       let d = cursor.deserialize_current()?;
-      let (Some(id), Ok(key)) = (d.get("_id"), d.get_str("apiKey")) else {
+      let (Some(id), Some(key)) = (
+        d.get("_id"),
+        d.get_str("apiKey").ok().and_then(|k| sources.get(k)),
+      ) else {
         continue;
       };
       let mut set = doc! { "apiKey": self.naming.stored(key) };
@@ -419,8 +452,13 @@ mod tests {
     for field in ["apiKey", "timestamp", "success"] {
       assert!(usage.contains(&(doc! { field: 1 }, false)), "{usage:?}");
     }
-    // ping + 7 indexes; connecting again finds them in place.
-    assert_eq!(store.ops(), 8);
+    let admissions = index_keys(&store.admissions).await;
+    assert!(
+      admissions.contains(&(doc! { "apiKey": 1 }, true)),
+      "{admissions:?}"
+    );
+    // ping + 8 indexes; connecting again finds them in place.
+    assert_eq!(store.ops(), 9);
     connect(&server).await;
     store.close().await;
   }
@@ -442,7 +480,7 @@ mod tests {
       .unwrap();
     store.save_keys(&[]).await.unwrap();
     assert_eq!(store.ops() - before, 2);
-    let mut loaded = store.load(NOW).await.unwrap();
+    let mut loaded = store.load(NOW, &[]).await.unwrap();
     loaded.sort_by(|x, y| x.api_key.cmp(&y.api_key));
     assert_eq!(
       loaded,
@@ -454,7 +492,7 @@ mod tests {
     assert!(b.get_datetime("lastUsed").is_ok() && !b.contains_key("lastError"));
     // A restart later: the minute windows have passed, the day window has not.
     let reopened = connect(&server).await;
-    let later = reopened.load(NOW + MINUTE_MS).await.unwrap();
+    let later = reopened.load(NOW + MINUTE_MS, &[]).await.unwrap();
     let a = later.iter().find(|k| k.api_key == "a").unwrap();
     assert_eq!((a.rpm.current, a.rpd.current), (0, 6));
   }
@@ -469,7 +507,7 @@ mod tests {
     let before = store.ops();
     store.save_keys(&keys).await.unwrap();
     assert_eq!(store.ops() - before, 2);
-    let mut loaded = store.load(NOW).await.unwrap();
+    let mut loaded = store.load(NOW, &[]).await.unwrap();
     loaded.sort_by(|x, y| x.api_key.cmp(&y.api_key));
     assert_eq!(loaded, keys);
   }
@@ -513,7 +551,7 @@ mod tests {
       ])
       .await
       .unwrap();
-    let loaded = store.load(NOW).await.unwrap();
+    let loaded = store.load(NOW, &[]).await.unwrap();
     assert_eq!(loaded.len(), 2);
     let expired = loaded.iter().find(|k| k.api_key == "old-expired").unwrap();
     let fresh = |limit, span| WindowRecord {
@@ -575,7 +613,7 @@ mod tests {
   }
 
   #[tokio::test]
-  async fn plaintext_documents_migrate_to_fingerprints_on_load() {
+  async fn plaintext_documents_migrate_to_digests_then_digests_to_fingerprints() {
     use crate::fingerprint::Fingerprinter;
     use crate::store::{KeyNaming, KeyStorage};
     use crate::usage_stats::DateRange;
@@ -616,51 +654,96 @@ mod tests {
       .await
       .unwrap();
 
+    // Now with no secret: keys become digests.
+    let digest = connect(&server)
+      .await
+      .with_naming(Arc::new(KeyNaming::new(KeyStorage::Digest)));
+    let loaded = digest.load(NOW, &keys).await.unwrap();
+    let mut names: Vec<String> = loaded.iter().map(|r| r.api_key.clone()).collect();
+    names.sort_unstable();
+    let mut expected: Vec<String> = [keys[0].as_str(), keys[1].as_str(), retired]
+      .iter()
+      .map(|k| digest_name(k))
+      .collect();
+    expected.sort_unstable();
+    assert_eq!(names, expected);
+    let a = loaded
+      .iter()
+      .find(|r| r.api_key == digest_name(&keys[0]))
+      .unwrap();
+    assert_eq!(a.rpm.current, 3);
+    assert_eq!(a.last_error.as_deref(), Some("failed for AIzaSyOL...0000"));
+    let no_key_in = |docs: &[Document], form: fn(&str) -> bool| {
+      for d in docs {
+        let text = d.to_string();
+        for k in keys.iter().map(String::as_str).chain([retired]) {
+          assert!(!text.contains(k), "{text}");
+        }
+        assert!(form(d.get_str("apiKey").unwrap()), "{d}");
+      }
+    };
+    let documents = [
+      raw_documents(&digest.keys).await,
+      raw_documents(&digest.usage).await,
+    ];
+    assert_eq!((documents[0].len(), documents[1].len()), (3, 3));
+    documents
+      .iter()
+      .for_each(|d| no_key_in(d, crate::fingerprint::is_digest_name));
+
+    // A secret set later: the digests of the configured keys move to fingerprints; the retired
+    // key's digest cannot be traced to a key and stays as it is.
     let f = Fingerprinter::new(b"test secret, 16+ bytes").unwrap();
     let store = connect(&server)
       .await
-      .with_naming(KeyNaming::new(KeyStorage::Fingerprint(f.clone()), &keys));
-    let loaded = store.load(NOW).await.unwrap();
-    let mut names: Vec<&str> = loaded.iter().map(|r| r.api_key.as_str()).collect();
+      .with_naming(Arc::new(KeyNaming::new(KeyStorage::Fingerprint(f.clone()))));
+    let loaded = store.load(NOW, &keys).await.unwrap();
+    let mut names: Vec<String> = loaded.iter().map(|r| r.api_key.clone()).collect();
     names.sort_unstable();
-    assert_eq!(names, vec![keys[0].as_str(), keys[1].as_str(), retired]);
-    let a = loaded.iter().find(|r| r.api_key == keys[0]).unwrap();
-    assert_eq!(a.rpm.current, 3);
-    assert_eq!(a.last_error.as_deref(), Some("failed for AIzaSyOL...0000"));
-    let documents = [
-      raw_documents(&store.keys).await,
-      raw_documents(&store.usage).await,
+    let mut expected = vec![
+      f.fingerprint(&keys[0]),
+      f.fingerprint(&keys[1]),
+      digest_name(retired),
     ];
-    assert_eq!((documents[0].len(), documents[1].len()), (3, 3));
-    for d in documents.iter().flatten() {
-      let text = d.to_string();
-      for k in keys.iter().map(String::as_str).chain([retired]) {
-        assert!(!text.contains(k), "{text}");
-      }
-      assert!(
-        crate::fingerprint::is_fingerprint(d.get_str("apiKey").unwrap()),
-        "{d}"
-      );
-    }
-    // Nothing left to migrate; the retired key is now only a fingerprint.
-    let again = store.load(NOW).await.unwrap();
-    assert_eq!(again.len(), 3);
-    assert!(again.iter().any(|r| r.api_key == f.fingerprint(retired)));
+    expected.sort_unstable();
+    assert_eq!(names, expected);
+    let usage = raw_documents(&store.usage).await;
+    let named = |name: String| {
+      usage
+        .iter()
+        .filter(|d| d.get_str("apiKey") == Ok(&name))
+        .count()
+    };
+    assert_eq!(named(f.fingerprint(&keys[0])), 1);
+    assert_eq!(named(f.fingerprint(&keys[1])), 1);
+    assert_eq!(named(digest_name(retired)), 1);
+    // Nothing left to migrate.
+    assert_eq!(store.load(NOW, &keys).await.unwrap(), loaded);
     // Usage is read back by position, by date (seconds apart: the test server compares dates to
     // the second).
+    let roster = crate::roster::Roster::new(keys.clone());
+    roster.set_namer(Arc::new(move |k: &str| f.fingerprint(k)));
+    let names = roster.names();
     let reader = store.usage_reader();
-    let all = reader.calls(DateRange::ALL, 10).await.unwrap();
+    let all = reader.calls(DateRange::ALL, 10, &names).await.unwrap();
     assert_eq!((all.calls.len(), all.truncated), (2, false));
     let late = reader
       .calls(
         DateRange::new(Some(NOW + 1_000), Some(NOW + 5_000)).unwrap(),
         10,
+        &names,
       )
       .await
       .unwrap();
     assert_eq!(late.calls.len(), 1, "{late:?}");
     assert_eq!((late.calls[0].key, late.calls[0].response_time), (1, 12.5));
-    assert!(reader.calls(DateRange::ALL, 1).await.unwrap().truncated);
+    assert!(
+      reader
+        .calls(DateRange::ALL, 1, &names)
+        .await
+        .unwrap()
+        .truncated
+    );
   }
 
   #[tokio::test]

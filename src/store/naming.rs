@@ -1,14 +1,16 @@
-//! How keys are named in stored documents: by a keyed fingerprint (the default), or in plaintext as
-//! the old service stored them. The pool always works with the keys themselves; the store turns
-//! them into stored names on the way out and back on the way in.
-
-use std::collections::HashMap;
+//! How keys are named in stored documents: by their SHA-256 digest (the default), by a keyed
+//! fingerprint when a secret is set, or in plaintext as the old service stored them when asked.
+//! The pool always works with the keys themselves; the store turns them into stored names on the
+//! way out, and the pool maps stored names back to its keys (see `roster`).
 
 use thiserror::Error;
 
-use crate::fingerprint::{is_fingerprint, FingerprintError, Fingerprinter, MIN_SECRET_BYTES};
+use super::sealing::Sealer;
+use crate::fingerprint::{
+  digest_name, is_digest_name, is_fingerprint, FingerprintError, Fingerprinter,
+};
 
-/// The secret keys are fingerprinted under.
+/// The secret keys are fingerprinted, and keys added at run time sealed, under.
 pub const SECRET_ENV: &str = "KEY_MANAGER_FINGERPRINT_SECRET";
 /// Set to `true` (or `1`) to store keys in plaintext, as the old service did.
 pub const PLAINTEXT_ENV: &str = "KEY_MANAGER_STORE_PLAINTEXT_KEYS";
@@ -16,12 +18,6 @@ pub const PLAINTEXT_ENV: &str = "KEY_MANAGER_STORE_PLAINTEXT_KEYS";
 /// Why keys cannot be stored.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum KeyStorageError {
-  #[error(
-    "keys are stored in MongoDB as keyed fingerprints, and no secret is set: set {SECRET_ENV} (at \
-     least {MIN_SECRET_BYTES} bytes), or storePlaintextKeys: true ({PLAINTEXT_ENV}=true) to store \
-     keys in plaintext as the old service did"
-  )]
-  NoSecret,
   #[error("{SECRET_ENV}: {0}")]
   BadSecret(#[from] FingerprintError),
 }
@@ -31,15 +27,16 @@ pub enum KeyStorageError {
 pub enum KeyStorage {
   /// The key itself, as the old service stored it: only when asked for, for compatibility.
   Plaintext,
-  /// The key's fingerprint (see [`crate::fingerprint`]); documents holding a key in plaintext are
-  /// migrated when loaded.
+  /// The key's SHA-256 digest (see [`digest_name`]): the default, needing no secret.
+  Digest,
+  /// The key's fingerprint under a secret (see [`crate::fingerprint`]).
   Fingerprint(Fingerprinter),
 }
 
 impl KeyStorage {
   /// Plaintext when asked for (the option, else `KEY_MANAGER_STORE_PLAINTEXT_KEYS`); otherwise
-  /// fingerprints under the secret (the option, else `KEY_MANAGER_FINGERPRINT_SECRET`). Without
-  /// either there is no safe choice: an error, and the caller keeps keys out of the database.
+  /// fingerprints under the secret (the option, else `KEY_MANAGER_FINGERPRINT_SECRET`) when there
+  /// is one, digests when there is none.
   pub fn resolve(
     secret: Option<String>,
     plaintext: Option<bool>,
@@ -52,75 +49,87 @@ impl KeyStorage {
     if plaintext {
       return Ok(KeyStorage::Plaintext);
     }
-    let secret = secret
-      .or_else(|| env(SECRET_ENV))
-      .filter(|s| !s.is_empty())
-      .ok_or(KeyStorageError::NoSecret)?;
-    Ok(KeyStorage::Fingerprint(Fingerprinter::new(
-      secret.as_bytes(),
-    )?))
+    match secret.or_else(|| env(SECRET_ENV)).filter(|s| !s.is_empty()) {
+      Some(secret) => Ok(KeyStorage::Fingerprint(Fingerprinter::new(
+        secret.as_bytes(),
+      )?)),
+      None => Ok(KeyStorage::Digest),
+    }
   }
 }
 
-/// The configured keys' stored names, both ways.
-#[derive(Debug, Clone)]
+/// How stored documents name keys, and how keys added at run time are sealed.
+#[derive(Debug)]
 pub struct KeyNaming {
   storage: KeyStorage,
-  /// The keys by position.
-  keys: Vec<String>,
-  /// What documents store for each key, to its position.
-  position: HashMap<String, usize>,
+  /// Present only under a secret: without one a key cannot be kept unreadable. Boxed: it is large
+  /// and most namings have none.
+  sealer: Option<Box<Sealer>>,
 }
 
 impl KeyNaming {
-  /// Names for the pool's `keys` (in pool order: positions are the pool's).
-  pub fn new(storage: KeyStorage, keys: &[String]) -> Self {
-    let position = keys
-      .iter()
-      .enumerate()
-      .map(|(i, k)| (stored_name(&storage, k), i))
-      .collect();
-    Self {
-      storage,
-      keys: keys.to_vec(),
-      position,
+  pub fn new(storage: KeyStorage) -> Self {
+    let sealer = match &storage {
+      KeyStorage::Fingerprint(f) => Some(Box::new(Sealer::new(f))),
+      KeyStorage::Plaintext | KeyStorage::Digest => None,
+    };
+    Self { storage, sealer }
+  }
+
+  /// Plaintext names: documents are written and read as they are.
+  pub fn plaintext() -> Self {
+    Self::new(KeyStorage::Plaintext)
+  }
+
+  /// What a document stores for `key`.
+  pub fn stored(&self, key: &str) -> String {
+    match &self.storage {
+      KeyStorage::Plaintext => key.to_owned(),
+      KeyStorage::Digest => digest_name(key),
+      KeyStorage::Fingerprint(f) => f.fingerprint(key),
     }
   }
 
-  /// Plaintext names and no configured keys: documents are written and read as they are.
-  pub fn plaintext() -> Self {
-    Self::new(KeyStorage::Plaintext, &[])
+  /// The key a document named `stored` holds under another naming, when that document must be
+  /// rewritten under this one: a key stored in plaintext (any name of neither hashed form), or
+  /// the digest of one of `keys` once a secret is set. A fingerprint cannot be turned into its
+  /// key, and a digest only into a key one knows: such documents stay as they are.
+  pub fn migration_source(&self, stored: &str, keys: &[String]) -> Option<String> {
+    let plaintext = !is_fingerprint(stored) && !is_digest_name(stored);
+    match &self.storage {
+      KeyStorage::Plaintext => None,
+      _ if plaintext => Some(stored.to_owned()),
+      KeyStorage::Digest => None,
+      KeyStorage::Fingerprint(_) => keys
+        .iter()
+        .find(|k| is_digest_name(stored) && digest_name(k) == stored)
+        .cloned(),
+    }
   }
 
   pub fn storage(&self) -> &KeyStorage {
     &self.storage
   }
 
-  /// What a document stores for `key`.
-  pub fn stored(&self, key: &str) -> String {
-    stored_name(&self.storage, key)
+  /// `api_key` sealed for the document named `stored`, or `None` when there is no secret to seal
+  /// it under.
+  pub fn seal(&self, api_key: &str, stored: &str) -> Option<String> {
+    self.sealer.as_ref()?.seal(api_key, stored)
   }
 
-  /// The configured keys, by position.
-  pub fn keys(&self) -> &[String] {
-    &self.keys
+  /// The key a document named `stored` stands for, from the name itself (plaintext) or from its
+  /// sealed copy, if it opens under this secret.
+  pub fn recover(&self, stored: &str, sealed: Option<&str>) -> Option<String> {
+    match &self.storage {
+      KeyStorage::Plaintext => Some(stored.to_owned()),
+      _ => self.sealer.as_ref()?.open(sealed?, stored),
+    }
   }
 
-  /// The position of the configured key a document's `apiKey` names.
-  pub fn position(&self, stored: &str) -> Option<usize> {
-    self.position.get(stored).copied()
-  }
-
-  /// Whether a document naming its key `stored` holds the key in plaintext and must be rewritten.
-  pub fn needs_migration(&self, stored: &str) -> bool {
-    matches!(self.storage, KeyStorage::Fingerprint(_)) && !is_fingerprint(stored)
-  }
-}
-
-fn stored_name(storage: &KeyStorage, key: &str) -> String {
-  match storage {
-    KeyStorage::Plaintext => key.to_owned(),
-    KeyStorage::Fingerprint(f) => f.fingerprint(key),
+  /// Whether a key added at run time can be stored so that other processes get it back: in
+  /// plaintext when keys are stored so, else sealed, which needs a secret.
+  pub fn keeps_added_keys(&self) -> bool {
+    matches!(self.storage, KeyStorage::Plaintext) || self.sealer.is_some()
   }
 }
 
@@ -128,13 +137,15 @@ fn stored_name(storage: &KeyStorage, key: &str) -> String {
 mod tests {
   use super::*;
 
+  const KEY: &str = "AIzaSyKEY-ONE-0000000000000000000000001";
+
   #[test]
-  fn storage_is_plaintext_only_when_asked_and_never_without_a_secret() {
+  fn digests_by_default_fingerprints_under_a_secret_plaintext_when_asked() {
     let none = |_: &str| None;
-    assert_eq!(
-      KeyStorage::resolve(None, None, &none).unwrap_err(),
-      KeyStorageError::NoSecret
-    );
+    assert!(matches!(
+      KeyStorage::resolve(None, None, &none),
+      Ok(KeyStorage::Digest)
+    ));
     assert!(matches!(
       KeyStorage::resolve(None, Some(true), &none),
       Ok(KeyStorage::Plaintext)
@@ -156,28 +167,48 @@ mod tests {
       KeyStorage::resolve(Some("short".into()), Some(false), &env),
       Err(KeyStorageError::BadSecret(_))
     ));
-    let message = KeyStorageError::NoSecret.to_string();
-    assert!(message.contains(SECRET_ENV) && message.contains("storePlaintextKeys"));
   }
 
   #[test]
-  fn fingerprint_names_map_back_to_positions_and_plaintext_ones_need_migration() {
-    let keys = vec![
-      "AIzaSyKEY-ONE-0000000000".to_owned(),
-      "AIzaSyKEY-TWO-0000000000".to_owned(),
-    ];
+  fn each_naming_says_which_documents_it_rewrites() {
+    let keys = vec![KEY.to_owned()];
     let f = Fingerprinter::new(b"a secret of 16 bytes").unwrap();
-    let naming = KeyNaming::new(KeyStorage::Fingerprint(f.clone()), &keys);
-    let stored = naming.stored(&keys[1]);
-    assert_eq!(stored, f.fingerprint(&keys[1]));
-    assert_eq!(naming.position(&stored), Some(1));
-    assert_eq!(naming.position(&keys[1]), None);
-    assert!(naming.needs_migration(&keys[1]));
-    assert!(!naming.needs_migration(&stored));
+    let keyed = KeyNaming::new(KeyStorage::Fingerprint(f.clone()));
+    let digest = KeyNaming::new(KeyStorage::Digest);
+    let plain = KeyNaming::plaintext();
+    assert_eq!(keyed.stored(KEY), f.fingerprint(KEY));
+    assert_eq!(digest.stored(KEY), digest_name(KEY));
+    assert_eq!(plain.stored(KEY), KEY);
+    // Plaintext documents move to either hashed naming.
+    assert_eq!(keyed.migration_source(KEY, &[]).as_deref(), Some(KEY));
+    assert_eq!(digest.migration_source(KEY, &[]).as_deref(), Some(KEY));
+    // A secret set later takes over the digests of known keys; unknown digests stay.
+    assert_eq!(
+      keyed.migration_source(&digest_name(KEY), &keys).as_deref(),
+      Some(KEY)
+    );
+    assert_eq!(keyed.migration_source(&digest_name("other"), &keys), None);
+    // Fingerprints cannot be reversed, and nothing is rewritten in plaintext mode.
+    assert_eq!(digest.migration_source(&f.fingerprint(KEY), &keys), None);
+    assert_eq!(keyed.migration_source(&keyed.stored(KEY), &keys), None);
+    assert_eq!(plain.migration_source(&digest_name(KEY), &keys), None);
+  }
 
-    let plain = KeyNaming::new(KeyStorage::Plaintext, &keys);
-    assert_eq!(plain.stored(&keys[0]), keys[0]);
-    assert_eq!(plain.position(&keys[0]), Some(0));
-    assert!(!plain.needs_migration(&keys[0]));
+  #[test]
+  fn added_keys_are_kept_sealed_under_a_secret_or_in_plaintext_mode() {
+    let keyed = KeyNaming::new(KeyStorage::Fingerprint(
+      Fingerprinter::new(b"a secret of 16 bytes").unwrap(),
+    ));
+    let sealed = keyed.seal(KEY, "fp_x").unwrap();
+    assert_eq!(keyed.recover("fp_x", Some(&sealed)).as_deref(), Some(KEY));
+    assert_eq!(keyed.recover("fp_y", Some(&sealed)), None);
+    assert!(keyed.keeps_added_keys());
+    let digest = KeyNaming::new(KeyStorage::Digest);
+    assert!(!digest.keeps_added_keys());
+    assert_eq!(digest.seal(KEY, "sha256_x"), None);
+    assert_eq!(digest.recover("fp_x", Some(&sealed)), None);
+    let plain = KeyNaming::plaintext();
+    assert!(plain.keeps_added_keys());
+    assert_eq!(plain.recover(KEY, None).as_deref(), Some(KEY));
   }
 }

@@ -10,6 +10,18 @@ use std::sync::Arc;
 use mongodb::bson::oid::ObjectId;
 
 use crate::clock::Millis;
+use crate::key::Admission;
+
+/// An operator's decision about one key, as stored for every process sharing the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionRecord {
+  /// The key itself (the store names or seals it).
+  pub api_key: String,
+  pub admission: Admission,
+  pub changed_at: Millis,
+  /// Added at run time: other processes only know the key from the store.
+  pub added: bool,
+}
 
 /// The old service's window lengths, used to restart a window whose stored reset time has passed.
 pub const MINUTE_MS: Millis = 60_000;

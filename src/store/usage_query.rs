@@ -1,15 +1,13 @@
 //! Reading the usage collection back for statistics: the calls of a date range, by the `timestamp`
 //! index, with only the fields statistics need.
 
-use std::sync::Arc;
-
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::Collection;
 
 use super::documents::{count, millis};
 use super::error::StoreError;
-use super::naming::KeyNaming;
 use crate::call_log::Call;
+use crate::roster::Names;
 use crate::usage_stats::DateRange;
 
 /// Documents read per reply.
@@ -27,13 +25,17 @@ pub struct StoredCalls {
 #[derive(Debug, Clone)]
 pub struct UsageReader {
   pub(super) usage: Collection<Document>,
-  pub(super) naming: Arc<KeyNaming>,
 }
 
 impl UsageReader {
-  /// The stored calls of the configured keys within `range` (both ends included), at most `max`
-  /// of them. Documents of other keys, or without a date, are skipped.
-  pub async fn calls(&self, range: DateRange, max: usize) -> Result<StoredCalls, StoreError> {
+  /// The stored calls of the pool's keys (`names`) within `range` (both ends included), at most
+  /// `max` of them. Documents of other keys, or without a date, are skipped.
+  pub async fn calls(
+    &self,
+    range: DateRange,
+    max: usize,
+    names: &Names,
+  ) -> Result<StoredCalls, StoreError> {
     let mut bounds = Document::new();
     if let Some(start) = range.start {
       bounds.insert("$gte", DateTime::from_millis(start));
@@ -62,10 +64,7 @@ impl UsageReader {
         break;
       }
       let d = cursor.deserialize_current()?;
-      let key = d
-        .get_str("apiKey")
-        .ok()
-        .and_then(|k| self.naming.position(k));
+      let key = d.get_str("apiKey").ok().and_then(|k| names.resolve(k));
       let (Some(key), Some(timestamp)) = (key, millis(d.get("timestamp"))) else {
         continue;
       };
