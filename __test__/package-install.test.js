@@ -100,7 +100,8 @@ before(() => {
 
 after(() => {
   for (const child of running) stop(child)
-  if (scratch) fs.rmSync(scratch, { recursive: true, force: true })
+  // Retries: on Windows a just-killed server may hold its files for a moment.
+  if (scratch) fs.rmSync(scratch, { recursive: true, force: true, maxRetries: 5 })
 })
 
 test('the app has the main package and this platform binary package, and nothing else', () => {
