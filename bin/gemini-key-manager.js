@@ -53,11 +53,13 @@ async function main() {
     console.error(`❌ ${e.message}`)
     return 1
   }
-  console.log(`🚀 Gemini key manager listening on ${server.url}/api/keys`)
-  await new Promise((resolve) => {
+  // The handlers go in before the line is printed: whoever waits for it may signal at once.
+  const stopped = new Promise((resolve) => {
     process.once('SIGINT', resolve)
     process.once('SIGTERM', resolve)
   })
+  console.log(`🚀 Gemini key manager listening on ${server.url}/api/keys`)
+  await stopped
   console.log('🛑 Shutting down: finishing in-flight requests')
   await server.close()
   await manager.close()
