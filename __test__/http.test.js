@@ -6,6 +6,7 @@
 
 const { describe, test, before, after } = require('node:test')
 const assert = require('node:assert/strict')
+const fs = require('node:fs')
 const net = require('node:net')
 const path = require('node:path')
 const { spawn } = require('node:child_process')
@@ -744,6 +745,15 @@ describe('Express adapter: keyRoutes(manager) behind app.use("/api/keys")', () =
       assert.equal(viaExpress.status, viaRust.status, p)
       // Empty windows report their reset as "now", so dates differ between two calls.
       assert.deepEqual(withoutDates(viaExpress.body), withoutDates(viaRust.body), p)
+    }
+  })
+
+  test('GET /openapi.json: docs/openapi.json, as the Rust server serves it', async () => {
+    const spec = JSON.parse(fs.readFileSync(path.join(PKG, 'docs', 'openapi.json'), 'utf8'))
+    for (const base of [expressBase, srv.base]) {
+      const r = await get(base, '/openapi.json')
+      assert.equal(r.status, 200, `${base}: ${r.text}`)
+      assert.deepEqual(r.body, spec, base)
     }
   })
 

@@ -30,6 +30,8 @@ const HTML_TYPE: &str = "text/html; charset=utf-8";
 
 /// The live dashboard: one page with its CSS and JS inline.
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+/// The OpenAPI description of this API, served as it is kept in the repository.
+const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 /// What the dashboard may load: nothing but itself and this API, so no outside resource can be
 /// pulled in even by a key's error text.
 const DASHBOARD_HEADERS: &[(&str, &str)] = &[
@@ -229,6 +231,12 @@ const ROUTES: &[Route] = &[
   },
   Route {
     method: "GET",
+    path: &[Seg::Lit("openapi.json")],
+    admin: false,
+    handler: openapi,
+  },
+  Route {
+    method: "GET",
     path: &[Seg::Lit("dashboard")],
     admin: false,
     handler: dashboard,
@@ -349,6 +357,17 @@ fn metrics(pool: &KeyPool, method: &str) -> Reply {
       headers: &[],
     },
     Err(err) => Reply::pool_error(err, "Failed to get metrics"),
+  }
+}
+
+/// `GET /openapi.json`: the description of every route of this table, [`METRICS_PATH`] included.
+fn openapi(_: &KeyPool, _: &Params<'_>) -> Reply {
+  Reply {
+    status: 200,
+    body: OPENAPI_JSON.to_owned(),
+    content_type: JSON,
+    allow: None,
+    headers: &[],
   }
 }
 
@@ -790,6 +809,10 @@ fn dashboard(_: &KeyPool, _: &Params<'_>) -> Reply {
     headers: DASHBOARD_HEADERS,
   }
 }
+
+/// Checks `docs/openapi.json` against this table.
+#[cfg(test)]
+mod openapi_spec;
 
 #[cfg(test)]
 mod tests {
