@@ -130,10 +130,11 @@ export declare const enum KeyAdmission {
 }
 
 /**
- * The fingerprint documents store for `apiKey` under `secret` (at least 16 bytes): `fp_` and 32
- * hex digits.
+ * The name MongoDB documents store for `apiKey`: its fingerprint under `secret` (else
+ * `KEY_MANAGER_FINGERPRINT_SECRET`; at least 16 bytes), `fp_` and 32 hex digits, or without either
+ * its SHA-256 digest, `sha256_` and 32 hex digits.
  */
-export declare function keyFingerprint(apiKey: string, secret: string): string
+export declare function keyFingerprint(apiKey: string, secret?: string | undefined | null): string
 
 /** Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier. */
 export interface LimitsOptions {

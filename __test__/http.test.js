@@ -614,6 +614,29 @@ describe('CLI and the operators\' test-fast-rotation.js (SPEC section 5)', () =>
     assert.match(out, /Old system: 100-500ms per rotation/, report)
   })
 
+  test('CLI: by default localhost answers on ::1 and on 127.0.0.1; an explicit HOST binds exactly that', { timeout: 30000 }, async (t) => {
+    const answers = async (host, port) => {
+      try {
+        const r = await fetch(`http://${host}:${port}/api/keys/status`)
+        return r.status
+      } catch {
+        return 'refused'
+      }
+    }
+    const { url, port } = await startCli(t)
+    assert.equal(url, `http://localhost:${port}`)
+    assert.equal(await answers('[::1]', port), 200)
+    assert.equal(await answers('127.0.0.1', port), 200)
+    assert.equal(await answers('localhost', port), 200)
+    const v4 = await startCli(t, { HOST: '127.0.0.1' })
+    assert.equal(await answers('127.0.0.1', v4.port), 200)
+    assert.equal(await answers('[::1]', v4.port), 'refused')
+    const v6 = await startCli(t, { HOST: '::1' })
+    assert.equal(v6.url, `http://[::1]:${v6.port}`)
+    assert.equal(await answers('[::1]', v6.port), 200)
+    assert.equal(await answers('127.0.0.1', v6.port), 'refused')
+  })
+
   test('CLI: no keys in the environment exits non-zero with the SPEC message and no stack trace', async () => {
     const cli = runChild([CLI, 'serve', '--port', '0'], childEnv({}))
     const { code } = await cli.exited

@@ -34,7 +34,10 @@ export interface ApiKeyLimit {
  */
 export interface ApiKeyStatus {
   apiKey: string
-  /** False only for a key the API refused (API_KEY_INVALID, PERMISSION_DENIED, 401/403), until `reactivateKey`. */
+  /**
+   * False for a key the API refused (API_KEY_INVALID, PERMISSION_DENIED, 401/403), until
+   * `reactivateKey`, and for a key an operator disabled, until `enableKey`.
+   */
   isActive: boolean
   lastUsed: Date
   limits: ApiKeyLimit
@@ -54,8 +57,9 @@ export interface ApiKeyStatus {
  * - `circuit-open`: 3 failures in a row (500, 503, timeouts); rests for a back-off that doubles each time (5 s to 5 min).
  * - `half-open`: the back-off is over; one trial request decides whether it is `active` again.
  * - `deactivated`: the API refused the key; only `reactivateKey` brings it back.
+ * - `disabled`: an operator took it out of service (`disableKey`, `POST /api/keys/disable/:apiKey`) until `enableKey`.
  */
-export type KeyState = 'active' | 'resting' | 'circuit-open' | 'half-open' | 'deactivated'
+export type KeyState = 'active' | 'resting' | 'circuit-open' | 'half-open' | 'deactivated' | 'disabled'
 
 export interface ApiKeyManager {
   keys: ApiKeyStatus[]
@@ -143,9 +147,10 @@ export interface ApiKeyManagerOptions {
    */
   sharedQuota?: boolean
   /**
-   * MongoDB documents name keys by a keyed fingerprint (HMAC-SHA256 under this secret, at least 16
-   * bytes; `KEY_MANAGER_FINGERPRINT_SECRET`). With MongoDB and neither a secret nor
-   * `storePlaintextKeys`, the manager refuses to store keys and runs in memory.
+   * MongoDB documents name keys by their SHA-256 digest (`sha256_` + 32 hex digits) unless this
+   * secret is set (at least 16 bytes; `KEY_MANAGER_FINGERPRINT_SECRET`): then by a keyed fingerprint
+   * (HMAC-SHA256, `fp_` + 32 hex digits), and keys added at run time are stored sealed under it, so
+   * every process sharing the database gets them. Without a secret, `addKey` fails with MongoDB.
    */
   fingerprintSecret?: string
   /**
@@ -155,6 +160,11 @@ export interface ApiKeyManagerOptions {
   storePlaintextKeys?: boolean
   /** Recorded calls kept in memory for usage statistics without MongoDB (default 10,000; 0 keeps none). */
   usageLogCapacity?: number
+  /**
+   * With MongoDB: how often the keys other processes added, removed, disabled or enabled are read
+   * (default 2000 ms).
+   */
+  keySyncIntervalMs?: number
 }
 
 /** The range of `getUsageStats`: both ends optional and included. */
@@ -189,6 +199,8 @@ export interface KeyUsageStats extends UsageFigures {
   tpmUsage: string
   errorCount: number
   lastError: string | null
+  /** Removed from the pool: listed only for the calls it made in the range. */
+  removed: boolean
 }
 
 export interface UsageStatsMetadata {
@@ -273,7 +285,10 @@ export interface ExecuteOptions extends SelectionOptions {
 }
 
 export interface ServeOptions {
-  /** An IP address (not a host name); default `'127.0.0.1'`. */
+  /**
+   * An IP address, bound exactly, or `'localhost'` (the default): 127.0.0.1 and ::1 both, as
+   * `http://localhost:3001` may resolve to either.
+   */
   host?: string
   /** Default 3001; 0 picks a free port. */
   port?: number
@@ -361,6 +376,19 @@ export declare class ApiKeyManagerService {
   resetAllLimits(): Promise<ServiceResponse<void>>
   refreshCache(): Promise<ServiceResponse<void>>
   /**
+   * Adds a key at run time (or brings back a removed one); `data` is its status. With MongoDB every
+   * process sharing the database takes it in within a few seconds (stored sealed: needs
+   * `fingerprintSecret`). Fails with `API key already exists`, `Invalid API key: <why>` (a key is 1
+   * to 512 visible ASCII characters without `,` or `:`) or `API key cannot be stored: <why>`.
+   */
+  addKey(apiKey: string): Promise<ServiceResponse<ApiKeyStatus>>
+  /** Takes a key out of the pool; its usage history stays. `metadata.changed` says whether it was in. */
+  removeKey(apiKey: string): Promise<ServiceResponse<void>>
+  /** Takes a key out of service (`state: 'disabled'`) until `enableKey`. */
+  disableKey(apiKey: string): Promise<ServiceResponse<void>>
+  /** Puts a disabled key back into service. */
+  enableKey(apiKey: string): Promise<ServiceResponse<void>>
+  /**
    * Runs one Gemini call with a pooled key: picks a key (reserving `estimatedTokens`), awaits
    * `call(apiKey)`, records tokens (from the result's `usageMetadata.totalTokenCount` when present)
    * and latency, and on a 429, 500 or 503 moves to another key after a short back-off. When every
@@ -389,9 +417,9 @@ export type KeyRoutesMiddleware = (
 ) => void
 
 /**
- * The fingerprint MongoDB documents store for `apiKey`: `fp_` + 32 hex digits (HMAC-SHA256 under
- * `secret`, default `KEY_MANAGER_FINGERPRINT_SECRET`, cut to 128 bits). Throws without a secret of
- * at least 16 bytes.
+ * The name MongoDB documents store for `apiKey`: `fp_` + 32 hex digits (HMAC-SHA256 under `secret`,
+ * default `KEY_MANAGER_FINGERPRINT_SECRET`, cut to 128 bits), or with no secret `sha256_` + 32 hex
+ * digits (its SHA-256 digest). Throws for a secret shorter than 16 bytes.
  */
 export declare function keyFingerprint(apiKey: string, secret?: string): string
 

@@ -1035,15 +1035,13 @@ function keyRoutes(manager, options = {}) {
 }
 
 /**
- * The fingerprint MongoDB documents store for `apiKey` (`fp_` + 32 hex digits: HMAC-SHA256 under
- * `secret`, cut to 128 bits). `secret` defaults to KEY_MANAGER_FINGERPRINT_SECRET; throws without
- * one, or when it is shorter than 16 bytes.
+ * The name MongoDB documents store for `apiKey`: `fp_` + 32 hex digits (HMAC-SHA256 under `secret`,
+ * else KEY_MANAGER_FINGERPRINT_SECRET, cut to 128 bits), or with no secret `sha256_` + 32 hex digits
+ * (its SHA-256 digest, cut likewise). Throws for a secret shorter than 16 bytes.
  */
-function keyFingerprint(apiKey, secret = process.env.KEY_MANAGER_FINGERPRINT_SECRET) {
+function keyFingerprint(apiKey, secret) {
   if (typeof apiKey !== 'string') throw new TypeError('apiKey must be a string')
-  if (typeof secret !== 'string' || secret === '') {
-    throw new Error('keyFingerprint needs a secret: pass one, or set KEY_MANAGER_FINGERPRINT_SECRET')
-  }
+  if (secret !== undefined && typeof secret !== 'string') throw new TypeError('secret must be a string')
   return nativeFingerprint(apiKey, secret)
 }
 

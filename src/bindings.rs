@@ -16,7 +16,6 @@ use crate::clock::SystemClock;
 use crate::config::{self, js_number, LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
-use crate::fingerprint::Fingerprinter;
 use crate::http::auth::resolve_allow_insecure;
 use crate::http::usage::usage_stats;
 use crate::http::{self, AdminGuard, ApiRequest, Listen, Reply, ServerHandle, ServerOptions};
@@ -27,7 +26,7 @@ use crate::persistence::{PersistOptions, Started, WriteBehind};
 use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::quota::LimitType;
 use crate::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
-use crate::store::KeyStorage;
+use crate::store::{KeyNaming, KeyStorage};
 
 /// How to read the result slots: their names in order, and the strings that the `method` and
 /// `rotationReason` slots' codes stand for.
@@ -749,13 +748,14 @@ fn route_reply(reply: Reply) -> RouteReply {
   }
 }
 
-/// The fingerprint documents store for `apiKey` under `secret` (at least 16 bytes): `fp_` and 32
-/// hex digits.
+/// The name MongoDB documents store for `apiKey`: its fingerprint under `secret` (else
+/// `KEY_MANAGER_FINGERPRINT_SECRET`; at least 16 bytes), `fp_` and 32 hex digits, or without either
+/// its SHA-256 digest, `sha256_` and 32 hex digits.
 #[napi]
-pub fn key_fingerprint(api_key: String, secret: String) -> napi::Result<String> {
-  let f =
-    Fingerprinter::new(secret.as_bytes()).map_err(|e| napi::Error::from_reason(e.to_string()))?;
-  Ok(f.fingerprint(&api_key))
+pub fn key_fingerprint(api_key: String, secret: Option<String>) -> napi::Result<String> {
+  let storage = KeyStorage::resolve(secret, Some(false), &env_var)
+    .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+  Ok(KeyNaming::new(storage).stored(&api_key))
 }
 
 /// Options of `NativeKeyPool.serve`.
