@@ -307,6 +307,14 @@ export interface ServeOptions {
    * else false: such a `serve()` rejects).
    */
   allowInsecure?: boolean
+  /**
+   * Connections open at once, at most (default 4096). Past it a new connection takes the place of
+   * the oldest one that has not sent a whole request yet; when every open one has, it is refused
+   * at once (503).
+   */
+  maxConnections?: number
+  /** How long a connection may take to send a whole request head before it is closed (default 10000 ms). */
+  headTimeoutMs?: number
 }
 
 export interface KeyRoutesOptions {

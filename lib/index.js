@@ -852,12 +852,13 @@ class ApiKeyManagerService {
    * `server.close()`.
    */
   async serve(options = {}) {
-    const { host = 'localhost', port = 3001, accessLog = false, maxBodyBytes, adminToken, allowInsecure } = options
-    const invalid = checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure })
+    const { host = 'localhost', port = 3001, accessLog = false, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs } =
+      options
+    const invalid = checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs })
     if (invalid !== null) throw new TypeError(`invalid serve options: ${invalid}`)
     const reason = this._ready()
     if (reason !== null) throw new Error(reason)
-    const native = await this._native.serve(host, port, { accessLog, maxBodyBytes, adminToken, allowInsecure })
+    const native = await this._native.serve(host, port, { accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs })
     // The server runs on Rust threads that Node does not know about; this timer is what keeps
     // the process alive while it listens, as a node:http server would.
     const keepAlive = setInterval(() => {}, 1 << 30)
@@ -950,7 +951,7 @@ async function getApiKeyManager(options) {
 const JSON_TYPE = 'application/json; charset=utf-8'
 
 /** serve()'s options: napi's own conversion errors are unreadable. */
-function checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure }) {
+function checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs }) {
   if (typeof host !== 'string') return `host must be an IP address or 'localhost' (got ${typeof host})`
   if (!(Number.isInteger(port) && port >= 0 && port <= 65535)) return 'port must be an integer from 0 to 65535'
   if (typeof accessLog !== 'boolean') return `accessLog must be a boolean (got ${typeof accessLog})`
@@ -960,6 +961,12 @@ function checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, al
   if (adminToken !== undefined && typeof adminToken !== 'string') return `adminToken must be a string (got ${typeof adminToken})`
   if (allowInsecure !== undefined && typeof allowInsecure !== 'boolean') {
     return `allowInsecure must be a boolean (got ${typeof allowInsecure})`
+  }
+  if (maxConnections !== undefined && !(Number.isInteger(maxConnections) && maxConnections >= 1 && maxConnections < 2 ** 32)) {
+    return 'maxConnections must be a positive integer'
+  }
+  if (headTimeoutMs !== undefined && !(typeof headTimeoutMs === 'number' && headTimeoutMs > 0 && Number.isFinite(headTimeoutMs))) {
+    return 'headTimeoutMs must be a positive number of milliseconds'
   }
   return null
 }

@@ -479,6 +479,10 @@ impl NativeKeyPool {
       access_log: o.access_log.unwrap_or(defaults.access_log),
       admin: AdminGuard::resolve(o.admin_token.as_deref(), &env_var).map_err(config_error)?,
       allow_insecure: resolve_allow_insecure(o.allow_insecure, &env_var).map_err(config_error)?,
+      max_connections: o
+        .max_connections
+        .map_or(defaults.max_connections, |n| n.max(1) as usize),
+      head_timeout: millis_option("headTimeoutMs", o.head_timeout_ms, defaults.head_timeout)?,
     };
     let pool = self.js.pool.clone();
     env.spawn_future(async move {
@@ -738,7 +742,7 @@ fn route_reply(reply: Reply) -> RouteReply {
     headers.insert("allow".to_owned(), allow.to_owned());
   }
   for (name, value) in reply.headers {
-    headers.insert((*name).to_owned(), (*value).to_owned());
+    headers.insert(name.to_owned(), value);
   }
   RouteReply {
     status: reply.status as u32,
@@ -771,6 +775,11 @@ pub struct ServeOptions {
   pub admin_token: Option<String>,
   /// Listen beyond loopback without an admin token (else `KEY_MANAGER_ALLOW_INSECURE`; default off).
   pub allow_insecure: Option<bool>,
+  /// Connections open at once, at most (default 4096): past it a new connection replaces the
+  /// oldest one that has not sent a request yet, or is refused.
+  pub max_connections: Option<u32>,
+  /// How long a connection may take to send a whole request head (default 10000 ms).
+  pub head_timeout_ms: Option<f64>,
 }
 
 /// The running HTTP API.

@@ -224,11 +224,15 @@ pub struct Success<D, M> {
 }
 
 /// `{ success: false, error, message }`: `error` is the short cause, `message` what failed.
+/// `nextAvailableAt` when the failure lasts only until then (every key busy).
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Failure<'a> {
   pub success: bool,
   pub error: &'a str,
   pub message: &'a str,
+  #[serde(skip_serializing_if = "Option::is_none")]
+  pub next_available_at: Option<IsoDate>,
 }
 
 /// The SPEC's `LimitWindow`.

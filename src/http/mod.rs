@@ -3,6 +3,7 @@
 //! references ([`key_ref`]) decided in one place for both.
 
 pub mod auth;
+pub mod connections;
 #[cfg(test)]
 mod hostile;
 mod json;

@@ -71,7 +71,12 @@ pub struct Reply {
   pub body: String,
   pub content_type: &'static str,
   pub allow: Option<&'static str>,
-  pub headers: &'static [(&'static str, &'static str)],
+  pub headers: Vec<(&'static str, String)>,
+}
+
+/// Headers of a reply from a fixed list.
+fn owned(headers: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+  headers.iter().map(|&(n, v)| (n, v.to_owned())).collect()
 }
 
 /// Written when a body cannot be serialized, which only a bug can cause.
@@ -86,14 +91,14 @@ impl Reply {
         body,
         content_type: JSON,
         allow: None,
-        headers: &[],
+        headers: Vec::new(),
       },
       Err(_) => Self {
         status: 500,
         body: SERIALIZATION_FAILED.to_owned(),
         content_type: JSON,
         allow: None,
-        headers: &[],
+        headers: Vec::new(),
       },
     }
   }
@@ -122,6 +127,7 @@ impl Reply {
         success: false,
         error,
         message,
+        next_available_at: None,
       },
     )
   }
@@ -139,6 +145,33 @@ impl Reply {
     Self::error(status, &err.to_string(), message)
   }
 
+  /// No key to hand out. When keys are only busy, the server is not failing: a 429 with
+  /// `Retry-After` and `nextAvailableAt`, when one frees; when none will come back by itself (every
+  /// key refused, disabled or removed), a 503.
+  fn no_key(pool: &KeyPool, err: PoolError, message: &str) -> Self {
+    if err != PoolError::NoActiveKeys {
+      return Self::pool_error(err, message);
+    }
+    let Ok(Some(at)) = pool.next_available_at(0) else {
+      return Self::error(503, &err.to_string(), message);
+    };
+    let wait_ms = (at - pool.now()).max(0);
+    let reply = Self::json(
+      429,
+      &Failure {
+        success: false,
+        error: &err.to_string(),
+        message,
+        next_available_at: Some(IsoDate(at)),
+      },
+    );
+    Self {
+      // Whole seconds, rounded up: a client that waits that long finds the key free.
+      headers: vec![("retry-after", ((wait_ms + 999) / 1_000).max(1).to_string())],
+      ..reply
+    }
+  }
+
   /// A 401 with its `WWW-Authenticate` challenge.
   fn denied(denied: Denied) -> Self {
     let (message, headers) = match denied {
@@ -149,7 +182,7 @@ impl Reply {
       Denied::Wrong => ("The admin token is not valid", CHALLENGE_WRONG),
     };
     Self {
-      headers,
+      headers: owned(headers),
       ..Self::error(401, "Unauthorized", message)
     }
   }
@@ -294,15 +327,8 @@ pub fn route_mounted(pool: &KeyPool, guard: &AdminGuard, req: &ApiRequest<'_>) -
   let Some(route) = ROUTES.iter().find(|r| shape_matches(r.path, &segments)) else {
     return not_found(pool, &format!("{PREFIX}{path}"));
   };
-  if method != route.method {
-    return Reply {
-      allow: Some(route.method),
-      ..Reply::error(
-        405,
-        "Method not allowed",
-        &format!("This endpoint only accepts {}", route.method),
-      )
-    };
+  if !accepts(route.method, method) {
+    return method_not_allowed(route.method);
   }
   // Before the body and the key are looked at, so nobody unauthorized learns which keys exist.
   if route.admin {
@@ -340,13 +366,32 @@ pub fn route_mounted(pool: &KeyPool, guard: &AdminGuard, req: &ApiRequest<'_>) -
   (route.handler)(pool, &Params { key, query, body })
 }
 
+/// Whether a route of `route_method` serves `method`: HEAD is GET without the body (the transport
+/// leaves it out).
+fn accepts(route_method: &str, method: &str) -> bool {
+  method == route_method || (method == "HEAD" && route_method == "GET")
+}
+
+/// A 405 naming the methods the path takes.
+fn method_not_allowed(route_method: &'static str) -> Reply {
+  let allow = match route_method {
+    "GET" => "GET, HEAD",
+    other => other,
+  };
+  Reply {
+    allow: Some(allow),
+    ..Reply::error(
+      405,
+      "Method not allowed",
+      &format!("This endpoint only accepts {allow}"),
+    )
+  }
+}
+
 /// `GET /metrics`: the pool's metrics in the Prometheus text format.
 fn metrics(pool: &KeyPool, method: &str) -> Reply {
-  if method != "GET" {
-    return Reply {
-      allow: Some("GET"),
-      ..Reply::error(405, "Method not allowed", "This endpoint only accepts GET")
-    };
+  if !accepts("GET", method) {
+    return method_not_allowed("GET");
   }
   match pool.metrics() {
     Ok(snapshot) => Reply {
@@ -354,7 +399,7 @@ fn metrics(pool: &KeyPool, method: &str) -> Reply {
       body: prometheus_text(&snapshot),
       content_type: PROMETHEUS_TEXT,
       allow: None,
-      headers: &[],
+      headers: Vec::new(),
     },
     Err(err) => Reply::pool_error(err, "Failed to get metrics"),
   }
@@ -367,7 +412,7 @@ fn openapi(_: &KeyPool, _: &Params<'_>) -> Reply {
     body: OPENAPI_JSON.to_owned(),
     content_type: JSON,
     allow: None,
-    headers: &[],
+    headers: Vec::new(),
   }
 }
 
@@ -385,7 +430,7 @@ pub fn usage_stats_request_mounted(method: &str, sub_path_and_query: &str) -> Op
   let (path, query) = split_query(sub_path_and_query);
   let path = path.strip_prefix('/').unwrap_or(path);
   let path = path.strip_suffix('/').unwrap_or(path);
-  (method == "GET" && path.eq_ignore_ascii_case("usage-stats"))
+  (accepts("GET", method) && path.eq_ignore_ascii_case("usage-stats"))
     .then(|| date_range(query).ok())
     .flatten()
 }
@@ -574,7 +619,7 @@ struct BestMeta {
 fn best(pool: &KeyPool, _: &Params<'_>) -> Reply {
   let picked = match pool.best(Claim::LookOnly) {
     Ok(p) => p,
-    Err(err) => return Reply::pool_error(err, "Failed to get best available API key"),
+    Err(err) => return Reply::no_key(pool, err, "Failed to get best available API key"),
   };
   let pick = picked.pick;
   let data = BestData {
@@ -621,7 +666,7 @@ struct RotateMeta {
 fn rotate(pool: &KeyPool, _: &Params<'_>) -> Reply {
   let picked = match pool.rotate(Claim::LookOnly) {
     Ok(p) => p,
-    Err(err) => return Reply::pool_error(err, "Failed to rotate API key proactively"),
+    Err(err) => return Reply::no_key(pool, err, "Failed to rotate API key proactively"),
   };
   let rotation = picked.pick;
   let selection = rotation.selection;
@@ -806,7 +851,7 @@ fn dashboard(_: &KeyPool, _: &Params<'_>) -> Reply {
     body: DASHBOARD_HTML.to_owned(),
     content_type: HTML_TYPE,
     allow: None,
-    headers: DASHBOARD_HEADERS,
+    headers: owned(DASHBOARD_HEADERS),
   }
 }
 
@@ -1171,7 +1216,8 @@ mod tests {
       assert!(!reply.body.contains(key));
     }
     let reply = open_route(&p, "POST", "/metrics?x=1", b"");
-    assert_eq!((reply.status, reply.allow), (405, Some("GET")));
+    assert_eq!((reply.status, reply.allow), (405, Some("GET, HEAD")));
+    assert_eq!(open_route(&p, "HEAD", "/metrics", b"").status, 200);
     assert_eq!(
       open_route(&p, "GET", "/api/keys/best", b"").content_type,
       JSON
@@ -1278,7 +1324,10 @@ mod tests {
     let reply = open_route(&p, "GET", "/api/keys/rotate", b"");
     assert_eq!((reply.status, reply.allow), (405, Some("POST")));
     let reply = open_route(&p, "POST", "/api/keys/best", b"");
-    assert_eq!((reply.status, reply.allow), (405, Some("GET")));
+    assert_eq!((reply.status, reply.allow), (405, Some("GET, HEAD")));
+    // HEAD is GET (the transport drops the body); not the other methods.
+    assert_eq!(open_route(&p, "HEAD", "/api/keys/status", b"").status, 200);
+    assert_eq!(open_route(&p, "HEAD", "/api/keys/rotate", b"").status, 405);
     let reply = open_route(&p, "DELETE", "/api/keys/reactivate/x", b"");
     assert_eq!((reply.status, reply.allow), (405, Some("POST")));
     assert_eq!(open_route(&p, "GET", "/api/keys/best", b"").allow, None);
@@ -1310,7 +1359,7 @@ mod tests {
           },
         );
         assert_eq!(r.status, 401, "{path} {authorization:?}");
-        assert_eq!(r.headers, challenge);
+        assert_eq!(r.headers, owned(challenge));
         let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["success"], false);
         assert_eq!(v["error"], "Unauthorized");
@@ -1361,7 +1410,7 @@ mod tests {
     assert_eq!(r.status, 200);
     assert_eq!(r.content_type, HTML_TYPE);
     assert!(r.body.starts_with("<!doctype html>"));
-    let csp = r
+    let csp = &r
       .headers
       .iter()
       .find(|(name, _)| *name == "content-security-policy")
@@ -1703,14 +1752,35 @@ mod tests {
   }
 
   #[test]
-  fn pool_failures_are_500_with_the_pool_message() {
-    let (p, _) = pool_of(&KEYS[..1], Quota::default());
-    p.handle_rate_limit(0, LimitType::Rpm, None).unwrap();
-    for (method, path) in [("GET", "/api/keys/best"), ("POST", "/api/keys/rotate")] {
-      let (status, v) = call(&p, method, path, "");
-      assert_eq!(status, 500, "{path}");
+  fn busy_keys_are_a_429_with_retry_after_and_no_usable_key_a_503() {
+    let (p, clock) = pool_of(&KEYS[..2], Quota::default());
+    p.handle_rate_limit(0, LimitType::Rpm, Some(12_300)).unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, Some(17_000)).unwrap();
+    clock.advance(300);
+    for (method, path, message) in [
+      ("GET", "/api/keys/best", "Failed to get best available API key"),
+      ("POST", "/api/keys/rotate", "Failed to rotate API key proactively"),
+    ] {
+      let reply = open_route(&p, method, path, b"");
+      assert_eq!(reply.status, 429, "{path}");
+      // 12 s from now, the first key's rest ends.
+      assert_eq!(reply.headers, vec![("retry-after", "12".to_owned())]);
+      let v: Value = serde_json::from_str(&reply.body).unwrap();
       assert_eq!(v["error"], "No active API keys available");
+      assert_eq!(v["message"], message);
+      assert_eq!(v["nextAvailableAt"], IsoDate(T0 + 12_300).to_string());
     }
+    p.record_usage(0, 0, Outcome::Failure("API_KEY_INVALID"), 0.0)
+      .unwrap();
+    p.admit(1, Admission::Disabled).unwrap();
+    let (status, v) = get(&p, "/api/keys/best");
+    assert_eq!(status, 503);
+    assert_eq!(v["nextAvailableAt"], Value::Null);
+  }
+
+  #[test]
+  fn pool_failures_are_500_with_the_pool_message() {
+    let p = pool();
     p.close();
     let (status, v) = get(&p, "/api/keys/status");
     assert_eq!(status, 500);

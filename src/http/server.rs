@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Incoming};
-use hyper::header::{HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
+use hyper::header::{
+  HeaderName, HeaderValue, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +26,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::auth::{may_listen, AdminGuard, ADMIN_TOKEN_ENV, ALLOW_INSECURE_ENV};
+use super::connections::{give_back_memory, Admit, Registry, Served, DEFAULT_MAX_CONNECTIONS};
 use super::json::IsoDate;
 use super::routes::{redact_path, route, usage_stats_request, ApiRequest, Reply};
 use super::usage::usage_stats;
@@ -42,6 +45,12 @@ const MAX_DRAIN_BYTES: usize = 1 << 20;
 const ACCESS_LOG_QUEUE: usize = 4096;
 /// Pause after a failed `accept` (out of file descriptors, say) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The default for [`ServerOptions::head_timeout`]: a client sends its request head at once; only
+/// a slow or idle one takes seconds.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a connection refused at the cap is told before it is closed.
+const REFUSED: &[u8] =
+  b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// How the server treats requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +63,10 @@ pub struct ServerOptions {
   pub admin: AdminGuard,
   /// Listen beyond loopback even without an admin token.
   pub allow_insecure: bool,
+  /// Connections open at once, at most (see [`super::connections`]).
+  pub max_connections: usize,
+  /// How long a connection may take to send a whole request head before it is closed.
+  pub head_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +76,8 @@ impl Default for ServerOptions {
       access_log: false,
       admin: AdminGuard::open(),
       allow_insecure: false,
+      max_connections: DEFAULT_MAX_CONNECTIONS,
+      head_timeout: DEFAULT_HEAD_TIMEOUT,
     }
   }
 }
@@ -218,10 +233,14 @@ pub async fn start(
     None
   };
   let mut http = http1::Builder::new();
-  // The timer lets hyper enforce its default 30 s limit on reading request headers.
-  http.timer(TokioTimer::new()).keep_alive(true);
+  // The timer lets hyper enforce the limit on reading request heads.
+  http
+    .timer(TokioTimer::new())
+    .header_read_timeout(options.head_timeout)
+    .keep_alive(true);
   let shared = Arc::new(Shared {
     pool,
+    max_connections: options.max_connections,
     max_body_bytes: options.max_body_bytes,
     admin: options.admin,
     access_log,
@@ -239,6 +258,7 @@ pub async fn start(
 /// What every connection of one server shares.
 struct Shared {
   pool: Arc<KeyPool>,
+  max_connections: usize,
   max_body_bytes: usize,
   admin: AdminGuard,
   access_log: Option<AccessLog>,
@@ -251,20 +271,37 @@ async fn accept_loop(
   mut stopped: watch::Receiver<()>,
 ) {
   let mut connections = JoinSet::new();
+  let mut registry = Registry::new(shared.max_connections);
   loop {
     tokio::select! {
       _ = stopped.changed() => break,
       accepted = accept_any(&listeners) => match accepted {
-        Ok((stream, _)) => {
-          connections.spawn(serve_connection(stream, shared.clone(), stopped.clone()));
-        }
+        Ok((stream, _)) => match registry.admit() {
+          Admit::Serve => {
+            let served = Served::default();
+            let task = serve_connection(stream, shared.clone(), stopped.clone(), served.clone());
+            registry.add(connections.spawn(task), served);
+          }
+          // Told so in one write that cannot block, then closed.
+          Admit::Refuse => {
+            let _ = stream.try_write(REFUSED);
+          }
+        },
         Err(err) => {
           eprintln!("⚠️ HTTP server could not accept a connection: {err}");
           tokio::time::sleep(ACCEPT_BACKOFF).await;
         }
       },
       // Reaps finished connections so the set does not grow with every one ever served.
-      Some(_) = connections.join_next(), if !connections.is_empty() => {}
+      Some(done) = connections.join_next_with_id(), if !connections.is_empty() => {
+        let task = match done {
+          Ok((task, ())) => task,
+          Err(e) => e.id(),
+        };
+        if registry.finished(task) {
+          give_back_memory();
+        }
+      }
     }
   }
   drop(listeners);
@@ -281,11 +318,14 @@ async fn serve_connection(
   stream: TcpStream,
   shared: Arc<Shared>,
   mut stopped: watch::Receiver<()>,
+  served: Served,
 ) {
   // Responses are small and written whole; Nagle would hold them back for the client's ACK.
   let _ = stream.set_nodelay(true);
   let service_state = shared.clone();
   let service = service_fn(move |req| {
+    // A whole request head arrived: a client, not a flood.
+    served.store(true, Ordering::Relaxed);
     let shared = service_state.clone();
     async move { Ok::<_, Infallible>(handle(&shared, req).await) }
   });
@@ -311,7 +351,13 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     .headers
     .get(AUTHORIZATION)
     .and_then(|v| v.to_str().ok());
-  let (reply, close) = match read_body(body, shared.max_body_bytes).await {
+  // HTTP/1.1 makes Host mandatory; a request without it is malformed, or not meant for us.
+  let host_missing = parts.version == Version::HTTP_11 && !parts.headers.contains_key(HOST);
+  let read = match host_missing {
+    true => Err(BodyError::NoHost),
+    false => read_body(body, shared.max_body_bytes).await,
+  };
+  let (reply, close) = match read {
     Ok(body) => match usage_stats_request(parts.method.as_str(), target) {
       // May query MongoDB: answered here, where waiting holds up only this request.
       Some(range) => (usage_stats(&shared.pool, range).await, false),
@@ -349,10 +395,10 @@ fn response(reply: Reply, close: bool) -> Response<Full<Bytes>> {
     headers.insert(ALLOW, HeaderValue::from_static(allow));
   }
   for (name, value) in reply.headers {
-    headers.insert(
-      HeaderName::from_static(name),
-      HeaderValue::from_static(value),
-    );
+    // Values are written by the route table, never taken from a request: always valid.
+    if let Ok(value) = HeaderValue::from_str(&value) {
+      headers.insert(HeaderName::from_static(name), value);
+    }
   }
   if close {
     headers.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -368,6 +414,8 @@ enum BodyError {
   },
   Read,
   TimedOut,
+  /// Not read at all: the request has no Host header.
+  NoHost,
 }
 
 impl BodyError {
@@ -388,6 +436,7 @@ impl BodyError {
         "Request timeout",
         "The request body did not arrive in time",
       ),
+      BodyError::NoHost => Reply::error(400, "Bad request", "HTTP/1.1 requests need a Host header"),
     }
   }
 
@@ -681,6 +730,94 @@ mod tests {
       .await
       .unwrap()
       .unwrap();
+  }
+
+  /// Reads until the peer closes the connection; returns what came.
+  async fn read_to_close(stream: &TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+      stream.readable().await.unwrap();
+      match stream.try_read(&mut chunk) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        Ok(0) | Err(_) => return out,
+        Ok(n) => out.extend_from_slice(&chunk[..n]),
+      }
+    }
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn head_is_get_without_a_body_and_http_1_1_needs_a_host() {
+    let handle = server(ServerOptions::default()).await;
+    let mut s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
+    let full = ask(&mut s, &get("/api/keys/status")).await;
+    write_all(&s, b"HEAD /api/keys/status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // The head alone, saying how long the GET body is; then the connection serves on.
+    let mut buf = vec![0u8; 4096];
+    let n = read_some(&s, &mut buf).await;
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "a body came after the head: {head}");
+    assert!(head.contains(&format!("content-length: {}", full.body.len())), "{head}");
+    assert_eq!(ask(&mut s, &get("/api/keys/status")).await.status, 200);
+
+    let s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
+    write_all(&s, b"GET /api/keys/status HTTP/1.1\r\n\r\n").await;
+    let answer = String::from_utf8(read_to_close(&s).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("Host header"), "{answer}");
+    // HTTP/1.0 has no Host requirement.
+    let mut s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
+    let a = ask(&mut s, "GET /api/keys/status HTTP/1.0\r\n\r\n").await;
+    assert_eq!(a.status, 200);
+    handle.shutdown().await;
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn at_the_cap_slow_connections_make_room_and_clients_keep_being_served() {
+    let handle = server(ServerOptions {
+      max_connections: 4,
+      head_timeout: Duration::from_millis(300),
+      ..ServerOptions::default()
+    })
+    .await;
+    let addr = handle.local_addrs()[0];
+    // Two clients that were served, then two connections that never send a whole head.
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+      let mut c = TcpStream::connect(addr).await.unwrap();
+      assert_eq!(ask(&mut c, &get("/api/keys/status")).await.status, 200);
+      clients.push(c);
+    }
+    let slow: Vec<TcpStream> = {
+      let mut v = Vec::new();
+      for _ in 0..2 {
+        let c = TcpStream::connect(addr).await.unwrap();
+        write_all(&c, b"GET /api/keys/status HTTP/1.1\r\nHo").await;
+        v.push(c);
+      }
+      v
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A fifth connection takes the oldest slow one's place and is served at once.
+    let mut fresh = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(ask(&mut fresh, &get("/api/keys/status")).await.status, 200);
+    assert!(read_to_close(&slow[0]).await.is_empty(), "the oldest slow connection is cut");
+    // The clients that were served keep their connections.
+    for c in &mut clients {
+      assert_eq!(ask(c, &get("/api/keys/status")).await.status, 200);
+    }
+    // The other slow one runs out of time for its head.
+    let started = Instant::now();
+    let _ = read_to_close(&slow[1]).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    // Now every open connection is a served client's: one more is refused at once, with a 503.
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(ask(&mut extra, &get("/api/keys/status")).await.status, 200);
+    let refused = TcpStream::connect(addr).await.unwrap();
+    let answer = String::from_utf8(read_to_close(&refused).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    handle.shutdown().await;
   }
 
   #[tokio::test(flavor = "multi_thread")]
