@@ -233,6 +233,13 @@ export interface ServeOptions {
   adminToken?: string
   /** Listen beyond loopback without an admin token (else `KEY_MANAGER_ALLOW_INSECURE`; default off). */
   allowInsecure?: boolean
+  /**
+   * Connections open at once, at most (default 4096): past it a new connection replaces the
+   * oldest one that has not sent a request yet, or is refused.
+   */
+  maxConnections?: number
+  /** How long a connection may take to send a whole request head (default 10000 ms). */
+  headTimeoutMs?: number
 }
 
 /** Options of `NativeKeyPool.attachStore`. */

@@ -88,7 +88,9 @@ function withoutDates(v) {
 /** The SPEC's error shape: `{ success: false, error, message }`. */
 function assertError(r, status, error) {
   assert.equal(r.status, status, r.text)
-  assert.deepEqual(fieldsOf(r.body), ['error', 'message', 'success'], r.text)
+  // A 429 also says when a key frees.
+  const fields = status === 429 ? ['error', 'message', 'nextAvailableAt', 'success'] : ['error', 'message', 'success']
+  assert.deepEqual(fieldsOf(r.body), fields, r.text)
   assert.equal(r.body.success, false)
   assert.equal(typeof r.body.error, 'string')
   assert.equal(typeof r.body.message, 'string')
@@ -337,11 +339,11 @@ describe('Rust HTTP server: the SPEC section 4 endpoints', () => {
       ['GET', '/refresh-cache', 'POST'],
       ['GET', '/reset-limits', 'POST'],
       ['GET', `/reactivate/${mask(srv.keys[0])}`, 'POST'],
-      ['POST', '/best', 'GET'],
-      ['POST', '/status', 'GET'],
-      ['DELETE', '/status', 'GET'],
-      ['PUT', '/usage-stats', 'GET'],
-      ['POST', `/rate-limit/${mask(srv.keys[0])}`, 'GET'],
+      ['POST', '/best', 'GET, HEAD'],
+      ['POST', '/status', 'GET, HEAD'],
+      ['DELETE', '/status', 'GET, HEAD'],
+      ['PUT', '/usage-stats', 'GET, HEAD'],
+      ['POST', `/rate-limit/${mask(srv.keys[0])}`, 'GET, HEAD'],
     ]) {
       const r = await call(srv.base, method, p)
       assertError(r, 405)
@@ -404,11 +406,16 @@ describe('Rust HTTP server: behaviour across calls', () => {
     assert.equal(r.body.data.apiKey, mask(keys[0]))
   })
 
-  test('GET /best and POST /rotate with every key exhausted: 500 with the SPEC error shape', async (t) => {
+  test('GET /best and POST /rotate with every key busy: 429 with Retry-After and nextAvailableAt; none usable: 503', async (t) => {
     const { m, keys, base } = await startServer(t, 2)
-    for (const key of keys) await m.handleRateLimit(key, 'RPD')
-    assertError(await get(base, '/best'), 500, 'No active API keys available')
-    assertError(await post(base, '/rotate'), 500, 'No active API keys available')
+    for (const key of keys) await m.handleRateLimit(key, 'RPD', { retryAfterMs: 30000 })
+    for (const r of [await get(base, '/best'), await post(base, '/rotate')]) {
+      assertError(r, 429, 'No active API keys available')
+      const retryAfter = Number(r.headers.get('retry-after'))
+      assert.ok(retryAfter >= 29 && retryAfter <= 30, r.headers.get('retry-after'))
+      const at = new Date(r.body.nextAvailableAt).getTime()
+      assert.ok(Math.abs(at - (Date.now() + 30000)) < 2000, r.body.nextAvailableAt)
+    }
     // /status and /rate-limit still answer, the latter showing RPD limited.
     assert.equal((await get(base, '/status')).status, 200)
     for (const key of keys) {
@@ -416,6 +423,8 @@ describe('Rust HTTP server: behaviour across calls', () => {
       assert.equal(info.status, 200, info.text)
       assert.equal(info.body.data[1].isLimited, true, info.text)
     }
+    for (const key of keys) await m.disableKey(key)
+    assertError(await get(base, '/best'), 503, 'No active API keys available')
   })
 
   test('GET /best does not count against the key RPM (or RPD/TPM)', async (t) => {

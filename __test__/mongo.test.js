@@ -656,7 +656,7 @@ function runFixtureAsync(file, { env = {}, args = [] } = {}) {
   })
 }
 
-test('four processes at concurrency 20 over three keys at RPM 30 hand out at most 90 per window in total', async (t) => {
+test('four processes at concurrency 20 over three keys at RPM 30 stay within every key\'s limit in every window, fixed and rolling', async (t) => {
   // Its own server: the processes are configured with MONGODB_URI alone (no database name, no
   // secret), as the old service documents it, so they use its default database.
   const server = await startServer(await freePort())
@@ -675,24 +675,29 @@ test('four processes at concurrency 20 over three keys at RPM 30 hand out at mos
   )
   const results = runs.map((run) => expectClean(run, assert))
 
-  // What the processes report, counted per key and fixed window as the pool counts them.
-  const perWindow = new Map()
-  for (const { handouts } of results) {
-    for (const [key, stamp] of handouts) {
-      const id = `${Math.floor(stamp / windowMs) * windowMs}:${key}`
-      perWindow.set(id, (perWindow.get(id) ?? 0) + 1)
+  // What the processes report, per key, as the pool stamps its hand-outs.
+  const stamps = KEYS.map(() => [])
+  for (const { handouts } of results) for (const [key, stamp] of handouts) stamps[key].push(stamp)
+  for (const s of stamps) s.sort((a, b) => a - b)
+  // Rolling windows: no span of windowMs, wherever it starts, holds more than a key's 30.
+  stamps.forEach((s, key) => {
+    for (let i = 0, j = 0; i < s.length; i++) {
+      while (j < s.length && s[j] < s[i] + windowMs) j++
+      assert.ok(j - i <= 30, `key ${key}: ${j - i} hand-outs in the ${windowMs} ms from ${s[i]}`)
+    }
+  })
+  // Fixed windows too, and the limit is used, not just respected: the callers ask for far more.
+  const totals = new Map()
+  for (const s of stamps) {
+    for (const stamp of s) {
+      const w = Math.floor(stamp / windowMs) * windowMs
+      totals.set(w, (totals.get(w) ?? 0) + 1)
     }
   }
-  const totals = new Map()
-  for (const [id, n] of perWindow) {
-    assert.ok(n <= 30, `key ${id} was handed out ${n} times in one window`)
-    const window = id.split(':')[0]
-    totals.set(window, (totals.get(window) ?? 0) + n)
-  }
   for (const [window, n] of totals) assert.ok(n <= 90, `${n} hand-outs in the window from ${window}`)
-  // The limit is used, not just respected: the callers ask for far more than 90 a window.
   const full = [...totals.entries()].filter(([w]) => Number(w) >= startAt && Number(w) + windowMs <= plan.endAt)
   assert.equal(full.length, 4, JSON.stringify([...totals]))
+  // Slices of 500 ms, any 2 s overlapping 5 of them: at saturation 4 slices' worth of 5 a window.
   for (const [window, n] of full) assert.ok(n >= 60, `only ${n} hand-outs in the window from ${window}`)
   t.diagnostic(`hand-outs per window: ${full.map(([, n]) => n).join(', ')}; per process: ${results.map((r) => r.handouts.length).join(', ')}`)
   for (const { handouts, stats } of results) {
@@ -700,16 +705,28 @@ test('four processes at concurrency 20 over three keys at RPM 30 hand out at mos
     assert.ok(stats.peers >= 2 && stats.peers <= 4, `peers: ${stats.peers}`)
   }
 
-  // What the database holds: every lease document within the limit and covering what was handed
-  // out in its window, and one usage document per hand-out.
+  // What the database holds: each key's ledger of slices, no 5 slices in a row granted more than
+  // 30, each slice granted at least what was handed out in it; one usage document per hand-out.
   const { db, usage } = await inspect(server.uri, dbName)
-  const leases = await db.collection('api_key_leases').find({ window: 'rpm' }).toArray()
-  // Keys are stored as digests (no secret is set), in lease documents too.
-  const used = new Map(leases.map((d) => [`${d.windowId}:${KEYS.findIndex((k) => digest(k) === d.apiKey)}`, d.used]))
-  for (const d of leases) assert.ok(!KEYS.some((k) => JSON.stringify(d).includes(k)), `lease ${d._id} holds a plaintext key`)
-  for (const d of leases) assert.ok(d.used <= 30, `lease ${d._id} has used ${d.used}`)
-  for (const [id, n] of perWindow) {
-    assert.ok((used.get(id) ?? 0) >= n, `window ${id}: ${n} handed out, ${used.get(id)} leased`)
+  const ledgers = await db.collection('api_key_leases').find({ window: 'rpm' }).toArray()
+  assert.equal(ledgers.length, 3)
+  for (const d of ledgers) {
+    // Keys are stored as digests (no secret is set), in lease documents too.
+    assert.ok(!KEYS.some((k) => JSON.stringify(d).includes(k)), `ledger ${d._id} holds a plaintext key`)
+    const key = KEYS.findIndex((k) => d.apiKey === digest(k))
+    assert.ok(key >= 0, d.apiKey)
+    const slices = new Map(Object.entries(d.slices).map(([s, n]) => [Number(s), Number(n)]))
+    for (const first of slices.keys()) {
+      let run = 0
+      for (let s = first; s < first + 5; s++) run += slices.get(s) ?? 0
+      assert.ok(run <= 30, `key ${key}: ${run} granted in the 5 slices from ${first}`)
+    }
+    const handed = new Map()
+    for (const stamp of stamps[key]) handed.set(Math.floor(stamp / 500), (handed.get(Math.floor(stamp / 500)) ?? 0) + 1)
+    for (const [slice, n] of handed) {
+      // The ledger keeps the recent slices only; older ones have been checked as they went.
+      if (slice >= Math.min(...slices.keys())) assert.ok((slices.get(slice) ?? 0) >= n, `slice ${slice}: ${n} handed out, ${slices.get(slice)} granted`)
+    }
   }
   const handedOut = results.reduce((sum, r) => sum + r.handouts.length, 0)
   assert.equal(await usage.countDocuments({}), handedOut)

@@ -235,7 +235,10 @@ impl KeyState {
       && self.rpd.current(now) < self.quota.rpd
       && self.tpm.current(now).saturating_add(estimated_tokens) <= self.quota.tpm
       && self.tpm.current(now) < self.quota.tpm
-      && self.shared.as_ref().is_none_or(|s| s.can_serve(now))
+      && self
+        .shared
+        .as_ref()
+        .is_none_or(|s| s.can_serve(now, self.rpm.current(now)))
   }
 
   /// Counts a request when its key is handed out, so concurrent callers see it at once. Returns

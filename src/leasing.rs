@@ -11,16 +11,19 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio::time::sleep;
+use tokio::time::{sleep, timeout};
 
 use crate::clock::Millis;
 use crate::log::Log;
 use crate::pool::KeyPool;
-use crate::share::{Answer, LeaseNeed, SharedWindow, DAILY_LEASE_TTL_MS};
-use crate::store::{LeaseSlot, Store, StoreError};
+use crate::share::{span_slices, Answer, LeaseNeed, Occurrence, SharedWindow, DAILY_LEASE_TTL_MS};
+use crate::store::{LeaseSlot, SliceSlot, Store, StoreError};
 
 /// How often the task looks at the leases when nothing wakes it: it renews and prefetches by time.
 const TICK: Duration = Duration::from_millis(100);
+/// How long one request to the store may take before the store counts as away and keys serve
+/// their local share: a selection must never wait on a slow or hung database.
+pub const LEASE_TIMEOUT: Duration = Duration::from_millis(200);
 /// How much clock skew between hosts a reclaim allows: a holder's lease is taken back only this
 /// long after it expired by our clock.
 const CLOCK_SKEW_MS: Millis = 5_000;
@@ -97,18 +100,24 @@ impl LeaseKeeper {
       return;
     };
     let names = self.inner.pool.names();
+    let span = self.inner.pool.policy().span_ms;
     for (index, window, occurrence, unused, spent) in self.inner.pool.unused_leases() {
       let Some(api_key) = names.get(index) else {
         continue;
       };
-      let slot = LeaseSlot {
-        api_key,
-        window: window.as_str(),
-        window_id: occurrence.id,
-        window_end: occurrence.end,
-      };
       let holder = &self.inner.holder;
       let given_back = async {
+        if window == SharedWindow::Rpm {
+          let slot = slice_slot(api_key, window, &occurrence, span_slices(span));
+          store.release_slice(&slot, holder, unused).await?;
+          return Ok(());
+        }
+        let slot = LeaseSlot {
+          api_key,
+          window: window.as_str(),
+          window_id: occurrence.id,
+          window_end: occurrence.end,
+        };
         if spent > 0 {
           store.consume(&slot, holder, spent).await?;
         }
@@ -117,7 +126,8 @@ impl LeaseKeeper {
         }
         Ok::<_, StoreError>(())
       };
-      if given_back.await.is_err() {
+      // A store that hangs keeps nothing from closing: what is not given back expires.
+      if !matches!(timeout(LEASE_TIMEOUT, given_back).await, Ok(Ok(()))) {
         return;
       }
     }
@@ -162,12 +172,16 @@ async fn round(inner: &Inner) {
   for (index, window, need) in needs {
     let mut answer = None;
     if let (Some(store), true) = (&store, reachable) {
-      match ask(store, inner, index, window, &need).await {
+      // A store that does not answer in time is as away as one that fails: selections must not
+      // wait for it.
+      let asked = timeout(LEASE_TIMEOUT, ask(store, inner, index, window, &need)).await;
+      match asked.unwrap_or(Err(StoreError::Unreachable(LEASE_TIMEOUT))) {
         Ok((granted, holders, given_back)) => {
           // Holders of a window not started yet are only those that leased early.
-          let LeaseNeed::Grant { occurrence, .. } = need;
-          if occurrence.contains(now) {
-            peers = peers.max(holders);
+          if let LeaseNeed::Grant { occurrence, .. } = need {
+            if occurrence.contains(now) {
+              peers = peers.max(holders);
+            }
           }
           answer = Some(Answer {
             granted,
@@ -209,18 +223,49 @@ async fn ask(
   window: SharedWindow,
   need: &LeaseNeed,
 ) -> Result<(u64, usize, u64), StoreError> {
-  let LeaseNeed::Grant {
-    occurrence,
-    want,
-    limit,
-    expires_at,
-    spent,
-    give_back,
-  } = *need;
   let names = inner.pool.names();
   let Some(api_key) = names.get(index) else {
     return Ok((0, 1, 0));
   };
+  let (occurrence, want, limit, expires_at, spent, give_back, span_slices) = match *need {
+    LeaseNeed::Grant {
+      occurrence,
+      want,
+      limit,
+      expires_at,
+      spent,
+      give_back,
+      span_slices,
+    } => (
+      occurrence,
+      want,
+      limit,
+      expires_at,
+      spent,
+      give_back,
+      span_slices,
+    ),
+    LeaseNeed::Release {
+      slice,
+      unused,
+      span_slices,
+    } => {
+      let slot = slice_slot(api_key, window, &slice, span_slices);
+      let back = store.release_slice(&slot, &inner.holder, unused).await?;
+      return Ok((0, 1, back));
+    }
+  };
+  if span_slices > 0 {
+    let grant = store
+      .lease_slice(
+        &slice_slot(api_key, window, &occurrence, span_slices),
+        want,
+        limit,
+        &inner.holder,
+      )
+      .await?;
+    return Ok((grant.granted, grant.holders, 0));
+  }
   let slot = LeaseSlot {
     api_key,
     window: window.as_str(),
@@ -239,6 +284,22 @@ async fn ask(
     n => store.release(&slot, &inner.holder, n).await.unwrap_or(0),
   };
   Ok((grant.granted, grant.holders, given_back))
+}
+
+/// The store's slot for a slice of a rolling window.
+fn slice_slot<'a>(
+  api_key: &'a str,
+  window: SharedWindow,
+  slice: &Occurrence,
+  span_slices: i64,
+) -> SliceSlot<'a> {
+  SliceSlot {
+    api_key,
+    window: window.as_str(),
+    slice: slice.start / (slice.end - slice.start).max(1),
+    span_slices,
+    slice_end: slice.end,
+  }
 }
 
 #[cfg(test)]
@@ -298,7 +359,8 @@ mod tests {
   }
 
   /// Four processes hand out keys greedily, a leasing round between turns, for three minutes
-  /// (ten ms a turn): they never pass 3 keys x 30 a minute in total, and use most of it.
+  /// (ten ms a turn): no rolling minute of any key holds more than its 30 in total, and most of
+  /// it is used.
   #[tokio::test]
   async fn four_processes_never_hand_out_more_than_the_limit_in_total() {
     let clock = FakeClock::at(T0);
@@ -308,11 +370,14 @@ mod tests {
     let processes: Vec<_> = (0..4).map(|_| process(&clock, &store)).collect();
     let mut per_minute = [0u64; 3];
     let mut per_process = [0u64; 4];
+    let mut handed = vec![Vec::new(); 3];
     for _ in 0..18_000 {
       for (p, inner) in processes.iter().enumerate() {
         round(inner).await;
         while let Ok(picked) = inner.pool.best(RESERVE) {
-          let minute = ((crate::clock::Clock::now_ms(&clock) - T0) / 60_000) as usize;
+          let now = crate::clock::Clock::now_ms(&clock);
+          handed[picked.pick.index].push(now);
+          let minute = ((now - T0) / 60_000) as usize;
           per_minute[minute] += 1;
           per_process[p] += 1;
           inner
@@ -328,6 +393,19 @@ mod tests {
       assert!((80..=90).contains(&served), "{per_minute:?}");
     }
     assert!(per_process.iter().all(|&n| n > 0), "{per_process:?}");
+    // Not only fixed minutes: no rolling minute, wherever it starts, holds more than a key's 30.
+    for times in &handed {
+      for (i, &start) in times.iter().enumerate() {
+        let within = times[i..]
+          .iter()
+          .take_while(|&&t| t < start + 60_000)
+          .count();
+        assert!(
+          within <= 30,
+          "{within} hand-outs in the minute from {start}"
+        );
+      }
+    }
   }
 
   /// One busy process and three that serve nothing: after the first minute the idle ones hold one

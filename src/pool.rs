@@ -336,6 +336,11 @@ impl KeyPool {
     self.clock.now_ms()
   }
 
+  /// How the pool's windows are measured.
+  pub fn policy(&self) -> &WindowPolicy {
+    &self.policy
+  }
+
   /// Every key the pool knows, by position (the index every other call takes), removed ones
   /// included: a snapshot, read without the pool's lock.
   pub fn names(&self) -> Arc<Names> {
@@ -789,7 +794,8 @@ impl KeyPool {
             }
           }
           if let Some(shared) = &key.shared {
-            at = at.max(shared.available_at(now));
+            let recent = key.rpm.current(now);
+            at = at.max(shared.available_at(now, recent, key.rpm.frees_at(now)));
           }
           Some(at)
         })
@@ -978,16 +984,16 @@ impl KeyPool {
     let now = state.last_now.max(self.clock.now_ms());
     let mut newly_available = false;
     for (index, window, need, answer) in answers {
-      let Some(shared) = state
-        .keys
-        .get_mut(*index)
-        .and_then(|k| k.shared.as_deref_mut())
-      else {
+      let Some(key) = state.keys.get_mut(*index) else {
         continue;
       };
-      let could = shared.can_serve(now);
+      let recent = key.rpm.current(now);
+      let Some(shared) = key.shared.as_deref_mut() else {
+        continue;
+      };
+      let could = shared.can_serve(now, recent);
       shared.allowance_mut(*window).granted(need, *answer, now);
-      newly_available |= !could && shared.can_serve(now);
+      newly_available |= !could && shared.can_serve(now, recent);
     }
     if newly_available {
       state.cache.invalidate();

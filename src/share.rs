@@ -7,9 +7,12 @@
 //! Requests per minute and per day are shared; tokens per minute are not, since a request's tokens
 //! are known only after it ran (each process keeps its own TPM window, as before).
 //!
-//! Shared windows are fixed occurrences every process derives alike from the time: RPM windows
-//! are consecutive spans from the epoch, RPD windows end at each daily reset. Within one process
-//! the rolling windows of `window` still apply on top.
+//! Every process derives the same occurrences from the time. RPD is a fixed window, as Gemini's
+//! day is: its occurrences end at each daily reset. RPM is a rolling one: its occurrences are
+//! slices of a twentieth of the span (half a second at least), each leased on its own, and the
+//! store never grants more than the limit to any run of slices one span can overlap (see
+//! `store::lease`), so no rolling minute holds more than the limit across processes. Within one
+//! process the rolling windows of `window` still apply on top.
 
 use crate::calendar::DailyReset;
 use crate::clock::Millis;
@@ -26,6 +29,24 @@ pub const RECHECK_MS: Millis = 10_000;
 const LONGEST_DAY_MS: Millis = 25 * 3_600_000;
 /// How long a caller waiting for a lease on its way should wait before looking again.
 pub const LEASE_WAIT_MS: Millis = 20;
+/// Slices a rolling span is cut into, at most.
+const SLICES_PER_SPAN: Millis = 20;
+/// The shortest slice: each is a lease, and a store round trip must fit well within one.
+const MIN_SLICE_MS: Millis = 500;
+
+/// How long one slice of a rolling window of `span_ms` lasts.
+pub fn slice_ms(span_ms: Millis) -> Millis {
+  (span_ms / SLICES_PER_SPAN)
+    .max(MIN_SLICE_MS)
+    .min(span_ms)
+    .max(1)
+}
+
+/// How many slices make one span, rounded up: a stretch of one span overlaps at most one more.
+pub fn span_slices(span_ms: Millis) -> i64 {
+  let slice = slice_ms(span_ms);
+  (span_ms + slice - 1) / slice
+}
 
 /// A window whose budget is shared across processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +86,17 @@ pub struct Occurrence {
 }
 
 impl Occurrence {
-  /// The occurrence of `window` that holds `at`: for RPM the span-long window from a multiple of
-  /// the span; for RPD the day that ends at the next reset (its id is that reset).
+  /// The occurrence of `window` that holds `at`: for RPM the slice of the rolling window (see
+  /// [`slice_ms`]); for RPD the day that ends at the next reset (its id is that reset).
   pub fn of(window: SharedWindow, at: Millis, span_ms: Millis, daily: DailyReset) -> Self {
     match window {
       SharedWindow::Rpm => {
-        let start = at.div_euclid(span_ms) * span_ms;
+        let slice = slice_ms(span_ms);
+        let start = at.div_euclid(slice) * slice;
         Self {
           id: start,
           start,
-          end: start + span_ms,
+          end: start + slice,
         }
       }
       SharedWindow::Rpd => {
@@ -137,6 +159,16 @@ pub enum LeaseNeed {
     expires_at: Millis,
     spent: u64,
     give_back: u64,
+    /// For a slice of a rolling window, how many slices make a span (see [`span_slices`]); 0 for
+    /// a fixed window.
+    span_slices: i64,
+  },
+  /// Give back what a slice that ended was granted and did not serve: it still counts against the
+  /// slices around it, which others can lease once it is given back.
+  Release {
+    slice: Occurrence,
+    unused: u64,
+    span_slices: i64,
   },
 }
 
@@ -158,6 +190,10 @@ pub struct Allowance {
   demand: Option<u64>,
   /// A grant is on its way: do not ask twice.
   asking: bool,
+  /// While the store cannot be reached, a rolling window serves this much in any span locally
+  /// (counted by the process's own rolling window): slices cannot be shared out without the
+  /// store, and a fixed share per slice would be too coarse for small limits.
+  local_limit: Option<u64>,
 }
 
 impl Allowance {
@@ -177,9 +213,11 @@ impl Allowance {
       .find(|l| l.occurrence.contains(at))
   }
 
-  /// Whether one more request may go out at `at`.
-  pub fn can_serve(&self, at: Millis) -> bool {
+  /// Whether one more request may go out at `at`; `recent` is what this process served in the
+  /// last span (its own rolling count), which a local limit applies to.
+  pub fn can_serve(&self, at: Millis, recent: u64) -> bool {
     self.lease_at(at).is_some_and(|l| l.can_serve(at))
+      || self.local_limit.is_some_and(|limit| recent < limit)
   }
 
   /// Counts one request served at `at`. Returns true when the lease ran low, so the leasing task
@@ -195,13 +233,19 @@ impl Allowance {
   }
 
   /// When a request could go out, as far as this allowance says: `at` itself, the end of an
-  /// occurrence used up everywhere, or shortly, while a lease is on its way.
+  /// occurrence used up everywhere, or shortly, while a lease is on its way. Under a local limit
+  /// the caller knows better (its rolling window says when it frees).
   pub fn available_at(&self, at: Millis) -> Millis {
     match self.lease_at(at) {
       Some(l) if l.can_serve(at) => at,
       Some(l) if l.short_at.is_some() => l.occurrence.end,
       _ => at + LEASE_WAIT_MS,
     }
+  }
+
+  /// Serving under a local limit (the store could not be reached).
+  pub fn local_limit(&self) -> Option<u64> {
+    self.local_limit
   }
 
   /// What to ask the store for at `at`, if anything: a first lease of the occurrence in progress
@@ -219,12 +263,24 @@ impl Allowance {
       return None;
     }
     let current = Occurrence::of(window, at, span_ms, daily);
+    let mut leftover = None;
     for l in self.leases.iter().flatten() {
       if l.occurrence.end <= at {
         self.demand = Some(l.served);
+        if window == SharedWindow::Rpm && !l.local && l.left() > 0 {
+          leftover = Some(LeaseNeed::Release {
+            slice: l.occurrence,
+            unused: l.left(),
+            span_slices: span_slices(span_ms),
+          });
+        }
       }
     }
     self.leases = self.leases.map(|l| l.filter(|l| l.occurrence.end > at));
+    if leftover.is_some() {
+      self.asking = true;
+      return leftover;
+    }
     let want = window.grant_size(limit).max(1);
     let served_now = self.lease_at(at).map(|l| l.served);
     let first = match (self.demand, served_now) {
@@ -233,7 +289,7 @@ impl Allowance {
       (demand, now) => demand.unwrap_or(0).max(now.unwrap_or(0)).clamp(1, want),
     };
     let need = match self.lease_at(at) {
-      None => Some(grant(window, current, first, limit, at, 0, 0)),
+      None => Some(grant(window, current, first, limit, at, 0, 0, span_ms)),
       Some(l) if l.local => None,
       Some(l) => {
         let low = l.left() <= l.last_want / 2;
@@ -243,10 +299,14 @@ impl Allowance {
         // A renewal gives back what is left for a fresh grant the size of what was served since
         // the last report: held budget never piles up.
         let give_back = if expiring { l.left() } else { 0 };
-        let spent = l.served - l.reported;
+        // A slice's grant stays counted whatever is served of it: nothing to report.
+        let spent = match window {
+          SharedWindow::Rpm => 0,
+          SharedWindow::Rpd => l.served - l.reported,
+        };
         let size = if low { want } else { spent.clamp(1, want) };
         ((low || expiring) && retry)
-          .then(|| grant(window, current, size, limit, at, spent, give_back))
+          .then(|| grant(window, current, size, limit, at, spent, give_back, span_ms))
       }
     };
     // What is being given back is not served meanwhile; `granted` puts back what was not.
@@ -257,10 +317,15 @@ impl Allowance {
     }
     let need = need.or_else(|| {
       let next_at = current.end;
-      let lead = PREFETCH_MS.min((current.end - current.start) / 10);
+      // A slice is short: its successor is leased as soon as it starts, so a slow store has the
+      // whole slice to answer before anything waits.
+      let lead = match window {
+        SharedWindow::Rpm => current.end - current.start,
+        SharedWindow::Rpd => PREFETCH_MS.min((current.end - current.start) / 10),
+      };
       (at >= next_at - lead && self.lease_at(next_at).is_none()).then(|| {
         let next = Occurrence::of(window, next_at, span_ms, daily);
-        grant(window, next, first, limit, at, 0, 0)
+        grant(window, next, first, limit, at, 0, 0, span_ms)
       })
     });
     self.asking = need.is_some();
@@ -271,6 +336,10 @@ impl Allowance {
   /// before granting: nothing was then given back).
   pub fn granted(&mut self, need: &LeaseNeed, answer: Option<Answer>, at: Millis) {
     self.asking = false;
+    if answer.is_some() {
+      // The store answers again: leases, not a local limit, decide from now on.
+      self.local_limit = None;
+    }
     let LeaseNeed::Grant {
       occurrence,
       want,
@@ -278,7 +347,10 @@ impl Allowance {
       spent,
       give_back,
       ..
-    } = *need;
+    } = *need
+    else {
+      return;
+    };
     let held = self
       .leases
       .iter_mut()
@@ -318,8 +390,10 @@ impl Allowance {
     }
   }
 
-  /// While the store cannot be reached: serves `share` of the occurrence in progress (the limit
-  /// over the processes last seen sharing it), unless a lease for it is still good.
+  /// While the store cannot be reached: serves `share` (the limit over the processes last seen
+  /// sharing it) unless a lease for `at` is still good: of the day in progress for a fixed window,
+  /// of every span for a rolling one (a local limit, see [`Self::can_serve`]). Returns whether
+  /// that changed anything.
   pub fn grant_locally(
     &mut self,
     window: SharedWindow,
@@ -333,6 +407,11 @@ impl Allowance {
       .is_some_and(|l| l.can_serve(at) || l.local)
     {
       return false;
+    }
+    if window == SharedWindow::Rpm {
+      let changed = self.local_limit != Some(share);
+      self.local_limit = Some(share);
+      return changed;
     }
     let occurrence = Occurrence::of(window, at, span_ms, daily);
     let served = self.lease_at(at).map_or(0, |l| l.served);
@@ -372,6 +451,7 @@ impl Allowance {
   }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn grant(
   window: SharedWindow,
   occurrence: Occurrence,
@@ -380,10 +460,11 @@ fn grant(
   at: Millis,
   spent: u64,
   give_back: u64,
+  span_ms: Millis,
 ) -> LeaseNeed {
-  let expires_at = match window {
-    SharedWindow::Rpm => occurrence.end,
-    SharedWindow::Rpd => occurrence.end.min(at + DAILY_LEASE_TTL_MS),
+  let (expires_at, span_slices) = match window {
+    SharedWindow::Rpm => (occurrence.end, span_slices(span_ms)),
+    SharedWindow::Rpd => (occurrence.end.min(at + DAILY_LEASE_TTL_MS), 0),
   };
   LeaseNeed::Grant {
     occurrence,
@@ -392,6 +473,7 @@ fn grant(
     expires_at,
     spent,
     give_back,
+    span_slices,
   }
 }
 
@@ -410,8 +492,10 @@ impl SharedBudget {
     }
   }
 
-  pub fn can_serve(&self, at: Millis) -> bool {
-    self.rpm.can_serve(at) && self.rpd.can_serve(at)
+  /// Whether one more request may go out at `at`; `recent_rpm` is the process's own count in
+  /// the last span (see [`Allowance::can_serve`]).
+  pub fn can_serve(&self, at: Millis, recent_rpm: u64) -> bool {
+    self.rpm.can_serve(at, recent_rpm) && self.rpd.can_serve(at, 0)
   }
 
   /// Counts one request in both windows; true when either ran low (see [`Allowance::serve`]).
@@ -420,8 +504,17 @@ impl SharedBudget {
     self.rpd.serve(at) || rpm_low
   }
 
-  pub fn available_at(&self, at: Millis) -> Millis {
-    self.rpm.available_at(at).max(self.rpd.available_at(at))
+  /// When a request could go out; under a local RPM limit that is full, when the process's own
+  /// rolling window frees (`rpm_frees_at`).
+  pub fn available_at(&self, at: Millis, recent_rpm: u64, rpm_frees_at: Millis) -> Millis {
+    let rpm = if self.rpm.can_serve(at, recent_rpm) {
+      at
+    } else if self.rpm.local_limit.is_some() {
+      rpm_frees_at
+    } else {
+      self.rpm.available_at(at)
+    };
+    rpm.max(self.rpd.available_at(at))
   }
 }
 
@@ -434,6 +527,8 @@ mod tests {
   /// A minute boundary.
   const T0: Millis = 1_800_000_000_000;
   const PACIFIC: DailyReset = DailyReset::PacificMidnight;
+  /// One slice of a minute: 3 s.
+  const SLICE: Millis = SPAN / SLICES_PER_SPAN;
 
   fn got(granted: u64) -> Option<Answer> {
     Some(Answer {
@@ -452,15 +547,23 @@ mod tests {
       want,
       spent,
       ..
-    } = *n;
+    } = *n
+    else {
+      panic!("not a grant")
+    };
     (occurrence.id, want, spent)
   }
 
   #[test]
-  fn occurrences_are_fixed_windows_every_process_derives_alike() {
-    let o = Occurrence::of(SharedWindow::Rpm, T0 + 59_999, SPAN, PACIFIC);
-    assert_eq!((o.id, o.start, o.end), (T0, T0, T0 + SPAN));
-    assert!(!o.contains(T0 + SPAN));
+  fn rpm_occurrences_are_slices_and_rpd_ones_days_every_process_derives_alike() {
+    let o = Occurrence::of(SharedWindow::Rpm, T0 + 5_999, SPAN, PACIFIC);
+    assert_eq!((o.id, o.start, o.end), (T0 + 3_000, T0 + 3_000, T0 + 6_000));
+    assert!(!o.contains(T0 + 6_000));
+    assert_eq!((slice_ms(SPAN), span_slices(SPAN)), (3_000, 20));
+    // Short spans get fewer, longer slices; a span not a multiple of its slice is rounded up.
+    assert_eq!((slice_ms(2_000), span_slices(2_000)), (500, 4));
+    assert_eq!((slice_ms(700), span_slices(700)), (500, 2));
+    assert_eq!((slice_ms(300), span_slices(300)), (300, 1));
     // The day of the spring-forward (23 hours) and of the fall-back (25 hours), in Los Angeles.
     let march_9 = days_from_civil(2025, 3, 9) * 86_400_000 + 8 * 3_600_000;
     let d = Occurrence::of(SharedWindow::Rpd, march_9 + 3_600_000, SPAN, PACIFIC);
@@ -483,84 +586,106 @@ mod tests {
   #[test]
   fn nothing_is_served_without_a_lease_and_no_more_than_granted() {
     let mut a = Allowance::default();
-    assert!(!a.can_serve(T0));
+    assert!(!a.can_serve(T0, 0));
     assert_eq!(a.available_at(T0), T0 + LEASE_WAIT_MS);
     let n = need(&mut a, T0).expect("a first lease");
     assert_eq!(want(&n), (T0, 8, 0));
+    let LeaseNeed::Grant {
+      span_slices,
+      expires_at,
+      ..
+    } = n
+    else {
+      panic!("not a grant")
+    };
+    assert_eq!((span_slices, expires_at), (20, T0 + SLICE));
     assert_eq!(need(&mut a, T0), None, "one question at a time");
     a.granted(&n, got(8), T0);
     let mut low = Vec::new();
     for _ in 0..8 {
-      assert!(a.can_serve(T0 + 1));
+      assert!(a.can_serve(T0 + 1, 0));
       low.push(a.serve(T0 + 1));
     }
-    assert!(!a.can_serve(T0 + 1));
+    assert!(!a.can_serve(T0 + 1, 0));
     // The task is woken once half the lease is gone.
     assert_eq!(low, [false, false, false, true, true, true, true, true]);
     let top_up = need(&mut a, T0 + 2).expect("a top-up");
-    assert_eq!(want(&top_up), (T0, 8, 8));
+    // A slice's grant is not reported as spent: it stays counted whatever is served.
+    assert_eq!(want(&top_up), (T0, 8, 0));
   }
 
   #[test]
-  fn a_short_grant_waits_for_the_window_and_asks_again_only_later() {
+  fn a_short_grant_waits_for_the_slice_to_end_and_asks_again_only_later() {
     let mut a = Allowance::default();
     leased(&mut a, T0, 3);
     for _ in 0..3 {
       a.serve(T0 + 10);
     }
-    assert_eq!(a.available_at(T0 + 10), T0 + SPAN);
-    assert_eq!(need(&mut a, T0 + 10), None);
-    let again = need(&mut a, T0 + RECHECK_MS).expect("a second try");
-    a.granted(&again, got(0), T0 + RECHECK_MS);
-    assert!(!a.can_serve(T0 + RECHECK_MS));
+    assert_eq!(a.available_at(T0 + 10), T0 + SLICE);
+    // The next slice's lease is asked for; the short one is not asked again at once.
+    let next = need(&mut a, T0 + 10).expect("the next slice");
+    assert_eq!(want(&next).0, T0 + SLICE);
+    a.granted(&next, got(0), T0 + 10);
+    assert_eq!(need(&mut a, T0 + 20), None);
+    assert!(!a.can_serve(T0 + 20, 0));
   }
 
   #[test]
-  fn the_next_window_is_leased_before_it_starts() {
+  fn the_next_slice_is_leased_as_soon_as_the_current_one_starts() {
     let mut a = Allowance::default();
     leased(&mut a, T0, 8);
     for _ in 0..3 {
       a.serve(T0 + 1);
     }
-    assert_eq!(need(&mut a, T0 + SPAN - 6_001), None);
-    let next = need(&mut a, T0 + SPAN - PREFETCH_MS).expect("the next window's lease");
-    // As large as this window's use so far.
-    assert_eq!(want(&next), (T0 + SPAN, 3, 0));
-    a.granted(&next, got(3), T0 + SPAN - PREFETCH_MS);
-    // Not served before its window starts; at once when it does.
-    a.serve(T0 + SPAN - 1);
-    assert!(a.can_serve(T0 + SPAN));
-    assert!(!a.serve(T0 + SPAN));
-    assert_eq!(a.unused(T0 + SPAN - 1).count(), 2);
+    let next = need(&mut a, T0 + 1).expect("the next slice's lease");
+    // As large as this slice's use so far.
+    assert_eq!(want(&next), (T0 + SLICE, 3, 0));
+    a.granted(&next, got(3), T0 + 1);
+    // Not served before its slice starts; at once when it does.
+    for _ in 0..5 {
+      a.serve(T0 + SLICE - 1);
+    }
+    assert!(!a.can_serve(T0 + SLICE - 1, 0));
+    assert!(a.can_serve(T0 + SLICE, 0));
+    assert!(!a.serve(T0 + SLICE));
+    assert_eq!(a.unused(T0 + SLICE - 1).count(), 2);
   }
 
   #[test]
-  fn after_a_window_first_leases_ask_for_what_it_served() {
+  fn after_a_slice_first_leases_ask_for_what_it_served_and_leftovers_go_back() {
     let mut idle = Allowance::default();
     leased(&mut idle, T0, 8);
-    // Nothing served: the next windows' first leases are of one, whatever the limit.
-    let next = need(&mut idle, T0 + SPAN + 1).unwrap();
-    assert_eq!(want(&next), (T0 + SPAN, 1, 0));
-    let mut some = Allowance::default();
-    leased(&mut some, T0, 8);
-    for _ in 0..3 {
-      some.serve(T0 + 1);
-    }
-    let next = need(&mut some, T0 + SPAN + 1).unwrap();
-    assert_eq!(want(&next), (T0 + SPAN, 3, 0));
-    some.granted(&next, got(3), T0 + SPAN + 1);
-    // The prefetch of the window after that: as much as either window served, so far.
-    let prefetch = need(&mut some, T0 + 2 * SPAN - PREFETCH_MS).unwrap();
-    assert_eq!(want(&prefetch), (T0 + 2 * SPAN, 3, 0));
+    let next = need(&mut idle, T0 + 1).unwrap();
+    idle.granted(&next, got(1), T0 + 1);
+    // Both slices ended unused: what they were granted goes back first, then the following
+    // slices' first leases are of one, whatever the limit.
+    let back = need(&mut idle, T0 + 2 * SLICE + 1).expect("a release");
+    let LeaseNeed::Release {
+      slice,
+      unused,
+      span_slices,
+    } = back
+    else {
+      panic!("not a release: {back:?}")
+    };
+    assert_eq!((slice.id, unused, span_slices), (T0 + SLICE, 1, 20));
+    assert_eq!(
+      need(&mut idle, T0 + 2 * SLICE + 1),
+      None,
+      "one question at a time"
+    );
+    idle.granted(&back, got(0), T0 + 2 * SLICE + 1);
+    let later = need(&mut idle, T0 + 2 * SLICE + 1).unwrap();
+    assert_eq!(want(&later), (T0 + 2 * SLICE, 1, 0));
     let mut busy = Allowance::default();
     leased(&mut busy, T0, 8);
     for _ in 0..8 {
       busy.serve(T0 + 1);
     }
-    let next = need(&mut busy, T0 + SPAN + 1).unwrap();
+    let next = need(&mut busy, T0 + SLICE + 1).unwrap();
     assert_eq!(
       want(&next),
-      (T0 + SPAN, 8, 0),
+      (T0 + SLICE, 8, 0),
       "at most a quarter of the limit"
     );
   }
@@ -571,9 +696,18 @@ mod tests {
     let day = |a: &mut Allowance, at| a.need(SharedWindow::Rpd, at, 1_500, SPAN, PACIFIC);
     let n = day(&mut a, T0).unwrap();
     let LeaseNeed::Grant {
-      want, expires_at, ..
-    } = n;
-    assert_eq!((want, expires_at), (47, T0 + DAILY_LEASE_TTL_MS));
+      want,
+      expires_at,
+      span_slices,
+      ..
+    } = n
+    else {
+      panic!("not a grant")
+    };
+    assert_eq!(
+      (want, expires_at, span_slices),
+      (47, T0 + DAILY_LEASE_TTL_MS, 0)
+    );
     a.granted(&n, got(47), T0);
     a.serve(T0 + 1);
     assert_eq!(day(&mut a, T0 + 2), None);
@@ -583,34 +717,68 @@ mod tests {
       spent,
       give_back,
       ..
-    } = renew;
+    } = renew
+    else {
+      panic!("not a grant")
+    };
     // What was served since the last report is reported and asked for again; the rest goes back.
     assert_eq!((want, spent, give_back), (1, 1, 46));
     assert!(
-      !a.can_serve(T0 + DAILY_LEASE_TTL_MS / 2),
+      !a.can_serve(T0 + DAILY_LEASE_TTL_MS / 2, 0),
       "what goes back is not served meanwhile"
     );
     // Not renewed (the store was away): the old lease serves until it expires, no longer.
     a.granted(&renew, None, T0 + DAILY_LEASE_TTL_MS / 2);
-    assert!(a.can_serve(T0 + DAILY_LEASE_TTL_MS - 1));
-    assert!(!a.can_serve(T0 + DAILY_LEASE_TTL_MS));
+    assert!(a.can_serve(T0 + DAILY_LEASE_TTL_MS - 1, 0));
+    assert!(!a.can_serve(T0 + DAILY_LEASE_TTL_MS, 0));
   }
 
   #[test]
-  fn without_the_store_a_local_share_is_served_and_a_good_lease_kept() {
+  fn without_the_store_a_day_serves_a_local_share_and_a_good_lease_is_kept() {
     let mut a = Allowance::default();
-    assert!(a.grant_locally(SharedWindow::Rpm, T0, 30 / 4, SPAN, PACIFIC));
-    for _ in 0..7 {
-      assert!(a.can_serve(T0));
+    assert!(a.grant_locally(SharedWindow::Rpd, T0, 200 / 4, SPAN, PACIFIC));
+    for _ in 0..50 {
+      assert!(a.can_serve(T0, 0));
       a.serve(T0);
     }
-    assert!(!a.can_serve(T0));
-    assert!(!a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+    assert!(!a.can_serve(T0, 0));
+    assert!(!a.grant_locally(SharedWindow::Rpd, T0, 50, SPAN, PACIFIC));
     // A local share is not given back to the store.
     assert_eq!(a.unused(T0).count(), 0);
     let mut b = Allowance::default();
-    let n = need(&mut b, T0).unwrap();
-    b.granted(&n, got(8), T0);
-    assert!(!b.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+    let n = b.need(SharedWindow::Rpd, T0, 200, SPAN, PACIFIC).unwrap();
+    b.granted(&n, got(7), T0);
+    assert!(!b.grant_locally(SharedWindow::Rpd, T0, 50, SPAN, PACIFIC));
+  }
+
+  #[test]
+  fn without_the_store_a_rolling_window_serves_a_local_limit_until_the_store_answers() {
+    let mut a = Allowance::default();
+    let n = need(&mut a, T0).unwrap();
+    a.granted(&n, got(2), T0);
+    // The lease serves; only once it is used up does the local limit matter.
+    assert!(!a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+    a.serve(T0);
+    a.serve(T0);
+    assert!(a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+    assert!(!a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+    // The process's own count over the last span decides, across slices.
+    assert!(a.can_serve(T0 + 5 * SLICE, 6));
+    assert!(!a.can_serve(T0 + 5 * SLICE, 7));
+    let mut budget = SharedBudget {
+      rpm: a.clone(),
+      rpd: Allowance::default(),
+    };
+    let day = budget
+      .rpd
+      .need(SharedWindow::Rpd, T0, 200, SPAN, PACIFIC)
+      .unwrap();
+    budget.rpd.granted(&day, got(10), T0);
+    assert_eq!(budget.available_at(T0, 7, T0 + 40_000), T0 + 40_000);
+    assert_eq!(budget.available_at(T0, 3, T0 + 40_000), T0);
+    // The store answers again: leases decide.
+    let n = need(&mut a, T0 + 5 * SLICE).unwrap();
+    a.granted(&n, got(0), T0 + 5 * SLICE);
+    assert!(!a.can_serve(T0 + 5 * SLICE, 0));
   }
 }

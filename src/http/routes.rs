@@ -1754,12 +1754,22 @@ mod tests {
   #[test]
   fn busy_keys_are_a_429_with_retry_after_and_no_usable_key_a_503() {
     let (p, clock) = pool_of(&KEYS[..2], Quota::default());
-    p.handle_rate_limit(0, LimitType::Rpm, Some(12_300)).unwrap();
-    p.handle_rate_limit(1, LimitType::Rpm, Some(17_000)).unwrap();
+    p.handle_rate_limit(0, LimitType::Rpm, Some(12_300))
+      .unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, Some(17_000))
+      .unwrap();
     clock.advance(300);
     for (method, path, message) in [
-      ("GET", "/api/keys/best", "Failed to get best available API key"),
-      ("POST", "/api/keys/rotate", "Failed to rotate API key proactively"),
+      (
+        "GET",
+        "/api/keys/best",
+        "Failed to get best available API key",
+      ),
+      (
+        "POST",
+        "/api/keys/rotate",
+        "Failed to rotate API key proactively",
+      ),
     ] {
       let reply = open_route(&p, method, path, b"");
       assert_eq!(reply.status, 429, "{path}");

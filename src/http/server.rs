@@ -757,8 +757,14 @@ mod tests {
     let n = read_some(&s, &mut buf).await;
     let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.ends_with("\r\n\r\n"), "a body came after the head: {head}");
-    assert!(head.contains(&format!("content-length: {}", full.body.len())), "{head}");
+    assert!(
+      head.ends_with("\r\n\r\n"),
+      "a body came after the head: {head}"
+    );
+    assert!(
+      head.contains(&format!("content-length: {}", full.body.len())),
+      "{head}"
+    );
     assert_eq!(ask(&mut s, &get("/api/keys/status")).await.status, 200);
 
     let s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
@@ -802,7 +808,10 @@ mod tests {
     // A fifth connection takes the oldest slow one's place and is served at once.
     let mut fresh = TcpStream::connect(addr).await.unwrap();
     assert_eq!(ask(&mut fresh, &get("/api/keys/status")).await.status, 200);
-    assert!(read_to_close(&slow[0]).await.is_empty(), "the oldest slow connection is cut");
+    assert!(
+      read_to_close(&slow[0]).await.is_empty(),
+      "the oldest slow connection is cut"
+    );
     // The clients that were served keep their connections.
     for c in &mut clients {
       assert_eq!(ask(c, &get("/api/keys/status")).await.status, 200);
@@ -810,7 +819,11 @@ mod tests {
     // The other slow one runs out of time for its head.
     let started = Instant::now();
     let _ = read_to_close(&slow[1]).await;
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+      started.elapsed() < Duration::from_secs(2),
+      "{:?}",
+      started.elapsed()
+    );
     // Now every open connection is a served client's: one more is refused at once, with a 503.
     let mut extra = TcpStream::connect(addr).await.unwrap();
     assert_eq!(ask(&mut extra, &get("/api/keys/status")).await.status, 200);

@@ -10,9 +10,11 @@ use parking_lot::Mutex;
 
 use super::admissions::StoredAdmission;
 use super::error::StoreError;
-use super::lease::{self, lease_id};
+use super::lease::{self, lease_id, ledger_id, Ledger};
 use super::naming::KeyNaming;
-use super::records::{AdmissionRecord, Grant, KeyRecord, LeaseSlot, UsageId, UsageRecord};
+use super::records::{
+  AdmissionRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageRecord,
+};
 use crate::clock::Millis;
 
 #[derive(Debug, Default)]
@@ -36,6 +38,7 @@ struct State {
   usage_ids: HashSet<UsageId>,
   leases: HashMap<String, LeaseState>,
   admissions: HashMap<String, StoredAdmission>,
+  ledgers: HashMap<String, Ledger>,
 }
 
 /// Keys, usage and leases in this process, behind one lock.
@@ -190,6 +193,47 @@ impl MemoryStore {
     }
     let holders = doc.holders.len() + usize::from(!doc.holders.contains_key(holder));
     Ok(Grant { granted, holders })
+  }
+
+  /// See [`super::MongoStore::lease_slice`]: the same rule, on a ledger in a map.
+  pub fn lease_slice(
+    &self,
+    slot: &SliceSlot<'_>,
+    want: u64,
+    limit: u64,
+    holder: &str,
+  ) -> Result<Grant, StoreError> {
+    super::mongo_ledger::check(slot, holder)?;
+    self.count_op();
+    let mut state = self.state.lock();
+    let ledger = state
+      .ledgers
+      .entry(ledger_id(slot.window, slot.api_key))
+      .or_default();
+    let holders = ledger.holders_at(slot.slice, slot.span_slices, holder);
+    let granted = want.min(ledger.room(slot.slice, slot.span_slices, limit));
+    if granted > 0 {
+      ledger.grant(slot.slice, slot.span_slices, granted, holder);
+    }
+    Ok(Grant { granted, holders })
+  }
+
+  /// See [`super::MongoStore::release_slice`].
+  pub fn release_slice(
+    &self,
+    slot: &SliceSlot<'_>,
+    holder: &str,
+    unused: u64,
+  ) -> Result<u64, StoreError> {
+    super::mongo_ledger::check(slot, holder)?;
+    self.count_op();
+    let mut state = self.state.lock();
+    Ok(
+      state
+        .ledgers
+        .get_mut(&ledger_id(slot.window, slot.api_key))
+        .map_or(0, |l| l.release(slot.slice, unused)),
+    )
   }
 
   /// See [`super::MongoStore::release`].

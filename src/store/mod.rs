@@ -11,6 +11,7 @@ mod lease;
 mod memory;
 mod mongo;
 mod mongo_lease;
+mod mongo_ledger;
 mod naming;
 mod records;
 mod sealing;
@@ -26,8 +27,8 @@ pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
 pub use naming::{KeyNaming, KeyStorage};
 pub use records::{
-  AdmissionRecord, Grant, KeyRecord, LeaseSlot, UsageId, UsageIds, UsageRecord, WindowRecord,
-  DAY_MS, MINUTE_MS,
+  AdmissionRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageIds, UsageRecord,
+  WindowRecord, DAY_MS, MINUTE_MS,
 };
 pub use usage_query::{StoredCalls, UsageReader};
 
@@ -109,6 +110,33 @@ impl Store {
     match self {
       Store::Memory(s) => s.lease(slot, want, limit, holder, expires_at),
       Store::Mongo(s) => s.lease(slot, want, limit, holder, expires_at).await,
+    }
+  }
+
+  /// See [`MongoStore::lease_slice`].
+  pub async fn lease_slice(
+    &self,
+    slot: &SliceSlot<'_>,
+    want: u64,
+    limit: u64,
+    holder: &str,
+  ) -> Result<Grant, StoreError> {
+    match self {
+      Store::Memory(s) => s.lease_slice(slot, want, limit, holder),
+      Store::Mongo(s) => s.lease_slice(slot, want, limit, holder).await,
+    }
+  }
+
+  /// See [`MongoStore::release_slice`].
+  pub async fn release_slice(
+    &self,
+    slot: &SliceSlot<'_>,
+    holder: &str,
+    unused: u64,
+  ) -> Result<u64, StoreError> {
+    match self {
+      Store::Memory(s) => s.release_slice(slot, holder, unused),
+      Store::Mongo(s) => s.release_slice(slot, holder, unused).await,
     }
   }
 

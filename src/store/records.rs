@@ -150,6 +150,21 @@ pub struct LeaseSlot<'a> {
   pub window_end: Millis,
 }
 
+/// A slice of a rolling window to lease in (see `lease`): every process derives the same slices
+/// from the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SliceSlot<'a> {
+  pub api_key: &'a str,
+  /// `"rpm"` or `"tpm"`.
+  pub window: &'a str,
+  /// The slice's index: its start over its length.
+  pub slice: i64,
+  /// How many slices make one span of the window.
+  pub span_slices: i64,
+  /// When the slice ends; the ledger may be deleted some time after its newest slice ends.
+  pub slice_end: Millis,
+}
+
 /// What a lease request got: `granted` of the budget, with `holders` holding part of the slot
 /// (the asker included), which tells how many processes share the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
