@@ -310,7 +310,6 @@ mod tests {
   use crate::log::CapturedLog;
   use crate::pool::{Claim, Outcome};
   use crate::quota::{Quota, WindowPolicy};
-  use crate::store::MemoryStore;
 
   /// A minute boundary.
   const T0: Millis = 1_800_000_000_000;
@@ -364,9 +363,9 @@ mod tests {
   #[tokio::test]
   async fn four_processes_never_hand_out_more_than_the_limit_in_total() {
     let clock = FakeClock::at(T0);
-    let store = Arc::new(StoreSlot::new(Some(Arc::new(Store::Memory(
-      MemoryStore::new(),
-    )))));
+    let store = Arc::new(StoreSlot::new(Some(Arc::new(
+      Store::Memory(Box::default()),
+    ))));
     let processes: Vec<_> = (0..4).map(|_| process(&clock, &store)).collect();
     let mut per_minute = [0u64; 3];
     let mut per_process = [0u64; 4];
@@ -413,9 +412,9 @@ mod tests {
   #[tokio::test]
   async fn idle_processes_leave_the_budget_to_a_busy_one() {
     let clock = FakeClock::at(T0);
-    let store = Arc::new(StoreSlot::new(Some(Arc::new(Store::Memory(
-      MemoryStore::new(),
-    )))));
+    let store = Arc::new(StoreSlot::new(Some(Arc::new(
+      Store::Memory(Box::default()),
+    ))));
     let processes: Vec<_> = (0..4).map(|_| process(&clock, &store)).collect();
     let mut per_minute = [0u64; 3];
     for _ in 0..18_000 {
@@ -455,7 +454,7 @@ mod tests {
     // Said once, and once more when the store answers again.
     clock.advance(60_000);
     round(&inner).await;
-    *slot.lock() = Some(Arc::new(Store::Memory(MemoryStore::new())));
+    *slot.lock() = Some(Arc::new(Store::Memory(Box::default())));
     // Local shares last their window: the store is asked again for the next one.
     clock.advance(60_000);
     round(&inner).await;

@@ -36,7 +36,7 @@ pub use usage_query::{StoredCalls, UsageReader};
 /// [`Store::ops`]); leases are described in [`MongoStore::lease`].
 pub enum Store {
   /// No database: state lives as long as the process.
-  Memory(MemoryStore),
+  Memory(Box<MemoryStore>),
   /// SPEC section 3's collections in MongoDB.
   Mongo(MongoStore),
 }
@@ -196,7 +196,7 @@ mod tests {
 
   #[tokio::test]
   async fn the_memory_store_serves_the_whole_contract_through_the_enum() {
-    let store = Store::Memory(MemoryStore::new());
+    let store = Store::Memory(Box::default());
     let window = WindowRecord {
       current: 1,
       limit: 30,
