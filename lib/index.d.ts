@@ -165,6 +165,13 @@ export interface ApiKeyManagerOptions {
    * (default 2000 ms).
    */
   keySyncIntervalMs?: number
+  /**
+   * With MongoDB: how long `close()` (and SIGINT, SIGTERM, the process's end) waits for the database
+   * before keeping what it did not take in a spill file, written at the next start (default 3000 ms).
+   */
+  closeTimeoutMs?: number
+  /** Where spill files go (`KEY_MANAGER_SPILL_DIR`; default the system's temporary directory). */
+  spillDir?: string
 }
 
 /** The range of `getUsageStats`: both ends optional and included. */
@@ -266,8 +273,10 @@ export interface PersistenceStats {
   queued: number
   /** Recorded calls of a write being retried. */
   pending: number
-  /** Recorded calls dropped because more than `usageQueueCapacity` waited. */
+  /** Recorded calls lost: dropped because more than `usageQueueCapacity` waited, or neither written nor spilled at close. */
   dropped: number
+  /** Recorded calls kept in a spill file at close, for the next start to write. */
+  spilled: number
   /** Processes seen sharing the keys' quota, this one included; 0 when `sharedQuota` is off. */
   peers: number
 }

@@ -159,6 +159,8 @@ function mongoSettings(options) {
     flushIntervalMs: options.flushIntervalMs,
     retryIntervalMs: options.mongoRetryIntervalMs,
     keySyncIntervalMs: options.keySyncIntervalMs,
+    closeTimeoutMs: options.closeTimeoutMs,
+    spillDir: options.spillDir,
     batchSize: options.usageBatchSize,
     queueCapacity: options.usageQueueCapacity,
     sharedQuota: options.sharedQuota ?? envFlag('KEY_MANAGER_SHARED_QUOTA'),
@@ -180,7 +182,8 @@ function envFlag(name) {
 const OPTION_NAMES = [
   'keys', 'model', 'modelLimits', 'limits', 'windowMs', 'dailyReset', 'reservationTtlMs', 'quiet', 'mongodbUri',
   'mongodbDbName', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'usageBatchSize', 'usageQueueCapacity',
-  'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity', 'keySyncIntervalMs',
+  'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity', 'keySyncIntervalMs', 'closeTimeoutMs',
+  'spillDir',
 ]
 
 /** The options read once into a plain object, so a getter runs (and may throw) only here. */
@@ -242,7 +245,13 @@ function checkOptions(options) {
       return `${field} must be a positive integer (got ${shown(n)})`
     }
   }
-  for (const field of ['windowMs', 'reservationTtlMs', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'keySyncIntervalMs']) {
+  if (options.spillDir !== undefined && typeof options.spillDir !== 'string') {
+    return `spillDir must be a string (got ${typeof options.spillDir})`
+  }
+  for (const field of [
+    'windowMs', 'reservationTtlMs', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'keySyncIntervalMs',
+    'closeTimeoutMs',
+  ]) {
     if (options[field] !== undefined && typeof options[field] !== 'number') {
       return `${field} must be a positive integer of milliseconds (got ${shown(options[field])})`
     }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,6 +136,11 @@ pub struct StoreOptions {
   /// How often to read the keys other processes added, removed, disabled or enabled (default
   /// 2000 ms).
   pub key_sync_interval_ms: Option<f64>,
+  /// How long closing may wait for the database before it keeps the rest in a spill file
+  /// (default 3000 ms).
+  pub close_timeout_ms: Option<f64>,
+  /// Where spill files go (else `KEY_MANAGER_SPILL_DIR`, else the system's temporary directory).
+  pub spill_dir: Option<String>,
   /// Recorded calls that trigger a write before the interval is up (default 500).
   pub batch_size: Option<u32>,
   /// Recorded calls kept while the server is away, at most (default 10000).
@@ -167,8 +173,11 @@ pub struct PersistenceStats {
   pub queued: u32,
   /// Recorded calls of a write being retried.
   pub pending: u32,
-  /// Recorded calls dropped because more than `usageQueueCapacity` waited.
+  /// Recorded calls lost: dropped because more than `usageQueueCapacity` waited, or neither
+  /// written nor spilled at close.
   pub dropped: f64,
+  /// Recorded calls kept in a spill file at close, written at the next start.
+  pub spilled: f64,
   /// Processes seen sharing the keys' quota, this one included; 0 when `sharedQuota` is off.
   pub peers: u32,
 }
@@ -540,6 +549,15 @@ impl NativeKeyPool {
         options.key_sync_interval_ms,
         defaults.key_sync_interval,
       )?,
+      close_timeout: millis_option(
+        "closeTimeoutMs",
+        options.close_timeout_ms,
+        defaults.close_timeout,
+      )?,
+      spill_dir: options
+        .spill_dir
+        .or_else(|| env_var(SPILL_DIR_ENV).filter(|d| !d.trim().is_empty()))
+        .map_or(defaults.spill_dir.clone(), PathBuf::from),
       batch_size: options
         .batch_size
         .map_or(defaults.batch_size, |n| n as usize),
@@ -598,6 +616,7 @@ impl NativeKeyPool {
         queued: s.queued as u32,
         pending: s.pending as u32,
         dropped: s.dropped as f64,
+        spilled: s.spilled as f64,
         peers: u32::try_from(s.peers).unwrap_or(u32::MAX),
       }
     })
@@ -650,6 +669,9 @@ pub struct RateLimitEntry {
   pub reset_time: f64,
   pub is_limited: bool,
 }
+
+/// Where spill files go when the option does not say.
+const SPILL_DIR_ENV: &str = "KEY_MANAGER_SPILL_DIR";
 
 fn env_var(name: &str) -> Option<String> {
   std::env::var(name).ok()

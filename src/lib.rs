@@ -29,6 +29,7 @@ pub mod results;
 pub mod roster;
 pub mod selection;
 pub mod share;
+pub mod spill;
 pub mod store;
 pub mod usage_log;
 pub mod usage_stats;

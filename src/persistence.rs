@@ -7,20 +7,25 @@
 //! When the server cannot be reached at start-up the pool runs in memory and the task keeps trying
 //! in the background; once connected it loads what the database holds, merges it into the pool
 //! (larger counters win, see [`KeyPool::import`]) and writes everything, queued calls included.
+//!
+//! Every write is bounded in time, so a hung database never holds up closing: what it did not
+//! take by then goes to a spill file (see `spill`), written at the next start.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep, timeout, Instant};
 
 use crate::leasing::{LeaseKeeper, StoreSlot};
 use crate::log::Log;
 use crate::mask::scrub;
 use crate::pool::KeyPool;
+use crate::spill::{self, Spill};
 use crate::store::{
   AdmissionRecord, KeyNaming, KeyStorage, MongoStore, Store, StoreError, UsageRecord,
   DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
@@ -55,6 +60,11 @@ pub struct PersistOptions {
   /// How keys are named in documents: plaintext unless set (the bindings set it from
   /// `KeyStorage::resolve`, which never picks plaintext unasked).
   pub key_storage: KeyStorage,
+  /// How long closing may wait for the database; what it did not take by then is spilled.
+  pub close_timeout: Duration,
+  /// Where what the database did not take before closing is kept for the next start (see
+  /// `spill`; default: the system's temporary directory).
+  pub spill_dir: PathBuf,
 }
 
 impl PersistOptions {
@@ -71,6 +81,8 @@ impl PersistOptions {
       queue_capacity: DEFAULT_CAPACITY,
       share_quota: true,
       key_storage: KeyStorage::Plaintext,
+      close_timeout: Duration::from_secs(3),
+      spill_dir: spill::default_dir(),
     }
   }
 }
@@ -97,9 +109,15 @@ pub struct PersistStats {
   pub queued: usize,
   /// Recorded calls taken from the queue whose write has not succeeded yet.
   pub pending: usize,
-  /// Recorded calls dropped because the queue was full.
+  /// Recorded calls lost: dropped because the queue was full, or not written at close and not
+  /// spilled either.
   pub dropped: u64,
+  /// Recorded calls kept in a spill file at close, for the next start to write.
+  pub spilled: u64,
 }
+
+/// How long a write may take in normal operation before it counts as failed and is tried again.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Shared {
   pool: Arc<KeyPool>,
@@ -109,9 +127,20 @@ struct Shared {
   log: Arc<dyn Log>,
   wake: Arc<Notify>,
   closing: AtomicBool,
+  /// Wakes a write in progress when closing starts.
+  close_requested: Notify,
   connected: AtomicBool,
   ops: AtomicU64,
-  pending: AtomicUsize,
+  /// Recorded calls taken from the pool's queue and not written yet (a batch being written stays
+  /// here until it is), and operators' decisions likewise: what closing spills if it must.
+  pending: Mutex<Vec<UsageRecord>>,
+  pending_admissions: Mutex<Vec<AdmissionRecord>>,
+  spill: Spill,
+  /// This process's name for its spill file.
+  writer: String,
+  /// Calls spilled, and calls lost at close.
+  spilled: AtomicU64,
+  lost: AtomicU64,
   /// Keys sealed under another secret were found and logged.
   unreadable_logged: AtomicBool,
 }
@@ -122,6 +151,7 @@ pub struct WriteBehind {
   shared: Arc<Shared>,
   task: Mutex<Option<JoinHandle<()>>>,
   keeper: Option<LeaseKeeper>,
+  close_timeout: Duration,
 }
 
 /// Connects, follows the operators' decisions stored there, loads the stored keys and merges them
@@ -143,6 +173,7 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
       pool.import(&records);
       pool.mark_all_dirty();
       pool.set_usage_reader(Some(reader));
+      write_spilled(shared, &store).await;
       Ok(store)
     }
     Err(e) => {
@@ -189,20 +220,52 @@ async fn follow_admissions(shared: &Shared, store: &Store) -> Result<(), StoreEr
   Ok(())
 }
 
-/// Writes the changed keys, then the recorded calls (those of an earlier failed try first). On a
-/// failure the keys are marked changed again (the next try writes their state as it is then) and
-/// the calls stay in `pending`.
-async fn flush(
-  shared: &Shared,
-  store: &Store,
-  pending: &mut Vec<UsageRecord>,
-  capacity: usize,
-) -> Result<(), StoreError> {
+/// Writes what spill files of this database hold (an earlier run, or this one, could not write
+/// it before closing), then deletes them; on failure they stay for the next connection.
+async fn write_spilled(shared: &Shared, store: &Store) {
+  let claim = match shared.spill.claim(&shared.writer) {
+    Ok(claim) if !claim.is_empty() => claim,
+    Ok(_) => return,
+    Err(e) => {
+      shared.log.warn(&format!(
+        "⚠️ The spill files in {} cannot be read: {e}",
+        shared.spill.file().display()
+      ));
+      return;
+    }
+  };
+  let spilled = &claim.spilled;
+  let written = async {
+    store.save_stored_admissions(&spilled.admissions).await?;
+    store.append_stored_usage(&spilled.calls).await
+  };
+  match timeout(WRITE_TIMEOUT, written).await {
+    Ok(Ok(_)) => {
+      let calls = spilled.calls.len();
+      if claim.done().is_ok() {
+        shared.log.info(&format!(
+          "✅ Wrote {calls} recorded calls an earlier run kept in a spill file"
+        ));
+      }
+    }
+    // Left for the next connection: the files stay claimed by this writer.
+    _ => {}
+  }
+}
+
+/// Writes the operators' decisions, the changed keys, then the recorded calls (those of an earlier
+/// failed try first). On a failure the keys are marked changed again (the next try writes their
+/// state as it is then) and the calls and decisions stay pending.
+async fn flush(shared: &Shared, store: &Store, capacity: usize) -> Result<(), StoreError> {
   let pool = &shared.pool;
-  let admissions = pool.export_admissions();
-  if let Err(e) = store.save_admissions(&admissions).await {
-    pool.mark_admissions(&admissions);
-    return Err(e);
+  let admissions = {
+    let mut pending = shared.pending_admissions.lock();
+    pending.extend(pool.export_admissions());
+    pending.clone()
+  };
+  if !admissions.is_empty() {
+    store.save_admissions(&admissions).await?;
+    shared.pending_admissions.lock().drain(..admissions.len());
   }
   let keys = pool.export_dirty();
   if !keys.is_empty() {
@@ -212,21 +275,65 @@ async fn flush(
     }
   }
   loop {
-    pending.extend(pool.take_usage(capacity.saturating_sub(pending.len())));
-    if pending.is_empty() {
+    // The batch stays pending until written: a close that cannot wait spills it.
+    let batch = {
+      let mut pending = shared.pending.lock();
+      let room = capacity.saturating_sub(pending.len());
+      pending.extend(pool.take_usage(room));
+      pending.clone()
+    };
+    if batch.is_empty() {
       return Ok(());
     }
-    store.append_usage(pending).await?;
-    pending.clear();
+    store.append_usage(&batch).await?;
+    shared.pending.lock().drain(..batch.len());
+  }
+}
+
+/// Keeps in this process's spill file what was recorded and not written: closing could not wait
+/// for the database. Logs how much; counts what could not be kept either as lost.
+fn spill_rest(shared: &Shared) {
+  let naming = &shared.naming;
+  let mut calls = std::mem::take(&mut *shared.pending.lock());
+  calls.extend(shared.pool.take_usage(usize::MAX));
+  let mut admissions = std::mem::take(&mut *shared.pending_admissions.lock());
+  admissions.extend(shared.pool.export_admissions());
+  if calls.is_empty() && admissions.is_empty() {
+    return;
+  }
+  let calls: Vec<UsageRecord> = calls.iter().map(|u| naming.stored_usage(u)).collect();
+  // A key added at run time that cannot be sealed could not be stored at all.
+  let admissions: Vec<_> = admissions
+    .iter()
+    .filter_map(|a| naming.stored_admission(a).ok())
+    .collect();
+  match shared.spill.write(&calls, &admissions) {
+    Ok(_) => {
+      shared.spilled.fetch_add(calls.len() as u64, Ordering::Relaxed);
+      shared.log.warn(&format!(
+        "⚠️ MongoDB did not take {} recorded calls before closing: kept in {}, they are written \
+         at the next start",
+        calls.len(),
+        shared.spill.file().display()
+      ));
+    }
+    Err(e) => {
+      shared.lost.fetch_add(calls.len() as u64, Ordering::Relaxed);
+      shared.log.warn(&format!(
+        "❌ {} recorded calls are lost: MongoDB did not take them before closing, and {} cannot \
+         be written: {e}",
+        calls.len(),
+        shared.spill.file().display()
+      ));
+    }
   }
 }
 
 async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc<Store>>) {
-  let mut pending = Vec::new();
   let mut failing = false;
   let mut next_connect = Instant::now() + options.retry_interval;
   let mut next_sync = Instant::now() + options.key_sync_interval;
-  loop {
+  let close_by = loop {
     if !shared.closing.load(Ordering::Acquire) {
       let wait = match store {
         Some(_) => options.flush_interval,
@@ -238,24 +345,46 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
       }
     }
     let closing = shared.closing.load(Ordering::Acquire);
+    // A hung database must not hold the writer, least of all when closing.
+    let deadline = Instant::now()
+      + match closing {
+        true => options.close_timeout,
+        false => WRITE_TIMEOUT,
+      };
     // Closing tries once more, so that what was recorded while the server was away is not lost
     // when it is back by then.
     if store.is_none() && (closing || Instant::now() >= next_connect) {
-      match connect(&shared, &options).await {
-        Ok(s) => {
+      match tokio::time::timeout_at(deadline, connect(&shared, &options)).await {
+        Ok(Ok(s)) => {
           shared.log.info(CONNECTED_LINE);
           let s = Arc::new(s);
           *shared.store.lock() = Some(s.clone());
           store = Some(s);
         }
-        Err(_) => next_connect = Instant::now() + options.retry_interval,
+        _ => next_connect = Instant::now() + options.retry_interval,
       }
     }
     if let Some(s) = &store {
-      let mut result = flush(&shared, s, &mut pending, options.queue_capacity).await;
-      if result.is_ok() && !closing && Instant::now() >= next_sync {
+      let sync = !closing && Instant::now() >= next_sync;
+      let round = async {
+        flush(&shared, s, options.queue_capacity).await?;
+        if sync {
+          follow_admissions(&shared, s).await?;
+        }
+        Ok(())
+      };
+      // A close during a write cuts it short: the close's own try, bounded by its timeout,
+      // follows at once, and what neither wrote is spilled.
+      let result = tokio::select! {
+        timed = tokio::time::timeout_at(deadline, round) => {
+          timed.unwrap_or(Err(StoreError::Unreachable(WRITE_TIMEOUT)))
+        }
+        _ = shared.close_requested.notified(), if !closing => {
+          Err(StoreError::Unreachable(WRITE_TIMEOUT))
+        }
+      };
+      if sync {
         next_sync = Instant::now() + options.key_sync_interval;
-        result = follow_admissions(&shared, s).await;
       }
       match result {
         Ok(()) => {
@@ -277,16 +406,18 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
       }
       shared.ops.store(s.ops(), Ordering::Relaxed);
       shared.connected.store(!failing, Ordering::Relaxed);
-      shared.pending.store(pending.len(), Ordering::Relaxed);
     }
     if closing {
-      break;
+      break deadline;
     }
-  }
+  };
+  spill_rest(&shared);
   shared.store.lock().take();
   shared.pool.set_usage_reader(None);
   if let Some(s) = store {
-    s.close().await;
+    // A hung server holds the driver's shutdown as well: it gets what is left of the close's
+    // time, and a little more.
+    let _ = tokio::time::timeout_at(close_by + Duration::from_millis(100), s.close()).await;
   }
   shared.connected.store(false, Ordering::Relaxed);
 }
@@ -307,6 +438,8 @@ impl WriteBehind {
     let namer = naming.clone();
     pool.set_namer(Arc::new(move |key: &str| namer.stored(key)));
     pool.refuse_additions((!naming.keeps_added_keys()).then(|| StoreError::CannotSeal.to_string()));
+    // This process's name for its spill file: unique across processes and hosts.
+    let writer = mongodb::bson::oid::ObjectId::new().to_hex();
     let shared = Arc::new(Shared {
       pool: pool.clone(),
       naming,
@@ -314,9 +447,15 @@ impl WriteBehind {
       log,
       wake,
       closing: AtomicBool::new(false),
+      close_requested: Notify::new(),
       connected: AtomicBool::new(false),
       ops: AtomicU64::new(0),
-      pending: AtomicUsize::new(0),
+      pending: Mutex::new(Vec::new()),
+      pending_admissions: Mutex::new(Vec::new()),
+      spill: Spill::new(&options.spill_dir, &options.uri, &options.db_name, &writer),
+      writer,
+      spilled: AtomicU64::new(0),
+      lost: AtomicU64::new(0),
       unreadable_logged: AtomicBool::new(false),
     });
     let (store, started) = match connect(&shared, &options).await {
@@ -337,11 +476,13 @@ impl WriteBehind {
     if let Some(store) = &store {
       shared.ops.store(store.ops(), Ordering::Relaxed);
     }
+    let close_timeout = options.close_timeout;
     let task = tokio::spawn(run(shared.clone(), options, store));
     let writer = Self {
       shared,
       task: Mutex::new(Some(task)),
       keeper,
+      close_timeout,
     };
     (writer, started)
   }
@@ -354,9 +495,13 @@ impl WriteBehind {
     }
     self.stop();
     let task = self.task.lock().take();
-    if let Some(task) = task {
-      // A task that panicked has nothing left to write.
-      let _ = task.await;
+    if let Some(mut task) = task {
+      // The writer bounds its own last write; this only guards against it hanging anyway.
+      let grace = self.close_timeout + WRITE_TIMEOUT;
+      if timeout(grace, &mut task).await.is_err() {
+        task.abort();
+        spill_rest(&self.shared);
+      }
     }
   }
 
@@ -365,6 +510,7 @@ impl WriteBehind {
   pub fn stop(&self) {
     self.shared.closing.store(true, Ordering::Release);
     self.shared.wake.notify_one();
+    self.shared.close_requested.notify_one();
   }
 
   pub fn stats(&self) -> PersistStats {
@@ -379,8 +525,9 @@ impl WriteBehind {
         None => self.shared.ops.load(Ordering::Relaxed),
       },
       queued,
-      pending: self.shared.pending.load(Ordering::Relaxed),
-      dropped,
+      pending: self.shared.pending.lock().len(),
+      dropped: dropped + self.shared.lost.load(Ordering::Relaxed),
+      spilled: self.shared.spilled.load(Ordering::Relaxed),
     }
   }
 }
@@ -571,6 +718,63 @@ mod tests {
       keys[0].get_str("apiKey").unwrap(),
       crate::fingerprint::digest_name("key-a")
     );
+  }
+
+  #[tokio::test(flavor = "multi_thread")]
+  async fn closing_on_a_hung_database_spills_and_the_next_start_writes_each_call_once() {
+    let server = TestServer::start();
+    let spill_dir = std::env::temp_dir().join(format!("gkm-spill-close-{}", std::process::id()));
+    let hung_options = || PersistOptions {
+      share_quota: false,
+      close_timeout: Duration::from_millis(500),
+      spill_dir: spill_dir.clone(),
+      ..options(server.uri())
+    };
+    let p = pool(&["key-a", "key-b"]);
+    let log = Arc::new(CapturedLog::default());
+    let (writer, started) = WriteBehind::start(p.clone(), hung_options(), log.clone()).await;
+    assert_eq!(started, Started::Connected);
+    for i in 0..30 {
+      p.record_usage(i % 2, 1, Outcome::Success, 1.0).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&server.uri(), "api_key_usage").await < 30 && Instant::now() < deadline {
+      sleep(Duration::from_millis(50)).await;
+    }
+    server.hang();
+    for i in 0..20 {
+      p.record_usage(i % 2, 1, Outcome::Success, 1.0).unwrap();
+    }
+    p.close();
+    let closing = Instant::now();
+    writer.close().await;
+    assert!(closing.elapsed() < Duration::from_secs(3), "{:?}", closing.elapsed());
+    let stats = writer.stats();
+    assert_eq!((stats.spilled, stats.dropped), (20, 0), "{stats:?}");
+    assert!(log
+      .0
+      .lock()
+      .iter()
+      .any(|l| l.contains("did not take 20 recorded calls before closing")));
+    server.resume();
+    // The next start writes them, each once; the spill file is gone.
+    let q = pool(&["key-a", "key-b"]);
+    let again = Arc::new(CapturedLog::default());
+    let (next, started) = WriteBehind::start(q.clone(), hung_options(), again.clone()).await;
+    assert_eq!(started, Started::Connected);
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 50);
+    assert!(again.0.lock().iter().any(|l| l.contains("Wrote 20 recorded calls")));
+    q.close();
+    next.close().await;
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 50);
+    let left: Vec<_> = std::fs::read_dir(&spill_dir)
+      .into_iter()
+      .flatten()
+      .flatten()
+      .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+      .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir_all(&spill_dir);
   }
 
   #[tokio::test(flavor = "multi_thread")]

@@ -14,16 +14,36 @@ use super::mongo::{MongoStore, ADMISSIONS, DUPLICATE_KEY, READ_BATCH};
 use super::records::AdmissionRecord;
 use crate::clock::Millis;
 use crate::key::Admission;
-use crate::mask::mask_key;
 
 /// A decision as stored: the key by its stored name, and sealed when it was added at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StoredAdmission {
   pub stored: String,
+  #[serde(with = "admission_name")]
   pub admission: Admission,
   pub changed_at: Millis,
   pub added: bool,
   pub sealed: Option<String>,
+  /// The key masked, for people reading the documents.
+  pub masked: String,
+}
+
+/// An admission written by its name, in spill files.
+mod admission_name {
+  use serde::{Deserialize, Deserializer, Serializer};
+
+  use crate::key::Admission;
+
+  pub fn serialize<S: Serializer>(a: &Admission, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(a.as_str())
+  }
+
+  pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Admission, D::Error> {
+    let name = String::deserialize(d)?;
+    Admission::parse(&name).ok_or_else(|| serde::de::Error::custom(format!("admission {name:?}")))
+  }
 }
 
 impl MongoStore {
@@ -31,34 +51,40 @@ impl MongoStore {
   /// A key added at run time that cannot be sealed (no secret) is an error: it would be lost to
   /// every other process.
   pub async fn save_admissions(&self, records: &[AdmissionRecord]) -> Result<(), StoreError> {
-    if records.is_empty() {
+    let stored = records
+      .iter()
+      .map(|r| self.naming.stored_admission(r))
+      .collect::<Result<Vec<_>, _>>()?;
+    self.save_stored_admissions(&stored).await
+  }
+
+  /// [`Self::save_admissions`] for decisions already in their stored form.
+  pub async fn save_stored_admissions(&self, stored: &[StoredAdmission]) -> Result<(), StoreError> {
+    if stored.is_empty() {
       return Ok(());
     }
-    let mut updates = Vec::with_capacity(records.len());
-    for r in records {
-      let stored = self.naming.stored(&r.api_key);
-      let mut d = doc! {
-        "apiKey": &stored,
-        "admission": r.admission.as_str(),
-        "changedAt": DateTime::from_millis(r.changed_at),
-        // The guard compares this: some servers compare dates to the second only.
-        "changedAtMs": r.changed_at,
-        "maskedKey": mask_key(&r.api_key),
-        "added": r.added,
-      };
-      if r.added && stored != r.api_key {
-        let sealed = self
-          .naming
-          .seal(&r.api_key, &stored)
-          .ok_or(StoreError::CannotSeal)?;
-        d.insert("sealedKey", sealed);
-      }
-      updates.push(doc! {
-        "q": { "apiKey": &stored, "changedAtMs": { "$lt": r.changed_at } },
-        "u": d,
-        "upsert": true,
-      });
-    }
+    let updates: Vec<Document> = stored
+      .iter()
+      .map(|a| {
+        let mut d = doc! {
+          "apiKey": &a.stored,
+          "admission": a.admission.as_str(),
+          "changedAt": DateTime::from_millis(a.changed_at),
+          // The guard compares this: some servers compare dates to the second only.
+          "changedAtMs": a.changed_at,
+          "maskedKey": &a.masked,
+          "added": a.added,
+        };
+        if let Some(sealed) = &a.sealed {
+          d.insert("sealedKey", sealed);
+        }
+        doc! {
+          "q": { "apiKey": &a.stored, "changedAtMs": { "$lt": a.changed_at } },
+          "u": d,
+          "upsert": true,
+        }
+      })
+      .collect();
     self.count_op();
     let reply = self
       .db
@@ -106,6 +132,7 @@ impl MongoStore {
         changed_at,
         added: d.get_bool("added").unwrap_or(false),
         sealed: d.get_str("sealedKey").ok().map(str::to_owned),
+        masked: d.get_str("maskedKey").unwrap_or_default().to_owned(),
       });
     }
     Ok(out)

@@ -122,27 +122,34 @@ impl MemoryStore {
 
   /// See [`super::MongoStore::save_admissions`]: keys are kept by name, as in plaintext mode.
   pub fn save_admissions(&self, records: &[AdmissionRecord]) {
-    if records.is_empty() {
+    let stored: Vec<StoredAdmission> = records
+      .iter()
+      .map(|r| StoredAdmission {
+        stored: r.api_key.clone(),
+        admission: r.admission,
+        changed_at: r.changed_at,
+        added: r.added,
+        sealed: None,
+        masked: crate::mask::mask_key(&r.api_key),
+      })
+      .collect();
+    self.save_stored_admissions(&stored);
+  }
+
+  /// See [`super::MongoStore::save_stored_admissions`].
+  pub fn save_stored_admissions(&self, stored: &[StoredAdmission]) {
+    if stored.is_empty() {
       return;
     }
     self.count_op();
     let mut state = self.state.lock();
-    for r in records {
+    for a in stored {
       let newer = state
         .admissions
-        .get(&r.api_key)
-        .is_some_and(|a| a.changed_at >= r.changed_at);
+        .get(&a.stored)
+        .is_some_and(|held| held.changed_at >= a.changed_at);
       if !newer {
-        state.admissions.insert(
-          r.api_key.clone(),
-          StoredAdmission {
-            stored: r.api_key.clone(),
-            admission: r.admission,
-            changed_at: r.changed_at,
-            added: r.added,
-            sealed: None,
-          },
-        );
+        state.admissions.insert(a.stored.clone(), a.clone());
       }
     }
   }

@@ -98,6 +98,25 @@ impl Store {
     }
   }
 
+  /// See [`MongoStore::append_stored_usage`].
+  pub async fn append_stored_usage(&self, usage: &[UsageRecord]) -> Result<usize, StoreError> {
+    match self {
+      Store::Memory(s) => Ok(s.append_usage(usage)),
+      Store::Mongo(s) => s.append_stored_usage(usage).await,
+    }
+  }
+
+  /// See [`MongoStore::save_stored_admissions`].
+  pub async fn save_stored_admissions(&self, stored: &[StoredAdmission]) -> Result<(), StoreError> {
+    match self {
+      Store::Memory(s) => {
+        s.save_stored_admissions(stored);
+        Ok(())
+      }
+      Store::Mongo(s) => s.save_stored_admissions(stored).await,
+    }
+  }
+
   /// See [`MongoStore::lease`].
   pub async fn lease(
     &self,

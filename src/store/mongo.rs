@@ -351,12 +351,25 @@ impl MongoStore {
   /// stored are refused as duplicates and skipped, and the rest are stored. Returns how many were
   /// newly stored.
   pub async fn append_usage(&self, usage: &[UsageRecord]) -> Result<usize, StoreError> {
+    self
+      .insert_usage(usage, |u| self.naming.stored(&u.api_key))
+      .await
+  }
+
+  /// [`Self::append_usage`] for records whose `api_key` is already the stored name (spilled by an
+  /// earlier run).
+  pub async fn append_stored_usage(&self, usage: &[UsageRecord]) -> Result<usize, StoreError> {
+    self.insert_usage(usage, |u| u.api_key.clone()).await
+  }
+
+  async fn insert_usage(
+    &self,
+    usage: &[UsageRecord],
+    name: impl Fn(&UsageRecord) -> String,
+  ) -> Result<usize, StoreError> {
     let mut stored = 0;
     for chunk in usage.chunks(USAGE_BATCH) {
-      let docs: Vec<Document> = chunk
-        .iter()
-        .map(|u| usage_document(u, &self.naming.stored(&u.api_key)))
-        .collect();
+      let docs: Vec<Document> = chunk.iter().map(|u| usage_document(u, &name(u))).collect();
       self.count_op();
       stored += match self.usage.insert_many(docs).ordered(false).await {
         Ok(result) => result.inserted_ids.len(),

@@ -5,7 +5,11 @@
 
 use thiserror::Error;
 
+use super::admissions::StoredAdmission;
+use super::error::StoreError;
+use super::records::{AdmissionRecord, UsageRecord};
 use super::sealing::Sealer;
+use crate::mask::mask_key;
 use crate::fingerprint::{
   digest_name, is_digest_name, is_fingerprint, FingerprintError, Fingerprinter,
 };
@@ -123,6 +127,33 @@ impl KeyNaming {
     match &self.storage {
       KeyStorage::Plaintext => Some(stored.to_owned()),
       _ => self.sealer.as_ref()?.open(sealed?, stored),
+    }
+  }
+
+  /// A decision as documents hold it: the key by its stored name, sealed when it was added at run
+  /// time (and is not stored in plaintext anyway). A key added at run time that cannot be sealed
+  /// (no secret) is an error: it would be lost to every other process.
+  pub fn stored_admission(&self, r: &AdmissionRecord) -> Result<StoredAdmission, StoreError> {
+    let stored = self.stored(&r.api_key);
+    let sealed = match r.added && stored != r.api_key {
+      true => Some(self.seal(&r.api_key, &stored).ok_or(StoreError::CannotSeal)?),
+      false => None,
+    };
+    Ok(StoredAdmission {
+      stored,
+      admission: r.admission,
+      changed_at: r.changed_at,
+      added: r.added,
+      sealed,
+      masked: mask_key(&r.api_key),
+    })
+  }
+
+  /// A call as documents hold it: its key by its stored name.
+  pub fn stored_usage(&self, u: &UsageRecord) -> UsageRecord {
+    UsageRecord {
+      api_key: self.stored(&u.api_key),
+      ..u.clone()
     }
   }
 

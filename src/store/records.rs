@@ -91,6 +91,17 @@ impl fmt::Display for UsageId {
   }
 }
 
+impl UsageId {
+  /// The id its [`fmt::Display`] form names (`source:seq`), as spill files keep it.
+  pub fn parse(text: &str) -> Option<Self> {
+    let (source, seq) = text.rsplit_once(':')?;
+    Some(Self {
+      source: source.into(),
+      seq: seq.parse().ok()?,
+    })
+  }
+}
+
 /// Issues [`UsageId`]s. One per key manager, kept across reconnects: a batch re-sent through a new
 /// connection must carry the ids it had.
 #[derive(Debug)]

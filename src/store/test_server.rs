@@ -101,6 +101,23 @@ impl TestServer {
     fs::read_to_string(self.dir.join("nx.log")).unwrap_or_default()
   }
 
+  /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as a hung
+  /// database does.
+  pub fn hang(&self) {
+    self.signal(libc::SIGSTOP);
+  }
+
+  /// Lets a frozen server go on (SIGCONT).
+  pub fn resume(&self) {
+    self.signal(libc::SIGCONT);
+  }
+
+  fn signal(&self, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal}");
+  }
+
   /// The connection string for this server.
   pub fn uri(&self) -> String {
     format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
@@ -109,6 +126,8 @@ impl TestServer {
 
 impl Drop for TestServer {
   fn drop(&mut self) {
+    // A frozen server does not die of SIGKILL until it is let go.
+    self.resume();
     // Errors mean it already exited; either way it is gone.
     let _ = self.child.kill();
     let _ = self.child.wait();
