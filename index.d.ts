@@ -156,8 +156,13 @@ export interface PersistenceStats {
   queued: number
   /** Recorded calls of a write being retried. */
   pending: number
-  /** Recorded calls dropped because more than `usageQueueCapacity` waited. */
+  /**
+   * Recorded calls lost: dropped because more than `usageQueueCapacity` waited, or neither
+   * written nor spilled at close.
+   */
   dropped: number
+  /** Recorded calls kept in a spill file at close, written at the next start. */
+  spilled: number
   /** Processes seen sharing the keys' quota, this one included; 0 when `sharedQuota` is off. */
   peers: number
 }
@@ -259,6 +264,13 @@ export interface StoreOptions {
    * 2000 ms).
    */
   keySyncIntervalMs?: number
+  /**
+   * How long closing may wait for the database before it keeps the rest in a spill file
+   * (default 3000 ms).
+   */
+  closeTimeoutMs?: number
+  /** Where spill files go (else `KEY_MANAGER_SPILL_DIR`, else the system's temporary directory). */
+  spillDir?: string
   /** Recorded calls that trigger a write before the interval is up (default 500). */
   batchSize?: number
   /** Recorded calls kept while the server is away, at most (default 10000). */

@@ -417,8 +417,14 @@ test('keys added, removed, disabled and enabled at run time reach every process 
   )
   assert.equal((await a.getRateLimitInfo(added)).error, 'API key not found')
   for (let i = 0; i < 10; i++) {
-    const best = await a.getBestAvailableKey()
-    assert.ok(best.success && best.data[0] !== KEYS[0] && best.data[0] !== added)
+    // A burst on a process that was idle may outrun its lease for a moment: it says until when.
+    let best = await a.getBestAvailableKey()
+    for (let tries = 0; !best.success && best.metadata.nextAvailableAt && tries < 50; tries++) {
+      await sleep(Math.max(1, best.metadata.nextAvailableAt - Date.now()))
+      best = await a.getBestAvailableKey()
+    }
+    assert.ok(best.success, best.error)
+    assert.ok(best.data[0] !== KEYS[0] && best.data[0] !== added, mask(best.data[0]))
   }
   assert.ok((await a.enableKey(KEYS[0])).success)
   assert.ok(await eventually(async () => (await listed(b)).some(([k, state]) => k === KEYS[0] && state === 'active'), 5000))
@@ -499,14 +505,13 @@ test('usage statistics come from the usage collection: getUsageStats, the Rust s
   const a = r.data[0]
   assert.equal(a.apiKey, mask(KEYS[0]))
   assert.ok(a.lastUsed instanceof Date)
-  assert.deepEqual(
-    [a.requests, a.successes, a.failures, a.errorRate, a.tokens, a.p50ResponseTime, a.p95ResponseTime],
-    [2, 1, 1, 0.5, 30, 100, 300],
-  )
-  assert.deepEqual(
-    [r.metadata.totals.requests, r.metadata.totals.tokens, r.metadata.totals.p50ResponseTime],
-    [3, 35, 200],
-  )
+  assert.deepEqual([a.requests, a.successes, a.failures, a.errorRate, a.tokens], [2, 1, 1, 0.5, 30])
+  // Summed by the database in latency buckets of 1%: percentiles within half a percent.
+  const near = (got, want) => assert.ok(Math.abs(got - want) <= 0.0051 * (want + 1), `${got} is not about ${want}`)
+  near(a.p50ResponseTime, 100)
+  near(a.p95ResponseTime, 300)
+  assert.deepEqual([r.metadata.totals.requests, r.metadata.totals.tokens], [3, 35])
+  near(r.metadata.totals.p50ResponseTime, 200)
   assert.equal((await m.getUsageStats()).metadata.totals.requests, 4)
   const bad = await m.getUsageStats({ startDate: new Date(now), endDate: new Date(now - hour) })
   assert.equal(bad.success, false)

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,7 +108,7 @@ fn at(index: u32) -> usize {
 /// A pool of Gemini API keys. Methods that concern one key write its figures into the result slots.
 #[napi]
 pub struct NativeKeyPool {
-  js: Arc<JsPool>,
+  js: Rc<JsPool>,
   log: Arc<dyn Log>,
   /// The MongoDB writer, once `attachStore` has started it.
   writer: Arc<parking_lot::Mutex<Option<Arc<WriteBehind>>>>,
@@ -232,7 +233,7 @@ impl NativeKeyPool {
       pool.keep_calls(capacity as usize);
     }
     Ok(Self {
-      js: Arc::new(JsPool {
+      js: Rc::new(JsPool {
         pool: Arc::new(pool),
         results: Results::default(),
       }),

@@ -7,6 +7,7 @@
 
 use std::ffi::{c_void, CStr, CString};
 use std::ptr;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use napi::sys;
@@ -66,7 +67,7 @@ fn key_index(value: f64) -> Result<usize, PoolError> {
 
 /// The function data of one installed function: which pool, and what to do.
 struct Bound {
-  pool: Arc<JsPool>,
+  pool: Rc<JsPool>,
   handler: Handler,
 }
 
@@ -124,8 +125,8 @@ unsafe extern "C" fn drop_bound(_env: sys::napi_env, data: *mut c_void, _hint: *
 }
 
 unsafe extern "C" fn drop_pool_ref(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
-  // SAFETY: `hint` came from `Arc::into_raw` in `install` and is finalized once.
-  drop(unsafe { Arc::from_raw(hint as *const JsPool) });
+  // SAFETY: `hint` came from `Rc::into_raw` in `install` and is finalized once, on the JS thread.
+  drop(unsafe { Rc::from_raw(hint as *const JsPool) });
 }
 
 fn check(status: sys::napi_status, what: &str) -> napi::Result<()> {
@@ -144,7 +145,7 @@ fn check(status: sys::napi_status, what: &str) -> napi::Result<()> {
 ///
 /// # Safety
 /// `env` must be the environment of the current call, on the JS thread.
-pub unsafe fn install(env: sys::napi_env, pool: Arc<JsPool>) -> napi::Result<sys::napi_value> {
+pub unsafe fn install(env: sys::napi_env, pool: Rc<JsPool>) -> napi::Result<sys::napi_value> {
   const FUNCTIONS: [(&CStr, Handler); 3] = [
     (c"best", best),
     (c"recordSuccess", record_success),
@@ -157,7 +158,7 @@ pub unsafe fn install(env: sys::napi_env, pool: Arc<JsPool>) -> napi::Result<sys
       "napi_create_object",
     )?;
 
-    let memory = Arc::into_raw(pool.clone());
+    let memory = Rc::into_raw(pool.clone());
     let mut buffer = ptr::null_mut();
     let status = sys::napi_create_external_arraybuffer(
       env,
@@ -168,7 +169,7 @@ pub unsafe fn install(env: sys::napi_env, pool: Arc<JsPool>) -> napi::Result<sys
       &mut buffer,
     );
     if status != sys::Status::napi_ok {
-      drop(Arc::from_raw(memory));
+      drop(Rc::from_raw(memory));
       check(status, "napi_create_external_arraybuffer")?;
     }
     let mut view = ptr::null_mut();

@@ -161,8 +161,8 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
   let mongo = MongoStore::connect(&options.uri, &options.db_name, options.connect_timeout)
     .await?
     .with_naming(shared.naming.clone());
-  let reader = mongo.usage_reader();
-  let store = Store::Mongo(mongo);
+  let reader = mongo.usage_reader()?;
+  let store = Store::Mongo(Box::new(mongo));
   let pool = &shared.pool;
   let loaded = async {
     follow_admissions(shared, &store).await?;
@@ -177,6 +177,7 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
       Ok(store)
     }
     Err(e) => {
+      reader.close().await;
       store.close().await;
       Err(e)
     }
@@ -239,17 +240,14 @@ async fn write_spilled(shared: &Shared, store: &Store) {
     store.save_stored_admissions(&spilled.admissions).await?;
     store.append_stored_usage(&spilled.calls).await
   };
-  match timeout(WRITE_TIMEOUT, written).await {
-    Ok(Ok(_)) => {
-      let calls = spilled.calls.len();
-      if claim.done().is_ok() {
-        shared.log.info(&format!(
-          "✅ Wrote {calls} recorded calls an earlier run kept in a spill file"
-        ));
-      }
+  // Not written in time: left for the next connection, the files staying claimed by this writer.
+  if let Ok(Ok(_)) = timeout(WRITE_TIMEOUT, written).await {
+    let calls = spilled.calls.len();
+    if claim.done().is_ok() {
+      shared.log.info(&format!(
+        "✅ Wrote {calls} recorded calls an earlier run kept in a spill file"
+      ));
     }
-    // Left for the next connection: the files stay claimed by this writer.
-    _ => {}
   }
 }
 
@@ -309,7 +307,9 @@ fn spill_rest(shared: &Shared) {
     .collect();
   match shared.spill.write(&calls, &admissions) {
     Ok(_) => {
-      shared.spilled.fetch_add(calls.len() as u64, Ordering::Relaxed);
+      shared
+        .spilled
+        .fetch_add(calls.len() as u64, Ordering::Relaxed);
       shared.log.warn(&format!(
         "⚠️ MongoDB did not take {} recorded calls before closing: kept in {}, they are written \
          at the next start",
@@ -413,7 +413,11 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
   };
   spill_rest(&shared);
   shared.store.lock().take();
+  let reader = shared.pool.usage_reader();
   shared.pool.set_usage_reader(None);
+  if let Some(reader) = reader {
+    let _ = tokio::time::timeout_at(close_by + Duration::from_millis(100), reader.close()).await;
+  }
   if let Some(s) = store {
     // A hung server holds the driver's shutdown as well: it gets what is left of the close's
     // time, and a little more.
@@ -748,7 +752,11 @@ mod tests {
     p.close();
     let closing = Instant::now();
     writer.close().await;
-    assert!(closing.elapsed() < Duration::from_secs(3), "{:?}", closing.elapsed());
+    assert!(
+      closing.elapsed() < Duration::from_secs(3),
+      "{:?}",
+      closing.elapsed()
+    );
     let stats = writer.stats();
     assert_eq!((stats.spilled, stats.dropped), (20, 0), "{stats:?}");
     assert!(log
@@ -763,7 +771,11 @@ mod tests {
     let (next, started) = WriteBehind::start(q.clone(), hung_options(), again.clone()).await;
     assert_eq!(started, Started::Connected);
     assert_eq!(count(&server.uri(), "api_key_usage").await, 50);
-    assert!(again.0.lock().iter().any(|l| l.contains("Wrote 20 recorded calls")));
+    assert!(again
+      .0
+      .lock()
+      .iter()
+      .any(|l| l.contains("Wrote 20 recorded calls")));
     q.close();
     next.close().await;
     assert_eq!(count(&server.uri(), "api_key_usage").await, 50);

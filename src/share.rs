@@ -184,9 +184,10 @@ pub struct Answer {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allowance {
   leases: [Option<Lease>; 2],
-  /// Requests served in the last occurrence that ended: a window's first lease asks for about
-  /// that much (or what the current one served so far, if more), so a process that serves little
-  /// holds little of everyone's budget. `None` until an occurrence ended.
+  /// Requests served in the occurrences that ended, the last one counting most: a window's first
+  /// lease asks for about that much (or what the current one served so far, if more), so a
+  /// process that serves little holds little of everyone's budget, and one that paused for a few
+  /// slices is still ready for its next burst. `None` until an occurrence ended.
   demand: Option<u64>,
   /// A grant is on its way: do not ask twice.
   asking: bool,
@@ -266,7 +267,8 @@ impl Allowance {
     let mut leftover = None;
     for l in self.leases.iter().flatten() {
       if l.occurrence.end <= at {
-        self.demand = Some(l.served);
+        // A quarter less for every occurrence without as much use.
+        self.demand = Some(l.served.max(self.demand.unwrap_or(0) * 3 / 4));
         if window == SharedWindow::Rpm && !l.local && l.left() > 0 {
           leftover = Some(LeaseNeed::Release {
             slice: l.occurrence,

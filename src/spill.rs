@@ -230,8 +230,8 @@ mod tests {
       api_key: "sha256_0123".into(),
       timestamp: 1_800_000_000_000,
       tokens_used: n,
-      success: n % 2 == 0,
-      error: (n % 2 == 1).then(|| "503 overloaded".to_owned()),
+      success: n.is_multiple_of(2),
+      error: (!n.is_multiple_of(2)).then(|| "503 overloaded".to_owned()),
       response_time: 12.5,
     }
   }
@@ -251,7 +251,11 @@ mod tests {
     };
     let a = Spill::new(&base, "mongodb://db", "rag_db", "writer-a");
     assert_eq!(a.write(&calls[..2], &[]).unwrap(), 2);
-    assert_eq!(a.write(&calls[2..], std::slice::from_ref(&admission)).unwrap(), 2);
+    assert_eq!(
+      a.write(&calls[2..], std::slice::from_ref(&admission))
+        .unwrap(),
+      2
+    );
     // Another database's spill directory holds none of it.
     let other = Spill::new(&base, "mongodb://db", "other_db", "writer-b");
     assert!(other.claim("b").unwrap().is_empty());
@@ -282,7 +286,10 @@ mod tests {
       .write_all(b"{\"kind\":\"call\",\"id\":")
       .unwrap();
     let claim = s.claim("x").unwrap();
-    assert_eq!((claim.spilled.calls.len(), claim.spilled.unreadable), (1, 1));
+    assert_eq!(
+      (claim.spilled.calls.len(), claim.spilled.unreadable),
+      (1, 1)
+    );
     fs::remove_dir_all(&base).unwrap();
   }
 }

@@ -6,13 +6,9 @@ use serde::Serialize;
 
 use super::json::{parse_date, IsoDate, UsageJson};
 use super::routes::Reply;
-use crate::call_log::Call;
 use crate::key::{Admission, KeyStatus};
 use crate::pool::KeyPool;
-use crate::usage_stats::{compute, DateRange, UsageFigures};
-
-/// Stored calls read for one answer at most: bounds the memory and time a wide range can take.
-pub const MAX_STORED_CALLS: usize = 1_000_000;
+use crate::usage_stats::{compute, from_buckets, DateRange, UsageFigures, UsageReport};
 
 /// The `startDate` and `endDate` of a request, as given (`None` when absent), into a range; the
 /// 400 reply that says what is wrong otherwise.
@@ -81,7 +77,7 @@ struct Meta {
   /// `"mongodb"` or `"memory"`.
   source: &'static str,
   /// Calls of the range may be missing: the in-memory log overwrote some, or more were stored
-  /// than [`MAX_STORED_CALLS`].
+  /// than [`crate::store::MAX_CALLS`].
   truncated: bool,
   /// How many calls the in-memory log keeps (with the memory source).
   #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,13 +99,19 @@ enum Source {
   Memory { truncated: bool, capacity: usize },
 }
 
-fn reply(pool: &KeyPool, range: DateRange, calls: &[Call], source: Source) -> Reply {
+/// The answer for `range`, with what `report` computes over every position of the pool.
+fn reply(
+  pool: &KeyPool,
+  range: DateRange,
+  report: impl FnOnce(usize) -> UsageReport,
+  source: Source,
+) -> Reply {
   // Every position, removed keys too: their calls stay part of the history.
   let statuses = match pool.every_status() {
     Ok(s) => s,
     Err(err) => return Reply::error(500, &err.to_string(), "Failed to get usage statistics"),
   };
-  let report = compute(statuses.len(), calls, range);
+  let report = report(statuses.len());
   let removed = |s: &KeyStatus| s.figures.admission == Admission::Removed;
   let (source, truncated, call_log_capacity) = match source {
     Source::Mongo { truncated } => ("mongodb", truncated, None),
@@ -150,7 +152,7 @@ pub fn from_memory(pool: &KeyPool, range: DateRange) -> Reply {
     Ok(recent) => reply(
       pool,
       range,
-      &recent.calls,
+      |keys| compute(keys, &recent.calls, range),
       Source::Memory {
         truncated: recent.truncated,
         capacity: recent.capacity,
@@ -164,11 +166,16 @@ pub fn from_memory(pool: &KeyPool, range: DateRange) -> Reply {
 /// without it, or when the query fails (`metadata.source` says which).
 pub async fn usage_stats(pool: &KeyPool, range: DateRange) -> Reply {
   if let Some(reader) = pool.usage_reader() {
-    if let Ok(stored) = reader.calls(range, MAX_STORED_CALLS, &pool.names()).await {
+    if let Ok(stored) = reader.usage(range, &pool.names()).await {
       let source = Source::Mongo {
         truncated: stored.truncated,
       };
-      return reply(pool, range, &stored.calls, source);
+      return reply(
+        pool,
+        range,
+        |keys| from_buckets(keys, &stored.buckets),
+        source,
+      );
     }
   }
   from_memory(pool, range)

@@ -16,8 +16,7 @@ use crate::clock::Millis;
 use crate::key::Admission;
 
 /// A decision as stored: the key by its stored name, and sealed when it was added at run time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredAdmission {
   pub stored: String,

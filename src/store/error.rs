@@ -23,4 +23,6 @@ pub enum StoreError {
      (KEY_MANAGER_FINGERPRINT_SECRET)"
   )]
   CannotSeal,
+  #[error("the store is closed")]
+  Closed,
 }

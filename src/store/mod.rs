@@ -30,7 +30,7 @@ pub use records::{
   AdmissionRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageIds, UsageRecord,
   WindowRecord, DAY_MS, MINUTE_MS,
 };
-pub use usage_query::{StoredCalls, UsageReader};
+pub use usage_query::{StoredUsage, UsageReader, MAX_CALLS};
 
 /// Where state is kept. Every call that has something to do is one round trip per batch (see
 /// [`Store::ops`]); leases are described in [`MongoStore::lease`].
@@ -38,7 +38,7 @@ pub enum Store {
   /// No database: state lives as long as the process.
   Memory(Box<MemoryStore>),
   /// SPEC section 3's collections in MongoDB.
-  Mongo(MongoStore),
+  Mongo(Box<MongoStore>),
 }
 
 impl Store {

@@ -27,7 +27,7 @@ pub const DEFAULT_DB_NAME: &str = "rag_db";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 const KEYS: &str = "api_keys";
-const USAGE: &str = "api_key_usage";
+pub(super) const USAGE: &str = "api_key_usage";
 const LEASES: &str = "api_key_leases";
 pub(super) const ADMISSIONS: &str = "api_key_admissions";
 
@@ -90,6 +90,8 @@ fn index(keys: Document, options: Option<IndexOptions>) -> IndexModel {
 /// A connection to one database holding `api_keys`, `api_key_usage` and `api_key_leases`.
 pub struct MongoStore {
   client: Client,
+  /// What the client was built with, for the usage reader's own client.
+  options: ClientOptions,
   pub(super) db: Database,
   keys: Collection<Document>,
   usage: Collection<Document>,
@@ -123,9 +125,10 @@ impl MongoStore {
     options
       .app_name
       .get_or_insert_with(|| "gemini-key-manager".to_owned());
-    let client = Client::with_options(options)?;
+    let client = Client::with_options(options.clone())?;
     let db = client.database(db_name);
     let store = Self {
+      options,
       keys: db.collection(KEYS),
       usage: db.collection(USAGE),
       leases: db.collection(LEASES),
@@ -187,11 +190,9 @@ impl MongoStore {
     &self.naming
   }
 
-  /// A reader of the usage collection, for statistics.
-  pub fn usage_reader(&self) -> UsageReader {
-    UsageReader {
-      usage: self.usage.clone(),
-    }
+  /// A reader of the usage collection for statistics, on a connection of its own.
+  pub fn usage_reader(&self) -> Result<UsageReader, StoreError> {
+    UsageReader::new(&self.options, self.db.name())
   }
 
   /// Database round trips made so far, failed ones included.
@@ -737,26 +738,23 @@ mod tests {
     let roster = crate::roster::Roster::new(keys.clone());
     roster.set_namer(Arc::new(move |k: &str| f.fingerprint(k)));
     let names = roster.names();
-    let reader = store.usage_reader();
-    let all = reader.calls(DateRange::ALL, 10, &names).await.unwrap();
-    assert_eq!((all.calls.len(), all.truncated), (2, false));
+    let reader = store.usage_reader().unwrap();
+    // Summed in the database: the retired key's call is not the pool's.
+    let all = reader.usage(DateRange::ALL, &names).await.unwrap();
+    let calls: u64 = all.buckets.iter().map(|b| b.calls).sum();
+    assert_eq!((calls, all.truncated), (2, false));
     let late = reader
-      .calls(
+      .usage(
         DateRange::new(Some(NOW + 1_000), Some(NOW + 5_000)).unwrap(),
-        10,
         &names,
       )
       .await
       .unwrap();
-    assert_eq!(late.calls.len(), 1, "{late:?}");
-    assert_eq!((late.calls[0].key, late.calls[0].response_time), (1, 12.5));
-    assert!(
-      reader
-        .calls(DateRange::ALL, 1, &names)
-        .await
-        .unwrap()
-        .truncated
-    );
+    assert_eq!(late.buckets.len(), 1, "{late:?}");
+    let b = late.buckets[0];
+    assert_eq!((b.key, b.calls, b.successes, b.tokens), (1, 1, 1, 7));
+    assert_eq!(b.latency, crate::usage_stats::latency_bucket(12.5));
+    reader.close().await;
   }
 
   #[tokio::test]

@@ -9,10 +9,10 @@ use super::admissions::StoredAdmission;
 use super::error::StoreError;
 use super::records::{AdmissionRecord, UsageRecord};
 use super::sealing::Sealer;
-use crate::mask::mask_key;
 use crate::fingerprint::{
   digest_name, is_digest_name, is_fingerprint, FingerprintError, Fingerprinter,
 };
+use crate::mask::mask_key;
 
 /// The secret keys are fingerprinted, and keys added at run time sealed, under.
 pub const SECRET_ENV: &str = "KEY_MANAGER_FINGERPRINT_SECRET";
@@ -136,7 +136,11 @@ impl KeyNaming {
   pub fn stored_admission(&self, r: &AdmissionRecord) -> Result<StoredAdmission, StoreError> {
     let stored = self.stored(&r.api_key);
     let sealed = match r.added && stored != r.api_key {
-      true => Some(self.seal(&r.api_key, &stored).ok_or(StoreError::CannotSeal)?),
+      true => Some(
+        self
+          .seal(&r.api_key, &stored)
+          .ok_or(StoreError::CannotSeal)?,
+      ),
       false => None,
     };
     Ok(StoredAdmission {

@@ -1,41 +1,63 @@
-//! Reading the usage collection back for statistics: the calls of a date range, by the `timestamp`
-//! index, with only the fields statistics need.
+//! Usage statistics from the usage collection, computed in the database: one aggregation over the
+//! `timestamp` index that sums each key's calls per latency bucket (see
+//! `usage_stats::latency_bucket`), so what comes back is a few hundred small documents however
+//! many calls the range holds. It runs on a connection of its own and one at a time per process,
+//! so a heavy query cannot take the connections the writer and the leasing task need.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use mongodb::bson::{doc, DateTime, Document};
-use mongodb::Collection;
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Collection};
+use tokio::sync::Semaphore;
 
-use super::documents::{count, millis};
+use super::documents::count;
 use super::error::StoreError;
-use crate::call_log::Call;
 use crate::roster::Names;
-use crate::usage_stats::DateRange;
+use crate::usage_stats::{Bucket, DateRange, BUCKETS_PER_E};
 
-/// Documents read per reply.
-const READ_BATCH: u32 = 10_000;
+/// Calls summed per answer at most: bounds the time a wide range can take.
+pub const MAX_CALLS: i64 = 1_000_000;
+/// How long the database may spend on one answer.
+const MAX_TIME: Duration = Duration::from_secs(10);
 
-/// The calls of a range, as far as they were read.
+/// What the database summed for a range.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StoredCalls {
-  pub calls: Vec<Call>,
-  /// More documents matched than the limit allowed to read.
+pub struct StoredUsage {
+  pub buckets: Vec<Bucket>,
+  /// More calls matched than [`MAX_CALLS`]: the figures cover the first of them.
   pub truncated: bool,
 }
 
 /// Reads `api_key_usage`: cheap to clone, and usable while the writer works.
 #[derive(Debug, Clone)]
 pub struct UsageReader {
-  pub(super) usage: Collection<Document>,
+  usage: Collection<Document>,
+  /// Keeps the reader's own client alive (and closable) as long as a clone is.
+  client: Client,
+  /// One query at a time: a burst of dashboards must not pile up in the database.
+  gate: Arc<Semaphore>,
 }
 
 impl UsageReader {
-  /// The stored calls of the pool's keys (`names`) within `range` (both ends included), at most
-  /// `max` of them. Documents of other keys, or without a date, are skipped.
-  pub async fn calls(
-    &self,
-    range: DateRange,
-    max: usize,
-    names: &Names,
-  ) -> Result<StoredCalls, StoreError> {
+  /// A reader with a client of its own, one connection at most.
+  pub(super) fn new(options: &ClientOptions, db_name: &str) -> Result<Self, StoreError> {
+    let mut options = options.clone();
+    options.max_pool_size = Some(1);
+    options.min_pool_size = Some(0);
+    let client = Client::with_options(options)?;
+    Ok(Self {
+      usage: client.database(db_name).collection(super::mongo::USAGE),
+      client,
+      gate: Arc::new(Semaphore::new(1)),
+    })
+  }
+
+  /// The pool's keys' (`names`) calls within `range` (both ends included), summed per key and
+  /// latency bucket. Documents of other keys are left out.
+  pub async fn usage(&self, range: DateRange, names: &Names) -> Result<StoredUsage, StoreError> {
+    let _turn = self.gate.acquire().await.map_err(|_| StoreError::Closed)?;
     let mut bounds = Document::new();
     if let Some(start) = range.start {
       bounds.insert("$gte", DateTime::from_millis(start));
@@ -43,43 +65,84 @@ impl UsageReader {
     if let Some(end) = range.end {
       bounds.insert("$lte", DateTime::from_millis(end));
     }
-    let filter = if bounds.is_empty() {
-      doc! {}
-    } else {
-      doc! { "timestamp": bounds }
+    let filter = match bounds.is_empty() {
+      true => doc! {},
+      false => doc! { "timestamp": bounds },
     };
-    let projection =
-      doc! { "apiKey": 1, "timestamp": 1, "tokensUsed": 1, "success": 1, "responseTime": 1 };
-    let mut cursor = self
-      .usage
-      .find(filter)
-      .projection(projection)
-      .batch_size(READ_BATCH)
-      .await?;
-    let mut calls = Vec::new();
-    let mut truncated = false;
+    let bucket = doc! {
+      "$toString": { "$floor": { "$multiply": [
+        { "$ln": { "$add": [{ "$ifNull": ["$responseTime", 0] }, 1] } },
+        BUCKETS_PER_E,
+      ] } }
+    };
+    let pipeline = vec![
+      doc! { "$match": filter },
+      doc! { "$limit": MAX_CALLS + 1 },
+      // One group key of one string: some servers group by a computed field only, not by a
+      // document of them.
+      doc! { "$project": {
+        "success": 1,
+        "tokensUsed": 1,
+        "kb": { "$concat": ["$apiKey", " ", bucket] },
+      } },
+      doc! { "$group": {
+        "_id": "$kb",
+        "calls": { "$sum": 1 },
+        "successes": { "$sum": { "$cond": [{ "$eq": ["$success", true] }, 1, 0] } },
+        "tokens": { "$sum": "$tokensUsed" },
+      } },
+    ];
+    let mut cursor = self.usage.aggregate(pipeline).max_time(MAX_TIME).await?;
+    let mut buckets = Vec::new();
+    let mut matched = 0;
     while cursor.advance().await? {
-      if calls.len() == max {
-        truncated = true;
-        break;
-      }
       let d = cursor.deserialize_current()?;
-      let key = d.get_str("apiKey").ok().and_then(|k| names.resolve(k));
-      let (Some(key), Some(timestamp)) = (key, millis(d.get("timestamp"))) else {
+      let calls = count(d.get("calls")).unwrap_or(0);
+      matched += calls;
+      let Some((key, latency)) = d.get_str("_id").ok().and_then(|kb| split(kb, names)) else {
         continue;
       };
-      let response_time = match d.get("responseTime") {
-        Some(mongodb::bson::Bson::Double(x)) if x.is_finite() && *x >= 0.0 => *x,
-        other => count(other).unwrap_or(0) as f64,
-      };
-      calls.push(Call {
+      buckets.push(Bucket {
         key,
-        timestamp,
-        tokens: count(d.get("tokensUsed")).unwrap_or(0),
-        success: d.get_bool("success").unwrap_or(false),
-        response_time,
+        latency,
+        calls,
+        successes: count(d.get("successes")).unwrap_or(0),
+        tokens: count(d.get("tokens")).unwrap_or(0),
       });
     }
-    Ok(StoredCalls { calls, truncated })
+    Ok(StoredUsage {
+      buckets,
+      truncated: matched > MAX_CALLS as u64,
+    })
+  }
+
+  /// Closes the reader's connection.
+  pub async fn close(&self) {
+    self.client.clone().shutdown().await;
+  }
+}
+
+/// A group key `"<stored name> <bucket>"` into the key's position and the bucket. The bucket is
+/// after the last space: a stored name may hold spaces, a number never does.
+fn split(kb: &str, names: &Names) -> Option<(usize, i64)> {
+  let (name, bucket) = kb.rsplit_once(' ')?;
+  let bucket: f64 = bucket.parse().ok()?;
+  Some((names.resolve(name)?, bucket as i64))
+}
+
+#[cfg(test)]
+mod tests {
+  use super::*;
+  use crate::roster::Roster;
+
+  #[test]
+  fn group_keys_name_a_key_of_the_pool_and_a_bucket() {
+    let roster = Roster::new(vec!["a key".into(), "b".into()]);
+    let names = roster.names();
+    assert_eq!(split("a key 230.0", &names), Some((0, 230)));
+    assert_eq!(split("b 7", &names), Some((1, 7)));
+    assert_eq!(split("c 7", &names), None);
+    assert_eq!(split("b seven", &names), None);
+    assert_eq!(split("b", &names), None);
   }
 }
