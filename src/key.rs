@@ -59,6 +59,56 @@ pub const STATE_LABELS: [&str; 7] = [
   "removed",
 ];
 
+/// Requests the router sent for callers that carried this key, as far as the callers' own
+/// bookkeeping is concerned: reservations of hand-outs the router used, and answers the callers
+/// will report again (each stays owed one reservation lifetime).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routed {
+  /// Of `pending`, the reservations routed requests in flight hold (their own, or the caller's
+  /// hand-out they went with): the rest are open hand-outs a routed request may still use.
+  pub in_flight: u32,
+  /// When each answer not yet reported by its caller came.
+  reports: VecDeque<Millis>,
+  /// Of those, the 429s: the caller's `handleRateLimit` for them rests nothing.
+  rate_limits: VecDeque<Millis>,
+}
+
+impl Routed {
+  pub fn answered(&mut self, now: Millis, rate_limited: bool) {
+    bounded_push(&mut self.reports, now);
+    if rate_limited {
+      bounded_push(&mut self.rate_limits, now);
+    }
+  }
+
+  /// Takes one answer's report, when the caller owes one.
+  pub fn take_report(&mut self, now: Millis, ttl: Millis) -> bool {
+    take_live(&mut self.reports, now, ttl)
+  }
+
+  pub fn take_rate_limit(&mut self, now: Millis, ttl: Millis) -> bool {
+    take_live(&mut self.rate_limits, now, ttl)
+  }
+}
+
+fn bounded_push(queue: &mut VecDeque<Millis>, at: Millis) {
+  if queue.len() == MAX_PENDING {
+    queue.pop_front();
+  }
+  queue.push_back(at);
+}
+
+/// Pops the oldest stamp younger than `ttl`, dropping the older ones.
+fn take_live(queue: &mut VecDeque<Millis>, now: Millis, ttl: Millis) -> bool {
+  while let Some(&at) = queue.front() {
+    queue.pop_front();
+    if now - at < ttl {
+      return true;
+    }
+  }
+  false
+}
+
 /// Reservations kept per key at most; past that the oldest is taken as settled. Only callers that
 /// never report usage get there.
 const MAX_PENDING: usize = 4_096;
@@ -91,6 +141,7 @@ pub struct KeyState {
   pub admitted_at: Millis,
   /// Added at run time rather than configured: other processes can only learn it from the store.
   pub added: bool,
+  pub routed: Routed,
 }
 
 /// One window as callers see it.
@@ -182,6 +233,7 @@ impl KeyState {
       admission: Admission::Enabled,
       admitted_at: 0,
       added: false,
+      routed: Routed::default(),
     }
   }
 
@@ -260,24 +312,36 @@ impl KeyState {
   }
 
   /// Counts a finished request: it settles the oldest reservation (its token estimate replaced by
-  /// the real count, the request staying counted whatever its outcome, since it went out). A call
-  /// on a key we did not hand out counts as the old service counted it: only when it succeeded.
-  pub fn settle(&mut self, now: Millis, tokens: u64, succeeded: bool) {
+  /// the real count, the request staying counted whatever its outcome, since it went out) and
+  /// counts it from `sent_at`: when the router sent it; for a caller's report, which does not say
+  /// when, `now` (the upstream counted it somewhere between hand-out and now). A call on a key we
+  /// did not hand out counts as the old service counted it: only when it succeeded.
+  pub fn settle(&mut self, now: Millis, sent_at: Millis, tokens: u64, succeeded: bool) {
     match self.pending.pop_front() {
-      // Restamped at completion: the upstream counted the request somewhere between hand-out and
-      // now, so it stays counted until a span after now.
       Some(r) => {
         self.rpm.remove(now, r.at, 1);
-        self.rpm.add(now, 1);
+        self.rpm.add_at(now, sent_at, 1);
         self.tpm.remove(now, r.at, r.tokens);
-        self.tpm.add(now, tokens);
+        self.tpm.add_at(now, sent_at, tokens);
       }
       None if succeeded => {
-        self.rpm.add(now, 1);
+        self.rpm.add_at(now, sent_at, 1);
         self.rpd.add(now, 1);
-        self.tpm.add(now, tokens);
+        self.tpm.add_at(now, sent_at, tokens);
       }
       None => {}
+    }
+  }
+
+  /// The oldest reservation, made at a hand-out, moved to `now`: the request it was for goes out
+  /// now, and must stay counted until a span after that, however long ago the hand-out was.
+  pub fn restamp_reservation(&mut self, now: Millis) {
+    if let Some(r) = self.pending.pop_front() {
+      self.rpm.remove(now, r.at, 1);
+      self.rpm.add(now, 1);
+      self.tpm.remove(now, r.at, r.tokens);
+      self.tpm.add(now, r.tokens);
+      self.pending.push_back(Reservation { at: now, ..r });
     }
   }
 
@@ -480,7 +544,7 @@ mod tests {
     let mut k = key();
     k.reserve(T0, 500);
     assert_eq!((k.rpm.current(T0), k.tpm.current(T0)), (1, 500));
-    k.settle(T0 + 100, 320, true);
+    k.settle(T0 + 100, T0 + 100, 320, true);
     assert_eq!(
       (
         k.rpm.current(T0 + 100),
@@ -490,13 +554,13 @@ mod tests {
       (1, 1, 320)
     );
     // Usage for a request we did not hand out counts anew, when it succeeded.
-    k.settle(T0 + 200, 10, true);
+    k.settle(T0 + 200, T0 + 200, 10, true);
     assert_eq!((k.rpm.current(T0 + 200), k.tpm.current(T0 + 200)), (2, 330));
-    k.settle(T0 + 300, 10, false);
+    k.settle(T0 + 300, T0 + 300, 10, false);
     assert_eq!((k.rpm.current(T0 + 300), k.tpm.current(T0 + 300)), (2, 330));
     // A reserved request that failed stays counted: it went out.
     k.reserve(T0 + 400, 0);
-    k.settle(T0 + 500, 0, false);
+    k.settle(T0 + 500, T0 + 500, 0, false);
     assert_eq!(k.rpm.current(T0 + 500), 3);
   }
 
@@ -510,7 +574,7 @@ mod tests {
     assert!(k.pending.is_empty());
     assert_eq!(k.rpd.current(T0 + MINUTE_MS), 0);
     // A late report then counts as a request of its own.
-    k.settle(T0 + MINUTE_MS, 50, true);
+    k.settle(T0 + MINUTE_MS, T0 + MINUTE_MS, 50, true);
     assert_eq!(k.rpd.current(T0 + MINUTE_MS), 1);
   }
 
@@ -522,7 +586,7 @@ mod tests {
   fn a_record_round_trips_through_a_fresh_key() {
     let mut k = key();
     k.reserve(T0, 0);
-    k.settle(T0 + 100, 700, true);
+    k.settle(T0 + 100, T0 + 100, 700, true);
     k.record_error("503".into(), T0 + 200);
     k.health.on_key_rejected();
     let record = k.to_record(T0 + 300);
@@ -530,7 +594,11 @@ mod tests {
       (record.rpm.current, record.rpd.current, record.tpm.current),
       (1, 1, 700)
     );
-    assert_eq!(record.rpm.reset_time, T0 + 500 + MINUTE_MS + 10);
+    // Settled at 100 ms, sent then: counted from then.
+    assert_eq!(
+      record.rpm.reset_time,
+      crate::window::counted_until(MINUTE_MS, T0 + 100)
+    );
     assert!(!record.is_active);
     let mut restarted = key();
     restarted.merge_record(&record, T0 + 1_000, false);
@@ -553,8 +621,8 @@ mod tests {
   #[test]
   fn merging_keeps_the_larger_count_of_open_windows_and_ignores_closed_ones() {
     let mut k = key();
-    k.settle(T0, 50, true);
-    k.settle(T0, 50, true);
+    k.settle(T0, T0, 50, true);
+    k.settle(T0, T0, 50, true);
     let open = |current| WindowRecord {
       current,
       limit: 30,
@@ -613,7 +681,10 @@ mod tests {
     k.reserve(T0, 0);
     let info = k.rate_limit_info(T0);
     assert!(info[0].is_limited && !info[1].is_limited && !info[2].is_limited);
-    assert_eq!(info[0].reset_time, T0 + 500 + MINUTE_MS + 10);
+    assert_eq!(
+      info[0].reset_time,
+      crate::window::counted_until(MINUTE_MS, T0)
+    );
     k.health.on_rate_limited(T0, T0 + 5_000);
     k.rested_for = Some(LimitType::Tpm);
     let info = k.rate_limit_info(T0);

@@ -38,6 +38,21 @@ const MAX_ERROR_CHARS: usize = 4_096;
 /// Largest token count one call may report: far above any model's context, and exact in a JS number.
 pub const MAX_TOKENS_PER_CALL: u64 = u32::MAX as u64;
 
+/// Who reports a call: its caller (`recordUsage`), or the router that sent it at `sent_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reporter {
+  Caller,
+  Router { sent_at: Millis },
+}
+
+/// The key a routed request goes out with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteKey {
+  pub index: usize,
+  /// When it was chosen, just before the request goes out: the request counts from then.
+  pub at: Millis,
+}
+
 /// What a call did, as reported to `record_usage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome<'a> {
@@ -392,6 +407,73 @@ impl KeyPool {
     Ok(index)
   }
 
+  /// The key a request the router sends goes out with. `asked` is the pool key the caller's
+  /// request carried, if any: when that key has a hand-out no routed request used yet (the caller
+  /// asked the pool just before), the request goes with it and uses its reservation. Otherwise the
+  /// best key is handed out for it, reserved at once. `Err` says when a key could next go, when
+  /// none can now (`None`: none will by itself).
+  pub fn route_key(
+    &self,
+    asked: Option<usize>,
+  ) -> Result<Result<RouteKey, Option<Millis>>, PoolError> {
+    let ttl = self.policy.reservation_ttl_ms;
+    let chosen = self.with_state(|state, now| {
+      if let Some(key) = asked.and_then(|i| state.keys.get_mut(i)) {
+        if key.pending.len() > key.routed.in_flight as usize && key.admission == Admission::Enabled
+        {
+          key.routed.in_flight += 1;
+          key.restamp_reservation(now);
+          return asked.map(|index| RouteKey { index, at: now });
+        }
+      }
+      state.expire_before_rebuild(now, ttl);
+      let pick = state.cache.next(&state.keys, now, 0)?;
+      state.count_selection(pick.method);
+      state.claim(
+        pick.index,
+        Claim::Reserve {
+          estimated_tokens: 0,
+        },
+        now,
+        ttl,
+      );
+      state.keys[pick.index].routed.in_flight += 1;
+      Some(RouteKey {
+        index: pick.index,
+        at: now,
+      })
+    })?;
+    match chosen {
+      Some(key) => Ok(Ok(key)),
+      None => Ok(Err(self.next_available_at(0)?)),
+    }
+  }
+
+  /// What a routed request did on the key it went out with (see [`Self::route_key`]): counted as
+  /// `recordUsage` counts a call, from when it went out, and its reservation (the caller's, if it
+  /// used it) settled.
+  pub fn finish_routed(
+    &self,
+    key: RouteKey,
+    tokens: u64,
+    outcome: Outcome<'_>,
+    response_time_ms: f64,
+  ) -> Result<KeyFigures, PoolError> {
+    let by = Reporter::Router { sent_at: key.at };
+    self.record(key.index, tokens, outcome, response_time_ms, by)
+  }
+
+  /// The router answered a request that carried the pool key `asked`: the caller's own report
+  /// of it (`recordUsage`, and `handleRateLimit` after a 429) is not counted again, nor put on
+  /// that key when another went out.
+  pub fn routed_answer(&self, asked: usize, rate_limited: bool) {
+    let mut state = self.state.lock();
+    let now = state.last_now.max(self.clock.now_ms());
+    if let Some(key) = state.keys.get_mut(asked) {
+      key.routed.answered(now, rate_limited);
+    }
+  }
+
   /// Takes the key at `index` out of the pool (its history stays), or out of service
   /// ([`Admission::Disabled`]), or back into service ([`Admission::Enabled`]): an operator's
   /// decision, which other processes sharing a store follow. Returns whether anything changed.
@@ -593,6 +675,17 @@ impl KeyPool {
     outcome: Outcome<'_>,
     response_time_ms: f64,
   ) -> Result<KeyFigures, PoolError> {
+    self.record(index, tokens, outcome, response_time_ms, Reporter::Caller)
+  }
+
+  fn record(
+    &self,
+    index: usize,
+    tokens: u64,
+    outcome: Outcome<'_>,
+    response_time_ms: f64,
+    by: Reporter,
+  ) -> Result<KeyFigures, PoolError> {
     let failure = match outcome {
       Outcome::Failure(error) => {
         let message: String = scrub(error, self.names().keys())
@@ -606,6 +699,21 @@ impl KeyPool {
     let ttl = self.policy.reservation_ttl_ms;
     let span = self.policy.span_ms;
     let (figures, change, limited) = self.with_key(index, |state, now| {
+      let key = &mut state.keys[index];
+      match by {
+        // The router counted this call already: the caller's own report of it is not another.
+        Reporter::Caller if key.routed.take_report(now, ttl) => {
+          return (key.figures(now), HealthChange::Unchanged, None);
+        }
+        Reporter::Caller => {}
+        Reporter::Router { .. } => {
+          key.routed.in_flight = key.routed.in_flight.saturating_sub(1);
+        }
+      }
+      let sent_at = match by {
+        Reporter::Caller => now,
+        Reporter::Router { sent_at, .. } => sent_at,
+      };
       state.touch(index);
       state.calls.push(Call {
         key: index,
@@ -634,7 +742,7 @@ impl KeyPool {
       }
       let key = &mut state.keys[index];
       key.expire_reservations(now, ttl);
-      key.settle(now, tokens, failure.is_none());
+      key.settle(now, sent_at, tokens, failure.is_none());
       let mut limited = None;
       let change = match failure {
         None => {
@@ -682,7 +790,13 @@ impl KeyPool {
     retry_after_ms: Option<Millis>,
   ) -> Result<KeyFigures, PoolError> {
     let span = self.policy.span_ms;
+    let ttl = self.policy.reservation_ttl_ms;
     let (figures, change) = self.with_key(index, |state, now| {
+      let key = &mut state.keys[index];
+      // A 429 the router answered, or already read from Gemini: no rest of the key for it.
+      if key.routed.take_rate_limit(now, ttl) {
+        return (key.figures(now), None);
+      }
       state.touch(index);
       let key = &mut state.keys[index];
       key.record_error(
@@ -694,9 +808,11 @@ impl KeyPool {
       let change = key.health.on_rate_limited(now, until);
       state.cache.invalidate();
       state.count_outcome(Some(limit_type), change);
-      (state.keys[index].figures(now), change)
+      (state.keys[index].figures(now), Some(change))
     })?;
-    self.log_rate_limit(index, limit_type, change);
+    if let Some(change) = change {
+      self.log_rate_limit(index, limit_type, change);
+    }
     Ok(figures)
   }
 
@@ -1164,6 +1280,117 @@ mod tests {
     log.0.lock().clone()
   }
 
+  /// A routed request on whatever key `route_key` gives, answered after `latency` ms.
+  fn routed(
+    p: &KeyPool,
+    clock: &FakeClock,
+    asked: Option<usize>,
+    latency: Millis,
+    tokens: u64,
+  ) -> usize {
+    let key = p.route_key(asked).unwrap().unwrap();
+    clock.advance(latency);
+    p.finish_routed(key, tokens, Outcome::Success, latency as f64)
+      .unwrap();
+    key.index
+  }
+
+  #[test]
+  fn a_routed_request_uses_the_callers_hand_out_once_and_counts_from_when_it_went_out() {
+    let (p, clock, _) = pool(2);
+    let handed = p.best(RESERVE).unwrap().pick.index;
+    clock.advance(3_000);
+    let first = p.route_key(Some(handed)).unwrap().unwrap();
+    assert_eq!(
+      first.index, handed,
+      "the hand-out's key, its reservation used"
+    );
+    // Another request with the same key and no hand-out left gets the best key, reserved anew.
+    let second = p.route_key(Some(handed)).unwrap().unwrap();
+    assert_ne!(second.index, handed);
+    clock.advance(2_000);
+    p.finish_routed(first, 40, Outcome::Success, 2_000.0)
+      .unwrap();
+    p.finish_routed(second, 60, Outcome::Success, 2_000.0)
+      .unwrap();
+    let a = p.figures(handed).unwrap();
+    assert_eq!((a.rpm.current, a.rpd.current, a.tpm.current), (1, 1, 40));
+    // Counted from when it was sent (3 s), not from the hand-out nor the answer.
+    assert_eq!(
+      a.rpm.reset_time,
+      crate::window::counted_until(MINUTE_MS, T0 + 3_000)
+    );
+    let b = p.figures(second.index).unwrap();
+    assert_eq!((b.rpm.current, b.tpm.current), (1, 60));
+  }
+
+  #[test]
+  fn the_callers_own_reports_of_a_routed_call_are_not_counted_again() {
+    let (p, clock, log) = pool(2);
+    let index = routed(&p, &clock, Some(0), 100, 25);
+    p.routed_answer(0, false);
+    // The app reports the call on the key its client was built with, with its own estimate.
+    p.record_usage(0, 999, Outcome::Success, 100.0).unwrap();
+    let counted: u64 = (0..2).map(|i| p.figures(i).unwrap().rpm.current).sum();
+    assert_eq!(counted, 1);
+    assert_eq!(p.figures(index).unwrap().tpm.current, 25);
+    assert_eq!(p.metrics().unwrap().counters.successes, 1);
+    // A 429 the router answered itself: the app's failure report and handleRateLimit rest nothing.
+    p.routed_answer(1, true);
+    p.record_usage(
+      1,
+      0,
+      Outcome::Failure("[429 Too Many Requests] no room"),
+      3.0,
+    )
+    .unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, None).unwrap();
+    let f = p.figures(1).unwrap();
+    assert_eq!((f.state, f.error_count), (HealthState::Active, 0));
+    assert!(logged(&log).iter().all(|l| !l.contains("Rate limit hit")));
+    // Reports owed expire with the reservation lifetime; later ones count as before.
+    clock.advance(WindowPolicy::default().reservation_ttl_ms);
+    p.record_usage(0, 5, Outcome::Success, 10.0).unwrap();
+    assert_eq!(p.metrics().unwrap().counters.successes, 2);
+  }
+
+  #[test]
+  fn route_key_says_when_a_key_frees_or_that_none_will() {
+    let (p, clock, _) = small(
+      1,
+      Quota {
+        rpm: 1,
+        rpd: 100,
+        tpm: 1_000_000,
+      },
+    );
+    routed(&p, &clock, None, 50, 1);
+    assert_eq!(
+      p.route_key(None).unwrap(),
+      Err(Some(crate::window::counted_until(MINUTE_MS, T0)))
+    );
+    p.admit(0, Admission::Disabled).unwrap();
+    assert_eq!(p.route_key(Some(0)).unwrap(), Err(None));
+  }
+
+  #[test]
+  fn a_429_from_gemini_on_a_routed_request_rests_its_key() {
+    let (p, _, _) = pool(2);
+    let key = p.route_key(None).unwrap().unwrap();
+    p.finish_routed(
+      key,
+      0,
+      Outcome::Failure("429 {\"error\":{\"code\":429}}"),
+      5.0,
+    )
+    .unwrap();
+    assert!(matches!(
+      p.figures(key.index).unwrap().state,
+      HealthState::Resting { .. }
+    ));
+    assert_ne!(p.route_key(None).unwrap().unwrap().index, key.index);
+  }
+
   #[test]
   fn best_reserves_marks_last_used_and_reports_method_and_score() {
     let (p, clock, _) = pool(2);
@@ -1289,13 +1516,13 @@ mod tests {
     // The first key's request, counted in the slice at T0, frees first.
     assert_eq!(
       p.next_available_at(0).unwrap(),
-      Some(T0 + 500 + MINUTE_MS + 10)
+      Some(crate::window::counted_until(MINUTE_MS, T0))
     );
     p.handle_rate_limit(0, LimitType::Rpm, Some(120_000))
       .unwrap();
     assert_eq!(
       p.next_available_at(0).unwrap(),
-      Some(T0 + 1_500 + MINUTE_MS + 10)
+      Some(crate::window::counted_until(MINUTE_MS, T0 + 1_000))
     );
     assert_eq!(p.next_available_at(1_000_001).unwrap(), None);
     p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 0.0)
@@ -1389,13 +1616,16 @@ mod tests {
     assert!(info[0].is_limited);
     // The request counted at T0 leaves the rolling minute at the end of its slice, a minute and
     // a margin later.
-    assert_eq!(info[0].reset_time, T0 + 500 + MINUTE_MS + 10);
+    assert_eq!(
+      info[0].reset_time,
+      crate::window::counted_until(MINUTE_MS, T0)
+    );
     assert_eq!(p.figures(0).unwrap().error_count, 1);
     assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
     let lines = logged(&log);
     assert_eq!(
       lines[0],
-      "⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl (resting for 55.5s)"
+      "⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl (resting for 55.1s)"
     );
     p.handle_rate_limit(1, LimitType::Rpd, Some(2_000)).unwrap();
     assert_eq!(

@@ -10,14 +10,27 @@ use crate::clock::Millis;
 pub const MINUTE_MS: Millis = 60_000;
 
 /// Slices a rolling window is cut into: an amount is counted until the end of its slice plus the
-/// span, so for at least the full span and at most a slice (1/120 of the span) longer. At
-/// saturation the keys then serve over 99% of what the upstream allows.
-const SLICES: i64 = 120;
+/// span, so for at least the full span and at most a slice (1/600 of the span: a tenth of a second
+/// of a minute) longer. A request that waited for room goes out at most that late: at saturation,
+/// and at the edge of a window, the keys serve over 99% of what the upstream allows.
+const SLICES: i64 = 600;
 /// The live slices (those still counted, and the newest) fit in this many.
 const RING: usize = SLICES as usize + 2;
 /// Extra time every amount stays counted: the clock read here is coarse (a few ms), and the
 /// upstream stamps a request a little after we do.
 const MARGIN_MS: Millis = 10;
+
+/// The slices cover the span and the margin, so that whatever is still counted fits the ring.
+fn slice_ms(span_ms: Millis) -> Millis {
+  ((span_ms + MARGIN_MS + SLICES - 1) / SLICES).max(1)
+}
+
+/// Until when a window of `span_ms` counts an amount added at `at`: the end of its slice, the span
+/// and the margin.
+pub fn counted_until(span_ms: Millis, at: Millis) -> Millis {
+  let slice = slice_ms(span_ms);
+  (at.div_euclid(slice) + 1) * slice + span_ms + MARGIN_MS
+}
 
 /// Amounts used in the last `span`, kept in `SLICES` slices.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,12 +57,11 @@ pub struct RollingWindow {
 
 impl RollingWindow {
   pub fn new(span_ms: Millis, now: Millis) -> Self {
-    let slice_ms = ((span_ms + SLICES - 1) / SLICES).max(1);
+    let slice_ms = slice_ms(span_ms);
     let mut w = Self {
       slice_ms,
       span_ms,
-      // A margin longer than a slice would not fit the ring; such tiny windows get less.
-      margin_ms: MARGIN_MS.min(slice_ms - 1),
+      margin_ms: MARGIN_MS,
       ring: Box::new([0; RING]),
       oldest: 0,
       oldest_used: Cell::new(None),
@@ -128,12 +140,22 @@ impl RollingWindow {
   }
 
   pub fn add(&mut self, now: Millis, amount: u64) {
+    self.add_at(now, now, amount);
+  }
+
+  /// Counts `amount` as used at `at` (not after `now`), for as long as that leaves it counted;
+  /// nothing when `at` already left the window.
+  pub fn add_at(&mut self, now: Millis, at: Millis, amount: u64) {
     self.advance(now);
-    if self.total == 0 {
-      self.oldest_used.set(Some(self.current_slice(now)));
+    let s = self.slice(at.min(now));
+    if s < self.oldest {
+      return;
     }
-    let at = Self::at(self.current_slice(now));
-    self.ring[at] = self.ring[at].saturating_add(u32::try_from(amount).unwrap_or(u32::MAX));
+    if self.total == 0 || self.oldest_used.get().is_some_and(|o| s < o) {
+      self.oldest_used.set(Some(s));
+    }
+    let slot = Self::at(s);
+    self.ring[slot] = self.ring[slot].saturating_add(u32::try_from(amount).unwrap_or(u32::MAX));
     self.total = self.total.saturating_add(amount);
   }
 
@@ -263,16 +285,27 @@ mod tests {
 
   const T0: Millis = 1_800_000_000_000; // a whole second
 
+  fn leaves(w: &RollingWindow, t: Millis) -> Millis {
+    counted_until(w.span_ms, t)
+  }
+
   #[test]
   fn rolling_window_counts_each_amount_for_the_span_plus_at_most_a_slice_and_the_margin() {
     let mut w = RollingWindow::new(MINUTE_MS, T0);
-    w.add(T0 + 200, 1);
-    assert_eq!(w.current(T0 + 200), 1);
-    // Still counted a full span after it was added...
-    assert_eq!(w.current(T0 + 200 + MINUTE_MS), 1);
-    // ...until the end of its 500 ms slice, a span, and the margin.
-    assert_eq!(w.current(T0 + 500 + MINUTE_MS + MARGIN_MS - 1), 1);
-    assert_eq!(w.current(T0 + 500 + MINUTE_MS + MARGIN_MS), 0);
+    assert!(
+      w.slice_ms <= MINUTE_MS / 500,
+      "a minute's slices are about a tenth of a second"
+    );
+    w.add(T0 + 250, 1);
+    assert_eq!(w.current(T0 + 250), 1);
+    // Still counted a full span (and the margin) after it was added...
+    assert_eq!(w.current(T0 + 250 + MINUTE_MS + MARGIN_MS - 1), 1);
+    // ...until the end of its slice, a span, and the margin: at most a slice later.
+    let gone = leaves(&w, T0 + 250);
+    assert!(gone <= T0 + 250 + MINUTE_MS + MARGIN_MS + w.slice_ms);
+    assert_eq!(w.current(gone - 1), 1);
+    assert_eq!(w.current(gone), 0);
+    assert_eq!(w.frees_at(T0 + 30_000), gone);
   }
 
   #[test]
@@ -282,8 +315,8 @@ mod tests {
     w.add(T0 + 59_000, 30);
     // ...leave no room at the start of the next, as a fixed window would.
     assert_eq!(w.current(T0 + 61_000), 30);
-    assert_eq!(w.current(T0 + 59_500 + MINUTE_MS + MARGIN_MS - 1), 30);
-    assert_eq!(w.current(T0 + 59_500 + MINUTE_MS + MARGIN_MS), 0);
+    assert_eq!(w.current(leaves(&w, T0 + 59_000) - 1), 30);
+    assert_eq!(w.current(leaves(&w, T0 + 59_000)), 0);
   }
 
   #[test]
@@ -292,9 +325,9 @@ mod tests {
     assert_eq!(w.frees_at(T0), T0);
     w.add(T0 + 2_300, 2);
     w.add(T0 + 10_000, 1);
-    assert_eq!(w.frees_at(T0 + 20_000), T0 + 2_500 + MINUTE_MS + MARGIN_MS);
-    assert_eq!(w.current(T0 + 2_500 + MINUTE_MS + MARGIN_MS), 1);
-    assert_eq!(w.frees_at(T0 + 63_000), T0 + 10_500 + MINUTE_MS + MARGIN_MS);
+    assert_eq!(w.frees_at(T0 + 20_000), leaves(&w, T0 + 2_300));
+    assert_eq!(w.current(leaves(&w, T0 + 2_300)), 1);
+    assert_eq!(w.frees_at(T0 + 63_000), leaves(&w, T0 + 10_000));
   }
 
   #[test]
@@ -303,11 +336,25 @@ mod tests {
     assert_eq!(w.clears_at(T0), T0);
     w.add(T0 + 2_300, 2);
     w.add(T0 + 10_000, 1);
-    assert_eq!(
-      w.clears_at(T0 + 20_000),
-      T0 + 10_500 + MINUTE_MS + MARGIN_MS
-    );
-    assert_eq!(w.current(T0 + 10_500 + MINUTE_MS + MARGIN_MS), 0);
+    assert_eq!(w.clears_at(T0 + 20_000), leaves(&w, T0 + 10_000));
+    assert_eq!(w.current(leaves(&w, T0 + 10_000)), 0);
+  }
+
+  #[test]
+  fn an_amount_added_in_the_past_counts_from_then() {
+    let mut w = RollingWindow::new(MINUTE_MS, T0);
+    w.add(T0 + 5_000, 1);
+    // Sent at 1 s, reported at 5 s: counted from 1 s, and the oldest amount now.
+    w.add_at(T0 + 5_000, T0 + 1_000, 1);
+    assert_eq!(w.current(T0 + 5_000), 2);
+    assert_eq!(w.frees_at(T0 + 5_000), leaves(&w, T0 + 1_000));
+    assert_eq!(w.current(leaves(&w, T0 + 1_000)), 1);
+    // Too long ago to be counted still: nothing.
+    w.add_at(T0 + 200_000, T0 + 1_000, 7);
+    assert_eq!(w.current(T0 + 200_000), 0);
+    // Never in the future.
+    w.add_at(T0 + 200_000, T0 + 300_000, 1);
+    assert_eq!(w.frees_at(T0 + 200_000), leaves(&w, T0 + 200_000));
   }
 
   #[test]
@@ -325,13 +372,13 @@ mod tests {
   }
 
   #[test]
-  fn a_span_that_is_not_a_multiple_of_120_ms_is_not_stretched() {
-    // 1,000 ms in slices of 9 ms: 112 of them cover it, not 120 (1,080 ms).
+  fn a_span_that_is_not_a_multiple_of_the_slices_is_not_stretched() {
+    // 1,000 ms (and the margin) in slices of 2 ms: 505 of them cover it, not 600.
     let mut w = RollingWindow::new(1_000, T0);
     w.add(T0, 1);
     let frees = w.frees_at(T0);
     assert!(
-      frees - T0 >= 1_000 && frees - T0 <= 1_000 + 9 + MARGIN_MS,
+      frees - T0 >= 1_000 + MARGIN_MS && frees - T0 <= 1_000 + 2 + MARGIN_MS,
       "{}",
       frees - T0
     );
@@ -340,7 +387,7 @@ mod tests {
   }
 
   #[test]
-  fn tiny_windows_keep_a_margin_that_fits_their_slices() {
+  fn tiny_windows_keep_their_margin() {
     let mut w = RollingWindow::new(600, T0);
     w.add(T0, 3);
     assert_eq!(w.current(T0 + 600), 3);
