@@ -122,6 +122,14 @@ export declare class NativeServer {
 /** The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too. */
 export declare const DEFAULT_MAX_BODY_BYTES: number
 
+/**
+ * The name MongoDB documents store for `apiKey`: its fingerprint under `secret` (else
+ * `KEY_MANAGER_FINGERPRINT_SECRET`; at least 16 bytes), `fp_` and 32 hex digits, or without either
+ * its SHA-256 digest, `sha256_` and 32 hex digits.
+ * Where routed Gemini requests go: `GEMINI_BASE_URL` when set, else Google's endpoint.
+ */
+export declare function geminiBaseUrl(): string
+
 /** What an operator decides about a key. */
 export declare const enum KeyAdmission {
   Enabled = 'enabled',
@@ -129,11 +137,6 @@ export declare const enum KeyAdmission {
   Removed = 'removed',
 }
 
-/**
- * The name MongoDB documents store for `apiKey`: its fingerprint under `secret` (else
- * `KEY_MANAGER_FINGERPRINT_SECRET`; at least 16 bytes), `fp_` and 32 hex digits, or without either
- * its SHA-256 digest, `sha256_` and 32 hex digits.
- */
 export declare function keyFingerprint(apiKey: string, secret?: string | undefined | null): string
 
 /** Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier. */
@@ -225,6 +228,12 @@ export interface RouteReply {
   deferred: boolean
 }
 
+/**
+ * Whether a manager routes the app's Gemini requests: `explicit` when given, else
+ * `KEY_MANAGER_ROUTE_REQUESTS`, else yes. Throws on a value of the variable that is no boolean.
+ */
+export declare function routeRequests(explicit?: boolean | undefined | null): boolean
+
 /** Options of `NativeKeyPool.serve`. */
 export interface ServeOptions {
   /** Largest request body accepted (default 64 KiB); a larger one gets a 400. */
@@ -245,6 +254,15 @@ export interface ServeOptions {
   maxConnections?: number
   /** How long a connection may take to send a whole request head (default 10000 ms). */
   headTimeoutMs?: number
+  /**
+   * Serve Gemini's paths for requests that carry this token in `x-gkm-route-token`: the JS
+   * face's route for the app's own SDK calls.
+   */
+  routeToken?: string
+  /** How long a routed request may wait for a key with room (default 60000 ms). */
+  routeMaxWaitMs?: number
+  /** Serve nothing but Gemini's paths. */
+  proxyOnly?: boolean
 }
 
 /** Options of `NativeKeyPool.attachStore`. */

@@ -19,6 +19,7 @@ use crate::config::{self, js_number, LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
 use crate::http::auth::resolve_allow_insecure;
+use crate::http::proxy::{ProxyOptions, DEFAULT_MAX_PROXY_BODY};
 use crate::http::usage::usage_stats;
 use crate::http::{self, AdminGuard, ApiRequest, Listen, Reply, ServerHandle, ServerOptions};
 use crate::key::{Admission, STATE_LABELS};
@@ -28,6 +29,7 @@ use crate::persistence::{PersistOptions, Started, WriteBehind};
 use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::quota::LimitType;
 use crate::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
+use crate::routing::{RouteOptions, Router, Timeouts, Upstream};
 use crate::store::{KeyNaming, KeyStorage};
 
 /// How to read the result slots: their names in order, and the strings that the `method` and
@@ -493,6 +495,15 @@ impl NativeKeyPool {
         .max_connections
         .map_or(defaults.max_connections, |n| n.max(1) as usize),
       head_timeout: millis_option("headTimeoutMs", o.head_timeout_ms, defaults.head_timeout)?,
+      proxy: match o.route_token {
+        None => None,
+        Some(route_token) => Some(ProxyOptions {
+          router: Arc::new(self.router_from(o.route_max_wait_ms)?),
+          route_token,
+          max_body: DEFAULT_MAX_PROXY_BODY,
+        }),
+      },
+      proxy_only: o.proxy_only.unwrap_or(false),
     };
     let pool = self.js.pool.clone();
     env.spawn_future(async move {
@@ -508,6 +519,27 @@ impl NativeKeyPool {
         handle: Arc::new(AsyncMutex::new(Some(handle))),
       })
     })
+  }
+
+  /// A router of this pool's keys to `GEMINI_BASE_URL` (Google's endpoint by default).
+  fn router_from(&self, max_wait_ms: Option<f64>) -> napi::Result<Router> {
+    let defaults = RouteOptions::default();
+    let upstream = Upstream::from_env(&env_var, Timeouts::default())
+      .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    let options = RouteOptions {
+      max_wait: match max_wait_ms {
+        Some(ms) if ms.is_finite() && ms >= 0.0 => Duration::from_millis(ms as u64),
+        Some(ms) => {
+          return Err(napi::Error::from_reason(format!(
+            "routeMaxWaitMs must be a non-negative number of milliseconds (got {})",
+            js_number(ms)
+          )))
+        }
+        None => defaults.max_wait,
+      },
+      ..defaults
+    };
+    Ok(Router::new(self.js.pool.clone(), upstream, options))
   }
 
   /// Persists the pool in MongoDB from now on, written behind (see `persistence`): connects within
@@ -778,6 +810,20 @@ fn route_reply(reply: Reply) -> RouteReply {
 /// The name MongoDB documents store for `apiKey`: its fingerprint under `secret` (else
 /// `KEY_MANAGER_FINGERPRINT_SECRET`; at least 16 bytes), `fp_` and 32 hex digits, or without either
 /// its SHA-256 digest, `sha256_` and 32 hex digits.
+/// Where routed Gemini requests go: `GEMINI_BASE_URL` when set, else Google's endpoint.
+#[napi]
+pub fn gemini_base_url() -> String {
+  crate::routing::base_url(&env_var)
+}
+
+/// Whether a manager routes the app's Gemini requests: `explicit` when given, else
+/// `KEY_MANAGER_ROUTE_REQUESTS`, else yes. Throws on a value of the variable that is no boolean.
+#[napi]
+pub fn route_requests(explicit: Option<bool>) -> napi::Result<bool> {
+  crate::routing::route_requests(explicit, &env_var)
+    .map_err(|e| napi::Error::from_reason(e.to_string()))
+}
+
 #[napi]
 pub fn key_fingerprint(api_key: String, secret: Option<String>) -> napi::Result<String> {
   let storage = KeyStorage::resolve(secret, Some(false), &env_var)
@@ -803,6 +849,13 @@ pub struct ServeOptions {
   pub max_connections: Option<u32>,
   /// How long a connection may take to send a whole request head (default 10000 ms).
   pub head_timeout_ms: Option<f64>,
+  /// Serve Gemini's paths for requests that carry this token in `x-gkm-route-token`: the JS
+  /// face's route for the app's own SDK calls.
+  pub route_token: Option<String>,
+  /// How long a routed request may wait for a key with room (default 60000 ms).
+  pub route_max_wait_ms: Option<f64>,
+  /// Serve nothing but Gemini's paths.
+  pub proxy_only: Option<bool>,
 }
 
 /// The running HTTP API.

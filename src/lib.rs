@@ -27,6 +27,7 @@ pub mod pool;
 pub mod quota;
 pub mod results;
 pub mod roster;
+pub mod routing;
 pub mod selection;
 pub mod share;
 pub mod spill;

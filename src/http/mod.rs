@@ -8,6 +8,7 @@ pub mod connections;
 mod hostile;
 mod json;
 pub mod key_ref;
+pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod usage;

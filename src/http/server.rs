@@ -28,9 +28,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::auth::{may_listen, AdminGuard, ADMIN_TOKEN_ENV, ALLOW_INSECURE_ENV};
 use super::connections::{give_back_memory, Admit, Registry, Served, DEFAULT_MAX_CONNECTIONS};
 use super::json::IsoDate;
+use super::proxy::{self, is_gemini_path, ProxyOptions};
 use super::routes::{redact_path, route, usage_stats_request, ApiRequest, Reply};
 use super::usage::usage_stats;
 use crate::pool::KeyPool;
+use crate::routing::AnswerBody;
 
 /// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
@@ -53,7 +55,7 @@ const REFUSED: &[u8] =
   b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// How the server treats requests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
   /// Largest request body accepted; a larger one gets a 400.
   pub max_body_bytes: usize,
@@ -67,6 +69,10 @@ pub struct ServerOptions {
   pub max_connections: usize,
   /// How long a connection may take to send a whole request head before it is closed.
   pub head_timeout: Duration,
+  /// Gemini's paths, when the server sends them on (see `proxy`).
+  pub proxy: Option<ProxyOptions>,
+  /// Nothing but Gemini's paths: the server the JS face starts for the app's own SDK calls.
+  pub proxy_only: bool,
 }
 
 impl Default for ServerOptions {
@@ -78,6 +84,8 @@ impl Default for ServerOptions {
       allow_insecure: false,
       max_connections: DEFAULT_MAX_CONNECTIONS,
       head_timeout: DEFAULT_HEAD_TIMEOUT,
+      proxy: None,
+      proxy_only: false,
     }
   }
 }
@@ -240,6 +248,8 @@ pub async fn start(
     .keep_alive(true);
   let shared = Arc::new(Shared {
     pool,
+    proxy: options.proxy,
+    proxy_only: options.proxy_only,
     max_connections: options.max_connections,
     max_body_bytes: options.max_body_bytes,
     admin: options.admin,
@@ -258,6 +268,8 @@ pub async fn start(
 /// What every connection of one server shares.
 struct Shared {
   pool: Arc<KeyPool>,
+  proxy: Option<ProxyOptions>,
+  proxy_only: bool,
   max_connections: usize,
   max_body_bytes: usize,
   admin: AdminGuard,
@@ -342,9 +354,32 @@ async fn serve_connection(
   }
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<AnswerBody> {
   let started = Instant::now();
   let (parts, body) = req.into_parts();
+  if let Some(proxy) = shared
+    .proxy
+    .as_ref()
+    .filter(|_| is_gemini_path(parts.uri.path()))
+  {
+    let method = parts.method.clone();
+    let target = parts.uri.path().to_owned();
+    let answer = proxy::handle(proxy, parts, body).await;
+    if let Some(log) = &shared.access_log {
+      log.write(access_line(
+        &shared.pool,
+        method.as_str(),
+        &target,
+        answer.status().as_u16(),
+        started.elapsed(),
+      ));
+    }
+    return answer;
+  }
+  if shared.proxy_only {
+    let reply = Reply::error(404, "Not found", "This server answers Gemini's paths only");
+    return response(reply, false);
+  }
   let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
   // A header that is not visible ASCII cannot hold the token: it counts as missing.
   let authorization = parts
@@ -385,8 +420,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
   response(reply, close)
 }
 
-fn response(reply: Reply, close: bool) -> Response<Full<Bytes>> {
-  let mut res = Response::new(Full::new(Bytes::from(reply.body)));
+fn response(reply: Reply, close: bool) -> Response<AnswerBody> {
+  let body = Full::new(Bytes::from(reply.body)).map_err(|never| match never {});
+  let mut res = Response::new(body.boxed());
   *res.status_mut() =
     StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
   let headers = res.headers_mut();
