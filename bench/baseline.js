@@ -7,6 +7,7 @@
 
 const DAY = 86_400_000
 const WINDOW_OF = { RPM: 'rpm', RPD: 'rpd', TPM: 'tpm' }
+const ROTATION_THRESHOLD = 0.3
 
 class BaselineKeyManager {
   /**
@@ -143,6 +144,25 @@ BaselineKeyManager.prototype.handleRateLimit = async function handleRateLimit(ap
   if (status.errorCount >= 5) status.isActive = false
   this.cache = null
   return { success: true, metadata: { limitType } }
+}
+
+BaselineKeyManager.prototype.getNextKeyForRotation = async function getNextKeyForRotation() {
+  // The old service's (SPEC section 2): when the lowest-scored available key is under the
+  // rotation threshold, another key above it; otherwise as getBestAvailableKey.
+  const available = []
+  for (const [apiKey, status] of this.keys) {
+    if (this.isAvailable(status)) available.push({ apiKey, status, score: this.score(status) })
+  }
+  if (available.length === 0) return { success: false, error: 'No active API keys available', metadata: {} }
+  const lowest = available.reduce((a, b) => (b.score < a.score ? b : a))
+  const other = available.find((a) => a !== lowest && a.score > ROTATION_THRESHOLD)
+  if (lowest.score >= ROTATION_THRESHOLD || other === undefined) return this.getBestAvailableKey()
+  other.status.lastUsed = new Date()
+  return {
+    success: true,
+    data: [other.apiKey, other.status],
+    metadata: { availabilityScore: other.score, rotationReason: 'proactive-rotation', previousKeyScore: lowest.score },
+  }
 }
 
 BaselineKeyManager.prototype.getAllKeysStatus = async function getAllKeysStatus() {

@@ -172,6 +172,19 @@ export interface ApiKeyManagerOptions {
   closeTimeoutMs?: number
   /** Where spill files go (`KEY_MANAGER_SPILL_DIR`; default the system's temporary directory). */
   spillDir?: string
+  /**
+   * Route the app's own Gemini SDK requests (over the global `fetch`: `@google/generative-ai`,
+   * LangChain's `ChatGoogleGenerativeAI`, `@google/genai`) that carry one of this manager's keys
+   * through the pool: the best key with room at the moment each is sent, waiting for room rather
+   * than meeting a 429, retried on 429 and 503, counted once, sent to `GEMINI_BASE_URL` when set
+   * (`KEY_MANAGER_ROUTE_REQUESTS`, default true). See the README's "The app's own Gemini calls".
+   */
+  routeRequests?: boolean
+  /**
+   * How long a routed request may wait for a key with room (default 60000 ms); one that would wait
+   * longer is answered at once with Google's 429 and a `RetryInfo` of when room frees.
+   */
+  routeMaxWaitMs?: number
 }
 
 /** The range of `getUsageStats`: both ends optional and included. */

@@ -5,7 +5,15 @@
 // the key's figures into the `results` array, and the key's status object (one per key, kept for
 // the life of the manager) is updated from it, so no object is built in Rust on the hot path.
 
-const { NativeKeyPool, resultsLayout, keyFingerprint: nativeFingerprint, DEFAULT_MAX_BODY_BYTES } = require('../index.js')
+const {
+  NativeKeyPool,
+  resultsLayout,
+  keyFingerprint: nativeFingerprint,
+  geminiBaseUrl,
+  routeRequests,
+  DEFAULT_MAX_BODY_BYTES,
+} = require('../index.js')
+const routing = require('./routing.js')
 
 const LAYOUT = resultsLayout()
 /** A slot's position in the native layout; a name the layout lacks is a build mismatch. */
@@ -183,7 +191,7 @@ const OPTION_NAMES = [
   'keys', 'model', 'modelLimits', 'limits', 'windowMs', 'dailyReset', 'reservationTtlMs', 'quiet', 'mongodbUri',
   'mongodbDbName', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'usageBatchSize', 'usageQueueCapacity',
   'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity', 'keySyncIntervalMs', 'closeTimeoutMs',
-  'spillDir',
+  'spillDir', 'routeRequests', 'routeMaxWaitMs',
 ]
 
 /** The options read once into a plain object, so a getter runs (and may throw) only here. */
@@ -245,6 +253,13 @@ function checkOptions(options) {
       return `${field} must be a positive integer (got ${shown(n)})`
     }
   }
+  if (options.routeRequests !== undefined && typeof options.routeRequests !== 'boolean') {
+    return `routeRequests must be a boolean (got ${shown(options.routeRequests)})`
+  }
+  const wait = options.routeMaxWaitMs
+  if (wait !== undefined && !(typeof wait === 'number' && wait >= 0 && Number.isFinite(wait))) {
+    return `routeMaxWaitMs must be a non-negative number of milliseconds (got ${shown(wait)})`
+  }
   if (options.spillDir !== undefined && typeof options.spillDir !== 'string') {
     return `spillDir must be a string (got ${typeof options.spillDir})`
   }
@@ -288,6 +303,8 @@ class ApiKeyManagerService {
     this._storeStart = null
     this._exitHooks = null
     this._closing = null
+    // The loopback server the app's own Gemini requests are routed through; null when not routing.
+    this._routeServer = null
   }
 
   /** Builds the native pool on first use; returns an error message when it cannot. */
@@ -296,6 +313,7 @@ class ApiKeyManagerService {
     if (this._native !== null) return null
     if (this._initError !== null) return this._initError
     let keys
+    let routes = false
     try {
       this._options = readOptions(this._options)
       keys = this._options.keys
@@ -313,6 +331,7 @@ class ApiKeyManagerService {
         quiet,
         usageLogCapacity,
       })
+      routes = routeRequests(this._options.routeRequests)
     } catch (e) {
       this._options = {}
       this._initError = scrubKeys(messageOf(e), keys)
@@ -322,6 +341,7 @@ class ApiKeyManagerService {
     this._results = this._hot.results
     this._seen = new Float64Array(0)
     this._syncKeys()
+    if (routes) this._startRouting()
     this._mongo = mongoSettings(this._options)
     if (this._mongo !== null) {
       this._storeStart = this._attachStore()
@@ -329,6 +349,31 @@ class ApiKeyManagerService {
       console.log(`✅ In-memory API Key Manager initialized with ${this._keys.length} keys`)
     }
     return null
+  }
+
+  /** Routes the app's own Gemini requests that carry this manager's keys (see lib/routing.js). */
+  _startRouting() {
+    const { quiet, routeMaxWaitMs } = this._options
+    const native = this._native
+    this._routeServer = new routing.RouteServer(
+      (routeToken) => native.serve('127.0.0.1', 0, { routeToken, routeMaxWaitMs, proxyOnly: true }),
+      (text) => console.warn(text),
+    )
+    if (!routing.route(this, { baseUrl: geminiBaseUrl(), quiet })) this._routeServer = null
+  }
+
+  /** Whether `apiKey` is one of the pool's (added at run time included). */
+  _ownsKey(apiKey) {
+    if (this._closed || this._native === null) return false
+    if (this._index.has(apiKey)) return true
+    if (this._native.keyCount() === this._keys.length) return false
+    this._syncKeys()
+    return this._index.has(apiKey)
+  }
+
+  /** Where this manager's routed requests go: `{ url, token }`, or null. */
+  _routeTarget() {
+    return this._routeServer === null ? Promise.resolve(null) : this._routeServer.target()
   }
 
   /**
@@ -915,8 +960,10 @@ class ApiKeyManagerService {
   async _close() {
     this._closed = true
     this._removeExitHooks()
-    if (this._native !== null) this._native.close()
+    routing.unroute(this)
     if (instance === this) instance = null
+    if (this._routeServer !== null) await this._routeServer.close()
+    if (this._native !== null) this._native.close()
     if (this._storeStart !== null) {
       await this._storeStart
       await this._native.closeStore()
