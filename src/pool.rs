@@ -463,6 +463,15 @@ impl KeyPool {
     self.record(key.index, tokens, outcome, response_time_ms, by)
   }
 
+  /// A request chosen a key by [`Self::route_key`] that will never be counted (its caller went
+  /// away before it was): its hold on the reservation ends, the reservation expires in its time.
+  pub fn abandon_routed(&self, key: RouteKey) {
+    let mut state = self.state.lock();
+    if let Some(k) = state.keys.get_mut(key.index) {
+      k.routed.in_flight = k.routed.in_flight.saturating_sub(1);
+    }
+  }
+
   /// The router answered a request that carried the pool key `asked`: the caller's own report
   /// of it (`recordUsage`, and `handleRateLimit` after a 429) is not counted again, nor put on
   /// that key when another went out.

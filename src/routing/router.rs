@@ -167,18 +167,17 @@ impl Router {
     let mut backoff = FIRST_BACKOFF;
     let mut last: Option<Response<AnswerBody>> = None;
     for attempt in 1..=self.options.max_attempts {
-      let mut key = match self.wait_for_key(asked, deadline).await {
-        Ok(key) => key,
+      let mut held = match self.wait_for_key(asked, deadline).await {
+        Ok(key) => Held::new(&self.pool, key),
         Err(answer) => return self.answered(req.asked, last.unwrap_or(answer)),
       };
-      let chosen = Instant::now();
       // Only the first attempt may use the caller's hand-out: a retry goes on the best key.
       asked = None;
       let started = Instant::now();
       let text = self
         .pool
         .names()
-        .get(key.index)
+        .get(held.index())
         .unwrap_or_default()
         .to_owned();
       let sent = self
@@ -195,7 +194,7 @@ impl Router {
         Ok(answered) => {
           // Counted from when the body left rather than from the choice: connecting came between.
           if let Some(at) = answered.body_sent_at {
-            key.at += at.saturating_duration_since(chosen).as_millis() as i64;
+            held.sent_after(at.saturating_duration_since(started));
           }
           answered.response
         }
@@ -206,7 +205,7 @@ impl Router {
           };
           // A network failure is nobody's quota: the key is told, as for any transient error.
           let _ = self.pool.finish_routed(
-            key,
+            held.release(),
             0,
             Outcome::Failure(&format!("{} {why}", status.as_u16())),
             ms(started),
@@ -217,6 +216,7 @@ impl Router {
       };
       let status = response.status();
       if status.is_success() {
+        let key = held.release();
         return self.answered(req.asked, self.stream_through(key, response, started));
       }
       let (head, body) = response.into_parts();
@@ -227,7 +227,7 @@ impl Router {
       let names = self.pool.names();
       let scrubbed = scrub(&text, names.keys());
       let _ = self.pool.finish_routed(
-        key,
+        held.release(),
         0,
         Outcome::Failure(&format!("{} {scrubbed}", status.as_u16())),
         ms(started),
@@ -338,6 +338,43 @@ impl Router {
     *answer.status_mut() = head.status;
     *answer.headers_mut() = headers;
     answer
+  }
+}
+
+/// A key chosen for a request not yet counted. When the caller goes away meanwhile (its request
+/// future dropped), the request's hold on the reservation is let go; the reservation itself stays
+/// until it expires, as an unreported hand-out's does, since the request may have reached Gemini.
+struct Held<'a> {
+  pool: &'a KeyPool,
+  key: RouteKey,
+}
+
+impl<'a> Held<'a> {
+  fn new(pool: &'a KeyPool, key: RouteKey) -> Self {
+    Self { pool, key }
+  }
+
+  fn index(&self) -> usize {
+    self.key.index
+  }
+
+  /// The request's body left `after` the key was chosen: it counts from then.
+  fn sent_after(&mut self, after: Duration) {
+    self.key.at += after.as_millis() as i64;
+  }
+
+  /// The key, to be counted now by the caller of this.
+  fn release(self) -> RouteKey {
+    let key = self.key;
+    // Counted by the caller instead: nothing to let go.
+    std::mem::forget(self);
+    key
+  }
+}
+
+impl Drop for Held<'_> {
+  fn drop(&mut self) {
+    self.pool.abandon_routed(self.key);
   }
 }
 
@@ -478,6 +515,204 @@ mod tests {
     let mut names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["content-type", "x-goog-api-client"]);
+  }
+
+  mod against_a_fake_gemini {
+    use std::collections::VecDeque;
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use http_body_util::BodyExt;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use parking_lot::Mutex;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::config::PoolConfig;
+    use crate::log::SilentLog;
+    use crate::quota::{Quota, WindowPolicy};
+    use crate::routing::Timeouts;
+
+    const KEYS: [&str; 2] = [
+      "AIzaSyROUTERtest00000000000000000000000001",
+      "AIzaSyROUTERtest00000000000000000000000002",
+    ];
+
+    /// What the fake answers, in turn (then 200s), and the keys it was sent.
+    #[derive(Default)]
+    struct Script {
+      answers: Mutex<VecDeque<(u16, &'static str)>>,
+      keys: Mutex<Vec<String>>,
+    }
+
+    const OK: &str =
+      r#"{"candidates":[],"usageMetadata":{"promptTokenCount":30,"totalTokenCount":42}}"#;
+
+    /// A fake Gemini on a free port; its base URL.
+    async fn fake(script: Arc<Script>) -> String {
+      let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .unwrap();
+      let addr = listener.local_addr().unwrap();
+      tokio::spawn(async move {
+        loop {
+          let Ok((stream, _)) = listener.accept().await else {
+            return;
+          };
+          let script = script.clone();
+          tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<Incoming>| {
+              let script = script.clone();
+              async move {
+                let key = req
+                  .headers()
+                  .get("x-goog-api-key")
+                  .map(|v| v.to_str().unwrap_or("").to_owned());
+                script.keys.lock().push(key.unwrap_or_default());
+                let (status, body) = script.answers.lock().pop_front().unwrap_or((200, OK));
+                let mut res = Response::new(Full::new(Bytes::from(body)));
+                *res.status_mut() = StatusCode::from_u16(status).unwrap();
+                Ok::<_, std::convert::Infallible>(res)
+              }
+            });
+            let _ = http1::Builder::new()
+              .serve_connection(TokioIo::new(stream), service)
+              .await;
+          });
+        }
+      });
+      format!("http://{addr}")
+    }
+
+    fn router(base: &str, rpm: u64) -> Router {
+      let config = PoolConfig {
+        keys: KEYS.iter().map(|k| k.to_string()).collect(),
+        quota: Quota {
+          rpm,
+          rpd: 1_000,
+          tpm: 1_000_000,
+        },
+        policy: WindowPolicy::default(),
+        warnings: vec![],
+      };
+      let pool =
+        Arc::new(KeyPool::new(config, Arc::new(SystemClock), Arc::new(SilentLog)).unwrap());
+      let upstream = Upstream::new(base, Timeouts::default()).unwrap();
+      Router::new(
+        pool,
+        upstream,
+        RouteOptions {
+          max_wait: Duration::from_millis(300),
+          max_attempts: 4,
+        },
+      )
+    }
+
+    fn request(asked: Option<usize>) -> RoutedRequest {
+      RoutedRequest {
+        method: Method::POST,
+        path_and_query: "/v1beta/models/gemini-2.0-flash:generateContent".into(),
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(br#"{"contents":[{"parts":[{"text":"hi"}]}]}"#),
+        asked,
+      }
+    }
+
+    async fn text(answer: Response<AnswerBody>) -> (StatusCode, String) {
+      let status = answer.status();
+      let body = answer.into_body().collect().await.unwrap().to_bytes();
+      (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn an_overload_is_retried_and_a_429_moves_to_another_key_before_the_caller_sees_one_answer(
+    ) {
+      let script = Arc::new(Script::default());
+      script.answers.lock().extend([
+        (
+          503,
+          r#"{"error":{"code":503,"message":"The model is overloaded."}}"#,
+        ),
+        (
+          429,
+          r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED"}}"#,
+        ),
+      ]);
+      let r = router(&fake(script.clone()).await, 30);
+      let (status, body) = text(r.forward(request(Some(0))).await).await;
+      assert_eq!(status, StatusCode::OK);
+      assert!(body.contains("\"totalTokenCount\":42"));
+      let sent = script.keys.lock().clone();
+      assert_eq!(sent.len(), 3);
+      assert_ne!(sent[1], sent[2], "the 429's key is not tried again");
+      // Counted: three requests went out; the answer's tokens on the key that served it.
+      let figures: Vec<_> = (0..2).map(|i| r.pool().figures(i).unwrap()).collect();
+      assert_eq!(figures.iter().map(|f| f.rpm.current).sum::<u64>(), 3);
+      assert_eq!(figures.iter().map(|f| f.tpm.current).sum::<u64>(), 42);
+    }
+
+    #[tokio::test]
+    async fn without_room_the_caller_gets_googles_429_and_gemini_sees_nothing() {
+      let script = Arc::new(Script::default());
+      let r = router(&fake(script.clone()).await, 1);
+      for _ in 0..2 {
+        assert_eq!(text(r.forward(request(None)).await).await.0, StatusCode::OK);
+      }
+      let (status, body) = text(r.forward(request(None)).await).await;
+      assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+      assert!(
+        body.contains("RESOURCE_EXHAUSTED") && body.contains("google.rpc.RetryInfo"),
+        "{body}"
+      );
+      assert_eq!(script.keys.lock().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_error_body_never_carries_a_key_back() {
+      let script = Arc::new(Script::default());
+      let leak: &'static str = Box::leak(
+        format!(
+          r#"{{"error":{{"code":400,"message":"API key not valid: {}"}}}}"#,
+          KEYS[0]
+        )
+        .into_boxed_str(),
+      );
+      script.answers.lock().push_back((400, leak));
+      let r = router(&fake(script).await, 30);
+      let (status, body) = text(r.forward(request(Some(0))).await).await;
+      assert_eq!(status, StatusCode::BAD_REQUEST);
+      assert!(
+        !body.contains(KEYS[0]) && body.contains("AIzaSyRO...0001"),
+        "{body}"
+      );
+    }
+
+    #[tokio::test]
+    async fn a_caller_gone_mid_request_lets_go_of_the_hand_out_it_was_using() {
+      // A fake that never answers: the caller gives up first.
+      let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .unwrap();
+      let base = format!("http://{}", listener.local_addr().unwrap());
+      let r = router(&base, 30);
+      let handed = r
+        .pool()
+        .best(crate::pool::Claim::Reserve {
+          estimated_tokens: 0,
+        })
+        .unwrap()
+        .pick
+        .index;
+      let gone =
+        tokio::time::timeout(Duration::from_millis(100), r.forward(request(Some(handed)))).await;
+      assert!(gone.is_err());
+      // The hand-out is open again: the next request with that key uses it.
+      let key = r.pool().route_key(Some(handed)).unwrap().unwrap();
+      assert_eq!(key.index, handed);
+      drop(listener);
+    }
   }
 
   #[test]
