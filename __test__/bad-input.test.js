@@ -83,14 +83,14 @@ test('recordUsage(success=false) with tokensUsed undefined (a failed call has no
   // A JS caller's catch block typically passes `response?.usageMetadata?.totalTokenCount`, which is
   // undefined when the Gemini call failed. The old service counted the error regardless of tokensUsed
   // (SPEC section 2: error count +1, lastError, lastErrorTime), so a refusal here would silently
-  // disable the health rules (here: 3 server errors in a row open the key's circuit) for such callers.
+  // disable the health rules (here: 3 timeouts in a row open the key's circuit) for such callers.
   const { m, keys } = newManager(2)
-  const r = await settle(() => m.recordUsage(keys[0], undefined, false, 'HTTP 503: overloaded', 900))
+  const r = await settle(() => m.recordUsage(keys[0], undefined, false, 'request timed out', 900))
   assert.equal(r.success, true, `refused: ${r.error}`)
   const s = await statusOf(m, keys[0])
   assert.equal(s.errorCount, 1)
-  assert.equal(s.lastError, 'HTTP 503: overloaded')
-  for (let i = 0; i < 2; i++) await m.recordUsage(keys[0], undefined, false, 'HTTP 503: overloaded', 900)
+  assert.equal(s.lastError, 'request timed out')
+  for (let i = 0; i < 2; i++) await m.recordUsage(keys[0], undefined, false, 'request timed out', 900)
   assert.equal((await statusOf(m, keys[0])).state, 'circuit-open')
 })
 

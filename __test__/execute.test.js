@@ -155,21 +155,24 @@ test('execute on a 429 rotates to another key and succeeds; the 429 key rests, s
   assert.deepEqual(new Set(tried), new Set(keys))
 })
 
-test('execute on a 503 moves to another key too', async (t) => {
+test("execute on a 503 waits out the model's back-off (within maxWaitMs), then tries again; the key is not blamed", async (t) => {
   const server = await fakeServer(t)
   const { m } = manager(2)
   const tried = []
   server.failNext('*', 503)
-  const result = await m.execute((key) => {
-    tried.push(key)
-    return callGemini(server.url, key, { tokens: 10 })
-  })
+  const result = await m.execute(
+    (key) => {
+      tried.push({ key, at: Date.now() })
+      return callGemini(server.url, key, { tokens: 10 })
+    },
+    { maxWaitMs: 3_000 },
+  )
   assert.equal(result.response.usageMetadata.totalTokenCount, 10)
   assert.equal(tried.length, 2)
-  assert.notEqual(tried[0], tried[1])
-  const s = await statusOf(m, tried[0])
+  assert.ok(tried[1].at - tried[0].at >= 700, `the model backed off ${tried[1].at - tried[0].at} ms`)
+  const s = await statusOf(m, tried[0].key)
   assert.equal(s.errorCount, 1)
-  assert.equal(s.state, 'active', 'one server error does not open the circuit')
+  assert.equal(s.state, 'active', "an overload is the model's, not the key's")
 })
 
 test('execute rejects with the last error the call threw (not a wrapper) when maxAttempts run out', async (t) => {

@@ -408,7 +408,7 @@ describe('Rust HTTP server: behaviour across calls', () => {
 
   test('GET /best and POST /rotate with every key busy: 429 with Retry-After and nextAvailableAt; none usable: 503', async (t) => {
     const { m, keys, base } = await startServer(t, 2)
-    for (const key of keys) await m.handleRateLimit(key, 'RPD', { retryAfterMs: 30000 })
+    for (const key of keys) await m.handleRateLimit(key, 'RPM', { retryAfterMs: 30000 })
     for (const r of [await get(base, '/best'), await post(base, '/rotate')]) {
       assertError(r, 429, 'No active API keys available')
       const retryAfter = Number(r.headers.get('retry-after'))
@@ -416,12 +416,12 @@ describe('Rust HTTP server: behaviour across calls', () => {
       const at = new Date(r.body.nextAvailableAt).getTime()
       assert.ok(Math.abs(at - (Date.now() + 30000)) < 2000, r.body.nextAvailableAt)
     }
-    // /status and /rate-limit still answer, the latter showing RPD limited.
+    // /status and /rate-limit still answer, the latter showing RPM limited.
     assert.equal((await get(base, '/status')).status, 200)
     for (const key of keys) {
       const info = await get(base, `/rate-limit/${mask(key)}`)
       assert.equal(info.status, 200, info.text)
-      assert.equal(info.body.data[1].isLimited, true, info.text)
+      assert.equal(info.body.data[0].isLimited, true, info.text)
     }
     for (const key of keys) await m.disableKey(key)
     assertError(await get(base, '/best'), 503, 'No active API keys available')

@@ -42,7 +42,7 @@ test("handleRateLimit logs '⚠️ Rate limit hit for RPM on API key <first 8>..
   assertLineStarting(lines, `⚠️ Rate limit hit for TPM on API key ${mask(KEYS[1])}`)
 })
 
-test("3 server errors in a row log the circuit opening; a refused key logs '⚠️ API key deactivated due to N consecutive errors' once", () => {
+test("3 timeouts in a row log the circuit opening; a refused key logs '⚠️ API key deactivated due to N consecutive errors' once", () => {
   const { lines } = run()
   assertLineStarting(lines, `⚠️ API key ${mask(KEYS[2])} resting for 5.0s after 3 consecutive errors (circuit open)`)
   assertLineStarting(lines, '⚠️ API key deactivated due to 1 consecutive errors')

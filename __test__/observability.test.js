@@ -140,7 +140,15 @@ test('getMetrics counts hand-outs, cache hits, rotations, 429s and keys by state
   assert.deepEqual(x.rateLimits, { total: 2, rpm: 1, rpd: 0, tpm: 1 })
   assert.equal(x.rotations.onError, 2)
   assert.deepEqual(x.calls, { successes: 4, failures: 1, tokens: 40 })
-  assert.deepEqual(x.keysByState, { active: 1, resting: 2, 'circuit-open': 0, 'half-open': 0, deactivated: 0, disabled: 0 })
+  assert.deepEqual(x.keysByState, {
+    active: 1,
+    resting: 2,
+    'circuit-open': 0,
+    'half-open': 0,
+    deactivated: 0,
+    'no-quota': 0,
+    disabled: 0,
+  })
   assert.deepEqual(
     x.keys.map((k) => k.apiKey),
     keys.map(mask),

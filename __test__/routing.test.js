@@ -34,7 +34,8 @@ async function setup(t, { keys = keysOf(2), limits = { rpm: 30, rpd: 200, tpm: 1
   const direct = await startFakeGemini({ limits })
   process.env.GEMINI_BASE_URL = gemini.url
   network.set(direct.url)
-  const m = new ApiKeyManagerService({ keys, limits, quiet: true, ...options })
+  // The SDKs call MODEL: its limits are the ones given.
+  const m = new ApiKeyManagerService({ keys, limits, model: MODEL, quiet: true, ...options })
   await m.initialize()
   t.after(async () => {
     await m.close()
@@ -94,7 +95,7 @@ test('a key in ?key= travels in the header; the route token and the caller heade
   await new Promise((resolve) => upstream.listen(0, '127.0.0.1', resolve))
   process.env.GEMINI_BASE_URL = `http://127.0.0.1:${upstream.address().port}`
   network.set(null)
-  const m = new ApiKeyManagerService({ keys, quiet: true })
+  const m = new ApiKeyManagerService({ keys, model: MODEL, quiet: true })
   await m.initialize()
   t.after(async () => {
     await m.close()
@@ -200,7 +201,7 @@ test('no room: a routed request waits for it; past routeMaxWaitMs it gets a Goog
   assert.equal(accepted(gemini, keys[0]), 2)
 
   // A wait longer than allowed: answered at once, as Gemini would, with when to come back.
-  const impatient = new ApiKeyManagerService({ keys: keysOf(1, 70), limits, windowMs: 60_000, routeMaxWaitMs: 200, quiet: true })
+  const impatient = new ApiKeyManagerService({ keys: keysOf(1, 70), limits, model: MODEL, windowMs: 60_000, routeMaxWaitMs: 200, quiet: true })
   await impatient.initialize()
   t.after(() => impatient.close())
   const key = fakeKey(70)
@@ -307,6 +308,7 @@ async function scenario(t, which, client) {
       : new ApiKeyManagerService({
           keys: SCENARIO_KEYS,
           limits: SCENARIO_LIMITS,
+          model: MODEL,
           windowMs: WINDOW_MS,
           reservationTtlMs: WINDOW_MS,
           routeMaxWaitMs: WINDOW_MS,

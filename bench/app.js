@@ -48,6 +48,8 @@ function managerFor(run) {
   return new ApiKeyManagerService({
     keys: KEYS,
     limits: LIMITS,
+    // The model the old integration calls: the limits given are its.
+    model: 'gemini-2.0-flash',
     windowMs: WINDOW_MS,
     reservationTtlMs: WINDOW_MS,
     routeMaxWaitMs: WINDOW_MS,

@@ -271,10 +271,22 @@ function checkOptions(options) {
       return `${field} must be a positive integer of milliseconds (got ${shown(options[field])})`
     }
   }
-  if (options.keys !== undefined && !(Array.isArray(options.keys) && options.keys.every((k) => typeof k === 'string'))) {
-    return 'keys must be an array of strings'
+  if (options.keys !== undefined && !(Array.isArray(options.keys) && options.keys.every(isKeyEntry))) {
+    return 'keys must be an array of strings or { apiKey, project } objects'
   }
   return null
+}
+
+/** A key as `keys` may give it: a string, or `{ apiKey, project? }` with strings. */
+function isKeyEntry(k) {
+  if (typeof k === 'string') return true
+  return (
+    typeof k === 'object' &&
+    k !== null &&
+    typeof k.apiKey === 'string' &&
+    (k.project === undefined || k.project === null || typeof k.project === 'string') &&
+    Object.keys(k).every((name) => name === 'apiKey' || name === 'project')
+  )
 }
 
 class ApiKeyManagerService {
@@ -305,6 +317,24 @@ class ApiKeyManagerService {
     this._closing = null
     // The loopback server the app's own Gemini requests are routed through; null when not routing.
     this._routeServer = null
+    // Model names to the native ids the calls about a model take.
+    this._models = new Map()
+  }
+
+  /**
+   * The native id of `options.model` (undefined without one: the default model, or for a report
+   * the model of its hand-out). Throws on a name that is no model's.
+   */
+  _modelId(options) {
+    const name = options?.model
+    if (name === undefined || name === null) return undefined
+    if (typeof name !== 'string') throw new TypeError(`model must be a string (got ${shown(name)})`)
+    let id = this._models.get(name)
+    if (id === undefined) {
+      id = this._native.modelId(name)
+      this._models.set(name, id)
+    }
+    return id
   }
 
   /** Builds the native pool on first use; returns an error message when it cannot. */
@@ -506,10 +536,10 @@ class ApiKeyManagerService {
   }
 
   /** A failed selection; when keys are only busy, `metadata.nextAvailableAt` says until when. */
-  _noKey(e, estimatedTokens) {
+  _noKey(e, estimatedTokens, model) {
     const error = messageOf(e)
     if (error !== 'No active API keys available') return failure(error)
-    const at = this._native.nextAvailableAt(typeof estimatedTokens === 'number' ? estimatedTokens : 0)
+    const at = this._native.nextAvailableAt(typeof estimatedTokens === 'number' ? estimatedTokens : 0, model)
     return failure(error, at === null ? {} : { nextAvailableAt: new Date(at) })
   }
 
@@ -575,20 +605,22 @@ class ApiKeyManagerService {
    */
   getBestAvailableKey(options) {
     try {
-      return Promise.resolve(this._best(options?.estimatedTokens ?? 0))
+      return Promise.resolve(this._best(options?.estimatedTokens ?? 0, options))
     } catch (e) {
       return Promise.resolve(unexpected(e))
     }
   }
 
-  _best(estimatedTokens) {
+  _best(estimatedTokens, options) {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'No active API keys available')
     let i
+    let model
     try {
-      i = this._hot.best(estimatedTokens)
+      model = this._modelId(options)
+      i = this._hot.best(estimatedTokens, model)
     } catch (e) {
-      return this._noKey(e, estimatedTokens)
+      return this._noKey(e, estimatedTokens, model)
     }
     if (i >= this._keys.length) this._syncKeys()
     const s = this._results
@@ -610,11 +642,13 @@ class ApiKeyManagerService {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'No active API keys available')
     let i
+    let model
     const estimatedTokens = options?.estimatedTokens ?? 0
     try {
-      i = this._native.rotate(estimatedTokens)
+      model = this._modelId(options)
+      i = this._native.rotate(estimatedTokens, model)
     } catch (e) {
-      return this._noKey(e, estimatedTokens)
+      return this._noKey(e, estimatedTokens, model)
     }
     if (i >= this._keys.length) this._syncKeys()
     const s = this._results
@@ -629,17 +663,17 @@ class ApiKeyManagerService {
     return { success: true, data: [this._keys[i], this._refresh(i)], metadata }
   }
 
-  recordUsage(apiKey, tokensUsed, success, error, responseTime) {
+  recordUsage(apiKey, tokensUsed, success, error, responseTime, options) {
     let result
     try {
-      result = this._recordUsage(apiKey, tokensUsed, success, error, responseTime)
+      result = this._recordUsage(apiKey, tokensUsed, success, error, responseTime, options)
     } catch (e) {
       result = unexpected(e)
     }
     return result === RECORDED ? RECORDED_PROMISE : Promise.resolve(result)
   }
 
-  _recordUsage(apiKey, tokensUsed, success, error, responseTime) {
+  _recordUsage(apiKey, tokensUsed, success, error, responseTime, options) {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
@@ -649,11 +683,12 @@ class ApiKeyManagerService {
       return failure(`tokensUsed must be a number (got ${typeof tokensUsed})`)
     }
     try {
-      if (success) this._hot.recordSuccess(i, tokensUsed, responseTime)
+      const model = options === undefined ? undefined : this._modelId(options)
+      if (success) this._hot.recordSuccess(i, tokensUsed, responseTime, model)
       else {
         const tokens = typeof tokensUsed === 'number' ? tokensUsed : 0
         const ms = typeof responseTime === 'number' ? responseTime : undefined
-        this._native.recordFailure(i, tokens, describeError(error), ms)
+        this._native.recordFailure(i, tokens, describeError(error), ms, model)
       }
     } catch (e) {
       return failure(messageOf(e))
@@ -679,7 +714,7 @@ class ApiKeyManagerService {
       return failure(`limitType must be 'RPM', 'RPD' or 'TPM' (got ${shown(limitType)})`)
     }
     try {
-      this._native.handleRateLimit(i, limitType, retryAfterMs)
+      this._native.handleRateLimit(i, limitType, retryAfterMs, this._modelId(options))
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -687,14 +722,14 @@ class ApiKeyManagerService {
     return { success: true, metadata: { limitType } }
   }
 
-  async getRateLimitInfo(apiKey) {
+  async getRateLimitInfo(apiKey, options) {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
     if (typeof i !== 'number') return i
     let info
     try {
-      info = this._native.rateLimitInfo(i)
+      info = this._native.rateLimitInfo(i, this._modelId(options))
     } catch (e) {
       // A key removed since: not found.
       return failure(messageOf(e))
@@ -707,10 +742,39 @@ class ApiKeyManagerService {
     const reason = this._ready()
     if (reason !== null) return this._unavailable(reason, 'No active API keys available')
     const data = this._allStatuses()
+    this._describeBudgets(data)
     return {
       success: true,
       data,
       metadata: { totalKeys: data.length, activeKeys: data.filter((k) => k.isActive).length },
+    }
+  }
+
+  /**
+   * Gives each status its key's `project` (null: not known) and `models`: its project's windows
+   * per model met, `{ [model]: { state, stateUntil, availabilityScore, rpm, rpd, tpm } }`.
+   */
+  _describeBudgets(statuses) {
+    const budgets = this._native.budgets()
+    const byKey = new Map(statuses.map((s) => [s.apiKey, s]))
+    for (let i = 0; i < budgets.length; i++) {
+      const status = byKey.get(this._keys[i])
+      if (status === undefined) continue
+      const window = (w) => ({ current: w.current, limit: w.limit, resetTime: new Date(w.resetTime) })
+      status.project = budgets[i].project ?? null
+      status.models = Object.fromEntries(
+        budgets[i].models.map((b) => [
+          b.model,
+          {
+            state: b.state,
+            stateUntil: b.stateUntil === undefined || b.stateUntil === null ? null : new Date(b.stateUntil),
+            availabilityScore: b.availabilityScore,
+            rpm: window(b.rpm),
+            rpd: window(b.rpd),
+            tpm: window(b.tpm),
+          },
+        ]),
+      )
     }
   }
 
@@ -733,13 +797,17 @@ class ApiKeyManagerService {
    * process sharing the database takes it in within a few seconds (stored sealed: that needs
    * KEY_MANAGER_FINGERPRINT_SECRET). A removed key comes back. `data` is its status.
    */
-  async addKey(apiKey) {
+  async addKey(apiKey, options) {
     const reason = this._ready()
     if (reason !== null) return failure(reason)
     if (typeof apiKey !== 'string') return failure(`Invalid API key: it must be a string (got ${typeof apiKey})`)
+    const project = options?.project
+    if (project !== undefined && typeof project !== 'string') {
+      return failure(`project must be a string (got ${shown(project)})`)
+    }
     let i
     try {
-      i = this._native.addKey(apiKey)
+      i = this._native.addKey(apiKey, project)
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -864,7 +932,7 @@ class ApiKeyManagerService {
    * @param {{ estimatedTokens?: number, maxAttempts?: number, maxWaitMs?: number }} [options]
    * @returns {Promise<T>}
    */
-  async execute(call, { estimatedTokens = 0, maxAttempts = 3, maxWaitMs = 0 } = {}) {
+  async execute(call, { estimatedTokens = 0, maxAttempts = 3, maxWaitMs = 0, model } = {}) {
     if (typeof call !== 'function') throw new TypeError('execute needs a function (apiKey) => Promise')
     if (!(Number.isInteger(maxAttempts) && maxAttempts >= 1)) {
       throw new RangeError(`maxAttempts must be a positive integer (got ${shown(maxAttempts)})`)
@@ -873,12 +941,13 @@ class ApiKeyManagerService {
       throw new RangeError(`maxWaitMs must be a non-negative number of milliseconds (got ${shown(maxWaitMs)})`)
     }
     const waitUntil = Date.now() + maxWaitMs
+    const options = model === undefined ? undefined : { model }
     let lastError
     for (let attempt = 1; attempt <= maxAttempts; attempt++) {
-      let picked = this._best(estimatedTokens)
+      let picked = this._best(estimatedTokens, options)
       while (!picked.success && picked.metadata.nextAvailableAt && picked.metadata.nextAvailableAt.getTime() <= waitUntil) {
         await sleep(Math.max(1, picked.metadata.nextAvailableAt.getTime() - Date.now()))
-        picked = this._best(estimatedTokens)
+        picked = this._best(estimatedTokens, options)
       }
       if (!picked.success) {
         throw lastError ?? Object.assign(new Error(picked.error), { metadata: picked.metadata })
@@ -887,12 +956,12 @@ class ApiKeyManagerService {
       const started = performance.now()
       try {
         const result = await call(apiKey)
-        this._recordUsage(apiKey, tokensOf(result) ?? estimatedTokens, true, undefined, performance.now() - started)
+        this._recordUsage(apiKey, tokensOf(result) ?? estimatedTokens, true, undefined, performance.now() - started, options)
         return result
       } catch (error) {
         lastError = error
         const description = describeError(error)
-        this._recordUsage(apiKey, 0, false, description, performance.now() - started)
+        this._recordUsage(apiKey, 0, false, description, performance.now() - started, options)
         if (!isRetryable(description) || attempt === maxAttempts) throw error
         await sleep(Math.min(2_000, 100 * 2 ** (attempt - 1)) * (0.5 + Math.random() / 2))
       }

@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use napi::bindgen_prelude::{Buffer, Env, Object, PromiseRaw};
+use napi::bindgen_prelude::{Buffer, Either, Env, Object, PromiseRaw};
 use napi_derive::napi;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::clock::SystemClock;
-use crate::config::{self, js_number, LimitOverrides, PoolConfig};
+use crate::config::{self, js_number, KeySpec, LimitOverrides, PoolConfig};
 use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
 use crate::http::auth::resolve_allow_insecure;
@@ -25,6 +25,7 @@ use crate::http::{self, AdminGuard, ApiRequest, Listen, Reply, ServerHandle, Ser
 use crate::key::{Admission, STATE_LABELS};
 use crate::log::{ConsoleLog, Log, SilentLog};
 use crate::metrics;
+use crate::models::ModelId;
 use crate::persistence::{PersistOptions, Started, WriteBehind};
 use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::quota::LimitType;
@@ -76,10 +77,18 @@ impl From<LimitsOptions> for LimitOverrides {
   }
 }
 
+/// A key and the project it belongs to.
+#[napi(object)]
+pub struct KeyOption {
+  pub api_key: String,
+  pub project: Option<String>,
+}
+
 /// Options of a key pool. Without `keys`, keys come from `GEMINI_API_KEY_1..N` and `GEMINI_API_KEYS`.
 #[napi(object)]
 pub struct PoolOptions {
-  pub keys: Option<Vec<String>>,
+  /// Each a key, or a key and its project.
+  pub keys: Option<Vec<Either<String, KeyOption>>>,
   /// The model whose limits apply (`GEMINI_MODEL`, default `gemini-2.0-flash-lite`).
   pub model: Option<String>,
   /// Limits by model name, replacing or adding to the built-in table.
@@ -105,6 +114,51 @@ fn js_error(e: PoolError) -> napi::Error {
 /// A key position given by JS.
 fn at(index: u32) -> usize {
   index as usize
+}
+
+/// A model id given by JS (see `modelId`); none: the default model, or for a report whatever
+/// model its hand-out was for.
+fn model(id: Option<u32>) -> Option<ModelId> {
+  id.map(|m| m as ModelId)
+}
+
+/// One (project, model) budget of a key, as listings show it.
+#[napi(object)]
+pub struct BudgetEntry {
+  pub model: String,
+  /// `active`, `resting`, `no-quota` or `overloaded`.
+  pub state: String,
+  /// When a rest (or the model's back-off) ends, in epoch ms.
+  pub state_until: Option<f64>,
+  pub availability_score: f64,
+  pub rpm: WindowEntry,
+  pub rpd: WindowEntry,
+  pub tpm: WindowEntry,
+}
+
+/// One window's use.
+#[napi(object)]
+pub struct WindowEntry {
+  pub current: f64,
+  pub limit: f64,
+  /// Epoch ms.
+  pub reset_time: f64,
+}
+
+/// A key's project and its budgets of every model met.
+#[napi(object)]
+pub struct KeyBudgets {
+  /// Its project's name; null for a key whose project is not known (a project of its own).
+  pub project: Option<String>,
+  pub models: Vec<BudgetEntry>,
+}
+
+fn window_entry(w: &crate::budget::LimitFigures) -> WindowEntry {
+  WindowEntry {
+    current: w.current as f64,
+    limit: w.limit as f64,
+    reset_time: w.reset_time as f64,
+  }
 }
 
 /// A pool of Gemini API keys. Methods that concern one key write its figures into the result slots.
@@ -207,7 +261,18 @@ impl NativeKeyPool {
       None => (config::PoolOptions::default(), false),
       Some(o) => (
         config::PoolOptions {
-          keys: o.keys,
+          keys: o.keys.map(|keys| {
+            keys
+              .into_iter()
+              .map(|k| match k {
+                Either::A(key) => KeySpec::new(&key),
+                Either::B(KeyOption { api_key, project }) => KeySpec {
+                  key: api_key,
+                  project,
+                },
+              })
+              .collect()
+          }),
           model: o.model,
           model_limits: o
             .model_limits
@@ -253,11 +318,12 @@ impl NativeKeyPool {
     &self.js.results
   }
 
-  /// The hot path, as plain functions over this pool: `best(estimatedTokens)` returns the chosen
-  /// key's position, `recordSuccess(index, tokens, responseTime)` and `figures(index)` write the
-  /// key's figures into `results`.
+  /// The hot path, as plain functions over this pool: `best(estimatedTokens, modelId)` returns the
+  /// chosen key's position, `recordSuccess(index, tokens, responseTime, modelId)` and
+  /// `figures(index)` write the key's figures into `results` (a missing model id is the default
+  /// model, or for a report the model of its hand-out).
   #[napi(
-    ts_return_type = "{ results: Float64Array; best(estimatedTokens: number): number; recordSuccess(index: number, tokens: number, responseTime: number): void; figures(index: number): void }"
+    ts_return_type = "{ results: Float64Array; best(estimatedTokens: number, modelId?: number): number; recordSuccess(index: number, tokens: number, responseTime: number, modelId?: number): void; figures(index: number): void }"
   )]
   pub fn hot_path<'env>(&self, env: &'env Env) -> napi::Result<Object<'env>> {
     // SAFETY: `env` is this call's environment, on the JS thread.
@@ -278,11 +344,54 @@ impl NativeKeyPool {
     u32::try_from(self.pool().len()).unwrap_or(u32::MAX)
   }
 
-  /// Adds `apiKey` to the pool (or brings back a removed one) and writes its figures into the
-  /// result slots; returns its position.
+  /// The id of the model named `name` (`gemini-2.0-flash` or `models/gemini-2.0-flash`), which
+  /// the calls about a model take: met now, with limits from the table (or `modelLimits`, or the
+  /// default model's, said once), if it was not yet.
   #[napi]
-  pub fn add_key(&self, api_key: String) -> napi::Result<u32> {
-    let index = self.pool().add_key(&api_key).map_err(js_error)?;
+  pub fn model_id(&self, name: String) -> napi::Result<u32> {
+    self
+      .pool()
+      .model_id(&name)
+      .map(|id| id as u32)
+      .map_err(js_error)
+  }
+
+  /// Every key's project and its budget of every model met, by position.
+  #[napi]
+  pub fn budgets(&self) -> napi::Result<Vec<KeyBudgets>> {
+    (0..self.pool().len())
+      .map(|i| {
+        let (project, views) = self.pool().budgets_of(i).map_err(js_error)?;
+        Ok(KeyBudgets {
+          project,
+          models: views
+            .iter()
+            .map(|v| BudgetEntry {
+              model: v.model.clone(),
+              state: crate::pool::budget_state(v).to_owned(),
+              state_until: match v.figures.rest {
+                crate::budget::Rest::Until { until, .. } => Some(until as f64),
+                _ => v.overloaded_until.map(|t| t as f64),
+              },
+              availability_score: v.availability_score,
+              rpm: window_entry(&v.figures.rpm),
+              rpd: window_entry(&v.figures.rpd),
+              tpm: window_entry(&v.figures.tpm),
+            })
+            .collect(),
+        })
+      })
+      .collect()
+  }
+
+  /// Adds `apiKey` to the pool (in `project`, when named), or brings back a removed one, and
+  /// writes its figures into the result slots; returns its position.
+  #[napi]
+  pub fn add_key(&self, api_key: String, project: Option<String>) -> napi::Result<u32> {
+    let index = self
+      .pool()
+      .add_key(&api_key, project.as_deref())
+      .map_err(js_error)?;
     self
       .results()
       .write_figures(&self.pool().figures(index).map_err(js_error)?);
@@ -306,11 +415,12 @@ impl NativeKeyPool {
   /// `getNextKeyForRotation`: returns the chosen key's position; the reason and the weak key's
   /// score are in the result slots.
   #[napi]
-  pub fn rotate(&self, estimated_tokens: f64) -> napi::Result<u32> {
+  pub fn rotate(&self, estimated_tokens: f64, model_id: Option<u32>) -> napi::Result<u32> {
     let claim = Claim::Reserve {
       estimated_tokens: validate_tokens(estimated_tokens).map_err(js_error)?,
     };
-    let picked = self.pool().rotate(claim).map_err(js_error)?;
+    let model = model(model_id).unwrap_or(crate::models::DEFAULT_MODEL_ID);
+    let picked = self.pool().rotate(claim, model).map_err(js_error)?;
     self.results().write_rotation(&picked.pick);
     self.results().write_figures(&picked.figures);
     Ok(picked.pick.selection.index as u32)
@@ -325,6 +435,7 @@ impl NativeKeyPool {
     tokens: f64,
     error: String,
     response_time: Option<f64>,
+    model_id: Option<u32>,
   ) -> napi::Result<()> {
     let tokens = validate_tokens(tokens).unwrap_or(0);
     let figures = self
@@ -334,6 +445,7 @@ impl NativeKeyPool {
         tokens,
         Outcome::Failure(&error),
         response_time.unwrap_or(0.0),
+        model(model_id),
       )
       .map_err(js_error)?;
     self.results().write_figures(&figures);
@@ -348,6 +460,7 @@ impl NativeKeyPool {
     index: u32,
     limit_type: String,
     retry_after_ms: Option<f64>,
+    model_id: Option<u32>,
   ) -> napi::Result<()> {
     let retry_after_ms = match retry_after_ms {
       Some(ms) if !(ms.is_finite() && ms >= 0.0) => {
@@ -362,7 +475,11 @@ impl NativeKeyPool {
       got: format!("{limit_type:?}"),
     });
     let figures = limit_type
-      .and_then(|t| self.pool().handle_rate_limit(at(index), t, retry_after_ms))
+      .and_then(|t| {
+        self
+          .pool()
+          .handle_rate_limit(at(index), t, retry_after_ms, model(model_id))
+      })
       .map_err(js_error)?;
     self.results().write_figures(&figures);
     Ok(())
@@ -392,8 +509,15 @@ impl NativeKeyPool {
 
   /// `getRateLimitInfo`: RPM, RPD and TPM, with `resetTime` in epoch milliseconds.
   #[napi]
-  pub fn rate_limit_info(&self, index: u32) -> napi::Result<Vec<RateLimitEntry>> {
-    let info = self.pool().rate_limit_info(at(index)).map_err(js_error)?;
+  pub fn rate_limit_info(
+    &self,
+    index: u32,
+    model_id: Option<u32>,
+  ) -> napi::Result<Vec<RateLimitEntry>> {
+    let info = self
+      .pool()
+      .rate_limit_info(at(index), model(model_id))
+      .map_err(js_error)?;
     Ok(
       info
         .iter()
@@ -410,9 +534,17 @@ impl NativeKeyPool {
 
   /// When a key could next be handed out (epoch ms), or `null` when none will be by itself.
   #[napi]
-  pub fn next_available_at(&self, estimated_tokens: f64) -> napi::Result<Option<f64>> {
+  pub fn next_available_at(
+    &self,
+    estimated_tokens: f64,
+    model_id: Option<u32>,
+  ) -> napi::Result<Option<f64>> {
     let tokens = validate_tokens(estimated_tokens).map_err(js_error)?;
-    let at = self.pool().next_available_at(tokens).map_err(js_error)?;
+    let model = model(model_id).unwrap_or(crate::models::DEFAULT_MODEL_ID);
+    let at = self
+      .pool()
+      .next_available_at(tokens, model)
+      .map_err(js_error)?;
     Ok(at.map(|t| t as f64))
   }
 

@@ -6,7 +6,47 @@ use crate::calendar::DailyReset;
 use crate::clock::Millis;
 use crate::error::PoolError;
 use crate::mask::mask_key;
+use crate::models::{normalize, ModelLimits};
 use crate::quota::{model_quota, Quota, WindowPolicy, DEFAULT_MODEL, MODEL_QUOTAS};
+
+/// A key, and the project it belongs to when that is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+  pub key: String,
+  pub project: Option<String>,
+}
+
+impl KeySpec {
+  pub fn new(key: &str) -> Self {
+    Self {
+      key: key.to_owned(),
+      project: None,
+    }
+  }
+}
+
+/// Longest project name accepted, in bytes.
+pub const MAX_PROJECT_BYTES: usize = 128;
+
+/// A project as named in options, the environment or Gemini's errors: `projects/123` and `123`
+/// are one project. Visible ASCII without `,` or `:` (they separate entries in `GEMINI_API_KEYS`).
+pub fn project_name(text: &str) -> Result<String, PoolError> {
+  let name = text.trim();
+  let name = name.strip_prefix("projects/").unwrap_or(name);
+  let valid = !name.is_empty()
+    && name.len() <= MAX_PROJECT_BYTES
+    && name
+      .bytes()
+      .all(|b| b.is_ascii_graphic() && b != b',' && b != b':');
+  if valid {
+    Ok(name.to_owned())
+  } else {
+    Err(PoolError::InvalidProject(format!(
+      "a project is 1 to {MAX_PROJECT_BYTES} visible ASCII characters without ',' or ':' (got {} characters)",
+      text.chars().count()
+    )))
+  }
+}
 
 /// Optional per-limit overrides, as given in an options object.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -19,7 +59,7 @@ pub struct LimitOverrides {
 /// Everything a pool can be given explicitly; what is missing comes from the environment.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolOptions {
-  pub keys: Option<Vec<String>>,
+  pub keys: Option<Vec<KeySpec>>,
   /// Model whose limits apply (`GEMINI_MODEL`, default gemini-2.0-flash-lite).
   pub model: Option<String>,
   /// Limits per model, replacing or adding to the built-in table.
@@ -36,14 +76,36 @@ pub struct PoolOptions {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
-  pub keys: Vec<String>,
+  pub keys: Vec<KeySpec>,
+  /// The default model's limits.
   pub quota: Quota,
+  /// Every model's limits.
+  pub models: ModelLimits,
   pub policy: WindowPolicy,
   /// Things worth telling the operator that did not stop start-up (dropped keys).
   pub warnings: Vec<String>,
 }
 
 impl PoolConfig {
+  /// `keys` (their projects unknown) at `quota`, as the default model's limits, and windows as by
+  /// default: a pool made in code, without options or the environment.
+  pub fn of(keys: Vec<String>, quota: Quota) -> Self {
+    Self {
+      keys: keys
+        .into_iter()
+        .map(|key| KeySpec { key, project: None })
+        .collect(),
+      quota,
+      models: ModelLimits {
+        default_model: DEFAULT_MODEL.to_owned(),
+        default_quota: quota,
+        overrides: Vec::new(),
+      },
+      policy: WindowPolicy::default(),
+      warnings: Vec::new(),
+    }
+  }
+
   /// Resolves the configuration. Options given explicitly win over the environment; `env` looks
   /// up a variable (the process environment in production, a map in tests), and a variable set to
   /// an empty string counts as unset.
@@ -52,25 +114,51 @@ impl PoolConfig {
     env: &dyn Fn(&str) -> Option<String>,
   ) -> Result<Self, PoolError> {
     let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-    let raw = options.keys.unwrap_or_else(|| keys_from_env(&env));
+    let raw = match options.keys {
+      Some(keys) => keys,
+      None => keys_from_env(&env),
+    };
     let mut warnings = Vec::new();
-    let keys = clean_keys(raw, &mut warnings);
+    let keys = clean_keys(raw, &mut warnings)?;
     if keys.is_empty() {
       return Err(PoolError::NoKeysConfigured);
     }
-    let model = options
-      .model
-      .or_else(|| env("GEMINI_MODEL"))
-      .unwrap_or_else(|| DEFAULT_MODEL.to_owned());
-    let base = match options.model_limits.iter().find(|(name, _)| *name == model) {
-      Some((_, table)) => {
-        let fallback = model_quota(&model).unwrap_or_default();
-        Quota {
-          rpm: limit("modelLimits.rpm", table.rpm, None, fallback.rpm)?,
-          rpd: limit("modelLimits.rpd", table.rpd, None, fallback.rpd)?,
-          tpm: limit("modelLimits.tpm", table.tpm, None, fallback.tpm)?,
-        }
-      }
+    let model = normalize(
+      &options
+        .model
+        .or_else(|| env("GEMINI_MODEL"))
+        .unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
+    )
+    .to_owned();
+    let completed =
+      |name: &str, table: &LimitOverrides, fallback: Quota| -> Result<Quota, PoolError> {
+        Ok(Quota {
+          rpm: limit(
+            &format!("modelLimits.{name}.rpm"),
+            table.rpm,
+            None,
+            fallback.rpm,
+          )?,
+          rpd: limit(
+            &format!("modelLimits.{name}.rpd"),
+            table.rpd,
+            None,
+            fallback.rpd,
+          )?,
+          tpm: limit(
+            &format!("modelLimits.{name}.tpm"),
+            table.tpm,
+            None,
+            fallback.tpm,
+          )?,
+        })
+      };
+    let base = match options
+      .model_limits
+      .iter()
+      .find(|(name, _)| normalize(name) == model)
+    {
+      Some((_, table)) => completed(&model, table, model_quota(&model).unwrap_or_default())?,
       None => model_quota(&model).ok_or_else(|| {
         let known: Vec<&str> = MODEL_QUOTAS.iter().map(|(name, _)| *name).collect();
         PoolError::InvalidConfig(format!(
@@ -121,9 +209,24 @@ impl PoolConfig {
         ))
       })?,
     };
+    let mut overrides = Vec::with_capacity(options.model_limits.len());
+    for (name, table) in &options.model_limits {
+      let name = normalize(name);
+      if name != model {
+        overrides.push((
+          name.to_owned(),
+          completed(name, table, model_quota(name).unwrap_or(quota))?,
+        ));
+      }
+    }
     Ok(Self {
       keys,
       quota,
+      models: ModelLimits {
+        default_model: model,
+        default_quota: quota,
+        overrides,
+      },
       policy: WindowPolicy {
         span_ms,
         daily_reset,
@@ -135,30 +238,56 @@ impl PoolConfig {
 }
 
 /// `GEMINI_API_KEY_1`, `_2`, ... up to the first gap (a missing or empty variable, as the old
-/// service read them), then the entries of `GEMINI_API_KEYS`.
-fn keys_from_env(env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
-  let numbered = (1..).map_while(|i| env(&format!("GEMINI_API_KEY_{i}")));
+/// service read them), each with its project in `GEMINI_API_KEY_<n>_PROJECT` when set, then the
+/// entries of `GEMINI_API_KEYS`: `key`, or `project:key` (Gemini keys hold no colon).
+fn keys_from_env(env: &dyn Fn(&str) -> Option<String>) -> Vec<KeySpec> {
+  let numbered = (1..).map_while(|i| {
+    env(&format!("GEMINI_API_KEY_{i}")).map(|key| KeySpec {
+      key,
+      project: env(&format!("GEMINI_API_KEY_{i}_PROJECT")),
+    })
+  });
   let listed = env("GEMINI_API_KEYS")
-    .map(|list| list.split(',').map(str::to_owned).collect::<Vec<_>>())
+    .map(|list| {
+      list
+        .split(',')
+        .map(|entry| match entry.split_once(':') {
+          Some((project, key)) => KeySpec {
+            key: key.to_owned(),
+            project: Some(project.to_owned()),
+          },
+          None => KeySpec::new(entry),
+        })
+        .collect::<Vec<_>>()
+    })
     .unwrap_or_default();
   numbered.chain(listed).collect()
 }
 
-/// Trims every key and drops empty entries and duplicates, with a warning for each.
-fn clean_keys(raw: Vec<String>, warnings: &mut Vec<String>) -> Vec<String> {
+/// Trims every key and drops empty entries and duplicates, with a warning for each; a project
+/// that is named must be a valid one (see [`project_name`]).
+fn clean_keys(raw: Vec<KeySpec>, warnings: &mut Vec<String>) -> Result<Vec<KeySpec>, PoolError> {
   let mut seen = HashSet::new();
   let mut keys = Vec::with_capacity(raw.len());
-  for (position, key) in raw.into_iter().enumerate() {
-    let key = key.trim().to_owned();
+  for (position, spec) in raw.into_iter().enumerate() {
+    let key = spec.key.trim().to_owned();
     if key.is_empty() {
       warnings.push(format!("⚠️ Ignoring empty API key entry #{}", position + 1));
-    } else if !seen.insert(key.clone()) {
-      warnings.push(format!("⚠️ Ignoring duplicate API key {}", mask_key(&key)));
-    } else {
-      keys.push(key);
+      continue;
     }
+    if !seen.insert(key.clone()) {
+      warnings.push(format!("⚠️ Ignoring duplicate API key {}", mask_key(&key)));
+      continue;
+    }
+    let project = match spec.project.as_deref().map(str::trim) {
+      None | Some("") => None,
+      Some(p) => Some(project_name(p).map_err(|e| {
+        PoolError::InvalidConfig(format!("the project of API key {}: {e}", mask_key(&key)))
+      })?),
+    };
+    keys.push(KeySpec { key, project });
   }
-  keys
+  Ok(keys)
 }
 
 /// Largest limit accepted: far above any Gemini tier, small enough to stay exact as a JS number.
@@ -231,9 +360,13 @@ mod tests {
 
   fn keys(keys: &[&str]) -> PoolOptions {
     PoolOptions {
-      keys: Some(keys.iter().map(|k| k.to_string()).collect()),
+      keys: Some(keys.iter().map(|k| KeySpec::new(k)).collect()),
       ..Default::default()
     }
+  }
+
+  fn names(c: &PoolConfig) -> Vec<&str> {
+    c.keys.iter().map(|k| k.key.as_str()).collect()
   }
 
   fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -253,7 +386,10 @@ mod tests {
       ("GEMINI_API_KEYS", " b-key-one ,b-key-two"),
     ]);
     let c = PoolConfig::resolve(PoolOptions::default(), &env).unwrap();
-    assert_eq!(c.keys, ["a-key-one", "a-key-two", "b-key-one", "b-key-two"]);
+    assert_eq!(
+      names(&c),
+      ["a-key-one", "a-key-two", "b-key-one", "b-key-two"]
+    );
     assert_eq!(c.quota, Quota::FLASH_LITE_FREE);
     assert!(c.warnings.is_empty());
   }
@@ -265,7 +401,7 @@ mod tests {
       "AIzaSyDUPLICATE-0000001,,AIzaSyDUPLICATE-0000001, ",
     )]);
     let c = PoolConfig::resolve(PoolOptions::default(), &env).unwrap();
-    assert_eq!(c.keys, ["AIzaSyDUPLICATE-0000001"]);
+    assert_eq!(names(&c), ["AIzaSyDUPLICATE-0000001"]);
     assert_eq!(c.warnings.len(), 3);
     assert!(c
       .warnings
@@ -289,7 +425,7 @@ mod tests {
   fn explicit_keys_replace_the_environment() {
     let env = env_of(&[("GEMINI_API_KEY_1", "from-env")]);
     let c = PoolConfig::resolve(keys(&["given"]), &env).unwrap();
-    assert_eq!(c.keys, ["given"]);
+    assert_eq!(names(&c), ["given"]);
   }
 
   #[test]
@@ -355,7 +491,7 @@ mod tests {
       ("GEMINI_RPM_LIMIT", " "),
     ]);
     let c = PoolConfig::resolve(PoolOptions::default(), &env).unwrap();
-    assert_eq!(c.keys, ["first"]);
+    assert_eq!(names(&c), ["first"]);
     assert_eq!(c.quota.rpm, 30);
   }
 
@@ -402,6 +538,108 @@ mod tests {
     };
     let err = PoolConfig::resolve(unknown, &env_of(&[])).unwrap_err();
     assert!(err.to_string().contains("gemini-2.5-flash"), "{err}");
+  }
+
+  #[test]
+  fn keys_name_their_projects_in_options_and_the_environment() {
+    let env = env_of(&[
+      ("GEMINI_API_KEY_1", "key-one"),
+      ("GEMINI_API_KEY_1_PROJECT", "projects/1001"),
+      ("GEMINI_API_KEY_2", "key-two"),
+      ("GEMINI_API_KEYS", "1002:key-three,key-four"),
+    ]);
+    let c = PoolConfig::resolve(PoolOptions::default(), &env).unwrap();
+    let projects: Vec<_> = c
+      .keys
+      .iter()
+      .map(|k| (k.key.as_str(), k.project.as_deref()))
+      .collect();
+    assert_eq!(
+      projects,
+      [
+        ("key-one", Some("1001")),
+        ("key-two", None),
+        ("key-three", Some("1002")),
+        ("key-four", None)
+      ]
+    );
+    let options = PoolOptions {
+      keys: Some(vec![
+        KeySpec {
+          key: "a".into(),
+          project: Some(" alpha ".into()),
+        },
+        KeySpec::new("b"),
+      ]),
+      ..Default::default()
+    };
+    let c = PoolConfig::resolve(options, &env_of(&[])).unwrap();
+    assert_eq!(c.keys[0].project.as_deref(), Some("alpha"));
+    let bad = PoolOptions {
+      keys: Some(vec![KeySpec {
+        key: "AIzaSyBADPROJECT00000000000000000000001".into(),
+        project: Some("a,b".into()),
+      }]),
+      ..Default::default()
+    };
+    let err = PoolConfig::resolve(bad, &env_of(&[]))
+      .unwrap_err()
+      .to_string();
+    assert!(
+      err.contains("AIzaSyBA...0001") && err.contains("without ','"),
+      "{err}"
+    );
+  }
+
+  #[test]
+  fn every_models_limits_are_resolved_from_model_limits_the_table_or_the_default_model() {
+    let options = PoolOptions {
+      model_limits: vec![
+        (
+          "models/gemini-2.5-pro".into(),
+          LimitOverrides {
+            rpm: Some(2.0),
+            ..Default::default()
+          },
+        ),
+        (
+          "my-model".into(),
+          LimitOverrides {
+            rpd: Some(7.0),
+            ..Default::default()
+          },
+        ),
+      ],
+      limits: LimitOverrides {
+        rpm: Some(40.0),
+        ..Default::default()
+      },
+      ..keys(&["k"])
+    };
+    let c = PoolConfig::resolve(options, &env_of(&[])).unwrap();
+    assert_eq!(c.models.default_model, "gemini-2.0-flash-lite");
+    assert_eq!(c.models.default_quota.rpm, 40);
+    assert_eq!(
+      c.models.overrides,
+      vec![
+        (
+          "gemini-2.5-pro".to_owned(),
+          Quota {
+            rpm: 2,
+            rpd: 100,
+            tpm: 250_000
+          }
+        ),
+        (
+          "my-model".to_owned(),
+          Quota {
+            rpm: 40,
+            rpd: 7,
+            tpm: 1_000_000
+          }
+        ),
+      ]
+    );
   }
 
   #[test]

@@ -25,4 +25,8 @@ pub enum PoolError {
   DuplicateKey,
   #[error("API key cannot be stored: {0}")]
   KeyNotStorable(String),
+  #[error("Invalid model: {0}")]
+  InvalidModel(String),
+  #[error("Invalid project: {0}")]
+  InvalidProject(String),
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use napi::sys;
 
 use crate::error::PoolError;
+use crate::models::{ModelId, DEFAULT_MODEL_ID, MAX_MODELS};
 use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::results::{Results, RESULTS_LEN};
 
@@ -23,15 +24,17 @@ pub struct JsPool {
 }
 
 /// Numeric arguments a hot-path function takes at most.
-const ARGS: usize = 3;
+const ARGS: usize = 4;
 
 type Handler = fn(&JsPool, &[f64; ARGS]) -> Result<Option<u32>, PoolError>;
 
-fn best(p: &JsPool, [estimated_tokens, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolError> {
+fn best(p: &JsPool, [estimated_tokens, model, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolError> {
   let claim = Claim::Reserve {
     estimated_tokens: validate_tokens(*estimated_tokens)?,
   };
-  let picked = p.pool.best(claim)?;
+  let picked = p
+    .pool
+    .best(claim, model_id(*model)?.unwrap_or(DEFAULT_MODEL_ID))?;
   p.results.write_selection(&picked.pick);
   p.results.write_figures(&picked.figures);
   Ok(Some(picked.pick.index as u32))
@@ -40,12 +43,16 @@ fn best(p: &JsPool, [estimated_tokens, ..]: &[f64; ARGS]) -> Result<Option<u32>,
 /// `responseTime` is optional: a missing one reads as NaN, which is stored as 0.
 fn record_success(
   p: &JsPool,
-  [index, tokens, response_time]: &[f64; ARGS],
+  [index, tokens, response_time, model]: &[f64; ARGS],
 ) -> Result<Option<u32>, PoolError> {
   let tokens = validate_tokens(*tokens)?;
-  let figures =
-    p.pool
-      .record_usage(key_index(*index)?, tokens, Outcome::Success, *response_time)?;
+  let figures = p.pool.record_usage(
+    key_index(*index)?,
+    tokens,
+    Outcome::Success,
+    *response_time,
+    model_id(*model)?,
+  )?;
   p.results.write_figures(&figures);
   Ok(None)
 }
@@ -54,6 +61,17 @@ fn figures(p: &JsPool, [index, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolErr
   let figures = p.pool.figures(key_index(*index)?)?;
   p.results.write_figures(&figures);
   Ok(None)
+}
+
+/// A model id given as a JS number; a missing one (NaN) is none.
+fn model_id(value: f64) -> Result<Option<ModelId>, PoolError> {
+  if value.is_nan() {
+    Ok(None)
+  } else if value >= 0.0 && value.fract() == 0.0 && value < MAX_MODELS as f64 {
+    Ok(Some(value as ModelId))
+  } else {
+    Err(PoolError::InvalidModel(format!("no model has id {value}")))
+  }
 }
 
 /// A key position given as a JS number.
@@ -71,7 +89,7 @@ struct Bound {
   handler: Handler,
 }
 
-/// Calls the handler with up to three numeric arguments (a missing or non-numeric one reads as NaN,
+/// Calls the handler with up to four numeric arguments (a missing or non-numeric one reads as NaN,
 /// which every handler refuses), and turns its error into a thrown JS `Error`.
 unsafe extern "C" fn trampoline(
   env: sys::napi_env,

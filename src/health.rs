@@ -1,9 +1,10 @@
-//! A key's health: whether it may be handed out, and how failures change that.
+//! A key's own health: whether it may be handed out, and how failures that follow the key change
+//! that. A 429 is its project's quota (see `budget`) and an overload is its model's (see
+//! `models`): neither is the key's fault, and neither touches this.
 //!
-//! - A 429 rests the key until the upstream's window frees (or for the delay it asked for); it is
-//!   not the key's fault and never leads to deactivation.
-//! - Other failures in a row open a circuit: the key rests for a back-off that doubles with each
-//!   opening, then serves one trial request, and closes again on its success.
+//! - Failures in a row (timeouts, network errors, unexplained server errors) open a circuit: the
+//!   key rests for a back-off that doubles with each opening, then serves one trial request, and
+//!   closes again on its success.
 //! - Only the upstream refusing the key itself deactivates it, until `reactivate`.
 
 use crate::clock::Millis;
@@ -16,7 +17,7 @@ pub const MAX_BACKOFF_MS: Millis = 300_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthState {
   Active,
-  /// Rate-limited upstream: available again at `until`.
+  /// Its budget is rate-limited upstream: available again at `until` (shown from the budget).
   Resting {
     until: Millis,
   },
@@ -30,6 +31,9 @@ pub enum HealthState {
   },
   /// Refused by the upstream; only `reactivate` brings it back.
   Deactivated,
+  /// The key is fine, but its project's tier has no quota for the model shown (a 429 with
+  /// `quotaValue` "0"): until reactivated. Never a key's own health; shown from its budget.
+  NoQuota,
 }
 
 impl HealthState {
@@ -37,12 +41,13 @@ impl HealthState {
     Self::LABELS[self.code()]
   }
 
-  pub const LABELS: [&'static str; 5] = [
+  pub const LABELS: [&'static str; 6] = [
     "active",
     "resting",
     "circuit-open",
     "half-open",
     "deactivated",
+    "no-quota",
   ];
 
   /// Position of this state's label in [`Self::LABELS`].
@@ -53,6 +58,7 @@ impl HealthState {
       Self::CircuitOpen { .. } => 2,
       Self::HalfOpen { .. } => 3,
       Self::Deactivated => 4,
+      Self::NoQuota => 5,
     }
   }
 
@@ -97,7 +103,6 @@ impl Health {
   /// The state as of `now`: rests and open circuits end by themselves.
   pub fn state(&self, now: Millis) -> HealthState {
     match self.state {
-      HealthState::Resting { until } if now >= until => HealthState::Active,
       HealthState::CircuitOpen { until } if now >= until => {
         HealthState::HalfOpen { trial_out: false }
       }
@@ -135,20 +140,7 @@ impl Health {
     }
   }
 
-  /// The upstream said 429: rest until `until` (a later rest already in force stands).
-  pub fn on_rate_limited(&mut self, now: Millis, until: Millis) -> HealthChange {
-    match self.state(now) {
-      HealthState::Deactivated => HealthChange::Unchanged,
-      HealthState::Resting { until: later } if later >= until => HealthChange::Unchanged,
-      HealthState::CircuitOpen { until: later } if later >= until => HealthChange::Unchanged,
-      _ => {
-        self.state = HealthState::Resting { until };
-        HealthChange::Rested { until }
-      }
-    }
-  }
-
-  /// A failure that is neither a 429 nor a rejection of the key.
+  /// A failure that follows the key: neither a 429, nor an overload, nor a rejection.
   pub fn on_transient_failure(&mut self, now: Millis) -> HealthChange {
     self.failure_streak = self.failure_streak.saturating_add(1);
     let state = self.state(now);
@@ -166,12 +158,7 @@ impl Health {
       .saturating_mul(1 << self.openings.min(16))
       .min(MAX_BACKOFF_MS);
     self.openings = self.openings.saturating_add(1);
-    // Server errors never cut a rate-limit rest short: the key would come back into a 429.
-    let rest_ends = match state {
-      HealthState::Resting { until } => until,
-      _ => now,
-    };
-    let until = (now + backoff).max(rest_ends);
+    let until = now + backoff;
     self.state = HealthState::CircuitOpen { until };
     HealthChange::CircuitOpened {
       until,
@@ -195,13 +182,6 @@ impl Health {
     }
   }
 
-  /// Ends a rate-limit rest early (the windows were reset by hand).
-  pub fn end_rest(&mut self, now: Millis) {
-    if let HealthState::Resting { .. } = self.state(now) {
-      self.state = HealthState::Active;
-    }
-  }
-
   /// Back in service, with a clean record.
   pub fn reactivate(&mut self) {
     *self = Self::default();
@@ -211,28 +191,6 @@ impl Health {
 #[cfg(test)]
 mod tests {
   use super::*;
-
-  #[test]
-  fn a_rest_ends_by_itself() {
-    let mut h = Health::default();
-    assert_eq!(
-      h.on_rate_limited(0, 17_000),
-      HealthChange::Rested { until: 17_000 }
-    );
-    assert!(!h.can_serve(16_999));
-    assert_eq!(h.state(16_999).until(), Some(17_000));
-    assert!(h.can_serve(17_000));
-    assert_eq!(h.state(17_000), HealthState::Active);
-  }
-
-  #[test]
-  fn rate_limits_never_deactivate_or_open_the_circuit() {
-    let mut h = Health::default();
-    for i in 0..50 {
-      h.on_rate_limited(i * 1_000, i * 1_000 + 500);
-    }
-    assert_eq!(h.state(100_000), HealthState::Active);
-  }
 
   #[test]
   fn failures_in_a_row_open_the_circuit_then_one_trial_closes_it() {
@@ -287,16 +245,6 @@ mod tests {
   }
 
   #[test]
-  fn server_errors_never_shorten_a_rate_limit_rest() {
-    let mut h = Health::default();
-    h.on_rate_limited(0, 3_600_000);
-    for _ in 0..3 {
-      h.on_transient_failure(0);
-    }
-    assert_eq!(h.state(0), HealthState::CircuitOpen { until: 3_600_000 });
-  }
-
-  #[test]
   fn success_resets_the_streak() {
     let mut h = Health::default();
     h.on_transient_failure(0);
@@ -312,7 +260,7 @@ mod tests {
     assert_eq!(h.on_key_rejected(), HealthChange::Deactivated);
     assert!(h.is_deactivated());
     assert!(!h.can_serve(i64::MAX));
-    assert_eq!(h.on_rate_limited(0, 10), HealthChange::Unchanged);
+    assert_eq!(h.on_transient_failure(0), HealthChange::Unchanged);
     h.reactivate();
     assert_eq!(h.state(0), HealthState::Active);
   }

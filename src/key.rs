@@ -1,20 +1,32 @@
-//! One API key's state: its limits, windows, health and outstanding reservations, and the read-only
-//! views of it that callers get (figures for the hot path, a full status for listings).
+//! One API key's state: its project, health, errors and outstanding reservations (its quota is its
+//! project's: see `budget`), and the read-only views of it that callers get (figures for the hot
+//! path, a full status for listings).
 
 use std::collections::VecDeque;
 
+pub use crate::budget::LimitFigures;
+use crate::budget::{Budget, BudgetId, Budgets, ProjectId, Rest};
 use crate::clock::Millis;
 use crate::health::{Health, HealthState};
-use crate::quota::{LimitType, Quota, WindowPolicy};
-use crate::share::SharedBudget;
+use crate::models::ModelId;
+use crate::quota::LimitType;
 use crate::store::{KeyRecord, WindowRecord};
-use crate::window::{DailyWindow, RollingWindow};
 
-/// A request counted when its key was handed out, waiting for its `recordUsage`.
+/// A request counted on a budget when its key was handed out, waiting for its `recordUsage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
   pub at: Millis,
   pub tokens: u64,
+  pub budget: BudgetId,
+}
+
+/// What settling a reported call found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+  /// The budget the call counted on.
+  pub budget: BudgetId,
+  /// When its hand-out was, if the call had one.
+  pub handed_at: Option<Millis>,
 }
 
 /// Whether an operator keeps the key in service.
@@ -49,12 +61,13 @@ impl Admission {
 }
 
 /// The states a key's status reports: its health's, or what an operator made it.
-pub const STATE_LABELS: [&str; 7] = [
+pub const STATE_LABELS: [&str; 8] = [
   HealthState::LABELS[0],
   HealthState::LABELS[1],
   HealthState::LABELS[2],
   HealthState::LABELS[3],
   HealthState::LABELS[4],
+  HealthState::LABELS[5],
   "disabled",
   "removed",
 ];
@@ -116,14 +129,14 @@ const MAX_PENDING: usize = 4_096;
 #[derive(Debug, Clone)]
 pub struct KeyState {
   pub key: String,
-  pub quota: Quota,
+  /// The project whose budgets it draws on.
+  pub project: ProjectId,
+  /// Its project was named in the configuration (Gemini's errors then never move it).
+  pub project_configured: bool,
+  /// Gemini named another project than the configured one, and the log said so.
+  pub project_noted: bool,
   pub last_used: Millis,
-  pub rpm: RollingWindow,
-  pub rpd: DailyWindow,
-  pub tpm: RollingWindow,
   pub health: Health,
-  /// The window a rest was for, when the upstream said which.
-  pub rested_for: Option<LimitType>,
   /// Failures in a row, of any kind (the old service's `errorCount`).
   pub error_count: u32,
   pub last_error: Option<String>,
@@ -132,9 +145,6 @@ pub struct KeyState {
   /// without copying the message out on every call.
   pub error_seq: u32,
   pub pending: VecDeque<Reservation>,
-  /// What this process may hand out of the key's quota shared with other processes; `None` when
-  /// it does not share (boxed: most pools do not, and a key's hot fields stay close together).
-  pub shared: Option<Box<SharedBudget>>,
   pub admission: Admission,
   /// When an operator last added, removed, disabled or enabled it (0: never): of two changes to
   /// one key made in different processes, the later wins.
@@ -142,16 +152,6 @@ pub struct KeyState {
   /// Added at run time rather than configured: other processes can only learn it from the store.
   pub added: bool,
   pub routed: Routed,
-}
-
-/// One window as callers see it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LimitFigures {
-  pub current: u64,
-  pub limit: u64,
-  /// When capacity next frees: the oldest counted request leaves a rolling window, or the daily
-  /// count resets.
-  pub reset_time: Millis,
 }
 
 /// Everything about a key but its name and error message: `Copy`, so the hot path can hand it out
@@ -176,8 +176,8 @@ impl KeyFigures {
   pub fn state_code(&self) -> usize {
     match self.admission {
       Admission::Enabled => self.state.code(),
-      Admission::Disabled => 5,
-      Admission::Removed => 6,
+      Admission::Disabled => 6,
+      Admission::Removed => 7,
     }
   }
 
@@ -214,22 +214,19 @@ pub struct RateLimitInfo {
 }
 
 impl KeyState {
-  pub fn new(key: String, quota: Quota, policy: &WindowPolicy, now: Millis) -> Self {
+  pub fn new(key: String, project: ProjectId, now: Millis) -> Self {
     Self {
       key,
-      quota,
+      project,
+      project_configured: false,
+      project_noted: false,
       last_used: now,
-      rpm: RollingWindow::new(policy.span_ms, now),
-      rpd: DailyWindow::new(policy.daily_reset, now),
-      tpm: RollingWindow::new(policy.span_ms, now),
       health: Health::default(),
-      rested_for: None,
       error_count: 0,
       last_error: None,
       last_error_time: None,
       error_seq: 0,
       pending: VecDeque::new(),
-      shared: None,
       admission: Admission::Enabled,
       admitted_at: 0,
       added: false,
@@ -252,124 +249,127 @@ impl KeyState {
     changed
   }
 
-  /// In service as far as the operator and the upstream are concerned.
+  /// In service as far as the operator and the upstream are concerned (its budgets aside).
   pub fn in_service(&self, now: Millis) -> bool {
     self.admission == Admission::Enabled && self.health.can_serve(now)
   }
 
-  pub fn limit(&self, limit_type: LimitType) -> u64 {
-    match limit_type {
-      LimitType::Rpm => self.quota.rpm,
-      LimitType::Rpd => self.quota.rpd,
-      LimitType::Tpm => self.quota.tpm,
-    }
+  pub fn is_active(&self) -> bool {
+    !self.health.is_deactivated() && self.admission == Admission::Enabled
   }
 
-  pub fn current(&self, limit_type: LimitType, now: Millis) -> u64 {
-    match limit_type {
-      LimitType::Rpm => self.rpm.current(now),
-      LimitType::Rpd => self.rpd.current(now),
-      LimitType::Tpm => self.tpm.current(now),
-    }
-  }
-
-  pub fn frees_at(&self, limit_type: LimitType, now: Millis) -> Millis {
-    match limit_type {
-      LimitType::Rpm => self.rpm.frees_at(now),
-      LimitType::Rpd => self.rpd.frees_at(now),
-      LimitType::Tpm => self.tpm.frees_at(now),
-    }
-  }
-
-  /// Room for one more request of `estimated_tokens` in every window.
-  pub fn has_room(&self, now: Millis, estimated_tokens: u64) -> bool {
-    self.rpm.current(now) < self.quota.rpm
-      && self.rpd.current(now) < self.quota.rpd
-      && self.tpm.current(now).saturating_add(estimated_tokens) <= self.quota.tpm
-      && self.tpm.current(now) < self.quota.tpm
-      && self
-        .shared
-        .as_ref()
-        .is_none_or(|s| s.can_serve(now, self.rpm.current(now)))
-  }
-
-  /// Counts a request when its key is handed out, so concurrent callers see it at once. Returns
-  /// true when a shared lease ran low and should be topped up.
-  pub fn reserve(&mut self, now: Millis, estimated_tokens: u64) -> bool {
-    self.rpm.add(now, 1);
-    self.rpd.add(now, 1);
-    self.tpm.add(now, estimated_tokens);
+  /// Counts a request handed out now on `budget`. Returns true when a shared lease ran low and
+  /// should be topped up.
+  pub fn reserve(
+    &mut self,
+    budgets: &mut Budgets,
+    budget: BudgetId,
+    now: Millis,
+    estimated_tokens: u64,
+  ) -> bool {
     if self.pending.len() == MAX_PENDING {
+      // Taken as settled: the request stays counted.
       self.pending.pop_front();
     }
     self.pending.push_back(Reservation {
       at: now,
       tokens: estimated_tokens,
+      budget,
     });
     self.health.on_hand_out(now);
     self.last_used = now;
-    self.shared.as_mut().is_some_and(|s| s.serve(now))
+    budgets.get_mut(budget).reserve(now, estimated_tokens)
   }
 
-  /// Counts a finished request: it settles the oldest reservation (its token estimate replaced by
-  /// the real count, the request staying counted whatever its outcome, since it went out) and
-  /// counts it from `sent_at`: when the router sent it; for a caller's report, which does not say
-  /// when, `now` (the upstream counted it somewhere between hand-out and now). A call on a key we
-  /// did not hand out counts as the old service counted it: only when it succeeded.
-  pub fn settle(&mut self, now: Millis, sent_at: Millis, tokens: u64, succeeded: bool) {
-    match self.pending.pop_front() {
-      Some(r) => {
-        self.rpm.remove(now, r.at, 1);
-        self.rpm.add_at(now, sent_at, 1);
-        self.tpm.remove(now, r.at, r.tokens);
-        self.tpm.add_at(now, sent_at, tokens);
-      }
-      None if succeeded => {
-        self.rpm.add_at(now, sent_at, 1);
-        self.rpd.add(now, 1);
-        self.tpm.add_at(now, sent_at, tokens);
-      }
-      None => {}
+  /// Counts a finished request on `model` (`None`: whatever model its hand-out was for): it
+  /// settles the oldest open hand-out of that model (its token estimate replaced by the real
+  /// count, the request staying counted whatever its outcome, since it went out) and counts it
+  /// from `sent_at`: when the router sent it; for a caller's report, which does not say when,
+  /// `now` (the upstream counted it somewhere between hand-out and now). A call without a
+  /// hand-out counts as the old service counted it: only when it succeeded, on the project's
+  /// budget of `model` (`fallback`, the default model, when none is named).
+  #[allow(clippy::too_many_arguments)]
+  pub fn settle(
+    &mut self,
+    budgets: &mut Budgets,
+    model: Option<ModelId>,
+    fallback: ModelId,
+    now: Millis,
+    sent_at: Millis,
+    tokens: u64,
+    succeeded: bool,
+  ) -> Settled {
+    let found = match model {
+      None => (!self.pending.is_empty()).then_some(0),
+      Some(m) => self
+        .pending
+        .iter()
+        .position(|r| budgets.get(r.budget).model == m),
+    };
+    if let Some(r) = found.and_then(|i| self.pending.remove(i)) {
+      budgets
+        .get_mut(r.budget)
+        .restamp(now, r.at, r.tokens, sent_at, tokens);
+      return Settled {
+        budget: r.budget,
+        handed_at: Some(r.at),
+      };
+    }
+    let budget = budgets.of(self.project, model.unwrap_or(fallback));
+    if succeeded {
+      budgets.get_mut(budget).count(now, sent_at, tokens);
+    }
+    Settled {
+      budget,
+      handed_at: None,
     }
   }
 
-  /// The oldest reservation, made at a hand-out, moved to `now`: the request it was for goes out
-  /// now, and must stay counted until a span after that, however long ago the hand-out was.
-  pub fn restamp_reservation(&mut self, now: Millis) {
-    if let Some(r) = self.pending.pop_front() {
-      self.rpm.remove(now, r.at, 1);
-      self.rpm.add(now, 1);
-      self.tpm.remove(now, r.at, r.tokens);
-      self.tpm.add(now, r.tokens);
-      self.pending.push_back(Reservation { at: now, ..r });
-    }
+  /// The oldest reservation, made at a hand-out, taken by a request going out now on `target`'s
+  /// budget: it counts there from now (however long ago the hand-out was, and whatever model it
+  /// was for). Returns the budget it came from.
+  pub fn adopt_reservation(
+    &mut self,
+    budgets: &mut Budgets,
+    target: BudgetId,
+    now: Millis,
+  ) -> Option<BudgetId> {
+    let r = self.pending.pop_front()?;
+    budgets.get_mut(r.budget).release(now, r.at, r.tokens);
+    budgets.get_mut(target).reserve(now, r.tokens);
+    self.pending.push_back(Reservation {
+      at: now,
+      tokens: r.tokens,
+      budget: target,
+    });
+    Some(r.budget)
   }
 
   /// Releases reservations older than `ttl`: requests never reported are taken as never made.
-  /// Returns whether any was released.
-  pub fn expire_reservations(&mut self, now: Millis, ttl: Millis) -> bool {
-    let before = self.pending.len();
+  /// Returns the budgets given room back (empty when none expired).
+  pub fn expire_reservations(
+    &mut self,
+    budgets: &mut Budgets,
+    now: Millis,
+    ttl: Millis,
+  ) -> Vec<BudgetId> {
+    let mut released = Vec::new();
     while let Some(r) = self.pending.front().copied() {
       if now - r.at < ttl {
         break;
       }
       self.pending.pop_front();
-      self.rpm.remove(now, r.at, 1);
-      self.rpd.remove(now, r.at, 1);
-      self.tpm.remove(now, r.at, r.tokens);
+      budgets.get_mut(r.budget).release(now, r.at, r.tokens);
+      released.push(r.budget);
     }
-    let expired = self.pending.len() != before;
-    if expired {
+    if !released.is_empty() {
       self.health.trial_lost(now);
     }
-    expired
+    released
   }
 
-  /// Fresh windows (resetAllLimits); outstanding reservations go with them.
-  pub fn clear_windows(&mut self, now: Millis) {
-    self.rpm.clear(now);
-    self.rpd.clear(now);
-    self.tpm.clear(now);
+  /// Reservations forgotten with the windows (resetAllLimits).
+  pub fn forget_reservations(&mut self, now: Millis) {
     self.pending.clear();
     self.health.trial_lost(now);
   }
@@ -388,83 +388,82 @@ impl KeyState {
     }
   }
 
-  fn limit_figures(&self, limit_type: LimitType, now: Millis) -> LimitFigures {
-    LimitFigures {
-      current: self.current(limit_type, now),
-      limit: self.limit(limit_type),
-      reset_time: self.frees_at(limit_type, now),
+  /// The key's state as callers see it: its own health, or resting while its budget (of the
+  /// default model, which its status shows) rests.
+  fn state(&self, budget: &Budget, now: Millis) -> HealthState {
+    match (self.health.state(now), budget.rest(now)) {
+      (HealthState::Active, Rest::Until { until, .. }) => HealthState::Resting { until },
+      (HealthState::Active, Rest::NoQuota) => HealthState::NoQuota,
+      (state, _) => state,
     }
   }
 
-  pub fn figures(&self, now: Millis) -> KeyFigures {
+  /// The key's figures, its windows those of `budget` (its project's for the default model).
+  pub fn figures(&self, budget: &Budget, now: Millis) -> KeyFigures {
+    let b = budget.figures(now);
     KeyFigures {
-      active: !self.health.is_deactivated() && self.admission == Admission::Enabled,
-      state: self.health.state(now),
+      active: self.is_active(),
+      state: self.state(budget, now),
       admission: self.admission,
       last_used: self.last_used,
-      rpm: self.limit_figures(LimitType::Rpm, now),
-      rpd: self.limit_figures(LimitType::Rpd, now),
-      tpm: self.limit_figures(LimitType::Tpm, now),
+      rpm: b.rpm,
+      rpd: b.rpd,
+      tpm: b.tpm,
       error_count: self.error_count,
       last_error_time: self.last_error_time,
       error_seq: self.error_seq,
     }
   }
 
-  pub fn status(&self, now: Millis) -> KeyStatus {
+  pub fn status(&self, budget: &Budget, now: Millis) -> KeyStatus {
     KeyStatus {
       api_key: self.key.clone(),
-      figures: self.figures(now),
+      figures: self.figures(budget, now),
       last_error: self.last_error.clone(),
     }
   }
 
-  /// The key's state as stored (SPEC section 3's `ApiKeyStatus`). A rolling window's `resetTime`
-  /// is when all of its count has left it, so a reader that drops the count after that time (the
-  /// old service did) never drops a request still counted.
-  pub fn to_record(&self, now: Millis) -> KeyRecord {
-    let rolling = |w: &RollingWindow, limit| WindowRecord {
-      current: w.current(now),
-      limit,
-      reset_time: w.clears_at(now),
-    };
+  /// The key's state as stored (SPEC section 3's `ApiKeyStatus`), its windows those of `budget`.
+  /// A rolling window's `resetTime` is when all of its count has left it, so a reader that drops
+  /// the count after that time (the old service did) never drops a request still counted.
+  pub fn to_record(&self, budget: &Budget, now: Millis) -> KeyRecord {
     KeyRecord {
       api_key: self.key.clone(),
-      is_active: !self.health.is_deactivated() && self.admission == Admission::Enabled,
+      is_active: self.is_active(),
       last_used: self.last_used,
-      rpm: rolling(&self.rpm, self.quota.rpm),
-      rpd: WindowRecord {
-        current: self.rpd.current(now),
-        limit: self.quota.rpd,
-        reset_time: self.rpd.frees_at(now),
+      rpm: WindowRecord {
+        current: budget.rpm.current(now),
+        limit: budget.quota.rpm,
+        reset_time: budget.rpm.clears_at(now),
       },
-      tpm: rolling(&self.tpm, self.quota.tpm),
+      rpd: WindowRecord {
+        current: budget.rpd.current(now),
+        limit: budget.quota.rpd,
+        reset_time: budget.rpd.frees_at(now),
+      },
+      tpm: WindowRecord {
+        current: budget.tpm.current(now),
+        limit: budget.quota.tpm,
+        reset_time: budget.tpm.clears_at(now),
+      },
       error_count: self.error_count,
       last_error: self.last_error.clone(),
       last_error_time: self.last_error_time,
     }
   }
 
-  /// Merges a stored record into this key. Counters of windows still open in the record (reset
-  /// time ahead of `now`) become the larger of the two, never less than either side counted; the
-  /// difference is counted at `now`, so a rolling window keeps it a whole span, at worst longer
-  /// than the upstream does. The record's limits are not taken: configuration decides them.
-  /// `lastUsed`, health and error fields are taken from the record unless `local_wins` (this key
-  /// changed here since it was last stored, so its own are newer; `lastUsed` is then the later).
-  pub fn merge_record(&mut self, record: &KeyRecord, now: Millis, local_wins: bool) {
-    let missing = |w: WindowRecord, local: u64| {
-      if w.reset_time > now {
-        w.current.saturating_sub(local)
-      } else {
-        0
-      }
-    };
-    let rpm = missing(record.rpm, self.rpm.current(now));
-    let rpd = missing(record.rpd, self.rpd.current(now));
-    let tpm = missing(record.tpm, self.tpm.current(now));
-    self.rpm.add(now, rpm);
-    self.rpd.add(now, rpd);
-    self.tpm.add(now, tpm);
+  /// Merges a stored record into this key and `budget` (its project's for the default model,
+  /// whose windows the record holds; see [`merge_windows`]). `lastUsed`, health and error fields
+  /// are taken from the record unless `local_wins` (this key changed here since it was last
+  /// stored, so its own are newer; `lastUsed` is then the later).
+  pub fn merge_record(
+    &mut self,
+    record: &KeyRecord,
+    budget: &mut Budget,
+    now: Millis,
+    local_wins: bool,
+  ) {
+    merge_windows(budget, [record.rpm, record.rpd, record.tpm], now);
     if local_wins {
       self.last_used = self.last_used.max(record.last_used);
       return;
@@ -487,44 +486,89 @@ impl KeyState {
     }
     self.last_error_time = record.last_error_time;
   }
+}
 
-  /// A window is limited when it is full, or when the upstream rate-limited it and the key is
-  /// still resting.
-  pub fn rate_limit_info(&self, now: Millis) -> [RateLimitInfo; 3] {
-    let resting = matches!(self.health.state(now), HealthState::Resting { .. });
-    LimitType::ALL.map(|t| {
-      let current = self.current(t, now);
-      let limit = self.limit(t);
-      let rested = resting && self.rested_for.is_none_or(|r| r == t);
-      RateLimitInfo {
-        limit_type: t,
-        current,
-        limit,
-        reset_time: match self.health.state(now) {
-          HealthState::Resting { until } if rested => until,
-          _ => self.frees_at(t, now),
-        },
-        is_limited: current >= limit || rested,
-      }
-    })
-  }
+/// Stored windows (RPM, RPD, TPM) merged into `budget`. Counters of windows still open in the
+/// record (reset time ahead of `now`) become the larger of the two, never less than either side
+/// counted; the difference is counted at `now`, so a rolling window keeps it a whole span, at worst
+/// longer than the upstream does. The record's limits are not taken: configuration decides them.
+pub fn merge_windows(budget: &mut Budget, [rpm, rpd, tpm]: [WindowRecord; 3], now: Millis) {
+  let missing = |w: WindowRecord, local: u64| {
+    if w.reset_time > now {
+      w.current.saturating_sub(local)
+    } else {
+      0
+    }
+  };
+  let (m, d, t) = (
+    missing(rpm, budget.rpm.current(now)),
+    missing(rpd, budget.rpd.current(now)),
+    missing(tpm, budget.tpm.current(now)),
+  );
+  budget.rpm.add(now, m);
+  budget.rpd.add(now, d);
+  budget.tpm.add(now, t);
+}
+
+/// A window is limited when it is full, or when the upstream rate-limited it and the budget is
+/// still resting (SPEC's `RateLimitInfo`, for one budget).
+pub fn rate_limit_info(budget: &Budget, now: Millis) -> [RateLimitInfo; 3] {
+  let rest = budget.rest(now);
+  LimitType::ALL.map(|t| {
+    let current = budget.current(t, now);
+    let limit = budget.limit(t);
+    let rested_until = match rest {
+      Rest::Until { until, limit } if limit.is_none_or(|l| l == t) => Some(until),
+      _ => None,
+    };
+    RateLimitInfo {
+      limit_type: t,
+      current,
+      limit,
+      reset_time: rested_until.unwrap_or_else(|| budget.frees_at(t, now)),
+      is_limited: current >= limit || rested_until.is_some() || rest == Rest::NoQuota,
+    }
+  })
 }
 
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::window::MINUTE_MS;
+  use crate::budget::{Exhausted, ProjectName};
+  use crate::quota::{Quota, WindowPolicy};
+  use crate::window::{counted_until, MINUTE_MS};
 
   const T0: Millis = 1_800_000_000_000;
 
-  fn key() -> KeyState {
-    KeyState::new("k".into(), Quota::default(), &WindowPolicy::default(), T0)
+  /// One key in a project of its own, with budgets for the default model (0) and one other (1).
+  fn key() -> (KeyState, Budgets) {
+    key_with(Quota::default())
+  }
+
+  fn key_with(quota: Quota) -> (KeyState, Budgets) {
+    let mut budgets = Budgets::new(quota, WindowPolicy::default());
+    let project = budgets.project(ProjectName::OwnOf(0), T0);
+    budgets.add_model(
+      1,
+      Quota {
+        rpm: 5,
+        rpd: 50,
+        tpm: 5_000,
+      },
+      T0,
+    );
+    (KeyState::new("k".into(), project, T0), budgets)
+  }
+
+  fn counted(b: &Budgets, id: BudgetId, now: Millis) -> (u64, u64, u64) {
+    let b = b.get(id);
+    (b.rpm.current(now), b.rpd.current(now), b.tpm.current(now))
   }
 
   #[test]
-  fn a_new_key_is_active_with_empty_windows() {
-    let k = key();
-    let f = k.figures(T0);
+  fn a_new_key_is_active_with_its_budgets_windows() {
+    let (k, b) = key();
+    let f = k.figures(b.get(0), T0);
     assert!(f.active);
     assert_eq!(f.state, HealthState::Active);
     assert_eq!(
@@ -541,70 +585,116 @@ mod tests {
 
   #[test]
   fn a_reservation_is_settled_once_with_the_real_token_count() {
-    let mut k = key();
-    k.reserve(T0, 500);
-    assert_eq!((k.rpm.current(T0), k.tpm.current(T0)), (1, 500));
-    k.settle(T0 + 100, T0 + 100, 320, true);
+    let (mut k, mut b) = key();
+    k.reserve(&mut b, 0, T0, 500);
+    assert_eq!(counted(&b, 0, T0), (1, 1, 500));
+    let settled = k.settle(&mut b, None, 0, T0 + 100, T0 + 100, 320, true);
     assert_eq!(
-      (
-        k.rpm.current(T0 + 100),
-        k.rpd.current(T0 + 100),
-        k.tpm.current(T0 + 100)
-      ),
-      (1, 1, 320)
+      settled,
+      Settled {
+        budget: 0,
+        handed_at: Some(T0)
+      }
     );
+    assert_eq!(counted(&b, 0, T0 + 100), (1, 1, 320));
     // Usage for a request we did not hand out counts anew, when it succeeded.
-    k.settle(T0 + 200, T0 + 200, 10, true);
-    assert_eq!((k.rpm.current(T0 + 200), k.tpm.current(T0 + 200)), (2, 330));
-    k.settle(T0 + 300, T0 + 300, 10, false);
-    assert_eq!((k.rpm.current(T0 + 300), k.tpm.current(T0 + 300)), (2, 330));
+    assert_eq!(
+      k.settle(&mut b, None, 0, T0 + 200, T0 + 200, 10, true)
+        .handed_at,
+      None
+    );
+    assert_eq!(counted(&b, 0, T0 + 200), (2, 2, 330));
+    k.settle(&mut b, None, 0, T0 + 300, T0 + 300, 10, false);
+    assert_eq!(counted(&b, 0, T0 + 300), (2, 2, 330));
     // A reserved request that failed stays counted: it went out.
-    k.reserve(T0 + 400, 0);
-    k.settle(T0 + 500, T0 + 500, 0, false);
-    assert_eq!(k.rpm.current(T0 + 500), 3);
+    k.reserve(&mut b, 0, T0 + 400, 0);
+    k.settle(&mut b, None, 0, T0 + 500, T0 + 500, 0, false);
+    assert_eq!(b.get(0).rpm.current(T0 + 500), 3);
+  }
+
+  #[test]
+  fn a_report_naming_a_model_settles_that_models_hand_out() {
+    let (mut k, mut b) = key();
+    let other = b.of(k.project, 1);
+    k.reserve(&mut b, 0, T0, 100);
+    k.reserve(&mut b, other, T0 + 1, 200);
+    let settled = k.settle(&mut b, Some(1), 0, T0 + 10, T0 + 10, 7, true);
+    assert_eq!(settled.budget, other);
+    assert_eq!(counted(&b, other, T0 + 10), (1, 1, 7));
+    assert_eq!(
+      counted(&b, 0, T0 + 10),
+      (1, 1, 100),
+      "the default model's hand-out is still open"
+    );
+    // Without a model: the oldest hand-out, whatever its model.
+    assert_eq!(
+      k.settle(&mut b, None, 0, T0 + 20, T0 + 20, 9, true).budget,
+      0
+    );
+    assert!(k.pending.is_empty());
+    // A report naming a model without a hand-out counts on the project's budget of it.
+    assert_eq!(
+      k.settle(&mut b, Some(1), 0, T0 + 30, T0 + 30, 3, true)
+        .budget,
+      other
+    );
+    assert_eq!(counted(&b, other, T0 + 30), (2, 2, 10));
+  }
+
+  #[test]
+  fn a_routed_request_takes_a_hand_out_onto_the_budget_it_goes_to() {
+    let (mut k, mut b) = key();
+    let other = b.of(k.project, 1);
+    k.reserve(&mut b, 0, T0, 40);
+    assert_eq!(k.adopt_reservation(&mut b, other, T0 + 5_000), Some(0));
+    assert_eq!(counted(&b, 0, T0 + 5_000), (0, 0, 0));
+    assert_eq!(counted(&b, other, T0 + 5_000), (1, 1, 40));
+    assert_eq!(
+      b.get(other).rpm.frees_at(T0 + 5_000),
+      counted_until(MINUTE_MS, T0 + 5_000)
+    );
+    assert_eq!(k.pending[0].budget, other);
   }
 
   #[test]
   fn unsettled_reservations_expire_and_give_their_room_back() {
-    let mut k = key();
-    k.reserve(T0, 100);
-    k.expire_reservations(T0 + 59_999, MINUTE_MS);
+    let (mut k, mut b) = key();
+    k.reserve(&mut b, 0, T0, 100);
+    assert!(k
+      .expire_reservations(&mut b, T0 + 59_999, MINUTE_MS)
+      .is_empty());
     assert_eq!(k.pending.len(), 1);
-    k.expire_reservations(T0 + MINUTE_MS, MINUTE_MS);
+    assert_eq!(
+      k.expire_reservations(&mut b, T0 + MINUTE_MS, MINUTE_MS),
+      vec![0]
+    );
     assert!(k.pending.is_empty());
-    assert_eq!(k.rpd.current(T0 + MINUTE_MS), 0);
+    assert_eq!(b.get(0).rpd.current(T0 + MINUTE_MS), 0);
     // A late report then counts as a request of its own.
-    k.settle(T0 + MINUTE_MS, T0 + MINUTE_MS, 50, true);
-    assert_eq!(k.rpd.current(T0 + MINUTE_MS), 1);
-  }
-
-  fn counted(k: &KeyState, now: Millis) -> (u64, u64, u64) {
-    (k.rpm.current(now), k.rpd.current(now), k.tpm.current(now))
+    k.settle(&mut b, None, 0, T0 + MINUTE_MS, T0 + MINUTE_MS, 50, true);
+    assert_eq!(b.get(0).rpd.current(T0 + MINUTE_MS), 1);
   }
 
   #[test]
   fn a_record_round_trips_through_a_fresh_key() {
-    let mut k = key();
-    k.reserve(T0, 0);
-    k.settle(T0 + 100, T0 + 100, 700, true);
+    let (mut k, mut b) = key();
+    k.reserve(&mut b, 0, T0, 0);
+    k.settle(&mut b, None, 0, T0 + 100, T0 + 100, 700, true);
     k.record_error("503".into(), T0 + 200);
     k.health.on_key_rejected();
-    let record = k.to_record(T0 + 300);
+    let record = k.to_record(b.get(0), T0 + 300);
     assert_eq!(
       (record.rpm.current, record.rpd.current, record.tpm.current),
       (1, 1, 700)
     );
     // Settled at 100 ms, sent then: counted from then.
-    assert_eq!(
-      record.rpm.reset_time,
-      crate::window::counted_until(MINUTE_MS, T0 + 100)
-    );
+    assert_eq!(record.rpm.reset_time, counted_until(MINUTE_MS, T0 + 100));
     assert!(!record.is_active);
-    let mut restarted = key();
-    restarted.merge_record(&record, T0 + 1_000, false);
-    assert_eq!(counted(&restarted, T0 + 1_000), (1, 1, 700));
+    let (mut restarted, mut b2) = key();
+    restarted.merge_record(&record, b2.get_mut(0), T0 + 1_000, false);
+    assert_eq!(counted(&b2, 0, T0 + 1_000), (1, 1, 700));
     // Counted again at the merge: conservatively a whole span from then.
-    assert_eq!(restarted.rpm.current(T0 + 1_000 + MINUTE_MS), 1);
+    assert_eq!(b2.get(0).rpm.current(T0 + 1_000 + MINUTE_MS), 1);
     assert!(restarted.health.is_deactivated());
     assert_eq!(
       (
@@ -615,20 +705,20 @@ mod tests {
       (1, Some("503"), Some(T0 + 200))
     );
     assert_eq!(restarted.last_used, T0);
-    assert_eq!(restarted.to_record(T0 + 1_000).rpd, record.rpd);
+    assert_eq!(restarted.to_record(b2.get(0), T0 + 1_000).rpd, record.rpd);
   }
 
   #[test]
   fn merging_keeps_the_larger_count_of_open_windows_and_ignores_closed_ones() {
-    let mut k = key();
-    k.settle(T0, T0, 50, true);
-    k.settle(T0, T0, 50, true);
+    let (mut k, mut b) = key();
+    k.settle(&mut b, None, 0, T0, T0, 50, true);
+    k.settle(&mut b, None, 0, T0, T0, 50, true);
     let open = |current| WindowRecord {
       current,
       limit: 30,
       reset_time: T0 + 30_000,
     };
-    let mut record = k.to_record(T0);
+    let mut record = k.to_record(b.get(0), T0);
     record.rpm = open(1);
     record.rpd = open(5);
     record.tpm = WindowRecord {
@@ -638,57 +728,49 @@ mod tests {
     };
     record.error_count = 4;
     k.record_error("local".into(), T0);
-    k.merge_record(&record, T0, true);
-    assert_eq!(counted(&k, T0), (2, 5, 100));
+    k.merge_record(&record, b.get_mut(0), T0, true);
+    assert_eq!(counted(&b, 0, T0), (2, 5, 100));
     // The local error is newer than the record's.
     assert_eq!((k.error_count, k.last_error.as_deref()), (1, Some("local")));
-    k.merge_record(&record, T0, false);
-    assert_eq!(counted(&k, T0), (2, 5, 100));
+    k.merge_record(&record, b.get_mut(0), T0, false);
+    assert_eq!(counted(&b, 0, T0), (2, 5, 100));
     assert_eq!((k.error_count, k.last_error.as_deref()), (4, None));
   }
 
   #[test]
-  fn room_accounts_for_the_token_estimate() {
-    let mut k = KeyState::new(
-      "k".into(),
-      Quota {
-        rpm: 10,
-        rpd: 10,
-        tpm: 1_000,
-      },
-      &WindowPolicy::default(),
-      T0,
-    );
-    k.reserve(T0, 900);
-    assert!(k.has_room(T0, 100));
-    assert!(!k.has_room(T0, 101));
-    assert!(k.has_room(T0, 0));
-  }
-
-  #[test]
-  fn rate_limit_info_flags_full_and_rested_windows() {
-    let mut k = KeyState::new(
-      "k".into(),
-      Quota {
-        rpm: 2,
-        rpd: 10,
-        tpm: 1_000,
-      },
-      &WindowPolicy::default(),
-      T0,
-    );
-    k.reserve(T0, 0);
-    k.reserve(T0, 0);
-    let info = k.rate_limit_info(T0);
+  fn a_key_shows_its_budgets_rest_and_rate_limit_info_flags_full_and_rested_windows() {
+    let (mut k, mut b) = key_with(Quota {
+      rpm: 2,
+      rpd: 10,
+      tpm: 1_000,
+    });
+    k.reserve(&mut b, 0, T0, 0);
+    k.reserve(&mut b, 0, T0, 0);
+    let info = rate_limit_info(b.get(0), T0);
     assert!(info[0].is_limited && !info[1].is_limited && !info[2].is_limited);
-    assert_eq!(
-      info[0].reset_time,
-      crate::window::counted_until(MINUTE_MS, T0)
+    assert_eq!(info[0].reset_time, counted_until(MINUTE_MS, T0));
+    b.get_mut(0).on_rate_limited(
+      T0,
+      Exhausted::PerMinute(LimitType::Tpm),
+      Some(5_000),
+      &WindowPolicy::default(),
+      86_400_000,
     );
-    k.health.on_rate_limited(T0, T0 + 5_000);
-    k.rested_for = Some(LimitType::Tpm);
-    let info = k.rate_limit_info(T0);
+    let info = rate_limit_info(b.get(0), T0);
     assert!(info[2].is_limited);
     assert_eq!(info[2].reset_time, T0 + 5_000);
+    assert_eq!(
+      k.figures(b.get(0), T0).state,
+      HealthState::Resting { until: T0 + 5_000 }
+    );
+    b.get_mut(0).on_rate_limited(
+      T0,
+      Exhausted::NoQuota,
+      None,
+      &WindowPolicy::default(),
+      86_400_000,
+    );
+    assert_eq!(k.figures(b.get(0), T0).state, HealthState::NoQuota);
+    assert!(rate_limit_info(b.get(0), T0).iter().all(|i| i.is_limited));
   }
 }

@@ -99,12 +99,12 @@ impl LeaseKeeper {
     let Some(store) = self.inner.store.lock().clone() else {
       return;
     };
-    let names = self.inner.pool.names();
     let span = self.inner.pool.policy().span_ms;
-    for (index, window, occurrence, unused, spent) in self.inner.pool.unused_leases() {
-      let Some(api_key) = names.get(index) else {
+    for (budget, window, occurrence, unused, spent) in self.inner.pool.unused_leases() {
+      let Some(subject) = self.inner.pool.lease_subject(budget) else {
         continue;
       };
+      let api_key = subject.as_str();
       let holder = &self.inner.holder;
       let given_back = async {
         if window == SharedWindow::Rpm {
@@ -169,12 +169,12 @@ async fn round(inner: &Inner) {
   let mut peers = 0;
   let mut answers = Vec::with_capacity(needs.len());
   let now = inner.pool.now();
-  for (index, window, need) in needs {
+  for (budget, window, need) in needs {
     let mut answer = None;
     if let (Some(store), true) = (&store, reachable) {
       // A store that does not answer in time is as away as one that fails: selections must not
       // wait for it.
-      let asked = timeout(LEASE_TIMEOUT, ask(store, inner, index, window, &need)).await;
+      let asked = timeout(LEASE_TIMEOUT, ask(store, inner, budget, window, &need)).await;
       match asked.unwrap_or(Err(StoreError::Unreachable(LEASE_TIMEOUT))) {
         Ok((granted, holders, given_back)) => {
           // Holders of a window not started yet are only those that leased early.
@@ -191,7 +191,7 @@ async fn round(inner: &Inner) {
         Err(_) => reachable = false,
       }
     }
-    answers.push((index, window, need, answer));
+    answers.push((budget, window, need, answer));
   }
   inner.pool.leases_granted(&answers);
   if peers > 0 {
@@ -219,14 +219,14 @@ async fn round(inner: &Inner) {
 async fn ask(
   store: &Store,
   inner: &Inner,
-  index: usize,
+  budget: usize,
   window: SharedWindow,
   need: &LeaseNeed,
 ) -> Result<(u64, usize, u64), StoreError> {
-  let names = inner.pool.names();
-  let Some(api_key) = names.get(index) else {
+  let Some(subject) = inner.pool.lease_subject(budget) else {
     return Ok((0, 1, 0));
   };
+  let api_key = subject.as_str();
   let (occurrence, want, limit, expires_at, spent, give_back, span_slices) = match *need {
     LeaseNeed::Grant {
       occurrence,
@@ -309,7 +309,7 @@ mod tests {
   use crate::config::PoolConfig;
   use crate::log::CapturedLog;
   use crate::pool::{Claim, Outcome};
-  use crate::quota::{Quota, WindowPolicy};
+  use crate::quota::Quota;
 
   /// A minute boundary.
   const T0: Millis = 1_800_000_000_000;
@@ -326,16 +326,14 @@ mod tests {
     store: &Arc<StoreSlot>,
     log: &Arc<CapturedLog>,
   ) -> Arc<Inner> {
-    let config = PoolConfig {
-      keys: vec!["key-a".into(), "key-b".into(), "key-c".into()],
-      quota: Quota {
+    let config = PoolConfig::of(
+      vec!["key-a".into(), "key-b".into(), "key-c".into()],
+      Quota {
         rpm: 30,
         rpd: 10_000,
         tpm: 1_000_000,
       },
-      policy: WindowPolicy::default(),
-      warnings: vec![],
-    };
+    );
     let pool = Arc::new(
       KeyPool::new(
         config,
@@ -373,7 +371,7 @@ mod tests {
     for _ in 0..18_000 {
       for (p, inner) in processes.iter().enumerate() {
         round(inner).await;
-        while let Ok(picked) = inner.pool.best(RESERVE) {
+        while let Ok(picked) = inner.pool.best(RESERVE, 0) {
           let now = crate::clock::Clock::now_ms(&clock);
           handed[picked.pick.index].push(now);
           let minute = ((now - T0) / 60_000) as usize;
@@ -381,7 +379,7 @@ mod tests {
           per_process[p] += 1;
           inner
             .pool
-            .record_usage(picked.pick.index, 1, Outcome::Success, 1.0)
+            .record_usage(picked.pick.index, 1, Outcome::Success, 1.0, None)
             .unwrap();
         }
       }
@@ -421,11 +419,11 @@ mod tests {
       for inner in &processes {
         round(inner).await;
       }
-      while let Ok(picked) = processes[0].pool.best(RESERVE) {
+      while let Ok(picked) = processes[0].pool.best(RESERVE, 0) {
         per_minute[((crate::clock::Clock::now_ms(&clock) - T0) / 60_000) as usize] += 1;
         processes[0]
           .pool
-          .record_usage(picked.pick.index, 1, Outcome::Success, 1.0)
+          .record_usage(picked.pick.index, 1, Outcome::Success, 1.0, None)
           .unwrap();
       }
       clock.advance(10);
@@ -447,7 +445,7 @@ mod tests {
     inner.peers.store(3, Ordering::Relaxed);
     round(&inner).await;
     let mut served = 0;
-    while inner.pool.best(RESERVE).is_ok() {
+    while inner.pool.best(RESERVE, 0).is_ok() {
       served += 1;
     }
     assert_eq!(served, 3 * 10);

@@ -7,6 +7,7 @@
 //! `fingerprint`; `counters` and `metrics`, `call_log` and `usage_stats` are what operators see;
 //! `bindings` (with `fast_path` for the hot path) is the one layer that speaks N-API.
 
+pub mod budget;
 pub mod calendar;
 pub mod call_log;
 pub mod clock;
@@ -22,6 +23,7 @@ pub mod leasing;
 pub mod log;
 pub mod mask;
 pub mod metrics;
+pub mod models;
 pub mod persistence;
 pub mod pool;
 pub mod quota;

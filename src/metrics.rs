@@ -14,13 +14,14 @@ use crate::quota::LimitType;
 const NS: &str = "gemini_key_manager";
 
 /// The states of keys in the pool: every state but `removed` (removed keys are not listed).
-pub const LISTED_STATES: [&str; 6] = [
+pub const LISTED_STATES: [&str; 7] = [
   STATE_LABELS[0],
   STATE_LABELS[1],
   STATE_LABELS[2],
   STATE_LABELS[3],
   STATE_LABELS[4],
   STATE_LABELS[5],
+  STATE_LABELS[6],
 ];
 
 /// One key's figures at the time of the snapshot.
@@ -37,11 +38,25 @@ pub struct KeyMetrics {
   pub windows: [LimitFigures; 3],
 }
 
-/// The counters and every key's figures, read at one instant.
+/// One (project, model) budget's figures at the time of the snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetMetrics {
+  /// The project's name, or `key:` and the masked key for a key whose project is not known.
+  pub project: String,
+  pub model: String,
+  /// `active`, `resting`, `no-quota` or `overloaded`.
+  pub state: &'static str,
+  pub availability_score: f64,
+  /// RPM, RPD, TPM.
+  pub windows: [LimitFigures; 3],
+}
+
+/// The counters, every key's figures and every budget in use, read at one instant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsSnapshot {
   pub counters: Counters,
   pub keys: Vec<KeyMetrics>,
+  pub budgets: Vec<BudgetMetrics>,
 }
 
 impl MetricsSnapshot {
@@ -260,6 +275,37 @@ pub fn prometheus_text(m: &MetricsSnapshot) -> String {
       }
     }
   }
+  family(
+    &mut out,
+    "budget_state",
+    "gauge",
+    "1 for the state each (project, model) budget is in: active, resting (a 429), no-quota, overloaded (its model backing off).",
+  );
+  for b in &m.budgets {
+    let labels = [
+      ("project", b.project.as_str()),
+      ("model", b.model.as_str()),
+      ("state", b.state),
+    ];
+    sample(&mut out, "budget_state", &labels, 1.0);
+  }
+  for (name, help) in [
+    (
+      "budget_window_current",
+      "Requests (RPM, RPD) or tokens (TPM) counted in the (project, model) budget's window now: what Gemini counts.",
+    ),
+    ("budget_window_limit", "The limit of the (project, model) budget's window."),
+  ] {
+    family(&mut out, name, "gauge", help);
+    for b in &m.budgets {
+      for (limit, w) in LimitType::ALL.iter().zip(&b.windows) {
+        let window = limit.as_str().to_ascii_lowercase();
+        let labels = [("project", b.project.as_str()), ("model", b.model.as_str()), ("window", &window)];
+        let value = if name == "budget_window_current" { w.current } else { w.limit };
+        sample(&mut out, name, &labels, value as f64);
+      }
+    }
+  }
   out
 }
 
@@ -273,6 +319,18 @@ struct Window {
 #[serde(rename_all = "camelCase")]
 struct KeyJson<'a> {
   api_key: &'a str,
+  state: &'static str,
+  availability_score: f64,
+  rpm: Window,
+  rpd: Window,
+  tpm: Window,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BudgetJson<'a> {
+  project: &'a str,
+  model: &'a str,
   state: &'static str,
   availability_score: f64,
   rpm: Window,
@@ -320,6 +378,7 @@ struct MetricsJson<'a> {
   calls: Calls,
   keys_by_state: serde_json::Map<String, serde_json::Value>,
   keys: Vec<KeyJson<'a>>,
+  budgets: Vec<BudgetJson<'a>>,
 }
 
 /// The snapshot as the JSON object `getMetrics()` returns (its shape is in lib/index.d.ts).
@@ -368,6 +427,19 @@ pub fn to_json(m: &MetricsSnapshot) -> String {
         tpm: window(&k.windows[2]),
       })
       .collect(),
+    budgets: m
+      .budgets
+      .iter()
+      .map(|b| BudgetJson {
+        project: &b.project,
+        model: &b.model,
+        state: b.state,
+        availability_score: b.availability_score,
+        rpm: window(&b.windows[0]),
+        rpd: window(&b.windows[1]),
+        tpm: window(&b.windows[2]),
+      })
+      .collect(),
   };
   // Plain numbers and strings only: serializing cannot fail.
   serde_json::to_string(&value).unwrap_or_else(|_| "{}".to_owned())
@@ -411,6 +483,13 @@ mod tests {
           windows: [w(0, 30), w(0, 200), w(0, 1_000_000)],
         },
       ],
+      budgets: vec![BudgetMetrics {
+        project: "1001".into(),
+        model: "gemini-2.0-flash".into(),
+        state: "resting",
+        availability_score: 0.5,
+        windows: [w(15, 15), w(20, 200), w(900, 1_000_000)],
+      }],
     }
   }
 

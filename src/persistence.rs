@@ -208,6 +208,7 @@ async fn follow_admissions(shared: &Shared, store: &Store) -> Result<(), StoreEr
         admission: a.admission,
         changed_at: a.changed_at,
         added: a.added,
+        project: a.project,
       })
     })
     .collect();
@@ -545,17 +546,15 @@ mod tests {
   use crate::key::Admission;
   use crate::log::CapturedLog;
   use crate::pool::{Claim, Outcome};
-  use crate::quota::{Quota, WindowPolicy};
+  use crate::quota::Quota;
   use crate::store::test_server::{free_port, TestServer};
   use mongodb::bson::{doc, Document};
 
   fn pool(keys: &[&str]) -> Arc<KeyPool> {
-    let config = PoolConfig {
-      keys: keys.iter().map(|k| k.to_string()).collect(),
-      quota: Quota::default(),
-      policy: WindowPolicy::default(),
-      warnings: vec![],
-    };
+    let config = PoolConfig::of(
+      keys.iter().map(|k| k.to_string()).collect(),
+      Quota::default(),
+    );
     Arc::new(
       KeyPool::new(
         config,
@@ -593,15 +592,19 @@ mod tests {
     assert_eq!(started, Started::Connected);
     for _ in 0..10 {
       let i = p
-        .best(Claim::Reserve {
-          estimated_tokens: 0,
-        })
+        .best(
+          Claim::Reserve {
+            estimated_tokens: 0,
+          },
+          0,
+        )
         .unwrap()
         .pick
         .index;
-      p.record_usage(i, 100, Outcome::Success, 20.0).unwrap();
+      p.record_usage(i, 100, Outcome::Success, 20.0, None)
+        .unwrap();
     }
-    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 5.0)
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 5.0, None)
       .unwrap();
     // Written within a few intervals, without closing.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -609,7 +612,7 @@ mod tests {
       sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(count(&server.uri(), "api_key_usage").await, 11);
-    p.record_usage(0, 1, Outcome::Success, 1.0).unwrap();
+    p.record_usage(0, 1, Outcome::Success, 1.0, None).unwrap();
     p.close();
     writer.close().await;
     writer.close().await;
@@ -657,7 +660,7 @@ mod tests {
     let (wa, _) = WriteBehind::start(a.clone(), shared_options(), log()).await;
     let (wb, _) = WriteBehind::start(b.clone(), shared_options(), log()).await;
     let added = "AIzaSyFOLLOW000000000000000000000000001";
-    a.add_key(added).unwrap();
+    a.add_key(added, None).unwrap();
     b.admit(0, Admission::Disabled).unwrap();
     assert!(eventually(|| b.names().position(added).is_some()).await);
     assert!(
@@ -695,12 +698,12 @@ mod tests {
     )
     .await;
     assert_eq!(started, Started::Connected);
-    let refused = p.add_key("AIzaSyREFUSED0000000000000000000000001");
+    let refused = p.add_key("AIzaSyREFUSED0000000000000000000000001", None);
     assert!(
       matches!(refused, Err(PoolError::KeyNotStorable(_))),
       "{refused:?}"
     );
-    p.record_usage(0, 1, Outcome::Success, 1.0).unwrap();
+    p.record_usage(0, 1, Outcome::Success, 1.0, None).unwrap();
     p.close();
     writer.close().await;
     let client = mongodb::Client::with_uri_str(server.uri()).await.unwrap();
@@ -739,7 +742,8 @@ mod tests {
     let (writer, started) = WriteBehind::start(p.clone(), hung_options(), log.clone()).await;
     assert_eq!(started, Started::Connected);
     for i in 0..30 {
-      p.record_usage(i % 2, 1, Outcome::Success, 1.0).unwrap();
+      p.record_usage(i % 2, 1, Outcome::Success, 1.0, None)
+        .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while count(&server.uri(), "api_key_usage").await < 30 && Instant::now() < deadline {
@@ -747,7 +751,8 @@ mod tests {
     }
     server.hang();
     for i in 0..20 {
-      p.record_usage(i % 2, 1, Outcome::Success, 1.0).unwrap();
+      p.record_usage(i % 2, 1, Outcome::Success, 1.0, None)
+        .unwrap();
     }
     p.close();
     let closing = Instant::now();
@@ -807,9 +812,12 @@ mod tests {
     let before = writer.stats().ops;
     // Past half the first minute lease: the leasing task tops it up, long before any flush.
     for _ in 0..6 {
-      p.best(Claim::Reserve {
-        estimated_tokens: 0,
-      })
+      p.best(
+        Claim::Reserve {
+          estimated_tokens: 0,
+        },
+        0,
+      )
       .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -838,7 +846,7 @@ mod tests {
     )
     .await;
     assert!(matches!(started, Started::Fallback(_)), "{started:?}");
-    p.record_usage(0, 3, Outcome::Success, 1.0).unwrap();
+    p.record_usage(0, 3, Outcome::Success, 1.0, None).unwrap();
     let server = TestServer::start_on(port);
     p.close();
     writer.close().await;
@@ -862,7 +870,7 @@ mod tests {
     .await;
     assert!(started_at.elapsed() < Duration::from_secs(2));
     assert!(matches!(started, Started::Fallback(_)), "{started:?}");
-    p.record_usage(0, 3, Outcome::Success, 1.0).unwrap();
+    p.record_usage(0, 3, Outcome::Success, 1.0, None).unwrap();
     let stats = writer.stats();
     assert_eq!((stats.connected, stats.queued), (false, 1));
     p.close();

@@ -1,29 +1,32 @@
-//! The key pool: every key's state behind one short lock, and the operations of the old service's
-//! API applied to it atomically. Nothing here allocates on the selection and usage paths (a failure's
-//! message aside), blocks on I/O, or prints while the lock is held. What changed is tracked for the
-//! write-behind layer (`persistence`): a flag per changed key and a queue of recorded calls, both
-//! O(1) to add to.
+//! The key pool: every key's state, every (project, model) budget and every model's health behind
+//! one short lock, and the operations of the old service's API applied to them atomically. Nothing
+//! here allocates on the selection and usage paths (a failure's message aside), blocks on I/O, or
+//! prints while the lock is held. What changed is tracked for the write-behind layer
+//! (`persistence`): a flag per changed key and budget and a queue of recorded calls, all O(1) to
+//! add to.
 
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::budget::{BudgetFigures, BudgetId, Budgets, Exhausted, ProjectId, ProjectName, Rest};
 use crate::call_log::{Call, CallLog, DEFAULT_CALL_LOG_CAPACITY};
 use crate::clock::{Clock, Millis};
-use crate::config::{js_number, PoolConfig};
+use crate::config::{js_number, project_name, KeySpec, PoolConfig};
 use crate::counters::Counters;
 use crate::error::PoolError;
-use crate::failure::{classify, Failure};
+use crate::failure::{classify, consumer_project, Failure, QuotaScope, RateLimit};
 use crate::health::{HealthChange, HealthState};
-use crate::key::{Admission, KeyFigures, KeyState, KeyStatus, RateLimitInfo};
+use crate::key::{rate_limit_info, Admission, KeyFigures, KeyState, KeyStatus, RateLimitInfo};
 use crate::log::Log;
 use crate::mask::{mask_key, scrub};
-use crate::metrics::{KeyMetrics, MetricsSnapshot};
-use crate::quota::{LimitType, Quota, WindowPolicy};
+use crate::metrics::{BudgetMetrics, KeyMetrics, MetricsSnapshot};
+use crate::models::{ModelId, Models, DEFAULT_MODEL_ID};
+use crate::quota::{LimitType, WindowPolicy};
 use crate::roster::{Namer, Names, Roster};
 use crate::selection::{
-  availability_score, Rotation, RotationReason, Selection, SelectionCache, SelectionMethod,
+  Candidates, Rotation, RotationReason, Selection, SelectionCache, SelectionMethod,
 };
 use crate::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
 use crate::store::{AdmissionRecord, KeyRecord, UsageIds, UsageReader, UsageRecord};
@@ -49,6 +52,7 @@ enum Reporter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteKey {
   pub index: usize,
+  pub model: ModelId,
   /// When it was chosen, just before the request goes out: the request counts from then.
   pub at: Millis,
 }
@@ -86,9 +90,30 @@ pub struct Picked<T> {
   pub figures: KeyFigures,
 }
 
+/// One budget as listings show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetView {
+  /// The project's name; `None` for the project of a key whose project is not known.
+  pub project: Option<String>,
+  pub model: String,
+  pub figures: BudgetFigures,
+  pub availability_score: f64,
+  /// The model is backing off after an overload, until then.
+  pub overloaded_until: Option<Millis>,
+}
+
+/// Something to log once the lock is released.
+enum Note {
+  Warn(String),
+  Info(String),
+}
+
 struct PoolState {
   keys: Vec<KeyState>,
-  cache: SelectionCache,
+  budgets: Budgets,
+  models: Models,
+  /// One selection cache per model, by model id.
+  caches: Vec<SelectionCache>,
   last_rotation: Millis,
   /// The latest time any operation ran at.
   last_now: Millis,
@@ -97,6 +122,9 @@ struct PoolState {
   /// O(1) and exporting is O(changed keys) however large the pool.
   dirty: Vec<bool>,
   dirty_keys: Vec<usize>,
+  /// Per budget, likewise.
+  dirty_budget: Vec<bool>,
+  dirty_budgets: Vec<BudgetId>,
   /// Keys an operator added, removed, disabled or enabled here since last exported: other
   /// processes learn of it from the store.
   admission_changed: Vec<usize>,
@@ -122,6 +150,25 @@ impl PoolState {
     for index in 0..self.keys.len() {
       self.touch(index);
     }
+    for b in 0..self.budgets.len() {
+      self.touch_budget(b);
+    }
+  }
+
+  fn touch_budget(&mut self, budget: BudgetId) {
+    if self.dirty_budget.len() < self.budgets.len() {
+      self.dirty_budget.resize(self.budgets.len(), false);
+    }
+    if !self.dirty_budget[budget] {
+      self.dirty_budget[budget] = true;
+      self.dirty_budgets.push(budget);
+    }
+  }
+
+  fn invalidate_caches(&mut self) {
+    for cache in &mut self.caches {
+      cache.invalidate();
+    }
   }
 
   /// Notes an operator's change to key `index`, for the store.
@@ -130,41 +177,81 @@ impl PoolState {
       self.admission_changed.push(index);
     }
     self.touch(index);
-    self.cache.invalidate();
+    self.invalidate_caches();
+  }
+
+  /// The project a key joins: the one named, or its own.
+  fn project_for(&mut self, index: usize, project: Option<&str>, now: Millis) -> ProjectId {
+    let name = match project {
+      Some(p) => ProjectName::Named(p.to_owned()),
+      None => ProjectName::OwnOf(index),
+    };
+    self.budgets.project(name, now)
   }
 
   /// A key new to the pool at the next position, counted from `now`.
-  fn push_key(&mut self, key: KeyState) -> usize {
+  fn push_key(&mut self, key: &str, project: Option<&str>, now: Millis) -> usize {
     let index = self.keys.len();
-    let mut key = key;
-    if self.lease_wake.is_some() {
-      key.shared = Some(Box::default());
-    }
-    self.keys.push(key);
+    let project_id = self.project_for(index, project, now);
+    let mut state = KeyState::new(key.to_owned(), project_id, now);
+    state.project_configured = project.is_some();
+    self.keys.push(state);
     self.dirty.push(false);
     self.touch(index);
-    self.cache.invalidate();
+    self.invalidate_caches();
     index
   }
 
-  /// Applies `claim` to the key just chosen; returns its figures.
-  fn claim(&mut self, index: usize, claim: Claim, now: Millis, ttl: Millis) -> KeyFigures {
+  fn budget_of(&self, index: usize, model: ModelId) -> BudgetId {
+    self.budgets.of(self.keys[index].project, model)
+  }
+
+  /// A key's figures as its status shows them: with its project's budget of the default model.
+  fn figures(&self, index: usize, now: Millis) -> KeyFigures {
+    let budget = self.budgets.get(self.budget_of(index, DEFAULT_MODEL_ID));
+    self.keys[index].figures(budget, now)
+  }
+
+  /// Releases key `index`'s expired reservations; true when any expired.
+  fn expire_key(&mut self, index: usize, now: Millis, ttl: Millis) -> bool {
+    let released = self.keys[index].expire_reservations(&mut self.budgets, now, ttl);
+    for &b in &released {
+      let model = self.budgets.get(b).model;
+      // An expired reservation may have been the model's probe.
+      self.models.get_mut(model).overload.probe_lost(now);
+      self.touch_budget(b);
+    }
+    if !released.is_empty() {
+      self.touch(index);
+    }
+    !released.is_empty()
+  }
+
+  /// Applies `claim` to the key just chosen for `model`; returns its figures.
+  fn claim(
+    &mut self,
+    index: usize,
+    model: ModelId,
+    claim: Claim,
+    now: Millis,
+    ttl: Millis,
+  ) -> KeyFigures {
     if let Claim::Reserve { estimated_tokens } = claim {
       self.counters.handed_out += 1;
-      let key = &mut self.keys[index];
-      key.expire_reservations(now, ttl);
-      if key.reserve(now, estimated_tokens) {
+      self.expire_key(index, now, ttl);
+      let budget = self.budget_of(index, model);
+      if self.keys[index].reserve(&mut self.budgets, budget, now, estimated_tokens) {
         if let Some(wake) = &self.lease_wake {
           wake.notify_one();
         }
       }
+      self.models.get_mut(model).overload.on_hand_out(now);
       self.touch(index);
+      self.touch_budget(budget);
     }
-    self.keys[index].figures(now)
+    self.figures(index, now)
   }
 
-  /// Releases every key's expired reservations when the cache is about to be rebuilt, so that
-  /// keys no one touches get their room back at least every cache lifetime.
   fn count_selection(&mut self, method: SelectionMethod) {
     match method {
       SelectionMethod::CachedRoundRobin => self.counters.cache_hits += 1,
@@ -172,24 +259,60 @@ impl PoolState {
     }
   }
 
-  /// Counts what a call reported: a 429 on `limited`'s window, and a key taken out of rotation.
-  fn count_outcome(&mut self, limited: Option<LimitType>, change: HealthChange) {
-    if let Some(limit) = limited {
-      self.counters.rate_limits[limit as usize] += 1;
-    }
-    if change != HealthChange::Unchanged {
-      self.counters.error_rotations += 1;
+  /// Releases every key's expired reservations when `model`'s cache is about to be rebuilt, so
+  /// that keys no one touches get their room back at least every cache lifetime.
+  fn expire_before_rebuild(&mut self, model: ModelId, now: Millis, ttl: Millis) {
+    if self.caches[model].is_stale(now) {
+      for index in 0..self.keys.len() {
+        self.expire_key(index, now, ttl);
+      }
     }
   }
 
-  fn expire_before_rebuild(&mut self, now: Millis, ttl: Millis) {
-    if self.cache.is_stale(now) {
-      for index in 0..self.keys.len() {
-        if self.keys[index].expire_reservations(now, ttl) {
-          self.touch(index);
-        }
+  /// A model the caller gave by id: one the pool has met.
+  fn check_model(&self, model: ModelId) -> Result<(), PoolError> {
+    if model < self.models.len() {
+      Ok(())
+    } else {
+      Err(PoolError::InvalidModel(format!("no model has id {model}")))
+    }
+  }
+
+  /// Gemini named key `index`'s project: a key whose project was not known joins it, its own
+  /// counts (and reservations) moving with it; a key configured in another project stays (the
+  /// configuration decides) and the mismatch is said once.
+  fn learn_project(&mut self, index: usize, named: &str, now: Millis) -> Option<Note> {
+    let name = project_name(named).ok()?;
+    let current = self.keys[index].project;
+    if *self.budgets.name(current) == ProjectName::Named(name.clone()) {
+      return None;
+    }
+    if self.keys[index].project_configured {
+      if self.keys[index].project_noted {
+        return None;
+      }
+      self.keys[index].project_noted = true;
+      return Some(Note::Warn(format!(
+        "⚠️ Gemini says API key {{key}} is in project {name}, not in the project it was configured in: its quota is still counted with the configured project's"
+      )));
+    }
+    let target = self.budgets.project(ProjectName::Named(name.clone()), now);
+    if *self.budgets.name(current) == ProjectName::OwnOf(index) {
+      for (from, into) in self.budgets.merge(current, target, now) {
+        self.touch_budget(from);
+        self.touch_budget(into);
       }
     }
+    let budgets = &self.budgets;
+    for r in &mut self.keys[index].pending {
+      r.budget = budgets.of(target, budgets.get(r.budget).model);
+    }
+    self.keys[index].project = target;
+    self.touch(index);
+    self.invalidate_caches();
+    Some(Note::Info(format!(
+      "🔎 API key {{key}} is in project {name} (named in Gemini's error): its quota is counted with that project's from now on"
+    )))
   }
 }
 
@@ -197,8 +320,6 @@ pub struct KeyPool {
   state: Mutex<PoolState>,
   /// The keys by position, read without the pool's lock; keys are added to it under the lock.
   roster: Roster,
-  /// The limits a key added at run time gets.
-  quota: Quota,
   policy: WindowPolicy,
   clock: Arc<dyn Clock>,
   log: Arc<dyn Log>,
@@ -268,29 +389,38 @@ pub fn validate_tokens(tokens: f64) -> Result<u64, PoolError> {
   }
 }
 
-/// How long a rate-limited key rests: the delay the upstream asked for, else until the named
-/// window (RPM when unnamed) frees by our count, else a whole span.
-fn rest_until(
-  key: &KeyState,
-  now: Millis,
-  limit: Option<LimitType>,
-  retry_after_ms: Option<Millis>,
-  span_ms: Millis,
-) -> Millis {
-  if let Some(delay) = retry_after_ms {
-    return now.saturating_add(delay.clamp(0, MAX_REST_MS));
+/// What a 429 said ran out, in the budget's terms.
+fn exhausted(rate_limit: &RateLimit) -> Exhausted {
+  if rate_limit.zero_quota {
+    return Exhausted::NoQuota;
   }
-  let limit = limit.unwrap_or(LimitType::Rpm);
-  let frees = key.frees_at(limit, now);
-  if frees > now {
-    frees
-  } else {
-    now + span_ms
+  match rate_limit.scope {
+    QuotaScope::PerDay => Exhausted::PerDay,
+    QuotaScope::PerMinuteRequests => Exhausted::PerMinute(LimitType::Rpm),
+    QuotaScope::PerMinuteTokens => Exhausted::PerMinute(LimitType::Tpm),
+    QuotaScope::Unknown => Exhausted::Unexplained,
+  }
+}
+
+/// The window a rest is for, as counted in metrics (RPM when the 429 did not say).
+fn limit_of(exhausted: Exhausted) -> LimitType {
+  match exhausted {
+    Exhausted::PerDay => LimitType::Rpd,
+    Exhausted::PerMinute(limit) => limit,
+    Exhausted::NoQuota | Exhausted::Unexplained => LimitType::Rpm,
   }
 }
 
 fn seconds(ms: Millis) -> String {
   format!("{:.1}s", ms as f64 / 1_000.0)
+}
+
+/// What a rest did, for the log.
+struct Rested {
+  index: usize,
+  limit: LimitType,
+  rest: Rest,
+  budget: BudgetId,
 }
 
 impl KeyPool {
@@ -306,29 +436,34 @@ impl KeyPool {
       log.warn(warning);
     }
     let now = clock.now_ms();
-    let keys: Vec<KeyState> = config
-      .keys
-      .iter()
-      .map(|k| KeyState::new(k.clone(), config.quota, &config.policy, now))
-      .collect();
-    let n = keys.len();
+    let n = config.keys.len();
+    let mut state = PoolState {
+      keys: Vec::with_capacity(n),
+      budgets: Budgets::new(config.quota, config.policy),
+      models: Models::new(config.models),
+      caches: vec![SelectionCache::default()],
+      last_rotation: now,
+      last_now: now,
+      closed: false,
+      dirty: Vec::with_capacity(n),
+      dirty_keys: Vec::with_capacity(n),
+      dirty_budget: Vec::new(),
+      dirty_budgets: Vec::new(),
+      admission_changed: Vec::new(),
+      usage: None,
+      lease_wake: None,
+      calls: CallLog::new(DEFAULT_CALL_LOG_CAPACITY),
+      counters: Counters::default(),
+    };
+    for KeySpec { key, project } in &config.keys {
+      state.push_key(key, project.as_deref(), now);
+    }
+    // Freshly built: nothing to write yet.
+    state.dirty.iter_mut().for_each(|d| *d = false);
+    state.dirty_keys.clear();
     Ok(Self {
-      state: Mutex::new(PoolState {
-        keys,
-        cache: SelectionCache::default(),
-        last_rotation: now,
-        last_now: now,
-        closed: false,
-        dirty: vec![false; n],
-        dirty_keys: Vec::with_capacity(n),
-        admission_changed: Vec::new(),
-        usage: None,
-        lease_wake: None,
-        calls: CallLog::new(DEFAULT_CALL_LOG_CAPACITY),
-        counters: Counters::default(),
-      }),
-      roster: Roster::new(config.keys),
-      quota: config.quota,
+      state: Mutex::new(state),
+      roster: Roster::new(config.keys.into_iter().map(|k| k.key).collect()),
       policy: config.policy,
       clock,
       log,
@@ -367,16 +502,49 @@ impl KeyPool {
     self.names().get(index).map(mask_key).unwrap_or_default()
   }
 
+  fn log_notes(&self, index: usize, notes: impl IntoIterator<Item = Note>) {
+    for note in notes {
+      match note {
+        Note::Warn(text) => self.log.warn(&text.replace("{key}", &self.masked(index))),
+        Note::Info(text) => self.log.info(&text.replace("{key}", &self.masked(index))),
+      }
+    }
+  }
+
+  /// The model named `name` (see [`Models::id`]): met now, with a budget in every project, if it
+  /// was not yet. Its id is what the calls about a model take.
+  pub fn model_id(&self, name: &str) -> Result<ModelId, PoolError> {
+    let (id, warning) = self.with_state(|state, now| {
+      let (id, warning) = state.models.id(name)?;
+      if id == state.caches.len() {
+        let quota = state.models.get(id).quota;
+        state.budgets.add_model(id, quota, now);
+        state.caches.push(SelectionCache::default());
+      }
+      Ok::<_, PoolError>((id, warning))
+    })??;
+    if let Some(w) = warning {
+      self.log.warn(&w);
+    }
+    Ok(id)
+  }
+
+  /// The name of model `id`.
+  pub fn model_name(&self, id: ModelId) -> String {
+    self.state.lock().models.get(id).name.clone()
+  }
+
   /// The position of `key`, if it is in the pool (not removed).
   pub fn index_of(&self, key: &str) -> Result<usize, PoolError> {
     let index = self.names().position(key).ok_or(PoolError::KeyNotFound)?;
     self.with_live_key(index, |_, _| index)
   }
 
-  /// Adds `key` to the pool, or brings it back if it was removed: it is handed out from now on.
-  /// With a store, other processes sharing it learn of it too.
-  pub fn add_key(&self, key: &str) -> Result<usize, PoolError> {
+  /// Adds `key` to the pool (in `project`, when named), or brings it back if it was removed: it is
+  /// handed out from now on. With a store, other processes sharing it learn of it too.
+  pub fn add_key(&self, key: &str, project: Option<&str>) -> Result<usize, PoolError> {
     check_key_text(key)?;
+    let project = project.map(project_name).transpose()?;
     if let Some(reason) = self.additions_refused.lock().clone() {
       return Err(PoolError::KeyNotStorable(reason));
     }
@@ -391,11 +559,10 @@ impl KeyPool {
         }
         None => {
           let (i, _) = self.roster.add(key);
-          let mut new = KeyState::new(key.to_owned(), self.quota, &self.policy, now);
-          new.added = true;
-          new.admitted_at = now;
-          let index = state.push_key(new);
+          let index = state.push_key(key, project.as_deref(), now);
           debug_assert_eq!(i, index);
+          state.keys[index].added = true;
+          state.keys[index].admitted_at = now;
           state.admission_changed(index);
           Ok(index)
         }
@@ -407,30 +574,58 @@ impl KeyPool {
     Ok(index)
   }
 
-  /// The key a request the router sends goes out with. `asked` is the pool key the caller's
-  /// request carried, if any: when that key has a hand-out no routed request used yet (the caller
-  /// asked the pool just before), the request goes with it and uses its reservation. Otherwise the
-  /// best key is handed out for it, reserved at once. `Err` says when a key could next go, when
-  /// none can now (`None`: none will by itself).
+  /// The key a request the router sends on `model` goes out with. `asked` is the pool key the
+  /// caller's request carried, if any: when that key has a hand-out no routed request used yet
+  /// (the caller asked the pool just before), the request goes with it and uses its reservation.
+  /// Otherwise the best key for the model is handed out for it, reserved at once. `Err` says when
+  /// a key could next go, when none can now (`None`: none will by itself).
   pub fn route_key(
     &self,
     asked: Option<usize>,
+    model: ModelId,
   ) -> Result<Result<RouteKey, Option<Millis>>, PoolError> {
     let ttl = self.policy.reservation_ttl_ms;
     let chosen = self.with_state(|state, now| {
-      if let Some(key) = asked.and_then(|i| state.keys.get_mut(i)) {
-        if key.pending.len() > key.routed.in_flight as usize && key.admission == Admission::Enabled
-        {
+      state.check_model(model)?;
+      if let Some(index) = asked.filter(|&i| i < state.keys.len()) {
+        let target = state.budget_of(index, model);
+        let key = &state.keys[index];
+        let open_hand_out = key.pending.len() > key.routed.in_flight as usize;
+        // The hand-out may have been for another model (old callers name none): the request
+        // counts on the model it goes to, if that budget has room for it.
+        let fits = state.keys[index]
+          .pending
+          .front()
+          .is_some_and(|r| r.budget == target || state.budgets.get(target).has_room(now, r.tokens));
+        if open_hand_out && fits && key.admission == Admission::Enabled {
+          let key = &mut state.keys[index];
           key.routed.in_flight += 1;
-          key.restamp_reservation(now);
-          return asked.map(|index| RouteKey { index, at: now });
+          if let Some(from) = key.adopt_reservation(&mut state.budgets, target, now) {
+            state.touch_budget(from);
+          }
+          state.touch_budget(target);
+          state.models.get_mut(model).overload.on_hand_out(now);
+          return Ok(Some(RouteKey {
+            index,
+            model,
+            at: now,
+          }));
         }
       }
-      state.expire_before_rebuild(now, ttl);
-      let pick = state.cache.next(&state.keys, now, 0)?;
+      state.expire_before_rebuild(model, now, ttl);
+      let candidates = Candidates {
+        keys: &state.keys,
+        budgets: &state.budgets,
+        model,
+        overload: &state.models.get(model).overload,
+      };
+      let Some(pick) = state.caches[model].next(candidates, now, 0) else {
+        return Ok(None);
+      };
       state.count_selection(pick.method);
       state.claim(
         pick.index,
+        model,
         Claim::Reserve {
           estimated_tokens: 0,
         },
@@ -438,14 +633,15 @@ impl KeyPool {
         ttl,
       );
       state.keys[pick.index].routed.in_flight += 1;
-      Some(RouteKey {
+      Ok(Some(RouteKey {
         index: pick.index,
+        model,
         at: now,
-      })
-    })?;
+      }))
+    })??;
     match chosen {
       Some(key) => Ok(Ok(key)),
-      None => Ok(Err(self.next_available_at(0)?)),
+      None => Ok(Err(self.next_available_at(0, model)?)),
     }
   }
 
@@ -460,7 +656,14 @@ impl KeyPool {
     response_time_ms: f64,
   ) -> Result<KeyFigures, PoolError> {
     let by = Reporter::Router { sent_at: key.at };
-    self.record(key.index, tokens, outcome, response_time_ms, by)
+    self.record(
+      key.index,
+      tokens,
+      outcome,
+      response_time_ms,
+      by,
+      Some(key.model),
+    )
   }
 
   /// A request chosen a key by [`Self::route_key`] that will never be counted (its caller went
@@ -512,9 +715,9 @@ impl KeyPool {
   pub fn export_admissions(&self) -> Vec<AdmissionRecord> {
     let mut state = self.state.lock();
     let state = &mut *state;
-    state
-      .admission_changed
-      .drain(..)
+    let changed: Vec<usize> = state.admission_changed.drain(..).collect();
+    changed
+      .into_iter()
       .map(|i| {
         let key = &state.keys[i];
         AdmissionRecord {
@@ -522,6 +725,10 @@ impl KeyPool {
           admission: key.admission,
           changed_at: key.admitted_at,
           added: key.added,
+          project: match state.budgets.name(key.project) {
+            ProjectName::Named(name) if key.project_configured => Some(name.clone()),
+            _ => None,
+          },
         }
       })
       .collect()
@@ -541,8 +748,8 @@ impl KeyPool {
   }
 
   /// Follows operators' changes made in other processes (read from the store): a change applies
-  /// unless a later one was made to the key here; a key added elsewhere joins the pool. Returns
-  /// how many keys changed.
+  /// unless a later one was made to the key here; a key added elsewhere joins the pool (in the
+  /// project it was added with). Returns how many keys changed.
   pub fn follow_admissions(&self, records: &[AdmissionRecord]) -> usize {
     let mut changes = Vec::new();
     {
@@ -552,6 +759,7 @@ impl KeyPool {
         if check_key_text(&r.api_key).is_err() {
           continue;
         }
+        let project = r.project.as_deref().and_then(|p| project_name(p).ok());
         let index = match self.roster.names().position(&r.api_key) {
           Some(i) => {
             if !state.keys[i].admit(r.admission, r.changed_at) {
@@ -562,14 +770,15 @@ impl KeyPool {
           }
           None => {
             self.roster.add(&r.api_key);
-            let mut key = KeyState::new(r.api_key.clone(), self.quota, &self.policy, now);
+            let index = state.push_key(&r.api_key, project.as_deref(), now);
+            let key = &mut state.keys[index];
             key.added = true;
             key.admission = r.admission;
             key.admitted_at = r.changed_at;
-            state.push_key(key)
+            index
           }
         };
-        state.cache.invalidate();
+        state.invalidate_caches();
         changes.push((index, r.admission));
       }
     }
@@ -629,62 +838,87 @@ impl KeyPool {
     })?
   }
 
-  /// `getBestAvailableKey`: the next available key round-robin from the score-sorted cache. A
-  /// reserving claim counts the request on the key at once, so concurrent callers never share a
-  /// key's last unit of capacity.
-  pub fn best(&self, claim: Claim) -> Result<Picked<Selection>, PoolError> {
+  /// `getBestAvailableKey` for `model`: the next available key round-robin from the model's
+  /// score-sorted cache. A reserving claim counts the request on the key's project budget at once,
+  /// so concurrent callers never share a budget's last unit of capacity.
+  pub fn best(&self, claim: Claim, model: ModelId) -> Result<Picked<Selection>, PoolError> {
     let ttl = self.policy.reservation_ttl_ms;
     self
       .with_state(|state, now| {
-        state.expire_before_rebuild(now, ttl);
-        let pick = state
-          .cache
-          .next(&state.keys, now, claim.estimated_tokens())?;
+        state.check_model(model)?;
+        state.expire_before_rebuild(model, now, ttl);
+        let candidates = Candidates {
+          keys: &state.keys,
+          budgets: &state.budgets,
+          model,
+          overload: &state.models.get(model).overload,
+        };
+        let Some(pick) = state.caches[model].next(candidates, now, claim.estimated_tokens()) else {
+          return Ok(None);
+        };
         state.count_selection(pick.method);
-        Some(Picked {
+        Ok(Some(Picked {
           pick,
-          figures: state.claim(pick.index, claim, now, ttl),
-        })
-      })?
+          figures: state.claim(pick.index, model, claim, now, ttl),
+        }))
+      })??
       .ok_or(PoolError::NoActiveKeys)
   }
 
-  /// `getNextKeyForRotation`: moves off a key under the rotation threshold, or behaves as
-  /// [`Self::best`].
-  pub fn rotate(&self, claim: Claim) -> Result<Picked<Rotation>, PoolError> {
+  /// `getNextKeyForRotation` for `model`: moves off a key under the rotation threshold, or
+  /// behaves as [`Self::best`].
+  pub fn rotate(&self, claim: Claim, model: ModelId) -> Result<Picked<Rotation>, PoolError> {
     let ttl = self.policy.reservation_ttl_ms;
     self
       .with_state(|state, now| {
-        state.expire_before_rebuild(now, ttl);
-        let pick = state
-          .cache
-          .rotation(&state.keys, now, claim.estimated_tokens())?;
+        state.check_model(model)?;
+        state.expire_before_rebuild(model, now, ttl);
+        let candidates = Candidates {
+          keys: &state.keys,
+          budgets: &state.budgets,
+          model,
+          overload: &state.models.get(model).overload,
+        };
+        let Some(pick) = state.caches[model].rotation(candidates, now, claim.estimated_tokens())
+        else {
+          return Ok(None);
+        };
         state.last_rotation = now;
         state.count_selection(pick.selection.method);
         if pick.reason == RotationReason::Proactive {
           state.counters.proactive_rotations += 1;
         }
-        Some(Picked {
+        Ok(Some(Picked {
           pick,
-          figures: state.claim(pick.selection.index, claim, now, ttl),
-        })
-      })?
+          figures: state.claim(pick.selection.index, model, claim, now, ttl),
+        }))
+      })??
       .ok_or(PoolError::NoActiveKeys)
   }
 
-  /// `recordUsage`: settles the request's reservation with its real token count. A success clears
-  /// the error streak; a failure is read for what it says about the key (see [`classify`]): a 429
-  /// rests it, a refusal deactivates it, anything else counts toward opening its circuit. Error
-  /// messages are stored with every key in them masked (scrubbed before the lock is taken). When
-  /// usage is being stored, the call is queued for it with `response_time_ms`.
+  /// `recordUsage`: settles the request's reservation (of `model`, or the oldest of any model)
+  /// with its real token count. A success clears the error streak; a failure is read for what it
+  /// says (see [`classify`]): a 429 rests the key's project budget as the quota rules say, an
+  /// overload backs the model off, a refusal deactivates the key, anything else counts toward
+  /// opening its circuit; an error that names the key's project teaches it. Error messages are
+  /// stored with every key in them masked (scrubbed before the lock is taken). When usage is
+  /// being stored, the call is queued for it with `response_time_ms`.
   pub fn record_usage(
     &self,
     index: usize,
     tokens: u64,
     outcome: Outcome<'_>,
     response_time_ms: f64,
+    model: Option<ModelId>,
   ) -> Result<KeyFigures, PoolError> {
-    self.record(index, tokens, outcome, response_time_ms, Reporter::Caller)
+    self.record(
+      index,
+      tokens,
+      outcome,
+      response_time_ms,
+      Reporter::Caller,
+      model,
+    )
   }
 
   fn record(
@@ -694,6 +928,7 @@ impl KeyPool {
     outcome: Outcome<'_>,
     response_time_ms: f64,
     by: Reporter,
+    model: Option<ModelId>,
   ) -> Result<KeyFigures, PoolError> {
     let failure = match outcome {
       Outcome::Failure(error) => {
@@ -701,18 +936,26 @@ impl KeyPool {
           .chars()
           .take(MAX_ERROR_CHARS)
           .collect();
-        Some((message, classify(error)))
+        Some((message, classify(error), consumer_project(error)))
       }
       Outcome::Success => None,
     };
     let ttl = self.policy.reservation_ttl_ms;
-    let span = self.policy.span_ms;
-    let (figures, change, limited) = self.with_key(index, |state, now| {
+    let policy = self.policy;
+    let (figures, change, rested, notes) = self.with_key(index, |state, now| {
+      if let Some(m) = model {
+        state.check_model(m)?;
+      }
       let key = &mut state.keys[index];
       match by {
         // The router counted this call already: the caller's own report of it is not another.
         Reporter::Caller if key.routed.take_report(now, ttl) => {
-          return (key.figures(now), HealthChange::Unchanged, None);
+          return Ok((
+            state.figures(index, now),
+            HealthChange::Unchanged,
+            None,
+            Vec::new(),
+          ));
         }
         Reporter::Caller => {}
         Reporter::Router { .. } => {
@@ -721,9 +964,23 @@ impl KeyPool {
       }
       let sent_at = match by {
         Reporter::Caller => now,
-        Reporter::Router { sent_at, .. } => sent_at,
+        Reporter::Router { sent_at } => sent_at,
       };
       state.touch(index);
+      state.expire_key(index, now, ttl);
+      let settled = state.keys[index].settle(
+        &mut state.budgets,
+        model,
+        DEFAULT_MODEL_ID,
+        now,
+        sent_at,
+        tokens,
+        failure.is_none(),
+      );
+      let budget = settled.budget;
+      let model = state.budgets.get(budget).model;
+      let handed_at = settled.handed_at.unwrap_or(now);
+      state.touch_budget(budget);
       state.calls.push(Call {
         key: index,
         timestamp: now,
@@ -745,95 +1002,192 @@ impl KeyPool {
           timestamp: now,
           tokens,
           success: failure.is_none(),
-          error: failure.as_ref().map(|(message, _)| message.clone()),
+          error: failure.as_ref().map(|(message, _, _)| message.clone()),
           response_time: response_time(response_time_ms),
         });
       }
-      let key = &mut state.keys[index];
-      key.expire_reservations(now, ttl);
-      key.settle(now, sent_at, tokens, failure.is_none());
-      let mut limited = None;
+      let mut rested = None;
+      let mut notes = Vec::new();
       let change = match failure {
         None => {
+          let key = &mut state.keys[index];
           key.health.on_success(now);
           key.clear_error();
+          state.budgets.get_mut(budget).on_success();
+          state
+            .models
+            .get_mut(model)
+            .overload
+            .on_answered(now, handed_at);
           HealthChange::Unchanged
         }
-        Some((message, kind)) => {
-          key.record_error(message, now);
+        Some((message, kind, project)) => {
+          state.keys[index].record_error(message, now);
+          let overload = &mut state.models.get_mut(model).overload;
           match kind {
-            Failure::RateLimited {
-              retry_after_ms,
-              limit,
-            } => {
-              limited = Some(limit.unwrap_or(LimitType::Rpm));
-              key.rested_for = limit;
-              let until = rest_until(key, now, limit, retry_after_ms, span);
-              key.health.on_rate_limited(now, until)
-            }
-            Failure::KeyRejected => key.health.on_key_rejected(),
-            Failure::Transient => key.health.on_transient_failure(now),
+            Failure::Overloaded => {}
+            // Nothing was heard from the model: a probe it was is lost, not failed.
+            Failure::Transient => overload.probe_lost(now),
+            Failure::RateLimited(_) | Failure::KeyRejected => overload.on_answered(now, handed_at),
           }
+          let change = match kind {
+            Failure::RateLimited(rate_limit) => {
+              let what = exhausted(&rate_limit);
+              // Learnt before the rest, which fills a spent day up to the limit.
+              if let (Some(value), Exhausted::PerDay | Exhausted::PerMinute(_)) = (rate_limit.quota_value, what) {
+                let window = limit_of(what);
+                if let Some(old) = state.budgets.get_mut(budget).learn_limit(window, value) {
+                  notes.push(Note::Warn(format!(
+                    "⚠️ Gemini says the {} limit of API key {{key}}'s project for {} is {value} (configured: {old}): counting with {value}",
+                    window.as_str(),
+                    state.models.get(model).name
+                  )));
+                }
+              }
+              rested = state
+                .budgets
+                .get_mut(budget)
+                .on_rate_limited(now, what, rate_limit.retry_after_ms, &policy, MAX_REST_MS)
+                .map(|rest| Rested {
+                  index,
+                  limit: limit_of(what),
+                  rest,
+                  budget,
+                });
+              state.counters.rate_limits[limit_of(what) as usize] += 1;
+              HealthChange::Unchanged
+            }
+            Failure::KeyRejected => state.keys[index].health.on_key_rejected(),
+            Failure::Overloaded => {
+              if let Some(until) = state
+                .models
+                .get_mut(model)
+                .overload
+                .on_overload(now, handed_at)
+              {
+                notes.push(Note::Warn(format!(
+                  "⚠️ Model {} is overloaded: no calls to it for {}, then one to try it",
+                  state.models.get(model).name,
+                  seconds(until - now)
+                )));
+              }
+              HealthChange::Unchanged
+            }
+            Failure::Transient => state.keys[index].health.on_transient_failure(now),
+          };
+          if let Some(p) = project {
+            notes.extend(state.learn_project(index, &p, now));
+          }
+          change
         }
       };
-      if change != HealthChange::Unchanged {
-        state.cache.invalidate();
+      if change != HealthChange::Unchanged || rested.is_some() {
+        state.invalidate_caches();
+        state.counters.error_rotations += 1;
       }
-      state.count_outcome(limited, change);
-      (state.keys[index].figures(now), change, limited)
-    })?;
-    if let Some(limit) = limited {
-      self.log_rate_limit(index, limit, change);
+      Ok((state.figures(index, now), change, rested, notes))
+    })??;
+    if let Some(rested) = rested {
+      self.log_rest(&rested);
     } else {
       self.log_change(index, change, &figures);
     }
+    self.log_notes(index, notes);
     Ok(figures)
   }
 
-  /// `handleRateLimit`: the upstream answered 429 for this window. The key rests until the window
-  /// frees (or for `retry_after_ms`, when the upstream said); it is not counted against the key.
+  /// `handleRateLimit`: the upstream answered 429 for this window of `model` (the default one
+  /// when `None`). The key's project budget rests: until the daily reset for RPD, else until the
+  /// window frees or `retry_after_ms` has passed, whichever is later. It is not counted against
+  /// the key.
   pub fn handle_rate_limit(
     &self,
     index: usize,
     limit_type: LimitType,
     retry_after_ms: Option<Millis>,
+    model: Option<ModelId>,
   ) -> Result<KeyFigures, PoolError> {
-    let span = self.policy.span_ms;
     let ttl = self.policy.reservation_ttl_ms;
-    let (figures, change) = self.with_key(index, |state, now| {
-      let key = &mut state.keys[index];
-      // A 429 the router answered, or already read from Gemini: no rest of the key for it.
-      if key.routed.take_rate_limit(now, ttl) {
-        return (key.figures(now), None);
+    let policy = self.policy;
+    let what = match limit_type {
+      LimitType::Rpd => Exhausted::PerDay,
+      limit => Exhausted::PerMinute(limit),
+    };
+    let (figures, rested) = self.with_key(index, |state, now| {
+      let model = model.unwrap_or(DEFAULT_MODEL_ID);
+      state.check_model(model)?;
+      // A 429 the router answered, or already read from Gemini: no rest for it.
+      if state.keys[index].routed.take_rate_limit(now, ttl) {
+        return Ok((state.figures(index, now), None));
       }
       state.touch(index);
-      let key = &mut state.keys[index];
-      key.record_error(
+      state.keys[index].record_error(
         format!("Rate limit exceeded ({})", limit_type.as_str()),
         now,
       );
-      key.rested_for = Some(limit_type);
-      let until = rest_until(key, now, Some(limit_type), retry_after_ms, span);
-      let change = key.health.on_rate_limited(now, until);
-      state.cache.invalidate();
-      state.count_outcome(Some(limit_type), change);
-      (state.keys[index].figures(now), Some(change))
-    })?;
-    if let Some(change) = change {
-      self.log_rate_limit(index, limit_type, change);
+      let budget = state.budget_of(index, model);
+      state.touch_budget(budget);
+      let rest = state.budgets.get_mut(budget).on_rate_limited(
+        now,
+        what,
+        retry_after_ms,
+        &policy,
+        MAX_REST_MS,
+      );
+      state.invalidate_caches();
+      state.counters.rate_limits[limit_type as usize] += 1;
+      if rest.is_some() {
+        state.counters.error_rotations += 1;
+      }
+      let rested = Rested {
+        index,
+        limit: limit_type,
+        rest: rest.unwrap_or_else(|| state.budgets.get(budget).rest(now)),
+        budget,
+      };
+      Ok((state.figures(index, now), Some(rested)))
+    })??;
+    if let Some(rested) = rested {
+      self.log_rest(&rested);
     }
     Ok(figures)
   }
 
-  fn log_rate_limit(&self, index: usize, limit: LimitType, change: HealthChange) {
-    let rest = match change {
-      HealthChange::Rested { until } => format!(" (resting for {})", seconds(until - self.now())),
+  /// The old service's line (`⚠️ Rate limit hit for RPM on API key abc12345...`), with how long
+  /// and, beyond the key's own project and the default model, for which budget.
+  fn log_rest(&self, r: &Rested) {
+    let (project, model, no_quota) = {
+      let state = self.state.lock();
+      let b = state.budgets.get(r.budget);
+      let project = match state.budgets.name(b.project) {
+        ProjectName::Named(name) => Some(name.clone()),
+        ProjectName::OwnOf(_) => None,
+      };
+      let model = (b.model != DEFAULT_MODEL_ID).then(|| state.models.get(b.model).name.clone());
+      (project, model, r.rest == Rest::NoQuota)
+    };
+    let key = self.masked(r.index);
+    let mut whose = String::new();
+    if let Some(p) = &project {
+      whose.push_str(&format!("; project {p}"));
+    }
+    if let Some(m) = &model {
+      whose.push_str(&format!("; model {m}"));
+    }
+    if no_quota {
+      let model = model.unwrap_or_else(|| self.model_name(DEFAULT_MODEL_ID));
+      self.log.warn(&format!(
+        "⚠️ No quota for {model} on API key {key}'s tier (quotaValue 0{whose}): its project is not used for that model until a key of it is reactivated"
+      ));
+      return;
+    }
+    let rest = match r.rest {
+      Rest::Until { until, .. } => format!(" (resting for {}{whose})", seconds(until - self.now())),
       _ => String::new(),
     };
     self.log.warn(&format!(
-      "⚠️ Rate limit hit for {} on API key {}{rest}",
-      limit.as_str(),
-      self.masked(index)
+      "⚠️ Rate limit hit for {} on API key {key}{rest}",
+      r.limit.as_str()
     ));
   }
 
@@ -853,114 +1207,205 @@ impl KeyPool {
     }
   }
 
-  /// Back in service with a clean record.
+  /// Back in service with a clean record; its project's budgets without quota ("quotaValue 0")
+  /// are tried again.
   pub fn reactivate(&self, index: usize) -> Result<KeyFigures, PoolError> {
     self.with_live_key(index, |state, now| {
       state.touch(index);
       let key = &mut state.keys[index];
       key.health.reactivate();
       key.error_count = 0;
-      state.cache.invalidate();
-      state.keys[index].figures(now)
+      let project = key.project;
+      let budgets: Vec<BudgetId> = state.budgets.of_project(project).to_vec();
+      for b in budgets {
+        if state.budgets.get(b).rest(now) == Rest::NoQuota {
+          state.budgets.get_mut(b).end_rest();
+          state.touch_budget(b);
+        }
+      }
+      state.invalidate_caches();
+      state.figures(index, now)
     })
   }
 
-  /// Fresh windows for every key, and the end of every rate-limit rest (open circuits and
+  /// Fresh windows for every budget, and the end of every rate-limit rest (open circuits and
   /// deactivations stand: they are about failures, not quota).
   pub fn reset_all_limits(&self) -> Result<(), PoolError> {
     self.with_state(|state, now| {
       for key in &mut state.keys {
-        key.clear_windows(now);
-        key.health.end_rest(now);
+        key.forget_reservations(now);
+      }
+      for budget in state.budgets.iter_mut() {
+        budget.clear_windows(now);
+        budget.end_rest();
       }
       state.touch_all();
-      state.cache.invalidate();
+      state.invalidate_caches();
     })
   }
 
-  /// Rebuilds the selection cache now; returns how many keys are available.
+  /// Rebuilds the default model's selection cache now (every other model's at its next pick);
+  /// returns how many keys are available for the default model.
   pub fn refresh_cache(&self) -> Result<usize, PoolError> {
     let ttl = self.policy.reservation_ttl_ms;
     let available = self.with_state(|state, now| {
-      state.cache.invalidate();
-      state.expire_before_rebuild(now, ttl);
-      state.cache.rebuild(&state.keys, now)
+      state.invalidate_caches();
+      state.expire_before_rebuild(DEFAULT_MODEL_ID, now, ttl);
+      let candidates = Candidates {
+        keys: &state.keys,
+        budgets: &state.budgets,
+        model: DEFAULT_MODEL_ID,
+        overload: &state.models.get(DEFAULT_MODEL_ID).overload,
+      };
+      state.caches[DEFAULT_MODEL_ID].rebuild(candidates, now)
     })?;
     self.log.info("✅ Cache refreshed successfully");
     Ok(available)
   }
 
-  /// When a key could next be handed out for a request of `estimated_tokens`: "not yet, until T"
-  /// for callers that would rather wait than fail. `None` when no key will be by itself (every key
-  /// is deactivated, or a half-open key's trial is still out). Costs O(keys): for the failure path.
-  pub fn next_available_at(&self, estimated_tokens: u64) -> Result<Option<Millis>, PoolError> {
+  /// When a key could next be handed out for a request of `estimated_tokens` to `model`: "not
+  /// yet, until T" for callers that would rather wait than fail. `None` when no key will be by
+  /// itself (every key is deactivated or out of service, no budget has quota for the model, or a
+  /// half-open key's trial is still out). Costs O(keys): for the failure path.
+  pub fn next_available_at(
+    &self,
+    estimated_tokens: u64,
+    model: ModelId,
+  ) -> Result<Option<Millis>, PoolError> {
     self.with_state(|state, now| {
-      state
-        .keys
-        .iter()
-        .filter_map(|key| {
-          // A request larger than the key's whole TPM never fits, however long one waits; a key
-          // out of service comes back only when an operator says so.
-          if estimated_tokens > key.quota.tpm || key.admission != Admission::Enabled {
-            return None;
-          }
-          let mut at = match key.health.state(now) {
-            HealthState::Deactivated | HealthState::HalfOpen { trial_out: true } => return None,
-            state => state.until().unwrap_or(now),
-          };
-          for limit in LimitType::ALL {
-            let wanted = if limit == LimitType::Tpm {
-              estimated_tokens.max(1)
-            } else {
-              1
-            };
-            if key.current(limit, now).saturating_add(wanted) > key.limit(limit) {
-              at = at.max(key.frees_at(limit, now));
+      state.check_model(model)?;
+      // While the model's probe is out, it answers when the probe does: look again in a moment.
+      let model_at = state
+        .models
+        .get(model)
+        .overload
+        .available_at(now)
+        .unwrap_or(now + 1_000);
+      Ok(
+        (0..state.keys.len())
+          .filter_map(|index| {
+            let key = &state.keys[index];
+            let budget = state.budgets.get(state.budget_of(index, model));
+            // A request larger than the budget's whole TPM never fits, however long one waits; a
+            // key out of service comes back only when an operator says so.
+            if estimated_tokens > budget.quota.tpm || key.admission != Admission::Enabled {
+              return None;
             }
-          }
-          if let Some(shared) = &key.shared {
-            let recent = key.rpm.current(now);
-            at = at.max(shared.available_at(now, recent, key.rpm.frees_at(now)));
-          }
-          Some(at)
-        })
-        .min()
-    })
+            let mut at = match key.health.state(now) {
+              HealthState::Deactivated | HealthState::HalfOpen { trial_out: true } => return None,
+              state => state.until().unwrap_or(now),
+            };
+            match budget.rest(now) {
+              Rest::NoQuota => return None,
+              Rest::Until { until, .. } => at = at.max(until),
+              Rest::Clear => {}
+            }
+            for limit in LimitType::ALL {
+              let wanted = if limit == LimitType::Tpm {
+                estimated_tokens.max(1)
+              } else {
+                1
+              };
+              if budget.current(limit, now).saturating_add(wanted) > budget.limit(limit) {
+                at = at.max(budget.frees_at(limit, now));
+              }
+            }
+            if let Some(shared) = &budget.shared {
+              let recent = budget.rpm.current(now);
+              at = at.max(shared.available_at(now, recent, budget.rpm.frees_at(now)));
+            }
+            Some(at.max(model_at))
+          })
+          .min(),
+      )
+    })?
   }
 
   pub fn figures(&self, index: usize) -> Result<KeyFigures, PoolError> {
-    self.with_key(index, |state, now| state.keys[index].figures(now))
+    self.with_key(index, |state, now| state.figures(index, now))
   }
 
   pub fn last_error(&self, index: usize) -> Result<Option<String>, PoolError> {
     self.with_key(index, |state, _| state.keys[index].last_error.clone())
   }
 
+  fn status_of(state: &PoolState, index: usize, now: Millis) -> KeyStatus {
+    let budget = state.budgets.get(state.budget_of(index, DEFAULT_MODEL_ID));
+    state.keys[index].status(budget, now)
+  }
+
   /// Every key ever in the pool, removed ones too, by position.
   pub fn every_status(&self) -> Result<Vec<KeyStatus>, PoolError> {
-    self.with_state(|state, now| state.keys.iter().map(|k| k.status(now)).collect())
+    self.with_state(|state, now| {
+      (0..state.keys.len())
+        .map(|i| Self::status_of(state, i, now))
+        .collect()
+    })
   }
 
   /// Every key in the pool (not removed), in position order.
   pub fn statuses(&self) -> Result<Vec<KeyStatus>, PoolError> {
     self.with_state(|state, now| {
-      state
-        .keys
-        .iter()
-        .filter(|k| k.admission != Admission::Removed)
-        .map(|k| k.status(now))
+      (0..state.keys.len())
+        .filter(|&i| state.keys[i].admission != Admission::Removed)
+        .map(|i| Self::status_of(state, i, now))
         .collect()
     })
   }
 
-  pub fn rate_limit_info(&self, index: usize) -> Result<[RateLimitInfo; 3], PoolError> {
-    self.with_live_key(index, |state, now| state.keys[index].rate_limit_info(now))
+  /// The windows of key `index`'s project for `model` (the default one when `None`).
+  pub fn rate_limit_info(
+    &self,
+    index: usize,
+    model: Option<ModelId>,
+  ) -> Result<[RateLimitInfo; 3], PoolError> {
+    self.with_live_key(index, |state, now| {
+      let model = model.unwrap_or(DEFAULT_MODEL_ID);
+      state.check_model(model)?;
+      Ok(rate_limit_info(
+        state.budgets.get(state.budget_of(index, model)),
+        now,
+      ))
+    })?
   }
 
-  /// The round-robin position and when a key was last handed out by rotation: the rest of the
-  /// SPEC's `ApiKeyManager`.
+  /// Key `index`'s project (`None`: its own, not known) and its budget of every model met.
+  pub fn budgets_of(&self, index: usize) -> Result<(Option<String>, Vec<BudgetView>), PoolError> {
+    self.with_key(index, |state, now| {
+      let project = state.keys[index].project;
+      let name = match state.budgets.name(project) {
+        ProjectName::Named(name) => Some(name.clone()),
+        ProjectName::OwnOf(_) => None,
+      };
+      let views = state
+        .budgets
+        .of_project(project)
+        .iter()
+        .map(|&b| Self::budget_view(state, b, now))
+        .collect();
+      (name, views)
+    })
+  }
+
+  fn budget_view(state: &PoolState, b: BudgetId, now: Millis) -> BudgetView {
+    let budget = state.budgets.get(b);
+    let model = state.models.get(budget.model);
+    BudgetView {
+      project: match state.budgets.name(budget.project) {
+        ProjectName::Named(name) => Some(name.clone()),
+        ProjectName::OwnOf(_) => None,
+      },
+      model: model.name.clone(),
+      figures: budget.figures(now),
+      availability_score: budget.score(now),
+      overloaded_until: model.overload.backing_off_until(now),
+    }
+  }
+
+  /// The round-robin position (of the default model) and when a key was last handed out by
+  /// rotation: the rest of the SPEC's `ApiKeyManager`.
   pub fn rotation_state(&self) -> Result<(usize, Millis), PoolError> {
-    self.with_state(|state, _| (state.cache.cursor(), state.last_rotation))
+    self.with_state(|state, _| (state.caches[DEFAULT_MODEL_ID].cursor(), state.last_rotation))
   }
 
   /// Starts queueing recorded calls for storage (see [`UsageLog::new`]); calls recorded before
@@ -994,8 +1439,9 @@ impl KeyPool {
     }
   }
 
-  /// The keys changed since the last export, as stored records; their change flags are cleared.
-  /// Works on a closed pool, so that closing can flush.
+  /// The keys changed since the last export, as stored records (their windows those of their
+  /// project's budget of the default model); their change flags are cleared. Works on a closed
+  /// pool, so that closing can flush.
   pub fn export_dirty(&self) -> Vec<KeyRecord> {
     let now = self.clock.now_ms();
     let mut state = self.state.lock();
@@ -1003,7 +1449,12 @@ impl KeyPool {
     let records = state
       .dirty_keys
       .iter()
-      .map(|&i| state.keys[i].to_record(now))
+      .map(|&i| {
+        let budget = state
+          .budgets
+          .get(state.budgets.of(state.keys[i].project, DEFAULT_MODEL_ID));
+        state.keys[i].to_record(budget, now)
+      })
       .collect();
     for i in state.dirty_keys.drain(..) {
       state.dirty[i] = false;
@@ -1023,19 +1474,21 @@ impl KeyPool {
     }
   }
 
-  /// Flags every key as changed, so the next export writes the whole pool.
+  /// Flags every key and budget as changed, so the next export writes the whole pool.
   pub fn mark_all_dirty(&self) {
     self.state.lock().touch_all();
   }
 
   /// Merges stored records into the pool (see [`KeyState::merge_record`]): counters of open
-  /// windows become the larger of the two sides; health and errors come from the record unless
-  /// the key changed here since its last export. A record names its key by the key or by its
-  /// stored name; records of keys not in the pool are ignored. Returns how many were merged.
+  /// windows become the larger of the two sides (the record's windows are its project's budget
+  /// of the default model); health and errors come from the record unless the key changed here
+  /// since its last export. A record names its key by the key or by its stored name; records of
+  /// keys not in the pool are ignored. Returns how many were merged.
   pub fn import(&self, records: &[KeyRecord]) -> usize {
     let now = self.clock.now_ms();
     let names = self.names();
     let mut state = self.state.lock();
+    let state = &mut *state;
     let mut merged = 0;
     for r in records {
       if let Some(i) = names.resolve(&r.api_key) {
@@ -1046,19 +1499,20 @@ impl KeyPool {
           last_error: r.last_error.as_deref().map(|e| scrub(e, names.keys())),
           ..r.clone()
         };
-        state.keys[i].merge_record(&record, now, local_wins);
+        let b = state.budgets.of(state.keys[i].project, DEFAULT_MODEL_ID);
+        state.keys[i].merge_record(&record, state.budgets.get_mut(b), now, local_wins);
         merged += 1;
       }
     }
     if merged > 0 {
-      state.cache.invalidate();
+      state.invalidate_caches();
     }
     merged
   }
 
-  /// From now on, hands out a key only within what this process leased of its shared quota (see
-  /// `share`): until the first leases arrive no key is available. Returns what the pool notifies
-  /// when a lease runs low; a second call returns the same and changes nothing else.
+  /// From now on, hands out a key only within what this process leased of its budgets' shared
+  /// quota (see `share`): until the first leases arrive no key is available. Returns what the
+  /// pool notifies when a lease runs low; a second call returns the same and changes nothing else.
   pub fn share_quota(&self) -> Arc<Notify> {
     let mut state = self.state.lock();
     if let Some(wake) = &state.lease_wake {
@@ -1066,27 +1520,56 @@ impl KeyPool {
     }
     let wake = Arc::new(Notify::new());
     state.lease_wake = Some(wake.clone());
-    for key in &mut state.keys {
-      key.shared = Some(Box::default());
-    }
-    state.cache.invalidate();
+    state.budgets.share();
+    state.invalidate_caches();
     wake
   }
 
-  /// What the leasing task should ask the store for now, per key and window. Deactivated keys need
-  /// nothing. Every need returned must be answered with [`Self::leases_granted`].
-  pub fn lease_needs(&self) -> Vec<(usize, SharedWindow, LeaseNeed)> {
+  /// What names budget `b` in the store's leases, the same in every process: for a key's own
+  /// project and the default model the key itself (as the leases of one key have always been
+  /// named), else the project (or the key) and the model. The store keeps it in its naming (a
+  /// digest or a fingerprint), never as it is.
+  pub fn lease_subject(&self, b: BudgetId) -> Option<String> {
+    let names = self.names();
+    let state = self.state.lock();
+    if b >= state.budgets.len() {
+      return None;
+    }
+    let budget = state.budgets.get(b);
+    let model = &state.models.get(budget.model).name;
+    match state.budgets.name(budget.project) {
+      ProjectName::OwnOf(i) if budget.model == DEFAULT_MODEL_ID => names.get(*i).map(str::to_owned),
+      ProjectName::OwnOf(i) => names.get(*i).map(|k| format!("{k}/{model}")),
+      ProjectName::Named(p) => Some(format!("project:{p}/{model}")),
+    }
+  }
+
+  /// Whether anything of budget `b` is used: a budget no key in service draws on holds nothing of
+  /// a quota others could use.
+  fn budget_in_use(state: &PoolState, b: BudgetId) -> bool {
+    let project = state.budgets.get(b).project;
+    state.keys.iter().any(|k| {
+      k.project == project && k.admission == Admission::Enabled && !k.health.is_deactivated()
+    })
+  }
+
+  /// What the leasing task should ask the store for now, per budget and window. Budgets no key in
+  /// service draws on need nothing. Every need returned must be answered with
+  /// [`Self::leases_granted`].
+  pub fn lease_needs(&self) -> Vec<(BudgetId, SharedWindow, LeaseNeed)> {
     let (span, daily) = (self.policy.span_ms, self.policy.daily_reset);
     let mut state = self.state.lock();
     let now = state.last_now.max(self.clock.now_ms());
+    let in_use: Vec<bool> = (0..state.budgets.len())
+      .map(|b| Self::budget_in_use(&state, b))
+      .collect();
     let mut needs = Vec::new();
-    for (index, key) in state.keys.iter_mut().enumerate() {
-      // Keys out of service hold nothing of the budget others could use.
-      if key.health.is_deactivated() || key.admission != Admission::Enabled {
+    for (b, budget) in state.budgets.iter_mut().enumerate() {
+      if !in_use[b] {
         continue;
       }
-      let limits = [key.quota.rpm, key.quota.rpd];
-      let Some(shared) = key.shared.as_deref_mut() else {
+      let limits = [budget.quota.rpm, budget.quota.rpd];
+      let Some(shared) = budget.shared.as_deref_mut() else {
         continue;
       };
       for (window, limit) in SharedWindow::ALL.into_iter().zip(limits) {
@@ -1094,7 +1577,7 @@ impl KeyPool {
           .allowance_mut(window)
           .need(window, now, limit, span, daily)
         {
-          needs.push((index, window, need));
+          needs.push((b, window, need));
         }
       }
     }
@@ -1102,18 +1585,19 @@ impl KeyPool {
   }
 
   /// Applies the store's answers to [`Self::lease_needs`]: how much each got, or `None` when the
-  /// store could not be asked. A key that could not serve before and can now is made visible to
+  /// store could not be asked. A budget that could not serve before and can now is made visible to
   /// selection at once.
-  pub fn leases_granted(&self, answers: &[(usize, SharedWindow, LeaseNeed, Option<Answer>)]) {
+  pub fn leases_granted(&self, answers: &[(BudgetId, SharedWindow, LeaseNeed, Option<Answer>)]) {
     let mut state = self.state.lock();
     let now = state.last_now.max(self.clock.now_ms());
     let mut newly_available = false;
-    for (index, window, need, answer) in answers {
-      let Some(key) = state.keys.get_mut(*index) else {
+    for (b, window, need, answer) in answers {
+      if *b >= state.budgets.len() {
         continue;
-      };
-      let recent = key.rpm.current(now);
-      let Some(shared) = key.shared.as_deref_mut() else {
+      }
+      let budget = state.budgets.get_mut(*b);
+      let recent = budget.rpm.current(now);
+      let Some(shared) = budget.shared.as_deref_mut() else {
         continue;
       };
       let could = shared.can_serve(now, recent);
@@ -1121,21 +1605,21 @@ impl KeyPool {
       newly_available |= !could && shared.can_serve(now, recent);
     }
     if newly_available {
-      state.cache.invalidate();
+      state.invalidate_caches();
     }
   }
 
-  /// While the store cannot be reached: every key serves `1 / peers` of each shared limit in the
-  /// windows it holds no good lease for (see [`crate::share::Allowance::grant_locally`]).
+  /// While the store cannot be reached: every budget serves `1 / peers` of each shared limit in
+  /// the windows it holds no good lease for (see [`crate::share::Allowance::grant_locally`]).
   pub fn grant_locally(&self, peers: usize) {
     let (span, daily) = (self.policy.span_ms, self.policy.daily_reset);
     let peers = peers.max(1) as u64;
     let mut state = self.state.lock();
     let now = state.last_now.max(self.clock.now_ms());
     let mut granted = false;
-    for key in &mut state.keys {
-      let limits = [key.quota.rpm, key.quota.rpd];
-      let Some(shared) = key.shared.as_deref_mut() else {
+    for budget in state.budgets.iter_mut() {
+      let limits = [budget.quota.rpm, budget.quota.rpd];
+      let Some(shared) = budget.shared.as_deref_mut() else {
         continue;
       };
       for (window, limit) in SharedWindow::ALL.into_iter().zip(limits) {
@@ -1146,18 +1630,18 @@ impl KeyPool {
       }
     }
     if granted {
-      state.cache.invalidate();
+      state.invalidate_caches();
     }
   }
 
-  /// Per key and window, what is held and not served in windows still open, and what was served
-  /// and not yet reported: what to give back and report when the process leaves.
-  pub fn unused_leases(&self) -> Vec<(usize, SharedWindow, Occurrence, u64, u64)> {
+  /// Per budget and window, what is held and not served in windows still open, and what was
+  /// served and not yet reported: what to give back and report when the process leaves.
+  pub fn unused_leases(&self) -> Vec<(BudgetId, SharedWindow, Occurrence, u64, u64)> {
     let state = self.state.lock();
     let now = state.last_now.max(self.clock.now_ms());
     let mut unused = Vec::new();
-    for (index, key) in state.keys.iter().enumerate() {
-      let Some(shared) = key.shared.as_deref() else {
+    for (b, budget) in state.budgets.iter() {
+      let Some(shared) = budget.shared.as_deref() else {
         continue;
       };
       for (window, allowance) in [
@@ -1167,7 +1651,7 @@ impl KeyPool {
         unused.extend(
           allowance
             .unused(now)
-            .map(|(occurrence, left, spent)| (index, window, occurrence, left, spent)),
+            .map(|(occurrence, left, spent)| (b, window, occurrence, left, spent)),
         );
       }
     }
@@ -1197,17 +1681,30 @@ impl KeyPool {
     })
   }
 
-  /// The counters and every key's figures, at one instant; keys masked.
+  /// The counters, every key's figures (with its project's budget of the default model) and every
+  /// budget in use, at one instant; keys masked.
   pub fn metrics(&self) -> Result<MetricsSnapshot, PoolError> {
-    let (counters, figures) = self.with_state(|state, now| {
-      let figures: Vec<_> = state
-        .keys
-        .iter()
-        .enumerate()
-        .filter(|(_, k)| k.admission != Admission::Removed)
-        .map(|(i, k)| (i, k.figures(now), availability_score(k, now)))
+    let (counters, figures, budgets) = self.with_state(|state, now| {
+      let figures: Vec<_> = (0..state.keys.len())
+        .filter(|&i| state.keys[i].admission != Admission::Removed)
+        .map(|i| {
+          let budget = state.budgets.get(state.budget_of(i, DEFAULT_MODEL_ID));
+          (i, state.keys[i].figures(budget, now), budget.score(now))
+        })
         .collect();
-      (state.counters, figures)
+      let budgets: Vec<(BudgetView, Option<usize>)> = state
+        .budgets
+        .iter()
+        .filter(|(b, _)| Self::budget_in_use(state, *b))
+        .map(|(b, budget)| {
+          let own = match state.budgets.name(budget.project) {
+            ProjectName::OwnOf(i) => Some(*i),
+            ProjectName::Named(_) => None,
+          };
+          (Self::budget_view(state, b, now), own)
+        })
+        .collect();
+      (state.counters, figures, budgets)
     })?;
     // Masked after the lock is released.
     let names = self.names();
@@ -1221,7 +1718,27 @@ impl KeyPool {
         windows: [f.rpm, f.rpd, f.tpm],
       })
       .collect();
-    Ok(MetricsSnapshot { counters, keys })
+    let budgets = budgets
+      .into_iter()
+      .map(|(view, own)| BudgetMetrics {
+        // A key's own project is named by its masked key.
+        project: view.project.clone().unwrap_or_else(|| {
+          own
+            .and_then(|i| names.get(i))
+            .map(|k| format!("key:{}", mask_key(k)))
+            .unwrap_or_default()
+        }),
+        model: view.model.clone(),
+        state: budget_state(&view),
+        availability_score: view.availability_score,
+        windows: [view.figures.rpm, view.figures.rpd, view.figures.tpm],
+      })
+      .collect();
+    Ok(MetricsSnapshot {
+      counters,
+      keys,
+      budgets,
+    })
   }
 
   /// Where usage statistics read the stored usage from: set while MongoDB is connected.
@@ -1239,6 +1756,16 @@ impl KeyPool {
   }
 }
 
+/// A budget's state as listings name it: `active`, `resting` (a 429), `no-quota`, or `overloaded`
+/// (its model backing off).
+pub fn budget_state(view: &BudgetView) -> &'static str {
+  match view.figures.rest {
+    Rest::NoQuota => "no-quota",
+    Rest::Until { .. } => "resting",
+    Rest::Clear if view.overloaded_until.is_some() => "overloaded",
+    Rest::Clear => "active",
+  }
+}
 #[cfg(test)]
 mod tests {
   use super::*;
@@ -1257,14 +1784,225 @@ mod tests {
   fn pool_with(keys: &[&str], quota: Quota) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
     let clock = FakeClock::at(T0);
     let log = Arc::new(CapturedLog::default());
-    let config = PoolConfig {
-      keys: keys.iter().map(|k| k.to_string()).collect(),
-      quota,
-      policy: WindowPolicy::default(),
-      warnings: vec![],
-    };
+    let config = PoolConfig::of(keys.iter().map(|k| k.to_string()).collect(), quota);
     let pool = KeyPool::new(config, Arc::new(clock.clone()), log.clone()).unwrap();
     (pool, clock, log)
+  }
+
+  /// A pool whose key `i` is in project `projects[i]` (its own when `None`).
+  fn in_projects(
+    projects: &[Option<&str>],
+    quota: Quota,
+  ) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
+    let clock = FakeClock::at(T0);
+    let log = Arc::new(CapturedLog::default());
+    let mut config = PoolConfig::of(names(projects.len()), quota);
+    for (spec, project) in config.keys.iter_mut().zip(projects) {
+      spec.project = project.map(str::to_owned);
+    }
+    let pool = KeyPool::new(config, Arc::new(clock.clone()), log.clone()).unwrap();
+    (pool, clock, log)
+  }
+
+  const TWO_A_MINUTE: Quota = Quota {
+    rpm: 2,
+    rpd: 100,
+    tpm: 1_000_000,
+  };
+
+  /// Google's 429 for a spent day, with the short delay it sends along.
+  const PER_DAY_429: &str = r#"429 {"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaValue":"100"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"18s"}]}}"#;
+  const NO_QUOTA_429: &str = r#"429 {"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaValue":"0"}]}]}}"#;
+  const OVERLOADED: &str = r#"503 {"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#;
+
+  fn handed(p: &KeyPool, model: ModelId) -> Result<usize, PoolError> {
+    p.best(RESERVE, model).map(|picked| picked.pick.index)
+  }
+
+  #[test]
+  fn the_keys_of_a_project_share_its_budget_and_picks_spread_over_projects() {
+    let (p, _, _) = in_projects(
+      &[Some("1001"), Some("1001"), Some("1002"), Some("1002")],
+      TWO_A_MINUTE,
+    );
+    let picks: Vec<usize> = (0..4).map(|_| handed(&p, 0).unwrap()).collect();
+    let project = |i: usize| if i < 2 { "1001" } else { "1002" };
+    assert_ne!(
+      project(picks[0]),
+      project(picks[1]),
+      "one project after the other"
+    );
+    // Two a minute per project, not per key: four in all, whatever the number of keys.
+    assert_eq!(handed(&p, 0), Err(PoolError::NoActiveKeys));
+    let f = p.figures(1).unwrap();
+    assert_eq!(f.rpm.current, 2, "a key shows its project's count");
+  }
+
+  #[test]
+  fn each_model_has_budgets_of_its_own_with_its_own_limits() {
+    let (p, _, log) = pool_with(&["AIzaSyTESTKEY0000abcdefghijkl"], TWO_A_MINUTE);
+    let flash = p.model_id("gemini-2.0-flash").unwrap();
+    assert_eq!(p.model_id("models/gemini-2.0-flash").unwrap(), flash);
+    handed(&p, 0).unwrap();
+    handed(&p, 0).unwrap();
+    assert_eq!(handed(&p, 0), Err(PoolError::NoActiveKeys));
+    // The table's 15 a minute for gemini-2.0-flash, counted apart.
+    for _ in 0..15 {
+      handed(&p, flash).unwrap();
+    }
+    assert_eq!(handed(&p, flash), Err(PoolError::NoActiveKeys));
+    // A report naming the model settles its hand-out, not the default model's.
+    p.record_usage(0, 70, Outcome::Success, 1.0, Some(flash))
+      .unwrap();
+    let (_, views) = p.budgets_of(0).unwrap();
+    assert_eq!(
+      (views[1].model.as_str(), views[1].figures.tpm.current),
+      ("gemini-2.0-flash", 70)
+    );
+    assert_eq!(views[0].figures.tpm.current, 0);
+    let unknown = p.model_id("gemini-9-ultra").unwrap();
+    assert_eq!(p.next_available_at(0, unknown).unwrap(), Some(T0));
+    assert!(logged(&log)
+      .iter()
+      .any(|l| l.contains("gemini-9-ultra is not in the table")));
+    assert!(matches!(
+      p.best(RESERVE, 99),
+      Err(PoolError::InvalidModel(_))
+    ));
+  }
+
+  #[test]
+  fn a_spent_day_rests_the_project_for_that_model_until_the_reset_whatever_retry_delay_says() {
+    let (p, clock, log) = in_projects(&[Some("1001"), Some("1001"), Some("1002")], TWO_A_MINUTE);
+    let flash = p.model_id("gemini-2.0-flash").unwrap();
+    p.record_usage(0, 0, Outcome::Failure(PER_DAY_429), 1.0, Some(flash))
+      .unwrap();
+    let reset = WindowPolicy::default().daily_reset.next_reset(T0);
+    // Both keys of 1001 are out for flash; 1002 and the default model are not.
+    for _ in 0..3 {
+      assert_eq!(handed(&p, flash).unwrap(), 2);
+    }
+    assert_eq!(
+      p.rate_limit_info(1, Some(flash)).unwrap()[1].reset_time,
+      reset
+    );
+    assert_eq!(
+      p.rate_limit_info(1, Some(flash)).unwrap()[1].current,
+      100,
+      "the day counted full"
+    );
+    assert!(
+      p.rate_limit_info(0, None)
+        .unwrap()
+        .iter()
+        .all(|i| !i.is_limited),
+      "the default model is another budget"
+    );
+    clock.advance(18_000);
+    assert_eq!(
+      p.rate_limit_info(0, Some(flash)).unwrap()[1].reset_time,
+      reset,
+      "not 18 s"
+    );
+    assert!(logged(&log)[0]
+      .starts_with("⚠️ Rate limit hit for RPD on API key AIzaSyTE...ijkl (resting for"));
+    assert!(logged(&log)[0].contains("project 1001; model gemini-2.0-flash"));
+    clock.set(reset);
+    assert!(p.best(RESERVE, flash).is_ok());
+  }
+
+  #[test]
+  fn a_tier_without_quota_for_a_model_is_not_used_for_it_until_reactivated() {
+    let (p, _, log) = in_projects(&[Some("1001"), Some("1002")], TWO_A_MINUTE);
+    let pro = p.model_id("gemini-2.5-pro").unwrap();
+    p.record_usage(0, 0, Outcome::Failure(NO_QUOTA_429), 1.0, Some(pro))
+      .unwrap();
+    p.record_usage(0, 0, Outcome::Failure(NO_QUOTA_429), 1.0, Some(pro))
+      .unwrap();
+    let said: Vec<String> = logged(&log)
+      .into_iter()
+      .filter(|l| l.contains("No quota"))
+      .collect();
+    assert_eq!(said.len(), 1, "said once: {said:?}");
+    assert!(said[0].contains("gemini-2.5-pro"), "{}", said[0]);
+    for _ in 0..3 {
+      assert_eq!(handed(&p, pro).unwrap(), 1);
+    }
+    assert_eq!(p.budgets_of(0).unwrap().1[pro].figures.rest, Rest::NoQuota);
+    // The default model is another budget.
+    assert!(p
+      .rate_limit_info(0, None)
+      .unwrap()
+      .iter()
+      .all(|i| !i.is_limited));
+    p.reactivate(0).unwrap();
+    assert_eq!(p.budgets_of(0).unwrap().1[pro].figures.rest, Rest::Clear);
+  }
+
+  #[test]
+  fn an_overload_backs_the_model_off_not_the_keys_and_one_probe_brings_it_back() {
+    let (p, clock, log) = pool(3);
+    let flash = p.model_id("gemini-2.0-flash").unwrap();
+    // Three calls out when the overload begins: all fail with it; one back-off.
+    let out: Vec<usize> = (0..3).map(|_| handed(&p, flash).unwrap()).collect();
+    for &i in &out {
+      p.record_usage(i, 0, Outcome::Failure(OVERLOADED), 1.0, Some(flash))
+        .unwrap();
+    }
+    assert_eq!(
+      logged(&log)
+        .iter()
+        .filter(|l| l.contains("overloaded"))
+        .count(),
+      1
+    );
+    assert_eq!(handed(&p, flash), Err(PoolError::NoActiveKeys));
+    let back = p.next_available_at(0, flash).unwrap().unwrap();
+    assert!((T0 + 750..=T0 + 1_250).contains(&back), "{}", back - T0);
+    // The keys are fine: other models are served, no circuit opened, nothing deactivated.
+    assert!(handed(&p, 0).is_ok());
+    assert!((0..3).all(|i| p.figures(i).unwrap().state == HealthState::Active));
+    clock.set(back);
+    let probe = handed(&p, flash).unwrap();
+    assert_eq!(
+      handed(&p, flash),
+      Err(PoolError::NoActiveKeys),
+      "one probe at a time"
+    );
+    p.record_usage(probe, 10, Outcome::Success, 1.0, Some(flash))
+      .unwrap();
+    assert!(handed(&p, flash).is_ok() && handed(&p, flash).is_ok());
+  }
+
+  #[test]
+  fn a_key_learns_its_project_from_geminis_error_and_its_counts_move_with_it() {
+    let (p, _, log) = in_projects(&[None, Some("777"), None], TWO_A_MINUTE);
+    // Key 0 used its own minute once; Gemini then names its project.
+    handed(&p, 0).unwrap();
+    p.record_usage(0, 0, Outcome::Success, 1.0, None).unwrap();
+    let named = r#"403 {"error":{"code":403,"status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED","metadata":{"consumer":"projects/777"}}]}}"#;
+    p.record_usage(0, 0, Outcome::Failure(named), 1.0, None)
+      .unwrap();
+    assert!(logged(&log)
+      .iter()
+      .any(|l| l.starts_with("🔎 API key AIzaSyTE...ijkl is in project 777")));
+    assert_eq!(p.budgets_of(0).unwrap().0.as_deref(), Some("777"));
+    // Project 777's minute now holds key 0's request: one left for key 1 (key 0 is refused).
+    assert_eq!(p.figures(1).unwrap().rpm.current, 1);
+    // A configured key is not moved; the mismatch is said once.
+    let other = named.replace("777", "888");
+    p.record_usage(1, 0, Outcome::Failure(&other), 1.0, None)
+      .unwrap();
+    p.record_usage(1, 0, Outcome::Failure(&other), 1.0, None)
+      .unwrap();
+    assert_eq!(p.budgets_of(1).unwrap().0.as_deref(), Some("777"));
+    assert_eq!(
+      logged(&log)
+        .iter()
+        .filter(|l| l.contains("in project 888, not in the project"))
+        .count(),
+      1
+    );
   }
 
   fn names(n: usize) -> Vec<String> {
@@ -1297,7 +2035,7 @@ mod tests {
     latency: Millis,
     tokens: u64,
   ) -> usize {
-    let key = p.route_key(asked).unwrap().unwrap();
+    let key = p.route_key(asked, 0).unwrap().unwrap();
     clock.advance(latency);
     p.finish_routed(key, tokens, Outcome::Success, latency as f64)
       .unwrap();
@@ -1307,15 +2045,15 @@ mod tests {
   #[test]
   fn a_routed_request_uses_the_callers_hand_out_once_and_counts_from_when_it_went_out() {
     let (p, clock, _) = pool(2);
-    let handed = p.best(RESERVE).unwrap().pick.index;
+    let handed = p.best(RESERVE, 0).unwrap().pick.index;
     clock.advance(3_000);
-    let first = p.route_key(Some(handed)).unwrap().unwrap();
+    let first = p.route_key(Some(handed), 0).unwrap().unwrap();
     assert_eq!(
       first.index, handed,
       "the hand-out's key, its reservation used"
     );
     // Another request with the same key and no hand-out left gets the best key, reserved anew.
-    let second = p.route_key(Some(handed)).unwrap().unwrap();
+    let second = p.route_key(Some(handed), 0).unwrap().unwrap();
     assert_ne!(second.index, handed);
     clock.advance(2_000);
     p.finish_routed(first, 40, Outcome::Success, 2_000.0)
@@ -1339,7 +2077,8 @@ mod tests {
     let index = routed(&p, &clock, Some(0), 100, 25);
     p.routed_answer(0, false);
     // The app reports the call on the key its client was built with, with its own estimate.
-    p.record_usage(0, 999, Outcome::Success, 100.0).unwrap();
+    p.record_usage(0, 999, Outcome::Success, 100.0, None)
+      .unwrap();
     let counted: u64 = (0..2).map(|i| p.figures(i).unwrap().rpm.current).sum();
     assert_eq!(counted, 1);
     assert_eq!(p.figures(index).unwrap().tpm.current, 25);
@@ -1351,15 +2090,16 @@ mod tests {
       0,
       Outcome::Failure("[429 Too Many Requests] no room"),
       3.0,
+      None,
     )
     .unwrap();
-    p.handle_rate_limit(1, LimitType::Rpm, None).unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, None, None).unwrap();
     let f = p.figures(1).unwrap();
     assert_eq!((f.state, f.error_count), (HealthState::Active, 0));
     assert!(logged(&log).iter().all(|l| !l.contains("Rate limit hit")));
     // Reports owed expire with the reservation lifetime; later ones count as before.
     clock.advance(WindowPolicy::default().reservation_ttl_ms);
-    p.record_usage(0, 5, Outcome::Success, 10.0).unwrap();
+    p.record_usage(0, 5, Outcome::Success, 10.0, None).unwrap();
     assert_eq!(p.metrics().unwrap().counters.successes, 2);
   }
 
@@ -1375,17 +2115,17 @@ mod tests {
     );
     routed(&p, &clock, None, 50, 1);
     assert_eq!(
-      p.route_key(None).unwrap(),
+      p.route_key(None, 0).unwrap(),
       Err(Some(crate::window::counted_until(MINUTE_MS, T0)))
     );
     p.admit(0, Admission::Disabled).unwrap();
-    assert_eq!(p.route_key(Some(0)).unwrap(), Err(None));
+    assert_eq!(p.route_key(Some(0), 0).unwrap(), Err(None));
   }
 
   #[test]
   fn a_429_from_gemini_on_a_routed_request_rests_its_key() {
     let (p, _, _) = pool(2);
-    let key = p.route_key(None).unwrap().unwrap();
+    let key = p.route_key(None, 0).unwrap().unwrap();
     p.finish_routed(
       key,
       0,
@@ -1397,20 +2137,20 @@ mod tests {
       p.figures(key.index).unwrap().state,
       HealthState::Resting { .. }
     ));
-    assert_ne!(p.route_key(None).unwrap().unwrap().index, key.index);
+    assert_ne!(p.route_key(None, 0).unwrap().unwrap().index, key.index);
   }
 
   #[test]
   fn best_reserves_marks_last_used_and_reports_method_and_score() {
     let (p, clock, _) = pool(2);
     clock.advance(10);
-    let a = p.best(RESERVE).unwrap();
+    let a = p.best(RESERVE, 0).unwrap();
     assert_eq!(a.pick.method, SelectionMethod::RoundRobin);
     assert_eq!(a.pick.total_available, 2);
     assert_eq!(a.figures.last_used, T0 + 10);
     assert_eq!(a.pick.score, 1.0);
     assert_eq!(a.figures.rpm.current, 1);
-    let b = p.best(RESERVE).unwrap();
+    let b = p.best(RESERVE, 0).unwrap();
     assert_eq!(b.pick.method, SelectionMethod::CachedRoundRobin);
     assert_ne!(a.pick.index, b.pick.index);
   }
@@ -1418,13 +2158,13 @@ mod tests {
   #[test]
   fn hand_out_then_record_counts_once() {
     let (p, _, _) = pool(1);
-    let picked = p.best(RESERVE).unwrap();
+    let picked = p.best(RESERVE, 0).unwrap();
     let f = p
-      .record_usage(picked.pick.index, 120, Outcome::Success, 0.0)
+      .record_usage(picked.pick.index, 120, Outcome::Success, 0.0, None)
       .unwrap();
     assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (1, 1, 120));
     // Usage for a key that was not handed out counts as before.
-    let f = p.record_usage(0, 30, Outcome::Success, 0.0).unwrap();
+    let f = p.record_usage(0, 30, Outcome::Success, 0.0, None).unwrap();
     assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (2, 2, 150));
   }
 
@@ -1440,25 +2180,25 @@ mod tests {
     );
     let mut handed = 0;
     for _ in 0..100 {
-      if p.best(RESERVE).is_ok() {
+      if p.best(RESERVE, 0).is_ok() {
         handed += 1;
       }
       clock.advance(100); // ten seconds in all: still inside one minute
     }
     assert_eq!(handed, 15);
-    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::NoActiveKeys);
+    assert_eq!(p.best(RESERVE, 0).unwrap_err(), PoolError::NoActiveKeys);
     // The rolling minute frees them (plus one slice, plus the cache's life).
     clock.advance(MINUTE_MS + CACHE_TTL_MS);
-    assert!(p.best(RESERVE).is_ok());
+    assert!(p.best(RESERVE, 0).is_ok());
   }
 
   #[test]
   fn a_clock_that_steps_back_never_leaves_a_reservation_unsettled() {
     let (p, clock, _) = pool(1);
     clock.advance(5_000);
-    p.best(RESERVE).unwrap();
+    p.best(RESERVE, 0).unwrap();
     clock.advance(-3_000);
-    let f = p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
+    let f = p.record_usage(0, 10, Outcome::Success, 0.0, None).unwrap();
     assert_eq!(f.rpm.current, 1, "settled, not counted twice");
     assert_eq!(f.last_used, T0 + 5_000);
   }
@@ -1466,7 +2206,7 @@ mod tests {
   #[test]
   fn a_huge_retry_delay_rests_at_most_a_day() {
     let (p, _, _) = pool(1);
-    p.handle_rate_limit(0, LimitType::Rpm, Some(Millis::MAX))
+    p.handle_rate_limit(0, LimitType::Rpm, Some(Millis::MAX), None)
       .unwrap();
     assert_eq!(
       p.figures(0).unwrap().state,
@@ -1485,7 +2225,8 @@ mod tests {
       "x".repeat(MAX_ERROR_CHARS - 10),
       p.names().keys()[1]
     );
-    p.record_usage(0, 0, Outcome::Failure(&error), 0.0).unwrap();
+    p.record_usage(0, 0, Outcome::Failure(&error), 0.0, None)
+      .unwrap();
     let stored = p.last_error(0).unwrap().unwrap();
     assert_eq!(stored.chars().count(), MAX_ERROR_CHARS);
     assert!(!stored.contains("TESTKEY0001"));
@@ -1517,26 +2258,29 @@ mod tests {
         tpm: 1_000_000,
       },
     );
-    assert_eq!(p.next_available_at(0).unwrap(), Some(T0));
-    p.best(RESERVE).unwrap();
+    assert_eq!(p.next_available_at(0, 0).unwrap(), Some(T0));
+    p.best(RESERVE, 0).unwrap();
     clock.advance(1_000);
-    p.best(RESERVE).unwrap();
-    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::NoActiveKeys);
+    p.best(RESERVE, 0).unwrap();
+    assert_eq!(p.best(RESERVE, 0).unwrap_err(), PoolError::NoActiveKeys);
     // The first key's request, counted in the slice at T0, frees first.
     assert_eq!(
-      p.next_available_at(0).unwrap(),
+      p.next_available_at(0, 0).unwrap(),
       Some(crate::window::counted_until(MINUTE_MS, T0))
     );
-    p.handle_rate_limit(0, LimitType::Rpm, Some(120_000))
+    p.handle_rate_limit(0, LimitType::Rpm, Some(120_000), None)
       .unwrap();
     assert_eq!(
-      p.next_available_at(0).unwrap(),
+      p.next_available_at(0, 0).unwrap(),
       Some(crate::window::counted_until(MINUTE_MS, T0 + 1_000))
     );
-    assert_eq!(p.next_available_at(1_000_001).unwrap(), None);
-    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 0.0)
+    assert_eq!(p.next_available_at(1_000_001, 0).unwrap(), None);
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 0.0, None)
       .unwrap();
-    assert_eq!(p.next_available_at(0).unwrap(), Some(T0 + 1_000 + 120_000));
+    assert_eq!(
+      p.next_available_at(0, 0).unwrap(),
+      Some(T0 + 1_000 + 120_000)
+    );
   }
 
   #[test]
@@ -1549,12 +2293,12 @@ mod tests {
         tpm: 1_000_000,
       },
     );
-    p.best(RESERVE).unwrap();
-    p.best(RESERVE).unwrap();
-    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::NoActiveKeys);
+    p.best(RESERVE, 0).unwrap();
+    p.best(RESERVE, 0).unwrap();
+    assert_eq!(p.best(RESERVE, 0).unwrap_err(), PoolError::NoActiveKeys);
     clock.advance(MINUTE_MS);
     // The daily count got both back.
-    assert_eq!(p.best(RESERVE).unwrap().figures.rpd.current, 1);
+    assert_eq!(p.best(RESERVE, 0).unwrap().figures.rpd.current, 1);
   }
 
   #[test]
@@ -1568,26 +2312,35 @@ mod tests {
       },
     );
     let a = p
-      .best(Claim::Reserve {
-        estimated_tokens: 600,
-      })
+      .best(
+        Claim::Reserve {
+          estimated_tokens: 600,
+        },
+        0,
+      )
       .unwrap();
     assert_eq!(a.figures.tpm.current, 600);
     // No room for another 600 until the first is settled with its real count.
     assert_eq!(
-      p.best(Claim::Reserve {
-        estimated_tokens: 600
-      })
+      p.best(
+        Claim::Reserve {
+          estimated_tokens: 600
+        },
+        0
+      )
       .unwrap_err(),
       PoolError::NoActiveKeys
     );
-    let f = p.record_usage(0, 150, Outcome::Success, 0.0).unwrap();
+    let f = p.record_usage(0, 150, Outcome::Success, 0.0, None).unwrap();
     assert_eq!(f.tpm.current, 150);
     p.refresh_cache().unwrap();
     assert_eq!(
-      p.best(Claim::Reserve {
-        estimated_tokens: 600
-      })
+      p.best(
+        Claim::Reserve {
+          estimated_tokens: 600
+        },
+        0
+      )
       .unwrap()
       .figures
       .tpm
@@ -1601,14 +2354,15 @@ mod tests {
     let (p, clock, log) = pool(2);
     let body = r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"17s"}]}}"#;
     for _ in 0..10 {
-      p.best(RESERVE).unwrap();
-      p.record_usage(0, 0, Outcome::Failure(body), 0.0).unwrap();
+      p.best(RESERVE, 0).unwrap();
+      p.record_usage(0, 0, Outcome::Failure(body), 0.0, None)
+        .unwrap();
     }
     let f = p.figures(0).unwrap();
     assert!(f.active);
     assert_eq!(f.state, HealthState::Resting { until: T0 + 17_000 });
     for _ in 0..3 {
-      assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
+      assert_eq!(p.best(RESERVE, 0).unwrap().pick.index, 1);
     }
     clock.advance(17_000);
     assert_eq!(p.figures(0).unwrap().state, HealthState::Active);
@@ -1618,10 +2372,10 @@ mod tests {
   #[test]
   fn handle_rate_limit_rests_until_the_window_frees_and_logs_masked() {
     let (p, clock, log) = pool(2);
-    p.best(RESERVE).unwrap();
+    p.best(RESERVE, 0).unwrap();
     clock.advance(5_000);
-    p.handle_rate_limit(0, LimitType::Rpm, None).unwrap();
-    let info = p.rate_limit_info(0).unwrap();
+    p.handle_rate_limit(0, LimitType::Rpm, None, None).unwrap();
+    let info = p.rate_limit_info(0, None).unwrap();
     assert!(info[0].is_limited);
     // The request counted at T0 leaves the rolling minute at the end of its slice, a minute and
     // a margin later.
@@ -1630,25 +2384,40 @@ mod tests {
       crate::window::counted_until(MINUTE_MS, T0)
     );
     assert_eq!(p.figures(0).unwrap().error_count, 1);
-    assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
+    assert_eq!(p.best(RESERVE, 0).unwrap().pick.index, 1);
     let lines = logged(&log);
     assert_eq!(
       lines[0],
       "⚠️ Rate limit hit for RPM on API key AIzaSyTE...ijkl (resting for 55.1s)"
     );
-    p.handle_rate_limit(1, LimitType::Rpd, Some(2_000)).unwrap();
+    // A spent day rests until the daily reset, whatever delay is said.
+    p.handle_rate_limit(1, LimitType::Rpd, Some(2_000), None)
+      .unwrap();
     assert_eq!(
       p.figures(1).unwrap().state,
-      HealthState::Resting { until: T0 + 7_000 }
+      HealthState::Resting {
+        until: WindowPolicy::default().daily_reset.next_reset(T0 + 5_000)
+      }
+    );
+    assert_eq!(
+      p.figures(1).unwrap().rpd.current,
+      200,
+      "the day counted full"
     );
   }
 
   #[test]
-  fn repeated_server_errors_open_the_circuit_and_a_trial_success_closes_it() {
+  fn repeated_failures_of_a_key_open_its_circuit_and_a_trial_success_closes_it() {
     let (p, clock, log) = pool(2);
     for _ in 0..3 {
-      p.record_usage(0, 0, Outcome::Failure("[503 Service Unavailable]"), 0.0)
-        .unwrap();
+      p.record_usage(
+        0,
+        0,
+        Outcome::Failure("request timed out after 30000 ms"),
+        0.0,
+        None,
+      )
+      .unwrap();
     }
     let f = p.figures(0).unwrap();
     assert!(f.active);
@@ -1660,19 +2429,19 @@ mod tests {
     );
     assert!(logged(&log)[0].contains("resting for 5.0s after 3 consecutive errors"));
     for _ in 0..3 {
-      assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
+      assert_eq!(p.best(RESERVE, 0).unwrap().pick.index, 1);
     }
     clock.advance(FIRST_BACKOFF_MS);
     p.refresh_cache().unwrap();
     let trial = (0..2)
-      .map(|_| p.best(RESERVE).unwrap().pick.index)
+      .map(|_| p.best(RESERVE, 0).unwrap().pick.index)
       .collect::<Vec<_>>();
     assert!(trial.contains(&0));
     assert_eq!(
       p.figures(0).unwrap().state,
       HealthState::HalfOpen { trial_out: true }
     );
-    p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
+    p.record_usage(0, 10, Outcome::Success, 0.0, None).unwrap();
     assert_eq!(p.figures(0).unwrap().state, HealthState::Active);
   }
 
@@ -1684,11 +2453,12 @@ mod tests {
       0,
       Outcome::Failure("API key not valid. [API_KEY_INVALID]"),
       0.0,
+      None,
     )
     .unwrap();
     assert!(!p.figures(0).unwrap().active);
     for _ in 0..4 {
-      assert_eq!(p.best(RESERVE).unwrap().pick.index, 1);
+      assert_eq!(p.best(RESERVE, 0).unwrap().pick.index, 1);
     }
     assert!(logged(&log)
       .iter()
@@ -1703,7 +2473,7 @@ mod tests {
   fn recorded_errors_never_hold_a_full_key() {
     let (p, _, _) = pool(2);
     let quoted = format!("403 on ?key={}", p.names().keys()[1]);
-    p.record_usage(0, 0, Outcome::Failure(&quoted), 0.0)
+    p.record_usage(0, 0, Outcome::Failure(&quoted), 0.0, None)
       .unwrap();
     assert_eq!(
       p.last_error(0).unwrap().as_deref(),
@@ -1714,8 +2484,8 @@ mod tests {
   #[test]
   fn peek_shows_the_rotation_without_spending_quota() {
     let (p, _, _) = pool(2);
-    let a = p.best(Claim::LookOnly).unwrap();
-    let b = p.rotate(Claim::LookOnly).unwrap().pick.selection;
+    let a = p.best(Claim::LookOnly, 0).unwrap();
+    let b = p.rotate(Claim::LookOnly, 0).unwrap().pick.selection;
     assert_ne!(a.pick.index, b.index);
     assert_eq!(p.figures(0).unwrap().rpm.current, 0);
     assert_eq!(p.figures(1).unwrap().rpm.current, 0);
@@ -1724,9 +2494,9 @@ mod tests {
   #[test]
   fn reset_all_limits_gives_fresh_windows_and_ends_rests() {
     let (p, clock, _) = pool(1);
-    p.best(RESERVE).unwrap();
-    p.record_usage(0, 99, Outcome::Success, 0.0).unwrap();
-    p.handle_rate_limit(0, LimitType::Rpd, None).unwrap();
+    p.best(RESERVE, 0).unwrap();
+    p.record_usage(0, 99, Outcome::Success, 0.0, None).unwrap();
+    p.handle_rate_limit(0, LimitType::Rpd, None, None).unwrap();
     clock.advance(5);
     p.reset_all_limits().unwrap();
     let f = p.figures(0).unwrap();
@@ -1745,9 +2515,9 @@ mod tests {
       },
     );
     for _ in 0..9 {
-      p.record_usage(0, 0, Outcome::Success, 0.0).unwrap();
+      p.record_usage(0, 0, Outcome::Success, 0.0, None).unwrap();
     }
-    let r = p.rotate(RESERVE).unwrap();
+    let r = p.rotate(RESERVE, 0).unwrap();
     assert_eq!(p.metrics().unwrap().counters.proactive_rotations, 1);
     assert_eq!(r.pick.reason, RotationReason::Proactive);
     assert_eq!(r.pick.selection.index, 1);
@@ -1762,9 +2532,10 @@ mod tests {
     assert_eq!(p.figures(7).unwrap_err(), PoolError::KeyNotFound);
     p.close();
     p.close();
-    assert_eq!(p.best(RESERVE).unwrap_err(), PoolError::Closed);
+    assert_eq!(p.best(RESERVE, 0).unwrap_err(), PoolError::Closed);
     assert_eq!(
-      p.record_usage(0, 1, Outcome::Success, 0.0).unwrap_err(),
+      p.record_usage(0, 1, Outcome::Success, 0.0, None)
+        .unwrap_err(),
       PoolError::Closed
     );
   }
@@ -1779,28 +2550,29 @@ mod tests {
     let k = p.names().keys().to_vec();
     assert!(exported(&p).is_empty());
     // Looking is not changing.
-    p.best(Claim::LookOnly).unwrap();
+    p.best(Claim::LookOnly, 0).unwrap();
     p.figures(1).unwrap();
     assert!(exported(&p).is_empty());
-    let picked = p.best(RESERVE).unwrap().pick.index;
+    let picked = p.best(RESERVE, 0).unwrap().pick.index;
     assert_eq!(exported(&p), vec![k[picked].clone()]);
     assert!(exported(&p).is_empty());
-    p.record_usage(2, 5, Outcome::Success, 1.0).unwrap();
-    p.record_usage(2, 5, Outcome::Failure("503"), 1.0).unwrap();
-    p.handle_rate_limit(1, LimitType::Rpm, None).unwrap();
+    p.record_usage(2, 5, Outcome::Success, 1.0, None).unwrap();
+    p.record_usage(2, 5, Outcome::Failure("socket hang up"), 1.0, None)
+      .unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, None, None).unwrap();
     assert_eq!(exported(&p), vec![k[2].clone(), k[1].clone()]);
     p.reactivate(0).unwrap();
     assert_eq!(exported(&p), vec![k[0].clone()]);
     p.reset_all_limits().unwrap();
     assert_eq!(exported(&p).len(), 3);
     // A reservation that expires changes the key's counts.
-    p.best(RESERVE).unwrap();
+    p.best(RESERVE, 0).unwrap();
     exported(&p);
     clock.advance(MINUTE_MS + CACHE_TTL_MS);
-    p.best(Claim::LookOnly).unwrap();
+    p.best(Claim::LookOnly, 0).unwrap();
     assert_eq!(exported(&p).len(), 1);
     // A failed write marks its keys again.
-    p.record_usage(0, 1, Outcome::Success, 0.0).unwrap();
+    p.record_usage(0, 1, Outcome::Success, 0.0, None).unwrap();
     let records = p.export_dirty();
     p.mark_dirty(&records);
     assert_eq!(exported(&p), vec![k[0].clone()]);
@@ -1811,15 +2583,17 @@ mod tests {
   #[test]
   fn exported_state_imports_into_a_restarted_pool() {
     let (p, clock, _) = pool(2);
-    p.record_usage(0, 400, Outcome::Success, 12.0).unwrap();
+    p.record_usage(0, 400, Outcome::Success, 12.0, None)
+      .unwrap();
     p.record_usage(
       1,
       0,
       Outcome::Failure("API key not valid. [API_KEY_INVALID]"),
       3.0,
+      None,
     )
     .unwrap();
-    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID again"), 3.0)
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID again"), 3.0, None)
       .unwrap();
     let records = p.export_dirty();
     clock.advance(1_000);
@@ -1850,13 +2624,14 @@ mod tests {
   fn importing_after_an_outage_keeps_the_larger_counts_and_local_errors() {
     let (p, _, _) = pool(1);
     for _ in 0..3 {
-      p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
+      p.record_usage(0, 10, Outcome::Success, 0.0, None).unwrap();
     }
     let stored = p.export_dirty();
     // Meanwhile, offline: two more calls, and an error.
-    p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
-    p.record_usage(0, 10, Outcome::Success, 0.0).unwrap();
-    p.record_usage(0, 0, Outcome::Failure("503"), 0.0).unwrap();
+    p.record_usage(0, 10, Outcome::Success, 0.0, None).unwrap();
+    p.record_usage(0, 10, Outcome::Success, 0.0, None).unwrap();
+    p.record_usage(0, 0, Outcome::Failure("503"), 0.0, None)
+      .unwrap();
     p.import(&stored);
     let f = p.figures(0).unwrap();
     assert_eq!((f.rpm.current, f.rpd.current, f.tpm.current), (5, 5, 50));
@@ -1870,17 +2645,18 @@ mod tests {
   #[test]
   fn recorded_calls_are_queued_with_stable_ids_only_once_enabled() {
     let (p, clock, _) = pool(2);
-    p.record_usage(0, 1, Outcome::Success, 5.0).unwrap();
+    p.record_usage(0, 1, Outcome::Success, 5.0, None).unwrap();
     assert!(p.take_usage(10).is_empty());
     let wake = Arc::new(tokio::sync::Notify::new());
     p.enable_usage_log(3, 2, wake);
     clock.advance(5);
-    p.record_usage(0, 10, Outcome::Success, 120.5).unwrap();
-    let quoted = format!("403 for {}", p.names().keys()[1]);
-    p.record_usage(1, 0, Outcome::Failure(&quoted), f64::NAN)
+    p.record_usage(0, 10, Outcome::Success, 120.5, None)
       .unwrap();
-    p.record_usage(1, 2, Outcome::Success, -1.0).unwrap();
-    p.record_usage(0, 3, Outcome::Success, 1.0).unwrap();
+    let quoted = format!("403 for {}", p.names().keys()[1]);
+    p.record_usage(1, 0, Outcome::Failure(&quoted), f64::NAN, None)
+      .unwrap();
+    p.record_usage(1, 2, Outcome::Success, -1.0, None).unwrap();
+    p.record_usage(0, 3, Outcome::Success, 1.0, None).unwrap();
     assert_eq!(p.usage_backlog(), (3, 1));
     let usage = p.take_usage(2);
     assert_eq!(usage.len(), 2);
@@ -1905,14 +2681,14 @@ mod tests {
   #[test]
   fn metrics_count_hand_outs_cache_hits_rotations_and_429s() {
     let (p, _, _) = pool(2);
-    p.best(RESERVE).unwrap();
-    p.best(RESERVE).unwrap();
+    p.best(RESERVE, 0).unwrap();
+    p.best(RESERVE, 0).unwrap();
     // Looking is a selection, not a hand-out.
-    p.best(Claim::LookOnly).unwrap();
-    p.record_usage(0, 10, Outcome::Success, 5.0).unwrap();
-    p.record_usage(1, 0, Outcome::Failure("429 RESOURCE_EXHAUSTED"), 1.0)
+    p.best(Claim::LookOnly, 0).unwrap();
+    p.record_usage(0, 10, Outcome::Success, 5.0, None).unwrap();
+    p.record_usage(1, 0, Outcome::Failure("429 RESOURCE_EXHAUSTED"), 1.0, None)
       .unwrap();
-    p.handle_rate_limit(0, LimitType::Tpm, None).unwrap();
+    p.handle_rate_limit(0, LimitType::Tpm, None, None).unwrap();
     let m = p.metrics().unwrap();
     let c = m.counters;
     assert_eq!(c.handed_out, 2);
@@ -1922,7 +2698,7 @@ mod tests {
     assert_eq!((c.successes, c.failures, c.tokens), (1, 1, 10));
     assert_eq!(m.keys[0].api_key, "AIzaSyTE...ijkl");
     assert_eq!(m.keys[0].windows[2].current, 10);
-    assert_eq!(m.keys_by_state(), [0, 2, 0, 0, 0, 0]);
+    assert_eq!(m.keys_by_state(), [0, 2, 0, 0, 0, 0, 0]);
   }
 
   #[test]
@@ -1931,7 +2707,7 @@ mod tests {
     p.keep_calls(3);
     for i in 0..4 {
       clock.advance(10);
-      p.record_usage(i % 2, 5, Outcome::Success, i as f64)
+      p.record_usage(i % 2, 5, Outcome::Success, i as f64, None)
         .unwrap();
     }
     let all = p.recent_calls(DateRange::ALL).unwrap();
@@ -1961,7 +2737,7 @@ mod tests {
   fn operators_decisions_are_exported_once_and_again_after_a_failed_write() {
     let (p, clock, log) = pool(2);
     let new = "AIzaSyTESTKEYNEWWabcdefghijkl";
-    assert_eq!(p.add_key(new).unwrap(), 2);
+    assert_eq!(p.add_key(new, None).unwrap(), 2);
     clock.advance(5);
     p.admit(0, Admission::Disabled).unwrap();
     let exported = p.export_admissions();
@@ -1973,12 +2749,14 @@ mod tests {
           admission: Admission::Enabled,
           changed_at: T0,
           added: true,
+          project: None,
         },
         AdmissionRecord {
           api_key: p.names().keys()[0].clone(),
           admission: Admission::Disabled,
           changed_at: T0 + 5,
           added: false,
+          project: None,
         },
       ]
     );
@@ -2008,6 +2786,7 @@ mod tests {
       admission,
       changed_at,
       added,
+      project: None,
     };
     let joined = "AIzaSyTESTKEYJOINabcdefghijkl";
     let changed = p.follow_admissions(&[
@@ -2028,7 +2807,7 @@ mod tests {
       .all(|r| r.api_key == names.keys()[1]));
     // Only the joined key serves: key 0 is removed, key 1 disabled.
     for _ in 0..4 {
-      assert_eq!(p.best(RESERVE).unwrap().pick.index, 2);
+      assert_eq!(p.best(RESERVE, 0).unwrap().pick.index, 2);
     }
     assert_eq!(p.statuses().unwrap().len(), 2);
     assert_eq!(p.index_of(&names.keys()[0]), Err(PoolError::KeyNotFound));
@@ -2045,16 +2824,18 @@ mod tests {
   #[test]
   fn a_removed_key_keeps_its_history_and_takes_a_late_report() {
     let (p, _, _) = pool(2);
-    let picked = p.best(RESERVE).unwrap().pick.index;
+    let picked = p.best(RESERVE, 0).unwrap().pick.index;
     p.admit(picked, Admission::Removed).unwrap();
     // The call handed out before the removal still reports.
-    let f = p.record_usage(picked, 10, Outcome::Success, 1.0).unwrap();
+    let f = p
+      .record_usage(picked, 10, Outcome::Success, 1.0, None)
+      .unwrap();
     assert_eq!((f.rpm.current, f.admission), (1, Admission::Removed));
     assert!(!f.active);
     assert_eq!(p.every_status().unwrap().len(), 2);
     assert_eq!(p.metrics().unwrap().keys.len(), 1);
     assert_eq!(
-      p.rate_limit_info(picked).unwrap_err(),
+      p.rate_limit_info(picked, None).unwrap_err(),
       PoolError::KeyNotFound
     );
     assert_eq!(
@@ -2062,7 +2843,7 @@ mod tests {
       PoolError::KeyNotFound
     );
     assert_eq!(
-      p.add_key(&p.names().keys()[1 - picked].clone()),
+      p.add_key(&p.names().keys()[1 - picked].clone(), None),
       Err(PoolError::DuplicateKey)
     );
   }
@@ -2072,7 +2853,7 @@ mod tests {
     let (p, _, _) = pool(2);
     p.share_quota();
     p.admit(0, Admission::Disabled).unwrap();
-    let added = p.add_key("AIzaSyTESTKEYLEASabcdefghijkl").unwrap();
+    let added = p.add_key("AIzaSyTESTKEYLEASabcdefghijkl", None).unwrap();
     let needs: Vec<usize> = p.lease_needs().iter().map(|(i, _, _)| *i).collect();
     assert!(!needs.contains(&0), "{needs:?}");
     assert!(needs.contains(&1) && needs.contains(&added), "{needs:?}");
@@ -2081,10 +2862,10 @@ mod tests {
   #[test]
   fn rotation_state_follows_the_round_robin_and_rotations() {
     let (p, clock, _) = pool(3);
-    p.best(RESERVE).unwrap();
+    p.best(RESERVE, 0).unwrap();
     assert_eq!(p.rotation_state().unwrap(), (1, T0));
     clock.advance(7);
-    p.rotate(RESERVE).unwrap();
+    p.rotate(RESERVE, 0).unwrap();
     assert_eq!(p.rotation_state().unwrap().1, T0 + 7);
     assert_eq!(p.statuses().unwrap().len(), 3);
   }

@@ -141,6 +141,7 @@ impl Results {
 #[cfg(test)]
 mod tests {
   use super::*;
+  use crate::budget::{Budgets, ProjectName};
   use crate::key::KeyState;
   use crate::quota::{Quota, WindowPolicy};
 
@@ -153,16 +154,13 @@ mod tests {
   #[test]
   fn figures_and_rotations_land_in_their_named_slots() {
     let r = Results::default();
-    let mut key = KeyState::new(
-      "k".into(),
-      Quota::default(),
-      &WindowPolicy::default(),
-      1_000,
-    );
-    key.reserve(1_000, 0);
-    key.reserve(1_000, 0);
-    key.reserve(1_000, 0);
-    r.write_figures(&key.figures(1_000));
+    let mut budgets = Budgets::new(Quota::default(), WindowPolicy::default());
+    let project = budgets.project(ProjectName::OwnOf(0), 1_000);
+    let mut key = KeyState::new("k".into(), project, 1_000);
+    for _ in 0..3 {
+      key.reserve(&mut budgets, 0, 1_000, 0);
+    }
+    r.write_figures(&key.figures(budgets.get(0), 1_000));
     let at = |name: &str| unsafe {
       *r.as_ptr()
         .add(SLOT_NAMES.iter().position(|n| *n == name).unwrap())

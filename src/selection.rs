@@ -1,33 +1,45 @@
-//! Which key to hand out: the availability score, and the cache of available keys that makes a pick
-//! O(1) (the old service's algorithm: sorted by score, rebuilt every 5 seconds, round-robin).
+//! Which key to hand out for a model: the availability score of its project's budget, and the
+//! cache of available keys that makes a pick O(1) (the old service's algorithm: sorted by score,
+//! rebuilt every 5 seconds, round-robin), its keys interleaved by project, so that load spreads
+//! over projects (whose budgets Gemini counts), not over keys.
 
+use crate::budget::{Budget, Budgets};
 use crate::clock::Millis;
 use crate::key::KeyState;
-use crate::quota::LimitType;
+use crate::models::{ModelId, Overload};
 
 pub const CACHE_TTL_MS: Millis = 5_000;
 /// Below this score a key is worth rotating away from.
 pub const ROTATION_THRESHOLD: f64 = 0.3;
 
-fn remaining_fraction(key: &KeyState, limit_type: LimitType, now: Millis) -> f64 {
-  let limit = key.limit(limit_type);
-  if limit == 0 {
-    return 0.0;
+/// The keys as one model sees them: each through its project's budget of that model.
+#[derive(Clone, Copy)]
+pub struct Candidates<'a> {
+  pub keys: &'a [KeyState],
+  pub budgets: &'a Budgets,
+  pub model: ModelId,
+  pub overload: &'a Overload,
+}
+
+impl Candidates<'_> {
+  pub fn budget(&self, index: usize) -> &Budget {
+    self
+      .budgets
+      .get(self.budgets.of(self.keys[index].project, self.model))
   }
-  limit.saturating_sub(key.current(limit_type, now)) as f64 / limit as f64
-}
 
-/// 0.5 × remaining RPM share + 0.3 × remaining RPD share + 0.2 × remaining TPM share.
-pub fn availability_score(key: &KeyState, now: Millis) -> f64 {
-  0.5 * remaining_fraction(key, LimitType::Rpm, now)
-    + 0.3 * remaining_fraction(key, LimitType::Rpd, now)
-    + 0.2 * remaining_fraction(key, LimitType::Tpm, now)
-}
+  /// In service (the key, its model and its budget), with room for one more request of
+  /// `estimated_tokens` in every window.
+  pub fn is_available(&self, index: usize, now: Millis, estimated_tokens: u64) -> bool {
+    self.overload.can_serve(now)
+      && self.keys[index].in_service(now)
+      && self.budget(index).has_room(now, estimated_tokens)
+  }
 
-/// In service (not resting, open, deactivated, disabled or removed), with room for one more request of
-/// `estimated_tokens` in every window.
-pub fn is_available(key: &KeyState, now: Millis, estimated_tokens: u64) -> bool {
-  key.in_service(now) && key.has_room(now, estimated_tokens)
+  /// The key's availability score: its budget's.
+  pub fn score(&self, index: usize, now: Millis) -> f64 {
+    self.budget(index).score(now)
+  }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +96,16 @@ pub struct Rotation {
   pub previous_key_score: Option<f64>,
 }
 
-/// The available keys, best first, as of `built_at`; handed out round-robin from `cursor`.
+/// The available keys for one model, best first and interleaved by project, as of `built_at`;
+/// handed out round-robin from `cursor`.
 #[derive(Debug, Default)]
 pub struct SelectionCache {
   order: Vec<usize>,
-  /// Reused by every rebuild, so a rebuild on the selection path does not allocate.
+  /// Reused by every rebuild, so a rebuild on the selection path does not allocate once warm:
+  /// (score, key) sorted, then (rank within its project, position, key).
   scored: Vec<(f64, usize)>,
+  ranked: Vec<(u32, u32, usize)>,
+  per_project: Vec<u32>,
   built_at: Option<Millis>,
   cursor: usize,
 }
@@ -113,21 +129,30 @@ impl SelectionCache {
     !self.is_fresh(now)
   }
 
-  /// Re-sorts the available keys by score, best first; returns how many there are.
-  pub fn rebuild(&mut self, keys: &[KeyState], now: Millis) -> usize {
+  /// Re-sorts the available keys by score, best first, then deals them out project by project
+  /// (each project's best key, then each one's second, ...); returns how many there are.
+  pub fn rebuild(&mut self, c: Candidates<'_>, now: Millis) -> usize {
     self.scored.clear();
     self.scored.extend(
-      keys
-        .iter()
-        .enumerate()
-        .filter(|(_, k)| is_available(k, now, 0))
-        .map(|(i, k)| (availability_score(k, now), i)),
+      (0..c.keys.len())
+        .filter(|&i| c.is_available(i, now, 0))
+        .map(|i| (c.score(i, now), i)),
     );
     self
       .scored
       .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    self.per_project.clear();
+    self.per_project.resize(c.budgets.project_count(), 0);
+    self.ranked.clear();
+    for (position, &(_, i)) in self.scored.iter().enumerate() {
+      let project = c.keys[i].project;
+      let rank = self.per_project[project];
+      self.per_project[project] += 1;
+      self.ranked.push((rank, position as u32, i));
+    }
+    self.ranked.sort_unstable();
     self.order.clear();
-    self.order.extend(self.scored.iter().map(|&(_, i)| i));
+    self.order.extend(self.ranked.iter().map(|&(_, _, i)| i));
     self.built_at = Some(now);
     self.cursor = 0;
     self.order.len()
@@ -137,28 +162,28 @@ impl SelectionCache {
   /// when none of the cached keys is left the cache is rebuilt once, so a pick costs O(1) amortised.
   pub fn next(
     &mut self,
-    keys: &[KeyState],
+    c: Candidates<'_>,
     now: Millis,
     estimated_tokens: u64,
   ) -> Option<Selection> {
     let mut method = SelectionMethod::CachedRoundRobin;
     if !self.is_fresh(now) {
-      self.rebuild(keys, now);
+      self.rebuild(c, now);
       method = SelectionMethod::RoundRobin;
     }
-    if let Some(s) = self.scan(keys, now, method, estimated_tokens) {
+    if let Some(s) = self.scan(c, now, method, estimated_tokens) {
       return Some(s);
     }
     if method == SelectionMethod::CachedRoundRobin {
-      self.rebuild(keys, now);
-      return self.scan(keys, now, SelectionMethod::RoundRobin, estimated_tokens);
+      self.rebuild(c, now);
+      return self.scan(c, now, SelectionMethod::RoundRobin, estimated_tokens);
     }
     None
   }
 
   fn scan(
     &mut self,
-    keys: &[KeyState],
+    c: Candidates<'_>,
     now: Millis,
     method: SelectionMethod,
     estimated_tokens: u64,
@@ -167,11 +192,10 @@ impl SelectionCache {
     for _ in 0..len {
       let index = self.order[self.cursor % len];
       self.cursor = (self.cursor + 1) % len;
-      let key = &keys[index];
-      if is_available(key, now, estimated_tokens) {
+      if c.is_available(index, now, estimated_tokens) {
         return Some(Selection {
           index,
-          score: availability_score(key, now),
+          score: c.score(index, now),
           total_available: len,
           method,
         });
@@ -185,24 +209,23 @@ impl SelectionCache {
   /// now rather than from the cache's order, so this costs O(available keys).
   pub fn rotation(
     &mut self,
-    keys: &[KeyState],
+    c: Candidates<'_>,
     now: Millis,
     estimated_tokens: u64,
   ) -> Option<Rotation> {
     let method = if self.is_fresh(now) {
       SelectionMethod::CachedRoundRobin
     } else {
-      self.rebuild(keys, now);
+      self.rebuild(c, now);
       SelectionMethod::RoundRobin
     };
     let mut weakest: Option<(f64, usize)> = None;
     let mut strongest: Option<(f64, usize)> = None;
     for &i in &self.order {
-      let key = &keys[i];
-      if !is_available(key, now, estimated_tokens) {
+      if !c.is_available(i, now, estimated_tokens) {
         continue;
       }
-      let s = availability_score(key, now);
+      let s = c.score(i, now);
       if weakest.is_none_or(|(w, _)| s < w) {
         weakest = Some((s, i));
       }
@@ -231,7 +254,7 @@ impl SelectionCache {
       }
     };
     self
-      .next(keys, now, estimated_tokens)
+      .next(c, now, estimated_tokens)
       .map(|selection| Rotation {
         // `next` sees the cache this call just rebuilt as fresh; the method is this call's.
         selection: Selection {
@@ -251,49 +274,93 @@ impl SelectionCache {
 #[cfg(test)]
 mod tests {
   use super::*;
+  use crate::budget::ProjectName;
   use crate::quota::{Quota, WindowPolicy};
 
-  fn keys(n: usize) -> Vec<KeyState> {
-    (0..n)
-      .map(|i| {
-        KeyState::new(
-          format!("key-{i}"),
-          Quota::default(),
-          &WindowPolicy::default(),
-          0,
-        )
+  /// Keys, each in the project `projects[i]` names (its own when `None`), and their budgets.
+  struct Fixture {
+    keys: Vec<KeyState>,
+    budgets: Budgets,
+    overload: Overload,
+  }
+
+  fn fixture(projects: &[Option<&str>]) -> Fixture {
+    let mut budgets = Budgets::new(Quota::default(), WindowPolicy::default());
+    let keys = projects
+      .iter()
+      .enumerate()
+      .map(|(i, p)| {
+        let name = match p {
+          Some(p) => ProjectName::Named(p.to_string()),
+          None => ProjectName::OwnOf(i),
+        };
+        KeyState::new(format!("key-{i}"), budgets.project(name, 0), 0)
       })
-      .collect()
+      .collect();
+    Fixture {
+      keys,
+      budgets,
+      overload: Overload::default(),
+    }
+  }
+
+  fn keys(n: usize) -> Fixture {
+    fixture(&vec![None; n])
+  }
+
+  impl Fixture {
+    fn c(&self) -> Candidates<'_> {
+      Candidates {
+        keys: &self.keys,
+        budgets: &self.budgets,
+        model: 0,
+        overload: &self.overload,
+      }
+    }
+
+    fn budget(&mut self, key: usize) -> &mut Budget {
+      let id = self.budgets.of(self.keys[key].project, 0);
+      self.budgets.get_mut(id)
+    }
   }
 
   #[test]
   fn score_weighs_rpm_rpd_and_tpm_half_three_tenths_and_a_fifth() {
-    let mut k = keys(1).remove(0);
-    assert!((availability_score(&k, 0) - 1.0).abs() < 1e-12);
-    k.rpm.add(0, 15); // rpm half used
-    k.rpd.add(0, 100); // rpd half used
-    k.tpm.add(0, 1_000_000); // tpm used up
-    assert!((availability_score(&k, 0) - (0.25 + 0.15)).abs() < 1e-12);
+    let mut f = keys(1);
+    assert!((f.c().score(0, 0) - 1.0).abs() < 1e-12);
+    let b = f.budget(0);
+    b.rpm.add(0, 15); // rpm half used
+    b.rpd.add(0, 100); // rpd half used
+    b.tpm.add(0, 1_000_000); // tpm used up
+    assert!((f.c().score(0, 0) - (0.25 + 0.15)).abs() < 1e-12);
   }
 
   #[test]
-  fn a_key_is_available_only_when_active_and_under_every_limit() {
-    let mut ks = keys(3);
-    ks[0].health.on_key_rejected();
-    ks[1].rpd.add(0, 200);
-    ks[2].health.on_rate_limited(0, 1_000);
-    assert!(!is_available(&ks[0], 0, 0));
-    assert!(!is_available(&ks[1], 0, 0));
-    assert!(!is_available(&ks[2], 0, 0));
-    assert!(is_available(&ks[2], 1_000, 0));
-    assert!(!is_available(&ks[2], 1_000, 1_000_001));
+  fn a_key_is_available_only_when_it_its_model_and_its_budget_can_serve() {
+    let mut f = keys(4);
+    f.keys[0].health.on_key_rejected();
+    f.budget(1).rpd.add(0, 200);
+    f.budget(2).on_rate_limited(
+      0,
+      crate::budget::Exhausted::PerMinute(crate::quota::LimitType::Rpm),
+      Some(1_000),
+      &WindowPolicy::default(),
+      86_400_000,
+    );
+    assert!(!f.c().is_available(0, 0, 0));
+    assert!(!f.c().is_available(1, 0, 0));
+    assert!(!f.c().is_available(2, 0, 0));
+    assert!(f.c().is_available(2, 1_000, 0));
+    assert!(!f.c().is_available(2, 1_000, 1_000_001));
+    f.overload.on_overload(0, 0);
+    assert!(!f.c().is_available(3, 0, 0), "its model is overloaded");
   }
 
   #[test]
   fn first_pick_rebuilds_then_serves_round_robin_from_cache_until_ttl() {
-    let ks = keys(3);
+    let f = keys(3);
     let mut c = SelectionCache::default();
-    let picks: Vec<_> = (0..4).map(|i| c.next(&ks, i, 0).unwrap()).collect();
+    let picks: Vec<_> = (0..4).map(|i| c.next(f.c(), i, 0).unwrap()).collect();
     assert_eq!(picks[0].method, SelectionMethod::RoundRobin);
     assert!(picks[1..]
       .iter()
@@ -304,82 +371,107 @@ mod tests {
     );
     assert_eq!(picks[0].total_available, 3);
     assert_eq!(
-      c.next(&ks, CACHE_TTL_MS, 0).unwrap().method,
+      c.next(f.c(), CACHE_TTL_MS, 0).unwrap().method,
       SelectionMethod::RoundRobin
     );
   }
 
   #[test]
   fn cache_orders_by_score_best_first() {
-    let mut ks = keys(3);
-    ks[0].rpm.add(0, 20);
-    ks[1].rpm.add(0, 10);
+    let mut f = keys(3);
+    f.budget(0).rpm.add(0, 20);
+    f.budget(1).rpm.add(0, 10);
     let mut c = SelectionCache::default();
-    let order: Vec<_> = (0..3).map(|_| c.next(&ks, 0, 0).unwrap().index).collect();
+    let order: Vec<_> = (0..3).map(|_| c.next(f.c(), 0, 0).unwrap().index).collect();
     assert_eq!(order, [2, 1, 0]);
   }
 
   #[test]
-  fn keys_that_ran_out_are_skipped_and_an_exhausted_cache_is_rebuilt() {
-    let mut ks = keys(2);
+  fn picks_spread_over_projects_not_keys() {
+    // Project A has three keys, B one, C two: each round visits every project before any twice.
+    let f = fixture(&[
+      Some("A"),
+      Some("A"),
+      Some("A"),
+      Some("B"),
+      Some("C"),
+      Some("C"),
+    ]);
     let mut c = SelectionCache::default();
-    c.next(&ks, 0, 0);
-    ks[1].rpm.add(0, 30);
-    assert_eq!(c.next(&ks, 1, 0).unwrap().index, 0);
-    assert_eq!(c.next(&ks, 2, 0).unwrap().index, 0);
-    ks[0].rpm.add(0, 30);
-    assert_eq!(c.next(&ks, 3, 0), None);
+    let picks: Vec<_> = (0..6).map(|_| c.next(f.c(), 0, 0).unwrap().index).collect();
+    let project = |i: usize| f.keys[i].project;
+    assert_eq!(
+      picks[..3]
+        .iter()
+        .map(|&i| project(i))
+        .collect::<std::collections::HashSet<_>>()
+        .len(),
+      3
+    );
+    assert_eq!(picks, [0, 3, 4, 1, 5, 2]);
+  }
+
+  #[test]
+  fn keys_of_a_project_whose_budget_ran_out_are_all_skipped() {
+    let mut f = fixture(&[Some("A"), Some("A"), Some("B")]);
+    let mut c = SelectionCache::default();
+    c.next(f.c(), 0, 0);
+    f.budget(0).rpm.add(0, 30);
+    assert_eq!(c.next(f.c(), 1, 0).unwrap().index, 2);
+    assert_eq!(c.next(f.c(), 2, 0).unwrap().index, 2);
+    f.budget(2).rpm.add(0, 30);
+    assert_eq!(c.next(f.c(), 3, 0), None);
     // The rolling window frees after a minute (and a slice); a stale cache sees it.
     assert_eq!(
-      c.next(&ks, 61_000 + CACHE_TTL_MS, 0).unwrap().method,
+      c.next(f.c(), 61_000 + CACHE_TTL_MS, 0).unwrap().method,
       SelectionMethod::RoundRobin
     );
   }
 
   #[test]
   fn rotation_moves_off_a_weak_key_to_the_strongest() {
-    let mut ks = keys(3);
-    ks[0].rpm.add(0, 29);
-    ks[0].rpd.add(0, 190);
-    ks[1].rpm.add(0, 5);
+    let mut f = keys(3);
+    f.budget(0).rpm.add(0, 29);
+    f.budget(0).rpd.add(0, 190);
+    f.budget(1).rpm.add(0, 5);
     let mut c = SelectionCache::default();
-    let r = c.rotation(&ks, 0, 0).unwrap();
+    let r = c.rotation(f.c(), 0, 0).unwrap();
     assert_eq!(r.reason, RotationReason::Proactive);
     assert_eq!(r.selection.index, 2);
-    let weak = availability_score(&ks[0], 0);
+    let weak = f.c().score(0, 0);
     assert!(weak < ROTATION_THRESHOLD);
     assert_eq!(r.previous_key_score, Some(weak));
   }
 
   #[test]
   fn rotation_says_why_it_did_not_rotate() {
-    let ks = keys(2);
+    let f = keys(2);
     let mut c = SelectionCache::default();
-    let r = c.rotation(&ks, 0, 0).unwrap();
+    let r = c.rotation(f.c(), 0, 0).unwrap();
     assert_eq!(r.reason, RotationReason::NotNeeded);
     assert_eq!(r.selection.method, SelectionMethod::RoundRobin);
     assert_eq!(
-      c.rotation(&ks, 1, 0).unwrap().selection.method,
+      c.rotation(f.c(), 1, 0).unwrap().selection.method,
       SelectionMethod::CachedRoundRobin
     );
     assert_eq!(r.previous_key_score, None);
 
     let mut weak = keys(1);
-    weak[0].rpm.add(0, 29);
-    weak[0].rpd.add(0, 199);
+    weak.budget(0).rpm.add(0, 29);
+    weak.budget(0).rpd.add(0, 199);
     let mut c = SelectionCache::default();
     assert_eq!(
-      c.rotation(&weak, 0, 0).unwrap().reason,
+      c.rotation(weak.c(), 0, 0).unwrap().reason,
       RotationReason::NoKeyAboveThreshold
     );
   }
 
   #[test]
   fn nothing_available_gives_none() {
-    let mut ks = keys(1);
-    ks[0].health.on_key_rejected();
+    let mut f = keys(1);
+    f.keys[0].health.on_key_rejected();
     let mut c = SelectionCache::default();
-    assert_eq!(c.next(&ks, 0, 0), None);
-    assert_eq!(c.rotation(&ks, 0, 0), None);
+    assert_eq!(c.next(f.c(), 0, 0), None);
+    assert_eq!(c.rotation(f.c(), 0, 0), None);
   }
 }

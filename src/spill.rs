@@ -248,6 +248,7 @@ mod tests {
       added: false,
       sealed: None,
       masked: "AIzaSyAB...wxyz".into(),
+      project: None,
     };
     let a = Spill::new(&base, "mongodb://db", "rag_db", "writer-a");
     assert_eq!(a.write(&calls[..2], &[]).unwrap(), 2);

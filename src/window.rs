@@ -148,7 +148,8 @@ impl RollingWindow {
   pub fn add_at(&mut self, now: Millis, at: Millis, amount: u64) {
     self.advance(now);
     let s = self.slice(at.min(now));
-    if s < self.oldest {
+    // Nothing to count (a request without tokens): no slice may look used.
+    if s < self.oldest || amount == 0 {
       return;
     }
     if self.total == 0 || self.oldest_used.get().is_some_and(|o| s < o) {
@@ -205,6 +206,18 @@ impl RollingWindow {
     self.total = 0;
     self.oldest = self.first_live(now);
     self.oldest_used.set(None);
+  }
+
+  /// Adds what `other` (a window of the same span) still counts at `now`, each amount in its own
+  /// slice: two counts of one quota becoming one.
+  pub fn absorb(&mut self, other: &RollingWindow, now: Millis) {
+    let first = other.first_live(now).max(other.oldest);
+    for s in first..=other.current_slice(now) {
+      let amount = other.ring[Self::at(s)];
+      if amount > 0 {
+        self.add_at(now, s * other.slice_ms, u64::from(amount));
+      }
+    }
   }
 }
 
@@ -276,6 +289,17 @@ impl DailyWindow {
     self.advance(now);
     self.current = 0;
     self.since = now;
+  }
+
+  /// Counts the whole day as spent: the upstream said so.
+  pub fn fill(&mut self, now: Millis, limit: u64) {
+    self.advance(now);
+    self.current = self.current.max(limit);
+  }
+
+  /// Adds what `other` counts today.
+  pub fn absorb(&mut self, other: &DailyWindow, now: Millis) {
+    self.add(now, other.current(now));
   }
 }
 
@@ -369,6 +393,29 @@ mod tests {
     // Too old to matter: nothing happens.
     w.remove(T0 + 200_000, T0 + 30_000, 100);
     assert_eq!(w.current(T0 + 200_000), 0);
+  }
+
+  #[test]
+  fn windows_absorb_another_count_of_the_same_quota() {
+    let mut a = RollingWindow::new(MINUTE_MS, T0);
+    let mut b = RollingWindow::new(MINUTE_MS, T0);
+    a.add(T0 + 10_000, 2);
+    b.add(T0 + 1_000, 3);
+    b.add(T0 + 30_000, 1);
+    a.absorb(&b, T0 + 40_000);
+    assert_eq!(a.current(T0 + 40_000), 6);
+    // Each amount leaves when it would have left its own window.
+    assert_eq!(a.frees_at(T0 + 40_000), leaves(&a, T0 + 1_000));
+    assert_eq!(a.current(leaves(&a, T0 + 1_000)), 3);
+    let policy = DailyReset::UtcMidnight;
+    let mut d = DailyWindow::new(policy, T0);
+    let mut e = DailyWindow::new(policy, T0);
+    d.add(T0, 4);
+    e.add(T0, 5);
+    d.absorb(&e, T0);
+    assert_eq!(d.current(T0), 9);
+    d.fill(T0, 20);
+    assert_eq!(d.current(T0), 20);
   }
 
   #[test]

@@ -13,7 +13,7 @@ use crate::clock::FakeClock;
 use crate::config::PoolConfig;
 use crate::log::SilentLog;
 use crate::pool::KeyPool;
-use crate::quota::{Quota, WindowPolicy};
+use crate::quota::Quota;
 
 const KEYS: [&str; 3] = [
   "AIzaSyHOST0000000000000000000000000000001",
@@ -26,16 +26,14 @@ const STATUSES: [u16; 8] = [200, 201, 400, 401, 404, 405, 409, 500];
 const NEW_KEY: &str = "AIzaSyNEWK0000000000000000000000000000004";
 
 fn pool() -> KeyPool {
-  let config = PoolConfig {
-    keys: KEYS.iter().map(|k| k.to_string()).collect(),
-    quota: Quota {
+  let config = PoolConfig::of(
+    KEYS.iter().map(|k| k.to_string()).collect(),
+    Quota {
       rpm: 3,
       rpd: 5,
       tpm: 100,
     },
-    policy: WindowPolicy::default(),
-    warnings: vec![],
-  };
+  );
   KeyPool::new(
     config,
     Arc::new(FakeClock::at(1_700_000_000_000)),

@@ -50,15 +50,13 @@ mod tests {
   use crate::clock::FakeClock;
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
-  use crate::quota::{Quota, WindowPolicy};
+  use crate::quota::Quota;
 
   fn pool_of(keys: &[&str]) -> KeyPool {
-    let config = PoolConfig {
-      keys: keys.iter().map(|k| k.to_string()).collect(),
-      quota: Quota::default(),
-      policy: WindowPolicy::default(),
-      warnings: vec![],
-    };
+    let config = PoolConfig::of(
+      keys.iter().map(|k| k.to_string()).collect(),
+      Quota::default(),
+    );
     KeyPool::new(config, Arc::new(FakeClock::at(0)), Arc::new(SilentLog)).unwrap()
   }
 

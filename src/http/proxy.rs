@@ -142,7 +142,13 @@ pub async fn handle(options: &ProxyOptions, parts: Parts, body: Incoming) -> Res
     .and_then(|v| v.to_str().ok())
     .map(str::to_owned)
     .or(key_in_url);
-  let asked = presented.and_then(|k| options.router.pool().names().position(&k));
+  let pool = options.router.pool();
+  let asked = presented.and_then(|k| pool.names().position(&k));
+  let model = match crate::routing::model_of(path).map(|m| pool.model_id(m)) {
+    None => crate::models::DEFAULT_MODEL_ID,
+    Some(Ok(id)) => id,
+    Some(Err(e)) => return google_error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+  };
   let path_and_query = match query.is_empty() {
     true => path.to_owned(),
     false => format!("{path}?{query}"),
@@ -153,6 +159,7 @@ pub async fn handle(options: &ProxyOptions, parts: Parts, body: Incoming) -> Res
     headers: crate::routing::router::forwardable(&parts.headers, &[ROUTE_TOKEN_HEADER]),
     body,
     asked,
+    model,
   };
   options.router.forward(request).await
 }

@@ -8,6 +8,7 @@ use crate::error::PoolError;
 use crate::key::{Admission, KeyStatus};
 use crate::mask::mask_key;
 use crate::metrics::prometheus_text;
+use crate::models::{ModelId, DEFAULT_MODEL_ID};
 use crate::pool::{Claim, KeyPool};
 use crate::usage_stats::DateRange;
 
@@ -138,7 +139,7 @@ impl Reply {
   fn pool_error(err: PoolError, message: &str) -> Self {
     let status = match err {
       PoolError::KeyNotFound => 404,
-      PoolError::InvalidKey(_) => 400,
+      PoolError::InvalidKey(_) | PoolError::InvalidProject(_) | PoolError::InvalidModel(_) => 400,
       PoolError::DuplicateKey | PoolError::KeyNotStorable(_) => 409,
       _ => 500,
     };
@@ -148,11 +149,11 @@ impl Reply {
   /// No key to hand out. When keys are only busy, the server is not failing: a 429 with
   /// `Retry-After` and `nextAvailableAt`, when one frees; when none will come back by itself (every
   /// key refused, disabled or removed), a 503.
-  fn no_key(pool: &KeyPool, err: PoolError, message: &str) -> Self {
+  fn no_key(pool: &KeyPool, err: PoolError, message: &str, model: ModelId) -> Self {
     if err != PoolError::NoActiveKeys {
       return Self::pool_error(err, message);
     }
-    let Ok(Some(at)) = pool.next_available_at(0) else {
+    let Ok(Some(at)) = pool.next_available_at(0, model) else {
       return Self::error(503, &err.to_string(), message);
     };
     let wait_ms = (at - pool.now()).max(0);
@@ -616,10 +617,15 @@ struct BestMeta {
   rotation_method: &'static str,
 }
 
-fn best(pool: &KeyPool, _: &Params<'_>) -> Reply {
-  let picked = match pool.best(Claim::LookOnly) {
+fn best(pool: &KeyPool, req: &Params<'_>) -> Reply {
+  const FAILURE: &str = "Failed to get best available API key";
+  let model = match model_param(pool, req.query, FAILURE) {
+    Ok(model) => model,
+    Err(reply) => return reply,
+  };
+  let picked = match pool.best(Claim::LookOnly, model) {
     Ok(p) => p,
-    Err(err) => return Reply::no_key(pool, err, "Failed to get best available API key"),
+    Err(err) => return Reply::no_key(pool, err, FAILURE, model),
   };
   let pick = picked.pick;
   let data = BestData {
@@ -663,10 +669,15 @@ struct RotateMeta {
   rotation_method: &'static str,
 }
 
-fn rotate(pool: &KeyPool, _: &Params<'_>) -> Reply {
-  let picked = match pool.rotate(Claim::LookOnly) {
+fn rotate(pool: &KeyPool, req: &Params<'_>) -> Reply {
+  const FAILURE: &str = "Failed to rotate API key proactively";
+  let model = match model_param(pool, req.query, FAILURE) {
+    Ok(model) => model,
+    Err(reply) => return reply,
+  };
+  let picked = match pool.rotate(Claim::LookOnly, model) {
     Ok(p) => p,
-    Err(err) => return Reply::no_key(pool, err, "Failed to rotate API key proactively"),
+    Err(err) => return Reply::no_key(pool, err, FAILURE, model),
   };
   let rotation = picked.pick;
   let selection = rotation.selection;
@@ -710,8 +721,13 @@ fn refresh_cache(pool: &KeyPool, _: &Params<'_>) -> Reply {
 }
 
 fn rate_limit(pool: &KeyPool, req: &Params<'_>) -> Reply {
-  on_key(pool, req, "Failed to get rate limit info", |index| {
-    let info = pool.rate_limit_info(index)?;
+  const FAILURE: &str = "Failed to get rate limit info";
+  let model = match model_param(pool, req.query, FAILURE) {
+    Ok(model) => model,
+    Err(reply) => return reply,
+  };
+  on_key(pool, req, FAILURE, |index| {
+    let info = pool.rate_limit_info(index, Some(model))?;
     let data: Vec<RateLimitInfoJson> = info.iter().map(RateLimitInfoJson::from).collect();
     Ok(Reply::ok(
       Some(data),
@@ -737,6 +753,8 @@ fn reactivate(pool: &KeyPool, req: &Params<'_>) -> Reply {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct AddKey {
   api_key: String,
+  /// The project it belongs to, when known.
+  project: Option<String>,
 }
 
 fn add_key(pool: &KeyPool, req: &Params<'_>) -> Reply {
@@ -747,12 +765,12 @@ fn add_key(pool: &KeyPool, req: &Params<'_>) -> Reply {
       return Reply::error(
         400,
         "Invalid API key",
-        "The body must be a JSON object { \"apiKey\": \"...\" }",
+        "The body must be a JSON object { \"apiKey\": \"...\", \"project\"?: \"...\" }",
       )
     }
   };
   let added = pool
-    .add_key(&body.api_key)
+    .add_key(&body.api_key, body.project.as_deref())
     .and_then(|index| Ok((index, pool.figures(index)?)));
   match added {
     Ok((index, figures)) => {
@@ -813,6 +831,31 @@ fn reset_limits(pool: &KeyPool, _: &Params<'_>) -> Reply {
 
 /// Reads the optional `startDate` and `endDate` of a query string. A value that is not valid
 /// percent-encoding counts as an invalid date.
+/// The model a request's `?model=` names (met now if it was not: see [`KeyPool::model_id`]),
+/// else the default one.
+fn model_param(pool: &KeyPool, query: &str, message: &str) -> Result<ModelId, Reply> {
+  let mut named = None;
+  for pair in query.split('&').filter(|p| !p.is_empty()) {
+    let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    if percent_decode(name, true).as_deref() == Some("model") {
+      if named.is_some() {
+        return Err(Reply::error(
+          400,
+          "Invalid model",
+          "model was given more than once",
+        ));
+      }
+      named = Some(percent_decode(value, true).unwrap_or_default());
+    }
+  }
+  match named {
+    None => Ok(DEFAULT_MODEL_ID),
+    Some(name) => pool
+      .model_id(&name)
+      .map_err(|e| Reply::error(400, &e.to_string(), message)),
+  }
+}
+
 fn date_range(query: &str) -> Result<DateRange, Reply> {
   const INVALID: &str = "\u{0}";
   let mut start = None;
@@ -870,7 +913,7 @@ mod tests {
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
   use crate::pool::Outcome;
-  use crate::quota::{LimitType, Quota, WindowPolicy};
+  use crate::quota::{LimitType, Quota};
 
   const T0: Millis = 1_700_000_000_000;
   const T0_ISO: &str = "2023-11-14T22:13:20.000Z";
@@ -882,12 +925,7 @@ mod tests {
 
   fn pool_of(keys: &[&str], quota: Quota) -> (KeyPool, FakeClock) {
     let clock = FakeClock::at(T0);
-    let config = PoolConfig {
-      keys: keys.iter().map(|k| k.to_string()).collect(),
-      quota,
-      policy: WindowPolicy::default(),
-      warnings: vec![],
-    };
+    let config = PoolConfig::of(keys.iter().map(|k| k.to_string()).collect(), quota);
     let pool = KeyPool::new(config, Arc::new(clock.clone()), Arc::new(SilentLog)).unwrap();
     (pool, clock)
   }
@@ -982,7 +1020,7 @@ mod tests {
   #[test]
   fn status_shows_a_resting_key_and_until_when() {
     let p = pool();
-    p.handle_rate_limit(2, LimitType::Rpm, Some(17_000))
+    p.handle_rate_limit(2, LimitType::Rpm, Some(17_000), None)
       .unwrap();
     let (_, v) = get(&p, "/api/keys/status");
     assert_eq!(v["data"][2]["state"], "resting");
@@ -994,7 +1032,8 @@ mod tests {
   fn status_shows_the_last_error_with_keys_scrubbed_out() {
     let p = pool();
     let error = format!("fetch https://g/?key={} failed", KEYS[1]);
-    p.record_usage(1, 0, Outcome::Failure(&error), 0.0).unwrap();
+    p.record_usage(1, 0, Outcome::Failure(&error), 0.0, None)
+      .unwrap();
     let (_, v) = get(&p, "/api/keys/status");
     let key = &v["data"][1];
     assert_eq!(key["errorCount"], 1);
@@ -1070,7 +1109,7 @@ mod tests {
     };
     let (p, _) = pool_of(&KEYS[..2], quota);
     for _ in 0..9 {
-      p.record_usage(0, 0, Outcome::Success, 0.0).unwrap();
+      p.record_usage(0, 0, Outcome::Success, 0.0, None).unwrap();
     }
     let (_, v) = post(&p, "/api/keys/rotate");
     assert_eq!(v["data"]["rotationReason"], "proactive-rotation");
@@ -1083,7 +1122,7 @@ mod tests {
 
     let (p, _) = pool_of(&KEYS[..1], quota);
     for _ in 0..9 {
-      p.record_usage(0, 0, Outcome::Success, 0.0).unwrap();
+      p.record_usage(0, 0, Outcome::Success, 0.0, None).unwrap();
     }
     let (_, v) = post(&p, "/api/keys/rotate");
     assert_eq!(v["data"]["rotationReason"], "no-key-above-threshold");
@@ -1092,7 +1131,7 @@ mod tests {
   #[test]
   fn refresh_cache_reports_the_available_keys() {
     let p = pool();
-    p.handle_rate_limit(2, LimitType::Rpd, None).unwrap();
+    p.handle_rate_limit(2, LimitType::Rpd, None, None).unwrap();
     let (status, v) = post(&p, "/api/keys/refresh-cache");
     assert_eq!(status, 200);
     assert_eq!(
@@ -1108,7 +1147,7 @@ mod tests {
   #[test]
   fn rate_limit_takes_a_full_masked_or_encoded_key() {
     let p = pool();
-    p.handle_rate_limit(1, LimitType::Rpm, None).unwrap();
+    p.handle_rate_limit(1, LimitType::Rpm, None, None).unwrap();
     for path in [
       format!("/api/keys/rate-limit/{}", KEYS[1]),
       "/api/keys/rate-limit/AIzaSyBB...0002".to_owned(),
@@ -1137,6 +1176,7 @@ mod tests {
       0,
       Outcome::Failure("[400 Bad Request] API key not valid. API_KEY_INVALID"),
       0.0,
+      None,
     )
     .unwrap();
     assert!(!p.figures(0).unwrap().active);
@@ -1152,7 +1192,7 @@ mod tests {
   #[test]
   fn reset_limits_clears_every_window() {
     let p = pool();
-    p.handle_rate_limit(0, LimitType::Tpm, None).unwrap();
+    p.handle_rate_limit(0, LimitType::Tpm, None, None).unwrap();
     let (status, v) = post(&p, "/api/keys/reset-limits");
     assert_eq!(status, 200);
     assert_eq!(
@@ -1165,8 +1205,9 @@ mod tests {
   #[test]
   fn usage_stats_lists_usage_as_fractions() {
     let p = pool();
-    p.record_usage(0, 1234, Outcome::Success, 0.0).unwrap();
-    p.record_usage(2, 0, Outcome::Failure("quota"), 0.0)
+    p.record_usage(0, 1234, Outcome::Success, 0.0, None)
+      .unwrap();
+    p.record_usage(2, 0, Outcome::Failure("quota"), 0.0, None)
       .unwrap();
     let (status, v) = get(&p, "/api/keys/usage-stats");
     assert_eq!(status, 200);
@@ -1202,9 +1243,12 @@ mod tests {
   #[test]
   fn metrics_are_served_in_the_prometheus_text_format() {
     let p = pool();
-    p.best(Claim::Reserve {
-      estimated_tokens: 0,
-    })
+    p.best(
+      Claim::Reserve {
+        estimated_tokens: 0,
+      },
+      0,
+    )
     .unwrap();
     let reply = open_route(&p, "GET", "/metrics", b"");
     assert_eq!((reply.status, reply.content_type), (200, PROMETHEUS_TEXT));
@@ -1227,10 +1271,12 @@ mod tests {
   #[test]
   fn usage_stats_computes_figures_over_the_range_from_the_call_log() {
     let (p, clock) = pool_of(&KEYS, Quota::default());
-    p.record_usage(0, 100, Outcome::Success, 10.0).unwrap();
+    p.record_usage(0, 100, Outcome::Success, 10.0, None)
+      .unwrap();
     clock.advance(1_000);
-    p.record_usage(0, 50, Outcome::Success, 30.0).unwrap();
-    p.record_usage(1, 0, Outcome::Failure("503"), 20.0).unwrap();
+    p.record_usage(0, 50, Outcome::Success, 30.0, None).unwrap();
+    p.record_usage(1, 0, Outcome::Failure("503"), 20.0, None)
+      .unwrap();
     let (_, v) = get(&p, "/api/keys/usage-stats");
     let a = &v["data"][0];
     assert_eq!(
@@ -1532,9 +1578,12 @@ mod tests {
     // It is handed out like the others.
     let handed: Vec<usize> = (0..8)
       .map(|_| {
-        p.best(Claim::Reserve {
-          estimated_tokens: 0,
-        })
+        p.best(
+          Claim::Reserve {
+            estimated_tokens: 0,
+          },
+          0,
+        )
         .unwrap()
         .pick
         .index
@@ -1555,9 +1604,12 @@ mod tests {
     p.refresh_cache().unwrap();
     for _ in 0..8 {
       assert_ne!(
-        p.best(Claim::Reserve {
-          estimated_tokens: 0
-        })
+        p.best(
+          Claim::Reserve {
+            estimated_tokens: 0
+          },
+          0
+        )
         .unwrap()
         .pick
         .index,
@@ -1754,9 +1806,9 @@ mod tests {
   #[test]
   fn busy_keys_are_a_429_with_retry_after_and_no_usable_key_a_503() {
     let (p, clock) = pool_of(&KEYS[..2], Quota::default());
-    p.handle_rate_limit(0, LimitType::Rpm, Some(12_300))
+    p.handle_rate_limit(0, LimitType::Rpm, Some(12_300), None)
       .unwrap();
-    p.handle_rate_limit(1, LimitType::Rpm, Some(17_000))
+    p.handle_rate_limit(1, LimitType::Rpm, Some(17_000), None)
       .unwrap();
     clock.advance(300);
     for (method, path, message) in [
@@ -1780,7 +1832,7 @@ mod tests {
       assert_eq!(v["message"], message);
       assert_eq!(v["nextAvailableAt"], IsoDate(T0 + 12_300).to_string());
     }
-    p.record_usage(0, 0, Outcome::Failure("API_KEY_INVALID"), 0.0)
+    p.record_usage(0, 0, Outcome::Failure("API_KEY_INVALID"), 0.0, None)
       .unwrap();
     p.admit(1, Admission::Disabled).unwrap();
     let (status, v) = get(&p, "/api/keys/best");

@@ -583,20 +583,18 @@ mod tests {
   use crate::clock::FakeClock;
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
-  use crate::quota::{Quota, WindowPolicy};
+  use crate::quota::Quota;
 
   const KEY: &str = "AIzaSyHTTPTEST000000000000000000000000001";
 
   fn pool() -> Arc<KeyPool> {
-    let config = PoolConfig {
-      keys: vec![
+    let config = PoolConfig::of(
+      vec![
         KEY.to_owned(),
         "AIzaSyHTTPTEST000000000000000000000000002".to_owned(),
       ],
-      quota: Quota::default(),
-      policy: WindowPolicy::default(),
-      warnings: vec![],
-    };
+      Quota::default(),
+    );
     let clock = Arc::new(FakeClock::at(1_700_000_000_000));
     Arc::new(KeyPool::new(config, clock, Arc::new(SilentLog)).unwrap())
   }

@@ -192,19 +192,19 @@ mod tests {
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
   use crate::pool::Outcome;
-  use crate::quota::{Quota, WindowPolicy};
+  use crate::quota::Quota;
 
   #[tokio::test]
   async fn without_a_database_statistics_come_from_the_call_log() {
-    let config = PoolConfig {
-      keys: vec!["AIzaSyAAAA0000000000000000000000000000001".to_owned()],
-      quota: Quota::default(),
-      policy: WindowPolicy::default(),
-      warnings: vec![],
-    };
+    let config = PoolConfig::of(
+      vec!["AIzaSyAAAA0000000000000000000000000000001".to_owned()],
+      Quota::default(),
+    );
     let clock = FakeClock::at(1_700_000_000_000);
     let pool = KeyPool::new(config, Arc::new(clock), Arc::new(SilentLog)).unwrap();
-    pool.record_usage(0, 5, Outcome::Success, 8.0).unwrap();
+    pool
+      .record_usage(0, 5, Outcome::Success, 8.0, None)
+      .unwrap();
     let reply = usage_stats(&pool, DateRange::ALL).await;
     assert_eq!(reply.status, 200);
     let v: Value = serde_json::from_str(&reply.body).unwrap();

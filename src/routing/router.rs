@@ -24,6 +24,7 @@ use tokio::time::Sleep;
 use super::upstream::{Upstream, UpstreamError};
 use super::usage_scan::UsageScan;
 use crate::mask::scrub;
+use crate::models::ModelId;
 use crate::pool::{KeyPool, Outcome, RouteKey};
 
 /// The body of an answer the server sends: whole, or streamed through from Gemini.
@@ -49,9 +50,6 @@ impl Default for RouteOptions {
 
 /// Error bodies read for the pool's reading and scrubbing, at most.
 const MAX_ERROR_BODY: usize = 1 << 20;
-/// The first back-off after an overload, doubled each attempt (with jitter), capped.
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Headers that concern one connection, never forwarded (RFC 9110 section 7.6.1), and those that
 /// carry credentials or are set per request. `accept-encoding` too: the answer's tokens are read
 /// as it streams by, which a compressed body would hide.
@@ -81,6 +79,8 @@ pub struct RoutedRequest {
   pub body: Bytes,
   /// The pool key the caller's request carried, if it carried one.
   pub asked: Option<usize>,
+  /// The model the path names (the default one for paths that name none).
+  pub model: ModelId,
 }
 
 /// The router: a pool, the connection to Gemini, and how to wait and retry.
@@ -164,10 +164,9 @@ impl Router {
   pub async fn forward(&self, req: RoutedRequest) -> Response<AnswerBody> {
     let deadline = Instant::now() + self.options.max_wait;
     let mut asked = req.asked;
-    let mut backoff = FIRST_BACKOFF;
     let mut last: Option<Response<AnswerBody>> = None;
-    for attempt in 1..=self.options.max_attempts {
-      let mut held = match self.wait_for_key(asked, deadline).await {
+    for _ in 0..self.options.max_attempts {
+      let mut held = match self.wait_for_key(asked, req.model, deadline).await {
         Ok(key) => Held::new(&self.pool, key),
         Err(answer) => return self.answered(req.asked, last.unwrap_or(answer)),
       };
@@ -235,20 +234,9 @@ impl Router {
       let mut headers = forwardable(&head.headers, &[]);
       headers.remove(CONTENT_LENGTH);
       last = Some(whole(status, headers, Bytes::from(scrubbed)));
-      let retry = match status.as_u16() {
-        // The key's quota, or the key itself: another key may do.
-        429 | 401 | 403 => true,
-        // The model's trouble: wait a little first.
-        500 | 503 => {
-          let pause = jittered(backoff);
-          backoff = (backoff * 2).min(MAX_BACKOFF);
-          if attempt < self.options.max_attempts && Instant::now() + pause < deadline {
-            tokio::time::sleep(pause).await;
-          }
-          true
-        }
-        _ => false,
-      };
+      // The key's quota or the key itself (another key may do), or the model's trouble (the
+      // pool backs the model off, and the next attempt waits for that).
+      let retry = matches!(status.as_u16(), 429 | 401 | 403 | 500 | 503);
       if !retry || Instant::now() >= deadline {
         break;
       }
@@ -273,10 +261,11 @@ impl Router {
   async fn wait_for_key(
     &self,
     asked: Option<usize>,
+    model: ModelId,
     deadline: Instant,
   ) -> Result<RouteKey, Response<AnswerBody>> {
     loop {
-      let next = match self.pool.route_key(asked) {
+      let next = match self.pool.route_key(asked, model) {
         Ok(Ok(key)) => return Ok(key),
         Ok(Err(next)) => next,
         Err(e) => {
@@ -380,15 +369,6 @@ impl Drop for Held<'_> {
 
 fn ms(started: Instant) -> f64 {
   started.elapsed().as_secs_f64() * 1_000.0
-}
-
-/// `d` give or take a quarter, so callers backing off together do not come back together.
-fn jittered(d: Duration) -> Duration {
-  let nanos = std::time::SystemTime::now()
-    .duration_since(std::time::UNIX_EPOCH)
-    .map_or(0, |t| t.subsec_nanos());
-  let quarter = d / 4;
-  d - quarter + quarter * (nanos % 1_000) / 500
 }
 
 /// Counts a streamed answer when it ends (or is dropped, the caller having gone: the request
@@ -532,7 +512,7 @@ mod tests {
     use crate::clock::SystemClock;
     use crate::config::PoolConfig;
     use crate::log::SilentLog;
-    use crate::quota::{Quota, WindowPolicy};
+    use crate::quota::Quota;
     use crate::routing::Timeouts;
 
     const KEYS: [&str; 2] = [
@@ -587,16 +567,14 @@ mod tests {
     }
 
     fn router(base: &str, rpm: u64) -> Router {
-      let config = PoolConfig {
-        keys: KEYS.iter().map(|k| k.to_string()).collect(),
-        quota: Quota {
+      let config = PoolConfig::of(
+        KEYS.iter().map(|k| k.to_string()).collect(),
+        Quota {
           rpm,
           rpd: 1_000,
           tpm: 1_000_000,
         },
-        policy: WindowPolicy::default(),
-        warnings: vec![],
-      };
+      );
       let pool =
         Arc::new(KeyPool::new(config, Arc::new(SystemClock), Arc::new(SilentLog)).unwrap());
       let upstream = Upstream::new(base, Timeouts::default()).unwrap();
@@ -604,7 +582,8 @@ mod tests {
         pool,
         upstream,
         RouteOptions {
-          max_wait: Duration::from_millis(300),
+          // Long enough for the model's first back-off after an overload (about a second).
+          max_wait: Duration::from_secs(3),
           max_attempts: 4,
         },
       )
@@ -617,6 +596,7 @@ mod tests {
         headers: HeaderMap::new(),
         body: Bytes::from_static(br#"{"contents":[{"parts":[{"text":"hi"}]}]}"#),
         asked,
+        model: 0,
       }
     }
 
@@ -699,9 +679,12 @@ mod tests {
       let r = router(&base, 30);
       let handed = r
         .pool()
-        .best(crate::pool::Claim::Reserve {
-          estimated_tokens: 0,
-        })
+        .best(
+          crate::pool::Claim::Reserve {
+            estimated_tokens: 0,
+          },
+          0,
+        )
         .unwrap()
         .pick
         .index;
@@ -709,20 +692,9 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(100), r.forward(request(Some(handed)))).await;
       assert!(gone.is_err());
       // The hand-out is open again: the next request with that key uses it.
-      let key = r.pool().route_key(Some(handed)).unwrap().unwrap();
+      let key = r.pool().route_key(Some(handed), 0).unwrap().unwrap();
       assert_eq!(key.index, handed);
       drop(listener);
-    }
-  }
-
-  #[test]
-  fn jitter_stays_within_a_quarter() {
-    for _ in 0..100 {
-      let d = jittered(Duration::from_millis(400));
-      assert!(
-        d >= Duration::from_millis(300) && d <= Duration::from_millis(500),
-        "{d:?}"
-      );
     }
   }
 }

@@ -27,6 +27,9 @@ pub struct StoredAdmission {
   pub sealed: Option<String>,
   /// The key masked, for people reading the documents.
   pub masked: String,
+  /// The project it was added in, when one was named (absent from older spill files).
+  #[serde(default)]
+  pub project: Option<String>,
 }
 
 /// An admission written by its name, in spill files.
@@ -76,6 +79,9 @@ impl MongoStore {
         };
         if let Some(sealed) = &a.sealed {
           d.insert("sealedKey", sealed);
+        }
+        if let Some(project) = &a.project {
+          d.insert("project", project);
         }
         doc! {
           "q": { "apiKey": &a.stored, "changedAtMs": { "$lt": a.changed_at } },
@@ -132,6 +138,7 @@ impl MongoStore {
         added: d.get_bool("added").unwrap_or(false),
         sealed: d.get_str("sealedKey").ok().map(str::to_owned),
         masked: d.get_str("maskedKey").unwrap_or_default().to_owned(),
+        project: d.get_str("project").ok().map(str::to_owned),
       });
     }
     Ok(out)
@@ -164,6 +171,7 @@ mod tests {
       admission,
       changed_at,
       added,
+      project: None,
     }
   }
 

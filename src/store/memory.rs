@@ -131,6 +131,7 @@ impl MemoryStore {
         added: r.added,
         sealed: None,
         masked: crate::mask::mask_key(&r.api_key),
+        project: r.project.clone(),
       })
       .collect();
     self.save_stored_admissions(&stored);

@@ -150,6 +150,7 @@ impl KeyNaming {
       added: r.added,
       sealed,
       masked: mask_key(&r.api_key),
+      project: r.project.clone(),
     })
   }
 

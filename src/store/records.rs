@@ -21,6 +21,8 @@ pub struct AdmissionRecord {
   pub changed_at: Millis,
   /// Added at run time: other processes only know the key from the store.
   pub added: bool,
+  /// The project it was added in, when one was named.
+  pub project: Option<String>,
 }
 
 /// The old service's window lengths, used to restart a window whose stored reset time has passed.

@@ -10,7 +10,7 @@ use super::*;
 use crate::clock::FakeClock;
 use crate::config::PoolConfig;
 use crate::log::SilentLog;
-use crate::quota::{Quota, WindowPolicy};
+use crate::quota::Quota;
 
 fn spec() -> Value {
   serde_json::from_str(OPENAPI_JSON).expect("docs/openapi.json is JSON")
@@ -63,12 +63,10 @@ fn every_route_is_described_with_its_method_and_auth() {
 
 #[test]
 fn the_spec_is_served_as_it_is_kept() {
-  let config = PoolConfig {
-    keys: vec!["AIzaSyOPEN0000000000000000000000000000001".to_owned()],
-    quota: Quota::default(),
-    policy: WindowPolicy::default(),
-    warnings: vec![],
-  };
+  let config = PoolConfig::of(
+    vec!["AIzaSyOPEN0000000000000000000000000000001".to_owned()],
+    Quota::default(),
+  );
   let pool = KeyPool::new(config, Arc::new(FakeClock::at(0)), Arc::new(SilentLog)).unwrap();
   // Open to all, like the other reading routes, even with an admin token set.
   let reply = route(
