@@ -14,11 +14,12 @@ export declare class NativeKeyPool {
   /** Builds the pool from `options` and the environment. */
   constructor(options?: PoolOptions | undefined | null)
   /**
-   * The hot path, as plain functions over this pool: `best(estimatedTokens)` returns the chosen
-   * key's position, `recordSuccess(index, tokens, responseTime)` and `figures(index)` write the
-   * key's figures into `results`.
+   * The hot path, as plain functions over this pool: `best(estimatedTokens, modelId)` returns the
+   * chosen key's position, `recordSuccess(index, tokens, responseTime, modelId)` and
+   * `figures(index)` write the key's figures into `results` (a missing model id is the default
+   * model, or for a report the model of its hand-out).
    */
-  hotPath(): { results: Float64Array; best(estimatedTokens: number): number; recordSuccess(index: number, tokens: number, responseTime: number): void; figures(index: number): void }
+  hotPath(): { results: Float64Array; best(estimatedTokens: number, modelId?: number): number; recordSuccess(index: number, tokens: number, responseTime: number, modelId?: number): void; figures(index: number): void }
   /**
    * Every key the pool has known, by the position every other method takes and returns:
    * removed keys keep theirs, and keys added later come after.
@@ -27,10 +28,18 @@ export declare class NativeKeyPool {
   /** How many positions are in use (see `keys`): a cheap check for keys added since. */
   keyCount(): number
   /**
-   * Adds `apiKey` to the pool (or brings back a removed one) and writes its figures into the
-   * result slots; returns its position.
+   * The id of the model named `name` (`gemini-2.0-flash` or `models/gemini-2.0-flash`), which
+   * the calls about a model take: met now, with limits from the table (or `modelLimits`, or the
+   * default model's, said once), if it was not yet.
    */
-  addKey(apiKey: string): number
+  modelId(name: string): number
+  /** Every key's project and its budget of every model met, by position. */
+  budgets(): Array<KeyBudgets>
+  /**
+   * Adds `apiKey` to the pool (in `project`, when named), or brings back a removed one, and
+   * writes its figures into the result slots; returns its position.
+   */
+  addKey(apiKey: string, project?: string | undefined | null): number
   /**
    * An operator's decision about the key at `index`: back in service, out of service, or out of
    * the pool. Returns whether it changed anything.
@@ -40,25 +49,25 @@ export declare class NativeKeyPool {
    * `getNextKeyForRotation`: returns the chosen key's position; the reason and the weak key's
    * score are in the result slots.
    */
-  rotate(estimatedTokens: number): number
+  rotate(estimatedTokens: number, modelId?: number | undefined | null): number
   /**
    * Records a failed call on the key at `index`. A failed call often has no token count: a
    * missing or invalid one counts as 0 rather than losing the failure. `responseTime` is in ms.
    */
-  recordFailure(index: number, tokens: number, error: string, responseTime?: number | undefined | null): void
+  recordFailure(index: number, tokens: number, error: string, responseTime?: number | undefined | null, modelId?: number | undefined | null): void
   /**
    * `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`; `retryAfterMs` is the delay the
    * API asked for, when known.
    */
-  handleRateLimit(index: number, limitType: string, retryAfterMs?: number | undefined | null): void
+  handleRateLimit(index: number, limitType: string, retryAfterMs?: number | undefined | null, modelId?: number | undefined | null): void
   reactivate(index: number): void
   resetAllLimits(): void
   /** Rebuilds the selection cache; returns how many keys are available. */
   refreshCache(): number
   /** `getRateLimitInfo`: RPM, RPD and TPM, with `resetTime` in epoch milliseconds. */
-  rateLimitInfo(index: number): Array<RateLimitEntry>
+  rateLimitInfo(index: number, modelId?: number | undefined | null): Array<RateLimitEntry>
   /** When a key could next be handed out (epoch ms), or `null` when none will be by itself. */
-  nextAvailableAt(estimatedTokens: number): number | null
+  nextAvailableAt(estimatedTokens: number, modelId?: number | undefined | null): number | null
   /** The key's last error message, if it has one. */
   lastError(index: number): string | null
   /** Writes `currentIndex` and `lastRotation` into the result slots. */
@@ -119,6 +128,19 @@ export declare class NativeServer {
   close(): Promise<void>
 }
 
+/** One (project, model) budget of a key, as listings show it. */
+export interface BudgetEntry {
+  model: string
+  /** `active`, `resting`, `no-quota` or `overloaded`. */
+  state: string
+  /** When a rest (or the model's back-off) ends, in epoch ms. */
+  stateUntil?: number
+  availabilityScore: number
+  rpm: WindowEntry
+  rpd: WindowEntry
+  tpm: WindowEntry
+}
+
 /** The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too. */
 export declare const DEFAULT_MAX_BODY_BYTES: number
 
@@ -137,7 +159,20 @@ export declare const enum KeyAdmission {
   Removed = 'removed',
 }
 
+/** A key's project and its budgets of every model met. */
+export interface KeyBudgets {
+  /** Its project's name; null for a key whose project is not known (a project of its own). */
+  project?: string
+  models: Array<BudgetEntry>
+}
+
 export declare function keyFingerprint(apiKey: string, secret?: string | undefined | null): string
+
+/** A key and the project it belongs to. */
+export interface KeyOption {
+  apiKey: string
+  project?: string
+}
 
 /** Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier. */
 export interface LimitsOptions {
@@ -172,7 +207,8 @@ export interface PersistenceStats {
 
 /** Options of a key pool. Without `keys`, keys come from `GEMINI_API_KEY_1..N` and `GEMINI_API_KEYS`. */
 export interface PoolOptions {
-  keys?: Array<string>
+  /** Each a key, or a key and its project. */
+  keys?: Array<string | KeyOption>
   /** The model whose limits apply (`GEMINI_MODEL`, default `gemini-2.0-flash-lite`). */
   model?: string
   /** Limits by model name, replacing or adding to the built-in table. */
@@ -307,4 +343,12 @@ export interface StoreStart {
   connected: boolean
   /** Why it could not connect. */
   error?: string
+}
+
+/** One window's use. */
+export interface WindowEntry {
+  current: number
+  limit: number
+  /** Epoch ms. */
+  resetTime: number
 }
