@@ -113,6 +113,22 @@ pub fn classify(message: &str) -> Failure {
   Failure::Transient
 }
 
+/// The project Gemini's error names, from a google.rpc.ErrorInfo whose metadata has
+/// `"consumer": "projects/123456"` (return "123456"). Gemini names projects by number; other Google
+/// services may name them by id (`projects/my-project-1`), which is returned the same way. The
+/// message's own `for consumer 'project_number:…'` or `'api_key:…'` is not read: only ErrorInfo's
+/// field is Google's documented form. None when the text names none.
+pub fn consumer_project(message: &str) -> Option<String> {
+  fields(message, "consumer").find_map(|field| {
+    let project = field.value.strip_prefix("projects/")?;
+    let plausible = (1..=100).contains(&project.len())
+      && project
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b':');
+    plausible.then(|| project.to_owned())
+  })
+}
+
 fn rate_limit(text: &str) -> RateLimit {
   let quotas = quotas(text);
   let scope = quotas
@@ -770,6 +786,46 @@ mod tests {
       "(429)",
     ] {
       assert!(matches!(classify(text), Failure::RateLimited(_)), "{text}");
+    }
+  }
+
+  #[test]
+  fn the_consumer_project_of_an_error_info() {
+    let disabled = r#"{"error":{"code":403,"message":"Generative Language API has not been used in project 123456 before or it is disabled.","status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED","domain":"googleapis.com","metadata":{"service":"generativelanguage.googleapis.com","consumer":"projects/123456"}}]}}"#;
+    assert_eq!(consumer_project(disabled).as_deref(), Some("123456"));
+    let escaped = serde_json::to_string(disabled).unwrap();
+    assert_eq!(consumer_project(&escaped).as_deref(), Some("123456"));
+    let suspended = r#"[GoogleGenerativeAI Error]: [403 Forbidden] Permission denied: Consumer 'api_key:AIzaXXXX' has been suspended. [{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"CONSUMER_SUSPENDED","domain":"googleapis.com","metadata":{"consumer": "projects/578829824020","service":"generativelanguage.googleapis.com"}}]"#;
+    assert_eq!(consumer_project(suspended).as_deref(), Some("578829824020"));
+    let by_id =
+      r#"{'metadata': {'consumer': 'projects/my-project-466015', 'service': 'x.googleapis.com'}}"#;
+    assert_eq!(
+      consumer_project(by_id).as_deref(),
+      Some("my-project-466015")
+    );
+    // A 429's ErrorInfo names it too.
+    assert_eq!(
+      consumer_project(r#"429 {"metadata":{"quota_limit_value":"60","consumer":"projects/42"}}"#)
+        .as_deref(),
+      Some("42")
+    );
+  }
+
+  #[test]
+  fn no_consumer_project_where_none_is_named() {
+    for text in [
+      "",
+      GEMINI_429,
+      "Quota exceeded for consumer 'project_number:681255809395'.",
+      "Permission denied: Consumer 'api_key:AIzaXXXX' has been suspended.",
+      r#""consumer": "projects/""#,
+      r#""consumer": "projects/***********""#,
+      r#""consumer": "api_key:AIzaXXXX""#,
+      r#""consumer": "projects/123"#,
+      r#""serviceconsumer": "projects/123""#,
+      r#"consumer: projects/123"#,
+    ] {
+      assert_eq!(consumer_project(text), None, "{text}");
     }
   }
 
