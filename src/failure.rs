@@ -3,8 +3,8 @@
 //!
 //! The input is rarely one whole JSON document: it is an SDK's error text with the body or its
 //! `details` inside, a body escaped once or twice inside another JSON string, the router's
-//! `"<status> <body>"`, or plain words. So fields are read by a lexical scan that finds
-//! `"name": value` however it is quoted, and status codes as whole words, never by parsing.
+//! `"<status> <body>"`, or plain words. So no JSON parser is used: a lexical scan finds
+//! `"name": value` however it is quoted, and status codes are read as whole words.
 
 use crate::clock::Millis;
 
@@ -130,10 +130,10 @@ pub fn consumer_project(message: &str) -> Option<String> {
 }
 
 fn rate_limit(text: &str) -> RateLimit {
-  let quotas = quotas(text);
-  let scope = quotas
+  let violations = violations(text);
+  let scope = violations
     .iter()
-    .map(|q| q.scope)
+    .map(|v| v.scope)
     .max_by_key(|s| s.width())
     .unwrap_or(QuotaScope::Unknown);
   let stated = stated_limits(text);
@@ -143,19 +143,19 @@ fn rate_limit(text: &str) -> RateLimit {
     .copied();
   RateLimit {
     scope,
-    zero_quota: quotas.iter().any(|q| q.value == Some(0)) || stated.contains(&0),
-    quota_value: quotas
+    zero_quota: violations.iter().any(|v| v.value == Some(0)) || stated.contains(&0),
+    quota_value: violations
       .iter()
-      .filter(|q| q.scope == scope)
-      .find_map(|q| q.value)
+      .filter(|v| v.scope == scope)
+      .find_map(|v| v.value)
       .or(stated_value),
     retry_after_ms: retry_delay(text).max(retry_in(text)),
   }
 }
 
-/// One quota violation a 429 names.
+/// One quota a 429 says was exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Quota {
+struct Violation {
   scope: QuotaScope,
   value: Option<u64>,
 }
@@ -166,7 +166,7 @@ struct Quota {
 /// A value belongs to the id in the same `{...}`: the object around each id is found by counting
 /// braces, within the stretch between the ids before and after it, so that a violation without a
 /// value never takes its neighbour's, and the whole scan stays linear in the text.
-fn quotas(text: &str) -> Vec<Quota> {
+fn violations(text: &str) -> Vec<Violation> {
   let mut ids: Vec<Field> = fields(text, "quotaId")
     .chain(fields(text, "quota_limit"))
     .collect();
@@ -190,7 +190,7 @@ fn quotas(text: &str) -> Vec<Quota> {
       let value = values
         .next_if(|v| v.at < end)
         .and_then(|v| v.value.parse().ok());
-      Quota {
+      Violation {
         scope: QuotaScope::of_quota_id(id.value),
         value,
       }
@@ -423,6 +423,7 @@ fn find_ignore_case(text: &str, needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
   use super::*;
+  use proptest::prelude::*;
 
   /// The body Gemini sends with a 429, as the JS SDK serializes it.
   const GEMINI_429: &str = r#"{"error":{"code":429,"message":"You exceeded your current quota","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"model":"gemini-2.0-flash-lite"},"quotaValue":"30"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"17s"}]}}"#;
@@ -855,6 +856,179 @@ mod tests {
       "retry in 5parsecs",
     ] {
       assert_eq!(retry_in(text), None, "{text}");
+    }
+  }
+
+  /// Every character boundary of a text.
+  fn boundaries(text: &str) -> impl Iterator<Item = usize> + '_ {
+    text.char_indices().map(|(i, _)| i).chain([text.len()])
+  }
+
+  #[test]
+  fn truncated_texts_never_panic_and_read_what_they_hold() {
+    let day = body(
+      "You exceeded your current quota.\\n* Quota exceeded for metric: m, limit: 0, model: é\\nPlease retry in 10.5s.",
+      &[violation(DAY, None), violation(TOKENS, None)],
+      Some("10s"),
+    );
+    let escaped = serde_json::to_string(&day).unwrap();
+    let rejected = r#"{"error":{"code":403,"status":"PERMISSION_DENIED","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"SERVICE_DISABLED","metadata":{"consumer":"projects/123456"}}]}}"#;
+    for text in [day.as_str(), escaped.as_str(), rejected] {
+      for i in boundaries(text) {
+        for cut in [&text[..i], &text[i..]] {
+          classify(cut);
+          consumer_project(cut);
+        }
+      }
+    }
+    // A text cut short still reads the day's quotaId once the whole field is in.
+    for text in [&day, &escaped] {
+      let after_id = text.find(DAY).unwrap() + DAY.len();
+      let whole_field = after_id + text[after_id..].find('"').unwrap() + 1;
+      for i in boundaries(text).filter(|&i| i >= whole_field) {
+        assert_eq!(
+          limited(&text[..i]).scope,
+          QuotaScope::PerDay,
+          "{}",
+          &text[..i]
+        );
+      }
+    }
+  }
+
+  #[test]
+  fn huge_numbers_and_unicode_are_read_or_ignored_not_fatal() {
+    let huge = body(
+      "Quota exceeded for metric: m, limit: 99999999999999999999999, model: m",
+      &[violation(DAY, Some("99999999999999999999999"))],
+      Some("99999999999999999999.5s"),
+    );
+    assert_eq!(limited(&huge), limit(QuotaScope::PerDay, false, None, None));
+    assert_eq!(retry_in("retry in 9999999999999999999999h"), None);
+    assert_eq!(
+      retry_in(&format!("retry in {}", "1h".repeat(100_000))),
+      None
+    );
+    assert_eq!(retry_in("Please retry in 2µs"), Some(1));
+    assert_eq!(retry_in("Please retry in 1.5μs!"), Some(1));
+    assert_eq!(retry_in("retry in 3sé"), None);
+    assert_eq!(retry_in("retry in 3s é"), Some(3_000));
+    assert!(matches!(classify("🚫429🚫"), Failure::RateLimited(_)));
+    assert_eq!(classify("é503é"), Failure::Overloaded);
+    // Typographic quotes, as pages reprinting bodies have them, are not JSON's.
+    assert_eq!(
+      limited("429 “quotaId”: “GenerateRequestsPerDayPerProjectPerModel-FreeTier”").scope,
+      QuotaScope::Unknown
+    );
+    for text in [
+      r#"\\\\\"\"'''\"\\"#,
+      r#""quotaId""#,
+      r#"quotaId":"#,
+      "'quotaId': ",
+      r#"429 "quotaId": '"#,
+      r#"429 "retryDelay":"é"#,
+      r#"429 "quotaValue":"1" "quotaId":"x"}}}}{{{{"#,
+      r#"429 }}}}"quotaId":"PerDay"{{{{"#,
+      r#"429 "quotaId":"a 'quotaId':'PerDay' b""#,
+      "retry in é",
+      "Quota exceeded for metricQuota exceeded for metric, limit: é",
+      r#""consumer": "projects/é""#,
+      "\u{0}\u{ffff}\u{10ffff}",
+    ] {
+      classify(text);
+      consumer_project(text);
+    }
+  }
+
+  #[test]
+  fn pathological_texts_are_read_in_linear_time() {
+    let start = std::time::Instant::now();
+    for unit in [
+      r#"{"quotaId":"#,
+      r#""quotaId":"PerDay","#,
+      r#"{"quotaId":"PerMinute","quotaValue":"1"}"#,
+      "{",
+      "}",
+      r#"'quotaId': ""#,
+      r#""retryDelay": "1"#,
+      "retry in 1",
+      "Quota exceeded for metric",
+      r#""consumer":"projects/"#,
+      "429.",
+      r"\\\\",
+    ] {
+      let text = format!("429 {}", unit.repeat(200_000 / unit.len()));
+      classify(&text);
+      consumer_project(&text);
+    }
+    // Quadratic work on these would take minutes.
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+  }
+
+  fn fragment() -> impl Strategy<Value = String> {
+    prop_oneof![
+      prop::sample::select(vec![
+        "\"",
+        "'",
+        "\\",
+        ":",
+        " ",
+        ",",
+        "{",
+        "}",
+        ".",
+        "s",
+        "ms",
+        "m",
+        "µ",
+        "é",
+        "0",
+        "429",
+        "503",
+        "403",
+        "quotaId",
+        "quotaValue",
+        "quota_limit",
+        "retryDelay",
+        "consumer",
+        "projects/",
+        "PerDay",
+        "PerMinute",
+        "Token",
+        "retry in ",
+        "limit: ",
+        "Quota exceeded for metric",
+        "RESOURCE_EXHAUSTED",
+        "\n",
+      ])
+      .prop_map(str::to_owned),
+      "[0-9]{1,25}",
+      "\\PC{0,4}",
+    ]
+  }
+
+  proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_text_is_read_without_panic(text in "\\PC*") {
+      classify(&text);
+      consumer_project(&text);
+    }
+
+    #[test]
+    fn texts_made_of_error_fragments_are_read_within_bounds(
+      parts in prop::collection::vec(fragment(), 0..48),
+    ) {
+      let text = parts.concat();
+      if let Failure::RateLimited(rate) = classify(&text) {
+        prop_assert!(rate.retry_after_ms.is_none_or(|ms| (0..=86_400_000).contains(&ms)));
+        prop_assert!(!rate.zero_quota || text.contains('0'));
+      }
+      if let Some(project) = consumer_project(&text) {
+        let named = format!("projects/{project}");
+        prop_assert!(text.contains(&named));
+      }
     }
   }
 }
