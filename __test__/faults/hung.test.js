@@ -189,6 +189,11 @@ test('a database hung at shutdown: SIGTERM through the manager\'s exit hooks end
   const { keys } = await inspect(t, server.uri, dbName)
   const rpd = (await keys.find().toArray()).reduce((n, d) => n + d.limits.rpd.current, 0)
   t.diagnostic(`after the next start: ${stored.docs} usage documents, ${stored.ids} distinct ids; api_keys RPD counts sum to ${rpd}`)
+  await t.test('the keys\' counters count the spilled calls too', {
+    todo: 'a spill file keeps calls and operators\' decisions, not key documents: the counters of a close the database did not take are lost',
+  }, () => {
+    assert.equal(rpd, count)
+  })
 })
 
 test('a database hung at shutdown: SIGTERM to the bin `serve` ends within closeTimeoutMs, exit 0, and its change is spilled and written once', async (t) => {

@@ -117,8 +117,10 @@ class Child {
 
   /** Resolves to the exit, or fails the test after `ms`. */
   async waitExit(ms) {
-    const timer = new Promise((resolve) => setTimeout(resolve, ms, null))
-    const exit = await Promise.race([this.exited, timer])
+    let timer
+    const late = new Promise((resolve) => (timer = setTimeout(resolve, ms, null)))
+    const exit = await Promise.race([this.exited, late])
+    clearTimeout(timer)
     assert.ok(exit !== null, `pid ${this.pid} did not exit within ${ms} ms\n${this.output()}`)
     return exit
   }
