@@ -22,7 +22,10 @@ const CLOSE_SLACK_MS = 2500
 /** Values from 0 to 499 counted in 50 ms buckets: `0-49: n, ...`, empty buckets left out. */
 function histogram(values) {
   const buckets = new Map()
-  for (const v of values) buckets.set(Math.floor(v / 50) * 50, (buckets.get(Math.floor(v / 50) * 50) ?? 0) + 1)
+  for (const v of values) {
+    const bucket = Math.floor(v / 50) * 50
+    buckets.set(bucket, (buckets.get(bucket) ?? 0) + 1)
+  }
   return [...buckets.entries()]
     .sort(([a], [b]) => a - b)
     .map(([b, n]) => `${b}-${b + 49}: ${n}`)
@@ -65,18 +68,22 @@ test('a database hung for 3 s during selection: keys serve a local share within 
     const r = results[i]
     const fellBack = c.lines.slice(seen[i]).find((l) => /Shared quota: MongoDB cannot be reached/.test(l.text))
     const back = c.lines.slice(seen[i]).find((l) => l.at >= resumedAt && /Shared quota: leasing from MongoDB again/.test(l.text))
-    // The longest stretch without a selection that overlaps the hang.
+    // The longest stretches without a selection that overlap the hang, and that come after it.
     const inHang = r.gaps.filter(([from, gap]) => from + gap >= hungAt && from <= resumedAt)
+    const afterHang = r.gaps.filter(([from]) => from > resumedAt)
+    const late = r.failedAt.filter((at) => at >= resumedAt)
     return {
       selections: r.selections,
       failedBefore: r.failedAt.filter((at) => at < hungAt).length,
       failedDuring: r.failedAt.filter((at) => at >= hungAt && at < resumedAt).length,
-      failedAfter: r.failedAt.filter((at) => at >= resumedAt).length,
+      failedAfter: late.length,
+      failedAfterSpan: late.length === 0 ? '' : ` ${late[0] - resumedAt}..${late.at(-1) - resumedAt} ms after SIGCONT`,
       // Times from the SIGSTOP; how far into its 500 ms slice each failure came.
       errors: r.errors.filter(([at]) => at >= hungAt).map(([at, error, next]) => [at - hungAt, error, next && Date.parse(next) - hungAt]),
       failedIntoSlice: histogram(r.failedAt.filter((at) => at >= hungAt).map((at) => at % 500)),
       maxGapMs: r.maxGapMs,
       maxGapInHangMs: Math.max(0, ...inHang.map(([, gap]) => gap)),
+      maxGapAfterMs: Math.max(0, ...afterHang.map(([, gap]) => gap)),
       fallbackMs: fellBack ? fellBack.at - hungAt : null,
       recoveryMs: back ? back.at - resumedAt : null,
       peers: r.stats.peers,
@@ -87,8 +94,8 @@ test('a database hung for 3 s during selection: keys serve a local share within 
       .map(
         (r, i) =>
           `process ${i + 1}: ${r.selections} selections, failed ${r.failedBefore} before the hang, ${r.failedDuring} during, ` +
-          `${r.failedAfter} after (ms into the slice: ${r.failedIntoSlice || 'none'}), longest gap ${r.maxGapMs} ms ` +
-          `(${r.maxGapInHangMs} ms over 100 during the hang), local share after ${r.fallbackMs} ms, ` +
+          `${r.failedAfter} after${r.failedAfterSpan} (ms into the slice: ${r.failedIntoSlice || 'none'}), longest gap ${r.maxGapMs} ms ` +
+          `(over 100 ms: ${r.maxGapInHangMs} during the hang, ${r.maxGapAfterMs} after), local share after ${r.fallbackMs} ms, ` +
           `leasing again ${r.recoveryMs} ms after SIGCONT, peers ${r.peers}`,
       )
       .join('; '),

@@ -15,6 +15,10 @@ const { spawn } = require('node:child_process')
 const { MongoClient } = require('mongodb')
 const { PKG, cleanEnv, fakeKey, freePort } = require('../helpers')
 
+// The tests set what they need; none of this machine's settings (an admin token, a fingerprint
+// secret, a spill directory) reaches them or their children.
+for (const name of Object.keys(process.env)) if (name.startsWith('KEY_MANAGER_')) delete process.env[name]
+
 const NX = path.join(PKG, '.venv-mongo', 'bin', 'nx-27017')
 const FIXTURES = path.join(__dirname, 'fixtures')
 const KEYS = [fakeKey(71), fakeKey(72), fakeKey(73)]
@@ -43,7 +47,7 @@ function tempDir(t, name) {
  * started, as npm's children), its stdout and stderr kept as lines `{ at, stream, text }`.
  */
 class Child {
-  constructor(command, args, { env = {}, cwd = PKG, rawEnv = false } = {}) {
+  constructor(command, args, { env = {}, cwd = PKG } = {}) {
     this.lines = []
     this.exit = null
     // Its output is all read: 'exit' may come before the last lines.
@@ -51,7 +55,7 @@ class Child {
     this._waiters = new Set()
     this.process = spawn(command, args, {
       cwd,
-      env: rawEnv ? env : cleanEnv(env),
+      env: cleanEnv(env),
       stdio: ['pipe', 'pipe', 'pipe'],
       detached: true,
     })
@@ -183,10 +187,6 @@ async function startNx(t, { port, db = 'memory', dir } = {}) {
   assert.ok(up, `nx-27017 did not start on port ${port}: ${child.output()}`)
   return {
     port,
-    db,
-    dir,
-    child,
-    pid: child.pid,
     uri: `mongodb://127.0.0.1:${port}/?directConnection=true`,
     hang: () => process.kill(child.pid, 'SIGSTOP'),
     resume: () => process.kill(child.pid, 'SIGCONT'),
