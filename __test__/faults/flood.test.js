@@ -1,11 +1,11 @@
 'use strict'
 
-// Issue 11 point 7, fault 5: a connection flood. Two processes (or more, under a lower descriptor
-// limit) open 20,000 connections to the bin
-// `serve` that never send a whole request head (slowloris); while they are held, GET
-// /api/keys/status on fresh connections is answered, every time and fast (at the cap of 4,096 a
-// new connection takes the place of the oldest one without a head). Once the flood is closed the
-// server's memory returns near its idle figure (malloc_trim), flood after flood.
+// Issue 11 point 7, fault 5: a connection flood. Two processes (more under a lower descriptor
+// limit) open 20,000 connections to the bin `serve` that never send a whole request head
+// (slowloris); while they come in and while they are held, GET /api/keys/status on fresh
+// connections is answered, every time and fast (at the cap of 4,096 a new connection takes the
+// place of the oldest one without a head). Once the flood is over the server's memory returns near
+// its idle figure (malloc_trim), flood after flood. Linux only: memory is read from /proc.
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
