@@ -231,7 +231,7 @@ test('a database hung at shutdown: SIGTERM to the bin `serve` ends within closeT
   const exit = await bin.waitExit(CLOSE_TIMEOUT_MS + 15000)
   const tookMs = exit.at - signalled
   await eventually(() => bin.closed, 5000)
-  t.diagnostic(`bin serve, SIGTERM to exit with the database hung: ${tookMs} ms`)
+  t.diagnostic(`bin serve, SIGTERM to exit with the database hung: ${tookMs} ms; ${bin.lines.find((l) => SPILL_LINE.test(l.text))?.text}`)
   assert.equal(exit.code, 0, bin.output())
   assert.ok(bin.lines.some((l) => l.text.startsWith('🛑 Shutting down')), bin.output())
   assert.ok(tookMs <= CLOSE_TIMEOUT_MS + CLOSE_SLACK_MS, `took ${tookMs} ms`)
