@@ -5,7 +5,10 @@
 // (slowloris); while they come in and while they are held, GET /api/keys/status on fresh
 // connections is answered, every time and fast (at the cap of 4,096 a new connection takes the
 // place of the oldest one without a head). Once the flood is over the server's memory returns near
-// its idle figure (malloc_trim), flood after flood. Linux only: memory is read from /proc.
+// its idle figure (malloc_trim), flood after flood. Under a descriptor limit below that cap, the
+// cap is held under the limit, and a process out of descriptors all the same (others hold them)
+// cuts a connection without a head to accept the next: clients are not locked out for the head
+// timeout. Linux only: memory is read from /proc.
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
@@ -13,7 +16,7 @@ const crypto = require('node:crypto')
 const fs = require('node:fs')
 const http = require('node:http')
 const path = require('node:path')
-const { KEYS, MB, eventually, rss, sleep, start, startFixture } = require('./support')
+const { FIXTURES, KEYS, MB, eventually, rss, sleep, start, startFixture } = require('./support')
 
 const BIN = path.resolve(__dirname, '..', '..', 'bin', 'gemini-key-manager.js')
 const FLOOD = 20000
@@ -154,18 +157,31 @@ test('20,000 slowloris connections: status answered within 100 ms (p99), memory 
   }
 })
 
-test('a flood past the server\'s descriptor limit (hard limit 1024, under maxConnections 4096) does not lock clients out', {
-  todo: 'at the descriptor limit accept() fails (EMFILE) before the cap can make room, so clients wait for the head timeout; ' +
-    'the cap could be held under the limit',
-}, async (t) => {
-  // The hard limit too: node raises its soft limit to the hard one at start.
-  const server = start(t, 'sh', ['-c', 'ulimit -n 1024 && exec "$0" "$@"', process.execPath, BIN, 'serve'], {
-    env: { GEMINI_API_KEYS: KEYS.join(','), HOST: '127.0.0.1', PORT: '0' },
+const OUT_OF_DESCRIPTORS = /could not accept a connection: Too many open files/
+const LIMIT = 1024
+
+/**
+ * The bin `serve` under a hard descriptor limit of 1,024 (node raises its soft limit to the hard
+ * one at start), `held` of them held open by the process itself, flooded with 2,000 slowloris
+ * connections. Returns how long clients waited for a status answer once the server was full.
+ */
+async function floodAtTheLimit(t, held) {
+  const server = start(t, 'sh', ['-c', `ulimit -n ${LIMIT} && exec "$0" "$@"`, process.execPath, BIN, 'serve'], {
+    env: {
+      GEMINI_API_KEYS: KEYS.join(','),
+      HOST: '127.0.0.1',
+      PORT: '0',
+      NODE_OPTIONS: `--require ${path.join(FIXTURES, 'hold-descriptors.js')}`,
+      TEST_HOLD_DESCRIPTORS: String(held),
+    },
   })
   const port = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec((await server.waitFor(/listening on http/, 30000)).text)[1])
+  const capped = server.lines.find((l) => /HTTP server: at most \d+ connections open at once, not 4096/.test(l.text))
   const flooder = startFixture(t, 'flooder.js', { host: '127.0.0.1', port, localAddress: `127.${crypto.randomInt(1, 255)}.1.2`, count: 2000, concurrency: 200 })
-  // Once the server is out of descriptors, a client tries until it is answered.
-  await server.waitFor(/could not accept a connection: Too many open files/, 30000)
+  // Full: out of descriptors (held ones and connections), or every connection tried and the cap
+  // cutting the oldest. From then on a client tries until it is answered.
+  const full = held > 0 ? server.waitFor(OUT_OF_DESCRIPTORS, 30000) : flooder.json('OPENED', 60000)
+  await full
   const from = Date.now()
   const tries = []
   while (Date.now() - from < 20000) {
@@ -174,12 +190,44 @@ test('a flood past the server\'s descriptor limit (hard limit 1024, under maxCon
     if (answer.status === 200) break
   }
   const lockedOutMs = Date.now() - from
+  // Held, with the flood all in: status requests keep being answered.
+  const opened = await flooder.json('OPENED', 60000)
+  const answers = await probes(port)
   flooder.send('close')
-  const refused = server.lines.filter((l) => /could not accept a connection: Too many open files/.test(l.text)).length
-  t.diagnostic(
-    `2,000 slowloris connections at a 1,024 descriptor limit: the first status answered ${lockedOutMs} ms after the server ran out, ` +
-      `after ${tries.length} tries (${tries.map((a) => a.status).join(', ')}); ${refused} accept failures logged`,
-  )
-  assert.equal(tries.at(-1).status, 200)
-  assert.ok(lockedOutMs <= 1000, `clients locked out for ${lockedOutMs} ms`)
+  const result = await flooder.json('RESULT', 30000)
+  const failures = server.lines.filter((l) => OUT_OF_DESCRIPTORS.test(l.text))
+  const ms = answers.map((a) => a.ms).sort((a, b) => a - b)
+  return { server, capped, lockedOutMs, tries, opened, result, answers, ms, failures }
+}
+
+test('a flood past the server\'s descriptor limit (hard limit 1024, under maxConnections 4096) does not lock clients out', async (t) => {
+  await t.test('the connection cap is held under the limit, and decides which connection goes', async (t) => {
+    const r = await floodAtTheLimit(t, 0)
+    t.diagnostic(
+      `2,000 slowloris connections at a 1,024 descriptor limit: ${r.capped?.text}; ${r.opened.connected} connected, ` +
+        `${r.result.cut.partial.n + r.result.cut.silent.n} closed by the server; first status answered ${r.lockedOutMs} ms after ` +
+        `the flood was in (${r.tries.length} tries); then ${PROBES} status requests: ${[...new Set(r.answers.map((a) => a.status))]}, ` +
+        `p50 ${fixed(percentile(r.ms, 0.5))} ms, p99 ${fixed(percentile(r.ms, 0.99))} ms; ${r.failures.length} accept failures logged`,
+    )
+    assert.ok(r.capped, `no line about the lowered cap:\n${r.server.output()}`)
+    assert.equal(r.tries.at(-1).status, 200)
+    assert.ok(r.lockedOutMs <= 1000, `clients locked out for ${r.lockedOutMs} ms`)
+    assert.ok(r.answers.every((a) => a.status === 200), JSON.stringify(r.answers.map((a) => a.status)))
+    assert.deepEqual(r.failures, [], 'the cap, not the descriptor limit, made room')
+  })
+  await t.test('with 400 descriptors held elsewhere in the process, accept fails, and a connection without a head makes room', async (t) => {
+    const r = await floodAtTheLimit(t, 400)
+    t.diagnostic(
+      `2,000 slowloris connections at a 1,024 descriptor limit, 400 held by the process: ${r.opened.connected} connected, ` +
+        `${r.result.cut.partial.n + r.result.cut.silent.n} closed by the server; first status answered ${r.lockedOutMs} ms after ` +
+        `the server ran out (${r.tries.length} tries); then ${PROBES} status requests: ${[...new Set(r.answers.map((a) => a.status))]}, ` +
+        `p50 ${fixed(percentile(r.ms, 0.5))} ms, p99 ${fixed(percentile(r.ms, 0.99))} ms; accept failures logged: ` +
+        `${r.failures.length} (${r.failures.map((l) => l.text).join(' | ')})`,
+    )
+    assert.equal(r.tries.at(-1).status, 200)
+    assert.ok(r.lockedOutMs <= 1000, `clients locked out for ${r.lockedOutMs} ms`)
+    assert.ok(r.answers.every((a) => a.status === 200), JSON.stringify(r.answers.map((a) => a.status)))
+    assert.equal(r.failures.length, 1, 'logged once')
+    assert.match(r.failures[0].text, /cutting the oldest connections that sent no request head to make room/)
+  })
 })
