@@ -136,15 +136,21 @@ impl LeaseKeeper {
 
 async fn run(inner: Arc<Inner>) {
   let mut next_reclaim = 0;
+  // Each allowance asks one thing a round, the most urgent first: after a round the store
+  // answered, what comes next (the next slice's lease, once the first is in) is asked at once,
+  // not a tick later, which may be past the slice's end.
+  let mut again = true;
   while !inner.closing.load(Ordering::Acquire) {
-    tokio::select! {
-      _ = sleep(TICK) => {}
-      _ = inner.wake.notified() => {}
+    if !again {
+      tokio::select! {
+        _ = sleep(TICK) => {}
+        _ = inner.wake.notified() => {}
+      }
     }
     if inner.closing.load(Ordering::Acquire) {
       break;
     }
-    round(&inner).await;
+    again = round(&inner).await;
     let now = inner.pool.now();
     if now >= next_reclaim {
       next_reclaim = now + DAILY_LEASE_TTL_MS / 2;
@@ -158,11 +164,12 @@ async fn run(inner: Arc<Inner>) {
 }
 
 /// Asks the store for what the pool needs and hands the answers back. After a failure the rest of
-/// the round is not asked: the store is away, and keys without a good lease serve a local share.
-async fn round(inner: &Inner) {
+/// the round is not asked: the store is away, and keys serve what they hold, then a local share.
+/// Returns whether the store answered something.
+async fn round(inner: &Inner) -> bool {
   let needs = inner.pool.lease_needs();
   if needs.is_empty() {
-    return;
+    return false;
   }
   let store = inner.store.lock().clone();
   let mut reachable = store.is_some();
@@ -177,15 +184,23 @@ async fn round(inner: &Inner) {
       let asked = timeout(LEASE_TIMEOUT, ask(store, inner, budget, window, &need)).await;
       match asked.unwrap_or(Err(StoreError::Unreachable(LEASE_TIMEOUT))) {
         Ok((granted, holders, given_back)) => {
-          // Holders of a window not started yet are only those that leased early.
-          if let LeaseNeed::Grant { occurrence, .. } = need {
-            if occurrence.contains(now) {
+          // Holders of a day not started yet are only those that leased early; a slice's are
+          // those of the last span, started or not (and slices are mostly leased before they
+          // start).
+          if let LeaseNeed::Grant {
+            occurrence,
+            span_slices,
+            ..
+          } = need
+          {
+            if occurrence.contains(now) || span_slices > 0 {
               peers = peers.max(holders);
             }
           }
           answer = Some(Answer {
             granted,
             given_back,
+            holders,
           });
         }
         Err(_) => reachable = false,
@@ -211,11 +226,12 @@ async fn round(inner: &Inner) {
   if !reachable {
     inner.pool.grant_locally(peers);
   }
+  reachable
 }
 
 /// One need: reports what was spent, asks for more, then gives back what the new grant replaces
 /// (after, so a failed grant leaves the old lease in place). Returns what was granted, how many
-/// processes hold part of the window, and what was given back.
+/// processes hold part of the window (0 when not read), and what was given back.
 async fn ask(
   store: &Store,
   inner: &Inner,
@@ -224,7 +240,7 @@ async fn ask(
   need: &LeaseNeed,
 ) -> Result<(u64, usize, u64), StoreError> {
   let Some(subject) = inner.pool.lease_subject(budget) else {
-    return Ok((0, 1, 0));
+    return Ok((0, 0, 0));
   };
   let api_key = subject.as_str();
   let (occurrence, want, limit, expires_at, spent, give_back, span_slices) = match *need {
@@ -252,7 +268,8 @@ async fn ask(
     } => {
       let slot = slice_slot(api_key, window, &slice, span_slices);
       let back = store.release_slice(&slot, &inner.holder, unused).await?;
-      return Ok((0, 1, back));
+      // A give-back does not read who holds the window.
+      return Ok((0, 0, back));
     }
   };
   if span_slices > 0 {
@@ -310,6 +327,7 @@ mod tests {
   use crate::log::CapturedLog;
   use crate::pool::{Claim, Outcome};
   use crate::quota::Quota;
+  use crate::quota::WindowPolicy;
 
   /// A minute boundary.
   const T0: Millis = 1_800_000_000_000;
@@ -326,14 +344,25 @@ mod tests {
     store: &Arc<StoreSlot>,
     log: &Arc<CapturedLog>,
   ) -> Arc<Inner> {
-    let config = PoolConfig::of(
-      vec!["key-a".into(), "key-b".into(), "key-c".into()],
-      Quota {
-        rpm: 30,
-        rpd: 10_000,
-        tpm: 1_000_000,
-      },
-    );
+    let quota = Quota {
+      rpm: 30,
+      rpd: 10_000,
+      tpm: 1_000_000,
+    };
+    process_with(clock, store, log, quota, WindowPolicy::default())
+  }
+
+  fn process_with(
+    clock: &FakeClock,
+    store: &Arc<StoreSlot>,
+    log: &Arc<CapturedLog>,
+    quota: Quota,
+    policy: WindowPolicy,
+  ) -> Arc<Inner> {
+    let config = PoolConfig {
+      policy,
+      ..PoolConfig::of(vec!["key-a".into(), "key-b".into(), "key-c".into()], quota)
+    };
     let pool = Arc::new(
       KeyPool::new(
         config,
@@ -459,6 +488,66 @@ mod tests {
     let lines = log.0.lock().clone();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines[0].contains("1/3 of each limit"), "{lines:?}");
+    assert_eq!(lines[1], RECONNECTED_LINE);
+  }
+
+  /// One process, three keys at RPM 100,000 over 2 s spans (500 ms slices), a leasing round every
+  /// 10 ms (the round trip of a store that answers at once, as wake-ups come): quiet for 2 s (a
+  /// selection every 100 ms), then a burst (50 every 10 ms), the store away for 3 s of it, then
+  /// back. The limit always has room: no selection fails.
+  #[tokio::test]
+  async fn no_selection_fails_while_the_limit_has_room_at_a_burst_or_with_the_store_away() {
+    let clock = FakeClock::at(T0 + 123);
+    let memory = Arc::new(Store::Memory(Box::default()));
+    let slot = Arc::new(StoreSlot::new(Some(memory.clone())));
+    let quota = Quota {
+      rpm: 100_000,
+      rpd: 10_000_000,
+      tpm: 1_000_000_000,
+    };
+    let policy = WindowPolicy {
+      span_ms: 2_000,
+      ..WindowPolicy::default()
+    };
+    let log = Arc::new(CapturedLog::default());
+    let inner = process_with(&clock, &slot, &log, quota, policy);
+    round(&inner).await;
+    let mut failed = Vec::new();
+    let mut served = 0;
+    for t in (0..10_000).step_by(10) {
+      match t {
+        5_000 => *slot.lock() = None,
+        8_000 => *slot.lock() = Some(memory.clone()),
+        _ => {}
+      }
+      round(&inner).await;
+      let selections = match t {
+        0..2_000 => usize::from(t % 100 == 0),
+        _ => 50,
+      };
+      for _ in 0..selections {
+        match inner.pool.best(RESERVE, 0) {
+          Ok(picked) => {
+            served += 1;
+            inner
+              .pool
+              .record_usage(picked.pick.index, 1, Outcome::Success, 1.0, None)
+              .unwrap();
+          }
+          Err(_) => failed.push(t),
+        }
+      }
+      clock.advance(10);
+    }
+    assert_eq!(
+      failed,
+      Vec::<i64>::new(),
+      "failed selections, ms from the start"
+    );
+    assert_eq!(served, 20 + 800 * 50);
+    // It said it served a local share, and that it leases again.
+    let lines = log.0.lock().clone();
+    assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[1], RECONNECTED_LINE);
   }
 }

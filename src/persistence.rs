@@ -25,9 +25,9 @@ use crate::leasing::{LeaseKeeper, StoreSlot};
 use crate::log::Log;
 use crate::mask::scrub;
 use crate::pool::KeyPool;
-use crate::spill::{self, Spill};
+use crate::spill::{self, Claim, Spill, SpilledKey};
 use crate::store::{
-  AdmissionRecord, KeyNaming, KeyStorage, MongoStore, Store, StoreError, UsageRecord,
+  AdmissionRecord, KeyNaming, KeyRecord, KeyStorage, MongoStore, Store, StoreError, UsageRecord,
   DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
 };
 use crate::usage_log::{DEFAULT_BATCH, DEFAULT_CAPACITY};
@@ -132,9 +132,11 @@ struct Shared {
   connected: AtomicBool,
   ops: AtomicU64,
   /// Recorded calls taken from the pool's queue and not written yet (a batch being written stays
-  /// here until it is), and operators' decisions likewise: what closing spills if it must.
+  /// here until it is), and operators' decisions and key documents likewise: what closing spills
+  /// if it must.
   pending: Mutex<Vec<UsageRecord>>,
   pending_admissions: Mutex<Vec<AdmissionRecord>>,
+  pending_keys: Mutex<Vec<KeyRecord>>,
   spill: Spill,
   /// This process's name for its spill file.
   writer: String,
@@ -171,9 +173,18 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
   match loaded.await {
     Ok(records) => {
       pool.import(&records);
+      // Before the keys are marked changed: a spilled key document merged now is the pool's own
+      // state, not a local change that outweighs the stored one.
+      let spilled = claim_spilled(shared);
+      let others = spilled
+        .as_ref()
+        .map(|claim| import_spilled_keys(shared, &claim.spilled.keys, &records))
+        .unwrap_or_default();
       pool.mark_all_dirty();
       pool.set_usage_reader(Some(reader));
-      write_spilled(shared, &store).await;
+      if let Some(claim) = spilled {
+        write_spilled(shared, &store, claim, &others).await;
+      }
       Ok(store)
     }
     Err(e) => {
@@ -222,39 +233,91 @@ async fn follow_admissions(shared: &Shared, store: &Store) -> Result<(), StoreEr
   Ok(())
 }
 
-/// Writes what spill files of this database hold (an earlier run, or this one, could not write
-/// it before closing), then deletes them; on failure they stay for the next connection.
-async fn write_spilled(shared: &Shared, store: &Store) {
-  let claim = match shared.spill.claim(&shared.writer) {
-    Ok(claim) if !claim.is_empty() => claim,
-    Ok(_) => return,
+/// Takes over the spill files of this database (an earlier run, or this one, could not write what
+/// they hold before closing), if there are any.
+fn claim_spilled(shared: &Shared) -> Option<Claim> {
+  match shared.spill.claim(&shared.writer) {
+    Ok(claim) if !claim.is_empty() => Some(claim),
+    Ok(_) => None,
     Err(e) => {
       shared.log.warn(&format!(
         "⚠️ The spill files in {} cannot be read: {e}",
         shared.spill.file().display()
       ));
-      return;
-    }
-  };
-  let spilled = &claim.spilled;
-  let written = async {
-    store.save_stored_admissions(&spilled.admissions).await?;
-    store.append_stored_usage(&spilled.calls).await
-  };
-  // Not written in time: left for the next connection, the files staying claimed by this writer.
-  if let Ok(Ok(_)) = timeout(WRITE_TIMEOUT, written).await {
-    let calls = spilled.calls.len();
-    if claim.done().is_ok() {
-      shared.log.info(&format!(
-        "✅ Wrote {calls} recorded calls an earlier run kept in a spill file"
-      ));
+      None
     }
   }
 }
 
+/// Merges spilled key documents into the pool, each with what the database holds for its key
+/// (`stored`, as loaded: see [`spill::merge_key`]), and the pool's merge then keeps the larger
+/// counts again. Returns the merged documents of keys this process is not configured with, to be
+/// written as they are.
+fn import_spilled_keys(
+  shared: &Shared,
+  spilled: &[SpilledKey],
+  stored: &[KeyRecord],
+) -> Vec<KeyRecord> {
+  let now = shared.pool.now();
+  let names = shared.pool.names();
+  let (known, others): (Vec<KeyRecord>, Vec<KeyRecord>) = spilled
+    .iter()
+    .map(|k| {
+      let theirs = stored.iter().find(|s| s.api_key == k.record.api_key);
+      spill::merge_key(k, theirs, now)
+    })
+    .partition(|r| names.position_of_stored(&r.api_key).is_some());
+  shared.pool.import(&known);
+  others
+}
+
+/// Writes what claimed spill files hold: operators' decisions, recorded calls, and the key
+/// documents (the pool's, which the spilled ones were merged into, and `others`, spilled for keys
+/// this process does not have), then deletes the files. Written again, they change nothing; on a
+/// failure the files stay claimed for the next connection.
+async fn write_spilled(shared: &Shared, store: &Store, claim: Claim, others: &[KeyRecord]) {
+  let spilled = &claim.spilled;
+  let keys = (!spilled.keys.is_empty()).then(|| take_keys(shared));
+  let written = async {
+    store.save_stored_admissions(&spilled.admissions).await?;
+    store.append_stored_usage(&spilled.calls).await?;
+    if let Some(keys) = &keys {
+      store.save_keys(keys).await?;
+      shared.pending_keys.lock().clear();
+      store.save_stored_keys(others).await?;
+    }
+    Ok::<_, StoreError>(())
+  };
+  // Not written in time: left for the next connection, the files staying claimed by this writer
+  // (the pool's keys stay pending for the next flush).
+  if !matches!(timeout(WRITE_TIMEOUT, written).await, Ok(Ok(()))) {
+    return;
+  }
+  let what = spill::describe(
+    spilled.calls.len(),
+    spilled.keys.len(),
+    spilled.admissions.len(),
+  );
+  if claim.done().is_ok() {
+    shared.log.info(&format!(
+      "✅ Wrote {what} an earlier run kept in a spill file"
+    ));
+  }
+}
+
+/// The changed keys to write, those of a write not known to have succeeded included, as they are
+/// now. They stay pending until written (clear [`Shared::pending_keys`] then): a write cut short
+/// (a timeout, a close that cannot wait) must not leave them taken for written.
+fn take_keys(shared: &Shared) -> Vec<KeyRecord> {
+  let mut pending = shared.pending_keys.lock();
+  shared.pool.mark_dirty(&pending);
+  *pending = shared.pool.export_dirty();
+  pending.clone()
+}
+
 /// Writes the operators' decisions, the changed keys, then the recorded calls (those of an earlier
-/// failed try first). On a failure the keys are marked changed again (the next try writes their
-/// state as it is then) and the calls and decisions stay pending.
+/// failed try first). On a failure (or when cut short) the keys, calls and decisions stay pending,
+/// and the next try writes the keys' state as it is then.
 async fn flush(shared: &Shared, store: &Store, capacity: usize) -> Result<(), StoreError> {
   let pool = &shared.pool;
   let admissions = {
@@ -266,12 +329,10 @@ async fn flush(shared: &Shared, store: &Store, capacity: usize) -> Result<(), St
     store.save_admissions(&admissions).await?;
     shared.pending_admissions.lock().drain(..admissions.len());
   }
-  let keys = pool.export_dirty();
+  let keys = take_keys(shared);
   if !keys.is_empty() {
-    if let Err(e) = store.save_keys(&keys).await {
-      pool.mark_dirty(&keys);
-      return Err(e);
-    }
+    store.save_keys(&keys).await?;
+    shared.pending_keys.lock().clear();
   }
   loop {
     // The batch stays pending until written: a close that cannot wait spills it.
@@ -289,41 +350,52 @@ async fn flush(shared: &Shared, store: &Store, capacity: usize) -> Result<(), St
   }
 }
 
-/// Keeps in this process's spill file what was recorded and not written: closing could not wait
-/// for the database. Logs how much; counts what could not be kept either as lost.
+/// Keeps in this process's spill file what was recorded or changed and not written: closing could
+/// not wait for the database. Logs what; counts the calls that could not be kept either as lost.
 fn spill_rest(shared: &Shared) {
   let naming = &shared.naming;
+  let pool = &shared.pool;
   let mut calls = std::mem::take(&mut *shared.pending.lock());
-  calls.extend(shared.pool.take_usage(usize::MAX));
+  calls.extend(pool.take_usage(usize::MAX));
   let mut admissions = std::mem::take(&mut *shared.pending_admissions.lock());
-  admissions.extend(shared.pool.export_admissions());
-  if calls.is_empty() && admissions.is_empty() {
+  admissions.extend(pool.export_admissions());
+  pool.mark_dirty(&std::mem::take(&mut *shared.pending_keys.lock()));
+  let keys = pool.export_dirty();
+  if calls.is_empty() && admissions.is_empty() && keys.is_empty() {
     return;
   }
   let calls: Vec<UsageRecord> = calls.iter().map(|u| naming.stored_usage(u)).collect();
+  let spilled_at = pool.now();
+  let keys: Vec<SpilledKey> = keys
+    .into_iter()
+    .map(|k| SpilledKey {
+      record: KeyRecord {
+        api_key: naming.stored(&k.api_key),
+        ..k
+      },
+      spilled_at,
+    })
+    .collect();
   // A key added at run time that cannot be sealed could not be stored at all.
   let admissions: Vec<_> = admissions
     .iter()
     .filter_map(|a| naming.stored_admission(a).ok())
     .collect();
-  match shared.spill.write(&calls, &admissions) {
+  let what = spill::describe(calls.len(), keys.len(), admissions.len());
+  match shared.spill.write(&calls, &keys, &admissions) {
     Ok(_) => {
       shared
         .spilled
         .fetch_add(calls.len() as u64, Ordering::Relaxed);
       shared.log.warn(&format!(
-        "⚠️ MongoDB did not take {} recorded calls before closing: kept in {}, they are written \
-         at the next start",
-        calls.len(),
+        "⚠️ MongoDB did not take {what} before closing: kept in {}, written at the next start",
         shared.spill.file().display()
       ));
     }
     Err(e) => {
       shared.lost.fetch_add(calls.len() as u64, Ordering::Relaxed);
       shared.log.warn(&format!(
-        "❌ {} recorded calls are lost: MongoDB did not take them before closing, and {} cannot \
-         be written: {e}",
-        calls.len(),
+        "❌ Lost {what}: MongoDB did not take them before closing, and {} cannot be written: {e}",
         shared.spill.file().display()
       ));
     }
@@ -457,6 +529,7 @@ impl WriteBehind {
       ops: AtomicU64::new(0),
       pending: Mutex::new(Vec::new()),
       pending_admissions: Mutex::new(Vec::new()),
+      pending_keys: Mutex::new(Vec::new()),
       spill: Spill::new(&options.spill_dir, &options.uri, &options.db_name, &writer),
       writer,
       spilled: AtomicU64::new(0),
@@ -754,6 +827,9 @@ mod tests {
       p.record_usage(i % 2, 1, Outcome::Success, 1.0, None)
         .unwrap();
     }
+    // Key documents the database does not take either: counters, and a key it refused.
+    p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 5.0, None)
+      .unwrap();
     p.close();
     let closing = Instant::now();
     writer.close().await;
@@ -763,27 +839,39 @@ mod tests {
       closing.elapsed()
     );
     let stats = writer.stats();
-    assert_eq!((stats.spilled, stats.dropped), (20, 0), "{stats:?}");
-    assert!(log
-      .0
-      .lock()
-      .iter()
-      .any(|l| l.contains("did not take 20 recorded calls before closing")));
+    assert_eq!((stats.spilled, stats.dropped), (21, 0), "{stats:?}");
+    assert!(
+      log.0.lock().iter().any(
+        |l| l.contains("did not take 21 recorded calls and the state of 2 keys before closing")
+      ),
+      "{:?}",
+      log.0.lock()
+    );
     server.resume();
     // The next start writes them, each once; the spill file is gone.
     let q = pool(&["key-a", "key-b"]);
     let again = Arc::new(CapturedLog::default());
     let (next, started) = WriteBehind::start(q.clone(), hung_options(), again.clone()).await;
     assert_eq!(started, Started::Connected);
-    assert_eq!(count(&server.uri(), "api_key_usage").await, 50);
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 51);
     assert!(again
       .0
       .lock()
       .iter()
-      .any(|l| l.contains("Wrote 20 recorded calls")));
+      .any(|l| l.contains("Wrote 21 recorded calls and the state of 2 keys")));
     q.close();
     next.close().await;
-    assert_eq!(count(&server.uri(), "api_key_usage").await, 50);
+    assert_eq!(count(&server.uri(), "api_key_usage").await, 51);
+    // The database has the keys as they were at the close, spill and all.
+    let r = pool(&["key-a", "key-b"]);
+    let (last, _) =
+      WriteBehind::start(r.clone(), hung_options(), Arc::new(CapturedLog::default())).await;
+    let (a, b) = (r.figures(0).unwrap(), r.figures(1).unwrap());
+    assert_eq!((a.rpd.current, b.rpd.current), (25, 25));
+    assert!(a.active && !b.active);
+    assert_eq!(b.error_count, 1);
+    r.close();
+    last.close().await;
     let left: Vec<_> = std::fs::read_dir(&spill_dir)
       .into_iter()
       .flatten()

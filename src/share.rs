@@ -177,6 +177,9 @@ pub enum LeaseNeed {
 pub struct Answer {
   pub granted: u64,
   pub given_back: u64,
+  /// Processes holding part of the window (this one included), as the store saw them; 0 when the
+  /// answer does not say (a give-back).
+  pub holders: usize,
 }
 
 /// One window's leases for one key: the occurrence in progress and, shortly before it starts, the
@@ -185,9 +188,10 @@ pub struct Answer {
 pub struct Allowance {
   leases: [Option<Lease>; 2],
   /// Requests served in the occurrences that ended, the last one counting most: a window's first
-  /// lease asks for about that much (or what the current one served so far, if more), so a
-  /// process that serves little holds little of everyone's budget, and one that paused for a few
-  /// slices is still ready for its next burst. `None` until an occurrence ended.
+  /// lease asks for about that much (or what the current one served so far, or the floor while
+  /// the limit has room, if more; see [`Self::floor`]), so a process that serves little holds
+  /// little of everyone's budget, and one that paused for a few slices is still ready for its
+  /// next burst. `None` until an occurrence ended.
   demand: Option<u64>,
   /// A grant is on its way: do not ask twice.
   asking: bool,
@@ -195,6 +199,14 @@ pub struct Allowance {
   /// (counted by the process's own rolling window): slices cannot be shared out without the
   /// store, and a fixed share per slice would be too coarse for small limits.
   local_limit: Option<u64>,
+  /// What slices that ended were granted and did not serve, waiting to be given back: a lease for
+  /// the slice in progress is asked for first, since selections wait for it.
+  releases: Vec<(Occurrence, u64)>,
+  /// Processes the store last said hold part of the window, this one included (0: not known yet).
+  peers: usize,
+  /// When the store last granted less than asked: the limit is nearly used up everywhere, so first
+  /// leases ask for demand alone (see [`Self::floor`]).
+  short_at: Option<Millis>,
 }
 
 impl Allowance {
@@ -249,9 +261,10 @@ impl Allowance {
     self.local_limit
   }
 
-  /// What to ask the store for at `at`, if anything: a first lease of the occurrence in progress
-  /// or of the next one (within the prefetch time of its start), a top-up of a lease running low,
-  /// a renewal of a lease about to expire, a second try after a short grant.
+  /// What to ask the store for at `at`, if anything, in this order: a first lease of the
+  /// occurrence in progress; giving back what an ended slice did not serve; a top-up of a lease
+  /// running low, a renewal of a lease about to expire, a second try after a short grant; a first
+  /// lease of the next occurrence (within the prefetch time of its start).
   pub fn need(
     &mut self,
     window: SharedWindow,
@@ -264,36 +277,56 @@ impl Allowance {
       return None;
     }
     let current = Occurrence::of(window, at, span_ms, daily);
-    let mut leftover = None;
+    let span = span_slices(span_ms);
     for l in self.leases.iter().flatten() {
       if l.occurrence.end <= at {
         // A quarter less for every occurrence without as much use.
         self.demand = Some(l.served.max(self.demand.unwrap_or(0) * 3 / 4));
         if window == SharedWindow::Rpm && !l.local && l.left() > 0 {
-          leftover = Some(LeaseNeed::Release {
-            slice: l.occurrence,
-            unused: l.left(),
-            span_slices: span_slices(span_ms),
-          });
+          self.releases.push((l.occurrence, l.left()));
         }
       }
     }
     self.leases = self.leases.map(|l| l.filter(|l| l.occurrence.end > at));
-    if leftover.is_some() {
-      self.asking = true;
-      return leftover;
-    }
+    // A slice more than a span before the one in progress is in no run a later grant can be in:
+    // giving it back would free nothing.
+    self
+      .releases
+      .retain(|(o, _)| o.start + span * (o.end - o.start) >= current.start);
     let want = window.grant_size(limit).max(1);
     let served_now = self.lease_at(at).map(|l| l.served);
+    let floor = self.floor(window, at, limit, span_ms);
     let first = match (self.demand, served_now) {
       // Nothing leased yet: a process just started.
       (None, None) => want,
-      (demand, now) => demand.unwrap_or(0).max(now.unwrap_or(0)).clamp(1, want),
+      (demand, now) => demand
+        .unwrap_or(0)
+        .max(now.unwrap_or(0))
+        .max(floor)
+        .clamp(1, want),
     };
-    let need = match self.lease_at(at) {
-      None => Some(grant(window, current, first, limit, at, 0, 0, span_ms)),
-      Some(l) if l.local => None,
-      Some(l) => {
+    // Nothing held for the occurrence in progress: selections wait for its first lease, so it goes
+    // before anything else.
+    let mut need = self
+      .lease_at(at)
+      .is_none()
+      .then(|| grant(window, current, first, limit, at, 0, 0, span_ms));
+    // Then leftovers go back, before a top-up or the next slice's lease: they count against the
+    // runs that hold those, so a busy store has room for them only once they are back.
+    if need.is_none() {
+      // The newest first: it is in the most runs still to come.
+      let newest = (0..self.releases.len()).max_by_key(|&i| self.releases[i].0.start);
+      need = newest.map(|i| {
+        let (slice, unused) = self.releases.swap_remove(i);
+        LeaseNeed::Release {
+          slice,
+          unused,
+          span_slices: span,
+        }
+      });
+    }
+    if need.is_none() {
+      need = self.lease_at(at).filter(|l| !l.local).and_then(|l| {
         let low = l.left() <= l.last_want / 2;
         let expiring =
           l.expires_at < l.occurrence.end && l.expires_at - at <= DAILY_LEASE_TTL_MS / 2;
@@ -309,39 +342,56 @@ impl Allowance {
         let size = if low { want } else { spent.clamp(1, want) };
         ((low || expiring) && retry)
           .then(|| grant(window, current, size, limit, at, spent, give_back, span_ms))
-      }
-    };
-    // What is being given back is not served meanwhile; `granted` puts back what was not.
-    if let Some(LeaseNeed::Grant { give_back, .. }) = need {
-      if let Some(l) = self.lease_at_mut(at) {
-        l.granted -= give_back;
+      });
+      // What is being given back is not served meanwhile; `granted` puts back what was not.
+      if let Some(LeaseNeed::Grant { give_back, .. }) = need {
+        if let Some(l) = self.lease_at_mut(at) {
+          l.granted -= give_back;
+        }
       }
     }
-    let need = need.or_else(|| {
-      let next_at = current.end;
-      // A slice is short: its successor is leased as soon as it starts, so a slow store has the
-      // whole slice to answer before anything waits.
-      let lead = match window {
-        SharedWindow::Rpm => current.end - current.start,
-        SharedWindow::Rpd => PREFETCH_MS.min((current.end - current.start) / 10),
-      };
-      (at >= next_at - lead && self.lease_at(next_at).is_none()).then(|| {
-        let next = Occurrence::of(window, next_at, span_ms, daily);
-        grant(window, next, first, limit, at, 0, 0, span_ms)
-      })
-    });
+    let next_at = current.end;
+    // A slice is short: its successor is leased as soon as it starts, so a slow store has the
+    // whole slice to answer before anything waits.
+    let lead = match window {
+      SharedWindow::Rpm => current.end - current.start,
+      SharedWindow::Rpd => PREFETCH_MS.min((current.end - current.start) / 10),
+    };
+    if need.is_none() && at >= next_at - lead && self.lease_at(next_at).is_none() {
+      let next = Occurrence::of(window, next_at, span_ms, daily);
+      need = Some(grant(window, next, first, limit, at, 0, 0, span_ms));
+    }
     self.asking = need.is_some();
     need
+  }
+
+  /// The least a slice's first lease asks for while the limit has room (no short grant in the
+  /// last span): this process's part of a slice at saturation, `limit / (span_slices + 1) /
+  /// peers`. Demand alone would leave a burst after a quiet spell with a lease it empties before
+  /// the top-up's round trip; what this holds and does not serve goes back when the slice ends.
+  fn floor(&self, window: SharedWindow, at: Millis, limit: u64, span_ms: Millis) -> u64 {
+    if window != SharedWindow::Rpm || self.short_at.is_some_and(|t| at - t < span_ms) {
+      return 0;
+    }
+    let runs = span_slices(span_ms).unsigned_abs() + 1;
+    limit / (runs * self.peers.max(1) as u64)
   }
 
   /// Applies the store's answer to `need`, or `None` when the store could not be asked (or failed
   /// before granting: nothing was then given back).
   pub fn granted(&mut self, need: &LeaseNeed, answer: Option<Answer>, at: Millis) {
     self.asking = false;
-    if answer.is_some() {
-      // The store answers again: leases, not a local limit, decide from now on.
+    self.apply(need, answer, at);
+    // The store answers again, but a local limit ends only once the slice in progress and the
+    // next one hold leases from the store: an answer about another slice leaves this one with
+    // nothing to serve, and a store slow to answer after an outage could leave the next one so.
+    let leased = |at| self.lease_at(at).filter(|l| !l.local);
+    if answer.is_some() && leased(at).is_some_and(|l| leased(l.occurrence.end).is_some()) {
       self.local_limit = None;
     }
+  }
+
+  fn apply(&mut self, need: &LeaseNeed, answer: Option<Answer>, at: Millis) {
     let LeaseNeed::Grant {
       occurrence,
       want,
@@ -361,6 +411,7 @@ impl Allowance {
     let Some(Answer {
       granted,
       given_back,
+      holders,
     }) = answer
     else {
       if let Some(l) = held {
@@ -369,6 +420,12 @@ impl Allowance {
       return;
     };
     let short_at = (granted < want).then_some(at);
+    if holders > 0 {
+      self.peers = holders;
+    }
+    if short_at.is_some() {
+      self.short_at = short_at;
+    }
     match held {
       Some(l) => {
         l.granted += give_back - given_back.min(give_back) + granted;
@@ -393,9 +450,11 @@ impl Allowance {
   }
 
   /// While the store cannot be reached: serves `share` (the limit over the processes last seen
-  /// sharing it) unless a lease for `at` is still good: of the day in progress for a fixed window,
-  /// of every span for a rolling one (a local limit, see [`Self::can_serve`]). Returns whether
-  /// that changed anything.
+  /// sharing it). For a rolling window, of every span (a local limit, see [`Self::can_serve`]),
+  /// at once, as a fallback under what is still held: the next slice's lease may be the request
+  /// that went unanswered, and nothing must wait for the next failed round at the boundary. For a
+  /// fixed window, of the day in progress, unless its lease is still good. Returns whether that
+  /// changed anything.
   pub fn grant_locally(
     &mut self,
     window: SharedWindow,
@@ -404,16 +463,16 @@ impl Allowance {
     span_ms: Millis,
     daily: DailyReset,
   ) -> bool {
+    if window == SharedWindow::Rpm {
+      let changed = self.local_limit != Some(share);
+      self.local_limit = Some(share);
+      return changed;
+    }
     if self
       .lease_at(at)
       .is_some_and(|l| l.can_serve(at) || l.local)
     {
       return false;
-    }
-    if window == SharedWindow::Rpm {
-      let changed = self.local_limit != Some(share);
-      self.local_limit = Some(share);
-      return changed;
     }
     let occurrence = Occurrence::of(window, at, span_ms, daily);
     let served = self.lease_at(at).map_or(0, |l| l.served);
@@ -435,7 +494,8 @@ impl Allowance {
     true
   }
 
-  /// What is held and not served, per occurrence still open at `at`: for giving back on close.
+  /// What is held and not served, per occurrence still open at `at` and per ended slice not given
+  /// back yet: for giving back on close.
   pub fn unused(&self, at: Millis) -> impl Iterator<Item = (Occurrence, u64, u64)> + '_ {
     self
       .leases
@@ -443,6 +503,12 @@ impl Allowance {
       .flatten()
       .filter(move |l| !l.local && l.occurrence.end > at)
       .map(|l| (l.occurrence, l.left(), l.served - l.reported))
+      .chain(
+        self
+          .releases
+          .iter()
+          .map(|&(slice, unused)| (slice, unused, 0)),
+      )
   }
 
   /// Puts `lease` in place of the one that ends first (an empty slot first of all).
@@ -536,6 +602,7 @@ mod tests {
     Some(Answer {
       granted,
       given_back: 0,
+      holders: 1,
     })
   }
 
@@ -659,26 +726,29 @@ mod tests {
     leased(&mut idle, T0, 8);
     let next = need(&mut idle, T0 + 1).unwrap();
     idle.granted(&next, got(1), T0 + 1);
-    // Both slices ended unused: what they were granted goes back first, then the following
-    // slices' first leases are of one, whatever the limit.
-    let back = need(&mut idle, T0 + 2 * SLICE + 1).expect("a release");
-    let LeaseNeed::Release {
-      slice,
-      unused,
-      span_slices,
-    } = back
-    else {
-      panic!("not a release: {back:?}")
-    };
-    assert_eq!((slice.id, unused, span_slices), (T0 + SLICE, 1, 20));
-    assert_eq!(
-      need(&mut idle, T0 + 2 * SLICE + 1),
-      None,
-      "one question at a time"
-    );
-    idle.granted(&back, got(0), T0 + 2 * SLICE + 1);
-    let later = need(&mut idle, T0 + 2 * SLICE + 1).unwrap();
-    assert_eq!(want(&later), (T0 + 2 * SLICE, 1, 0));
+    // Both slices ended unused: the slice in progress is leased first (selections wait for it),
+    // of one, whatever the limit; then what the two were granted goes back, the newest first;
+    // then the next slice is leased.
+    let at = T0 + 2 * SLICE + 1;
+    let current = need(&mut idle, at).expect("the slice in progress");
+    assert_eq!(want(&current), (T0 + 2 * SLICE, 1, 0));
+    assert_eq!(need(&mut idle, at), None, "one question at a time");
+    idle.granted(&current, got(1), at);
+    for (id, left) in [(T0 + SLICE, 1), (T0, 8)] {
+      let back = need(&mut idle, at).expect("a release");
+      let LeaseNeed::Release {
+        slice,
+        unused,
+        span_slices,
+      } = back
+      else {
+        panic!("not a release: {back:?}")
+      };
+      assert_eq!((slice.id, unused, span_slices), (id, left, 20));
+      idle.granted(&back, got(0), at);
+    }
+    let later = need(&mut idle, at).unwrap();
+    assert_eq!(want(&later), (T0 + 3 * SLICE, 1, 0));
     let mut busy = Allowance::default();
     leased(&mut busy, T0, 8);
     for _ in 0..8 {
@@ -758,12 +828,13 @@ mod tests {
     let mut a = Allowance::default();
     let n = need(&mut a, T0).unwrap();
     a.granted(&n, got(2), T0);
-    // The lease serves; only once it is used up does the local limit matter.
-    assert!(!a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
-    a.serve(T0);
-    a.serve(T0);
+    // The local limit is there at once, under the lease, which serves first.
     assert!(a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
     assert!(!a.grant_locally(SharedWindow::Rpm, T0, 7, SPAN, PACIFIC));
+    a.serve(T0);
+    a.serve(T0);
+    assert!(a.can_serve(T0, 6));
+    assert!(!a.can_serve(T0, 7));
     // The process's own count over the last span decides, across slices.
     assert!(a.can_serve(T0 + 5 * SLICE, 6));
     assert!(!a.can_serve(T0 + 5 * SLICE, 7));
@@ -778,9 +849,104 @@ mod tests {
     budget.rpd.granted(&day, got(10), T0);
     assert_eq!(budget.available_at(T0, 7, T0 + 40_000), T0 + 40_000);
     assert_eq!(budget.available_at(T0, 3, T0 + 40_000), T0);
-    // The store answers again: leases decide.
-    let n = need(&mut a, T0 + 5 * SLICE).unwrap();
-    a.granted(&n, got(0), T0 + 5 * SLICE);
-    assert!(!a.can_serve(T0 + 5 * SLICE, 0));
+    // The store answers again: a lease of the slice in progress is not enough (the next one may
+    // not come in time); once the next one is leased too, leases decide.
+    let at = T0 + 5 * SLICE;
+    let n = need(&mut a, at).unwrap();
+    a.granted(&n, got(0), at);
+    assert!(a.can_serve(at, 0), "still the local limit");
+    let n = need(&mut a, at).unwrap();
+    assert_eq!(want(&n).0, at + SLICE);
+    a.granted(&n, got(0), at);
+    assert!(!a.can_serve(at, 0));
+  }
+
+  /// A span of 2 s: slices of 500 ms, four to a span, so a run is five slices.
+  const SHORT_SPAN: Millis = 2_000;
+  const HALF_SECOND: Millis = 500;
+
+  fn answer(granted: u64, holders: usize) -> Option<Answer> {
+    Some(Answer {
+      granted,
+      given_back: 0,
+      holders,
+    })
+  }
+
+  #[test]
+  fn while_the_limit_has_room_first_leases_ask_for_a_fair_part_of_a_slice_not_just_demand() {
+    let ask = |a: &mut Allowance, at| a.need(SharedWindow::Rpm, at, 100_000, SHORT_SPAN, PACIFIC);
+    let mut a = Allowance::default();
+    let n = ask(&mut a, T0).unwrap();
+    assert_eq!(want(&n).1, 25_000, "a fresh process asks for a full grant");
+    // Two processes hold part of the window; this one serves one request a slice.
+    a.granted(&n, answer(25_000, 2), T0);
+    a.serve(T0 + 1);
+    let next = ask(&mut a, T0 + 2).unwrap();
+    // A burst could come at any slice: a fifth of the limit (one slice of a run of five) over
+    // two processes, not the one request served so far.
+    assert_eq!(want(&next), (T0 + HALF_SECOND, 10_000, 0));
+    a.granted(&next, answer(10_000, 2), T0 + 2);
+    // A burst of 5,000 in the next slice is served from what was leased before it started.
+    let burst = T0 + HALF_SECOND;
+    for _ in 0..5_000 {
+      assert!(a.can_serve(burst, 0));
+      a.serve(burst);
+    }
+    // The first slice's leftovers go back, then this one is topped up.
+    let back = ask(&mut a, burst + 1).expect("the first slice's leftovers");
+    assert!(
+      matches!(back, LeaseNeed::Release { unused: 24_999, .. }),
+      "{back:?}"
+    );
+    a.granted(&back, answer(0, 0), burst + 1);
+    let top_up = ask(&mut a, burst + 1).expect("a top-up");
+    assert_eq!(want(&top_up), (burst, 25_000, 0));
+    // The store is short: the limit is nearly used up everywhere, so first leases ask for
+    // demand alone for a span, and others get the rest.
+    a.granted(&top_up, answer(100, 2), burst + 2);
+    let next = ask(&mut a, burst + 2).unwrap();
+    assert_eq!(want(&next), (burst + HALF_SECOND, 5_000, 0));
+    // Once a span passed without a short grant, the floor is back.
+    a.granted(&next, answer(5_000, 2), burst + 2);
+    let n = ask(&mut a, T0 + 6 * HALF_SECOND).unwrap();
+    assert_eq!(want(&n), (T0 + 6 * HALF_SECOND, 10_000, 0));
+  }
+
+  #[test]
+  fn a_hung_store_leaves_the_next_slice_to_the_local_limit_until_both_slices_are_leased_again() {
+    let ask = |a: &mut Allowance, at| a.need(SharedWindow::Rpm, at, 100_000, SHORT_SPAN, PACIFIC);
+    let mut a = Allowance::default();
+    let n = ask(&mut a, T0).unwrap();
+    a.granted(&n, answer(25_000, 2), T0);
+    // The next slice's lease is the request the store does not answer.
+    let next = ask(&mut a, T0 + 10).unwrap();
+    assert_eq!(want(&next).0, T0 + HALF_SECOND);
+    a.granted(&next, None, T0 + 210);
+    // The round that timed out sets the local limit at once, though this slice's lease is good:
+    // the next slice starts with it, not with nothing until another round times out.
+    assert!(a.grant_locally(SharedWindow::Rpm, T0 + 210, 50_000, SHORT_SPAN, PACIFIC));
+    assert!(a.can_serve(T0 + HALF_SECOND, 49_999));
+    assert!(!a.can_serve(T0 + HALF_SECOND, 50_000));
+    // Asked again, answered once the slice has started (the store resumed, slowly).
+    let next = ask(&mut a, T0 + 400).unwrap();
+    let at = T0 + HALF_SECOND + 20;
+    a.granted(&next, answer(10_000, 2), at);
+    // This slice is leased, not yet the next, which a slow store may answer too late.
+    assert!(a.can_serve(T0 + 2 * HALF_SECOND, 0));
+    // The first slice's leftovers go back: an answer about another slice changes nothing.
+    let back = ask(&mut a, at).unwrap();
+    assert!(
+      matches!(back, LeaseNeed::Release { unused: 25_000, .. }),
+      "{back:?}"
+    );
+    a.granted(&back, answer(0, 0), at + 1);
+    assert!(a.can_serve(T0 + 2 * HALF_SECOND, 0));
+    let next = ask(&mut a, at + 1).unwrap();
+    assert_eq!(want(&next).0, T0 + 2 * HALF_SECOND);
+    a.granted(&next, answer(10_000, 2), at + 2);
+    // Both are: leases decide again.
+    assert_eq!(a.local_limit(), None);
+    assert!(!a.can_serve(T0 + 3 * HALF_SECOND, 0));
   }
 }

@@ -1,9 +1,10 @@
-//! What MongoDB did not take before the process ended (recorded calls, operators' decisions),
-//! kept in a local file and written at the next start, so a hung or unreachable database at
-//! shutdown loses nothing. Each process writes a file of its own, one JSON line per record, named
-//! as documents name them (a stored name, never a key); a process that connects to the same
-//! database later claims every file by renaming it, writes what it holds (each usage document
-//! carries its id, so a record written twice is stored once) and deletes it.
+//! What MongoDB did not take before the process ended (recorded calls, key documents, operators'
+//! decisions), kept in a local file and written at the next start, so a hung or unreachable
+//! database at shutdown loses nothing. Each process writes a file of its own, one JSON line per
+//! record, named as documents name them (a stored name, never a key); a process that connects to
+//! the same database later claims every file by renaming it, writes what it holds (each usage
+//! document carries its id, so a record written twice is stored once; a key document is merged
+//! with the stored one, see [`merge_key`], so writing it twice changes nothing) and deletes it.
 //!
 //! One directory per database: records spilled for one database never reach another.
 
@@ -14,8 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::Millis;
 use crate::fingerprint::digest_name;
-use crate::store::{StoredAdmission, UsageId, UsageRecord};
+use crate::store::{KeyRecord, StoredAdmission, UsageId, UsageRecord, WindowRecord};
 
 /// What a spill file's name ends with.
 const EXTENSION: &str = "jsonl";
@@ -40,6 +42,123 @@ enum Line {
     response_time: f64,
   },
   Admission(StoredAdmission),
+  #[serde(rename_all = "camelCase")]
+  Key {
+    /// The stored name.
+    api_key: String,
+    is_active: bool,
+    last_used: i64,
+    rpm: WindowLine,
+    rpd: WindowLine,
+    tpm: WindowLine,
+    error_count: u32,
+    last_error: Option<String>,
+    last_error_time: Option<i64>,
+    spilled_at: i64,
+  },
+}
+
+/// One window of a key document, as [`WindowRecord`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WindowLine {
+  current: u64,
+  limit: u64,
+  reset_time: i64,
+}
+
+impl From<WindowRecord> for WindowLine {
+  fn from(w: WindowRecord) -> Self {
+    Self {
+      current: w.current,
+      limit: w.limit,
+      reset_time: w.reset_time,
+    }
+  }
+}
+
+impl From<WindowLine> for WindowRecord {
+  fn from(w: WindowLine) -> Self {
+    Self {
+      current: w.current,
+      limit: w.limit,
+      reset_time: w.reset_time,
+    }
+  }
+}
+
+impl From<&SpilledKey> for Line {
+  fn from(k: &SpilledKey) -> Self {
+    let r = &k.record;
+    Line::Key {
+      api_key: r.api_key.clone(),
+      is_active: r.is_active,
+      last_used: r.last_used,
+      rpm: r.rpm.into(),
+      rpd: r.rpd.into(),
+      tpm: r.tpm.into(),
+      error_count: r.error_count,
+      last_error: r.last_error.clone(),
+      last_error_time: r.last_error_time,
+      spilled_at: k.spilled_at,
+    }
+  }
+}
+
+/// A key document the database did not take: the key's state (named as documents name it, never
+/// by the key) and when it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpilledKey {
+  pub record: KeyRecord,
+  pub spilled_at: Millis,
+}
+
+/// A spilled key document merged with what the database holds for the same key (`stored`, both
+/// as they stand at `now`), as a reconnect merges the pool with the database: every open window
+/// counts the larger of the two, so a count the database took meanwhile is never lowered; health
+/// and errors are the spilled ones, unless the stored document says the key was used or failed
+/// after the spill was taken (another process's word, newer).
+pub fn merge_key(spilled: &SpilledKey, stored: Option<&KeyRecord>, now: Millis) -> KeyRecord {
+  let ours = spilled.record.clone().at(now);
+  let Some(theirs) = stored.map(|s| s.clone().at(now)) else {
+    return ours;
+  };
+  let newer = theirs.last_used > spilled.spilled_at
+    || theirs
+      .last_error_time
+      .is_some_and(|t| t > spilled.spilled_at);
+  let larger = |a: WindowRecord, b: WindowRecord| if b.current > a.current { b } else { a };
+  let health = if newer { &theirs } else { &ours };
+  KeyRecord {
+    api_key: ours.api_key.clone(),
+    is_active: health.is_active,
+    last_used: ours.last_used.max(theirs.last_used),
+    rpm: larger(ours.rpm, theirs.rpm),
+    rpd: larger(ours.rpd, theirs.rpd),
+    tpm: larger(ours.tpm, theirs.tpm),
+    error_count: health.error_count,
+    last_error: health.last_error.clone(),
+    last_error_time: health.last_error_time,
+  }
+}
+
+/// What a spill holds, in words for a log line: `3 recorded calls, the state of 2 keys and 1
+/// operator decision`; the kinds with none left out (`nothing` when all are).
+pub fn describe(calls: usize, keys: usize, admissions: usize) -> String {
+  let plural = |n: usize| if n == 1 { "" } else { "s" };
+  let parts: Vec<String> = [
+    (calls > 0).then(|| format!("{calls} recorded call{}", plural(calls))),
+    (keys > 0).then(|| format!("the state of {keys} key{}", plural(keys))),
+    (admissions > 0).then(|| format!("{admissions} operator decision{}", plural(admissions))),
+  ]
+  .into_iter()
+  .flatten()
+  .collect();
+  match parts.as_slice() {
+    [] => "nothing".to_owned(),
+    [one] => one.clone(),
+    [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+  }
 }
 
 /// What spill files held.
@@ -47,6 +166,8 @@ enum Line {
 pub struct Spilled {
   /// Calls, their `api_key` the stored name.
   pub calls: Vec<UsageRecord>,
+  /// Key documents, their `api_key` the stored name.
+  pub keys: Vec<SpilledKey>,
   pub admissions: Vec<StoredAdmission>,
   /// Lines that could not be read (a file cut short, say): counted, not fatal.
   pub unreadable: usize,
@@ -79,10 +200,15 @@ impl Spill {
     &self.file
   }
 
-  /// Appends `calls` (their `api_key` the stored name) and `admissions` to this process's file.
-  /// Returns how many records it wrote.
-  pub fn write(&self, calls: &[UsageRecord], admissions: &[StoredAdmission]) -> io::Result<usize> {
-    if calls.is_empty() && admissions.is_empty() {
+  /// Appends `calls` and `keys` (their `api_key` the stored name) and `admissions` to this
+  /// process's file. Returns how many records it wrote.
+  pub fn write(
+    &self,
+    calls: &[UsageRecord],
+    keys: &[SpilledKey],
+    admissions: &[StoredAdmission],
+  ) -> io::Result<usize> {
+    if calls.is_empty() && keys.is_empty() && admissions.is_empty() {
       return Ok(0);
     }
     fs::create_dir_all(&self.dir)?;
@@ -103,6 +229,7 @@ impl Spill {
         error: u.error.clone(),
         response_time: u.response_time,
       })
+      .chain(keys.iter().map(Line::from))
       .chain(admissions.iter().cloned().map(Line::Admission));
     let mut written = 0;
     for line in lines {
@@ -191,6 +318,31 @@ fn read_into(path: &Path, spilled: &mut Spilled) -> io::Result<()> {
         None => spilled.unreadable += 1,
       },
       Ok(Line::Admission(a)) => spilled.admissions.push(a),
+      Ok(Line::Key {
+        api_key,
+        is_active,
+        last_used,
+        rpm,
+        rpd,
+        tpm,
+        error_count,
+        last_error,
+        last_error_time,
+        spilled_at,
+      }) => spilled.keys.push(SpilledKey {
+        record: KeyRecord {
+          api_key,
+          is_active,
+          last_used,
+          rpm: rpm.into(),
+          rpd: rpd.into(),
+          tpm: tpm.into(),
+          error_count,
+          last_error,
+          last_error_time,
+        },
+        spilled_at,
+      }),
       Err(_) => spilled.unreadable += 1,
     }
   }
@@ -236,6 +388,88 @@ mod tests {
     }
   }
 
+  const NOW: Millis = 1_800_000_001_000;
+
+  /// A key document whose windows count `n` and end at `reset`.
+  fn record(n: u64, reset: Millis) -> KeyRecord {
+    let w = |limit| WindowRecord {
+      current: n,
+      limit,
+      reset_time: reset,
+    };
+    KeyRecord {
+      api_key: "sha256_0123".into(),
+      is_active: true,
+      last_used: 1_800_000_000_000,
+      rpm: w(30),
+      rpd: w(200),
+      tpm: w(1_000_000),
+      error_count: 0,
+      last_error: None,
+      last_error_time: None,
+    }
+  }
+
+  #[test]
+  fn a_spilled_key_document_merged_with_the_stored_one_loses_no_count_and_no_newer_word() {
+    // The close the database did not take: 12 calls since the last write, then a deactivation.
+    let spilled = SpilledKey {
+      record: KeyRecord {
+        is_active: false,
+        error_count: 5,
+        last_error: Some("API_KEY_INVALID".into()),
+        last_error_time: Some(1_800_000_000_400),
+        ..record(12, NOW + 50_000)
+      },
+      spilled_at: 1_800_000_000_500,
+    };
+    // What the database took before: fewer calls, the key healthy.
+    let stored = record(4, NOW + 50_000);
+    let merged = merge_key(&spilled, Some(&stored), NOW);
+    assert_eq!((merged.rpm.current, merged.rpd.current), (12, 12));
+    assert_eq!(
+      (merged.is_active, merged.error_count),
+      (false, 5),
+      "the spilled word is the latest"
+    );
+    // Another process wrote more since, and used the key after the spill: its counts and its
+    // word stand; the spill lowers nothing.
+    let newer = KeyRecord {
+      last_used: 1_800_000_000_900,
+      ..record(40, NOW + 50_000)
+    };
+    let merged = merge_key(&spilled, Some(&newer), NOW);
+    assert_eq!(merged.rpd.current, 40);
+    assert_eq!(
+      (merged.is_active, merged.error_count, merged.last_used),
+      (true, 0, 1_800_000_000_900)
+    );
+    // A window that ended since counts nothing; no stored document: the spilled one as it is now.
+    let old = SpilledKey {
+      record: record(9, NOW - 1),
+      spilled_at: 1_800_000_000_500,
+    };
+    let merged = merge_key(&old, None, NOW);
+    assert_eq!((merged.rpm.current, merged.rpd.current), (0, 0));
+    // Merging twice is merging once.
+    let once = merge_key(&spilled, Some(&stored), NOW);
+    assert_eq!(merge_key(&spilled, Some(&once), NOW), once);
+  }
+
+  #[test]
+  fn log_lines_say_what_was_kept() {
+    assert_eq!(describe(0, 0, 1), "1 operator decision");
+    assert_eq!(
+      describe(100, 3, 0),
+      "100 recorded calls and the state of 3 keys"
+    );
+    assert_eq!(
+      describe(1, 1, 2),
+      "1 recorded call, the state of 1 key and 2 operator decisions"
+    );
+    assert_eq!(describe(0, 0, 0), "nothing");
+  }
+
   #[test]
   fn what_one_process_spills_another_claims_once_and_deletes_when_written() {
     let base = std::env::temp_dir().join(format!("gkm-spill-test-{}", std::process::id()));
@@ -250,12 +484,20 @@ mod tests {
       masked: "AIzaSyAB...wxyz".into(),
       project: None,
     };
+    let key = SpilledKey {
+      record: record(7, 1_800_000_060_000),
+      spilled_at: 1_800_000_000_500,
+    };
     let a = Spill::new(&base, "mongodb://db", "rag_db", "writer-a");
-    assert_eq!(a.write(&calls[..2], &[]).unwrap(), 2);
+    assert_eq!(a.write(&calls[..2], &[], &[]).unwrap(), 2);
     assert_eq!(
-      a.write(&calls[2..], std::slice::from_ref(&admission))
-        .unwrap(),
-      2
+      a.write(
+        &calls[2..],
+        std::slice::from_ref(&key),
+        std::slice::from_ref(&admission)
+      )
+      .unwrap(),
+      3
     );
     // Another database's spill directory holds none of it.
     let other = Spill::new(&base, "mongodb://db", "other_db", "writer-b");
@@ -263,6 +505,7 @@ mod tests {
     let b = Spill::new(&base, "mongodb://db", "rag_db", "writer-b");
     let claim = b.claim("b").unwrap();
     assert_eq!(claim.spilled.calls, calls);
+    assert_eq!(claim.spilled.keys, vec![key]);
     assert_eq!(claim.spilled.admissions, vec![admission]);
     // Claimed: nobody else gets it, even before it is done; the claimer gets it again.
     assert!(a.claim("c").unwrap().is_empty());
@@ -279,7 +522,7 @@ mod tests {
     let base = std::env::temp_dir().join(format!("gkm-spill-cut-{}", std::process::id()));
     let ids = UsageIds::new();
     let s = Spill::new(&base, "u", "d", "w");
-    s.write(&[call(&ids, 0)], &[]).unwrap();
+    s.write(&[call(&ids, 0)], &[], &[]).unwrap();
     fs::OpenOptions::new()
       .append(true)
       .open(s.file())

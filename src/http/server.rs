@@ -26,7 +26,10 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::auth::{may_listen, AdminGuard, ADMIN_TOKEN_ENV, ALLOW_INSECURE_ENV};
-use super::connections::{give_back_memory, Admit, Registry, Served, DEFAULT_MAX_CONNECTIONS};
+use super::connections::{
+  cap_for_descriptors, descriptor_limit, give_back_memory, out_of_descriptors, AcceptErrors, Admit,
+  Registry, Served, DEFAULT_MAX_CONNECTIONS,
+};
 use super::json::IsoDate;
 use super::proxy::{self, is_gemini_path, ProxyOptions};
 use super::routes::{redact_path, route, usage_stats_request, ApiRequest, Reply};
@@ -283,7 +286,17 @@ async fn accept_loop(
   mut stopped: watch::Receiver<()>,
 ) {
   let mut connections = JoinSet::new();
-  let mut registry = Registry::new(shared.max_connections);
+  let limit = descriptor_limit();
+  let mut registry = Registry::new(cap_for_descriptors(shared.max_connections, limit));
+  if let (true, Some(limit)) = (registry.max() < shared.max_connections, limit) {
+    eprintln!(
+      "⚠️ HTTP server: at most {} connections open at once, not {}: the process may open {limit} \
+       files (ulimit -n), and needs some for other things",
+      registry.max(),
+      shared.max_connections
+    );
+  }
+  let mut accept_errors = AcceptErrors::default();
   loop {
     tokio::select! {
       _ = stopped.changed() => break,
@@ -300,8 +313,27 @@ async fn accept_loop(
           }
         },
         Err(err) => {
-          eprintln!("⚠️ HTTP server could not accept a connection: {err}");
-          tokio::time::sleep(ACCEPT_BACKOFF).await;
+          // Out of descriptors all the same (others in the process hold them): a connection
+          // without a request head makes room, and the accept is tried again at once, rather
+          // than clients waiting for head timeouts to free descriptors.
+          let made_room = out_of_descriptors(&err) && registry.cut_oldest_unserved();
+          if let Some(unlogged) = accept_errors.note(Instant::now()) {
+            let since = match unlogged {
+              0 => String::new(),
+              n => format!(" ({n} more since the last time this was logged)"),
+            };
+            let action = match made_room {
+              true => "; cutting the oldest connections that sent no request head to make room",
+              false => "",
+            };
+            eprintln!("⚠️ HTTP server could not accept a connection: {err}{action}{since}");
+          }
+          if made_room {
+            // Lets the cut connection's task be dropped, and its descriptor closed, first.
+            tokio::task::yield_now().await;
+          } else {
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+          }
         }
       },
       // Reaps finished connections so the set does not grow with every one ever served.

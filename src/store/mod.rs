@@ -89,6 +89,18 @@ impl Store {
     }
   }
 
+  /// See [`MongoStore::save_stored_keys`].
+  pub async fn save_stored_keys(&self, keys: &[KeyRecord]) -> Result<(), StoreError> {
+    match self {
+      // The memory store names keys as given.
+      Store::Memory(s) => {
+        s.save_keys(keys);
+        Ok(())
+      }
+      Store::Mongo(s) => s.save_stored_keys(keys).await,
+    }
+  }
+
   /// Stores usage records; records already stored (a resent batch) are skipped. Returns how many
   /// were newly stored.
   pub async fn append_usage(&self, usage: &[UsageRecord]) -> Result<usize, StoreError> {

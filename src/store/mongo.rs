@@ -324,11 +324,27 @@ impl MongoStore {
   /// date given to `$set` on an existing document into a string. Fields this crate does not know
   /// (left by the old service) are dropped; `_id` is kept. Resending a batch is harmless.
   pub async fn save_keys(&self, keys: &[KeyRecord]) -> Result<(), StoreError> {
+    self
+      .replace_keys(keys, |k| self.naming.stored(&k.api_key))
+      .await
+  }
+
+  /// [`Self::save_keys`] for records whose `api_key` is already the stored name (spilled by an
+  /// earlier run).
+  pub async fn save_stored_keys(&self, keys: &[KeyRecord]) -> Result<(), StoreError> {
+    self.replace_keys(keys, |k| k.api_key.clone()).await
+  }
+
+  async fn replace_keys(
+    &self,
+    keys: &[KeyRecord],
+    name: impl Fn(&KeyRecord) -> String,
+  ) -> Result<(), StoreError> {
     for chunk in keys.chunks(KEY_BATCH) {
       let updates: Vec<Document> = chunk
         .iter()
         .map(|k| {
-          let stored = self.naming.stored(&k.api_key);
+          let stored = name(k);
           doc! {
             "q": { "apiKey": &stored },
             "u": key_document(k, &stored),
