@@ -191,3 +191,67 @@ test('the page loads nothing from outside and calls no endpoint that changes sta
     assert.match(r, /\/api\/keys\/(dashboard|status)$/, `unexpected request: ${r}`)
   }
 })
+
+test('budgets: one row per project and model, its keys counted once, with the figures GET /status reports', { skip }, async () => {
+  const alpha = [fakeKey(911), fakeKey(912)]
+  const own = fakeKey(913)
+  const other = new ApiKeyManagerService({
+    keys: [...alpha.map((apiKey) => ({ apiKey, project: 'alpha' })), own],
+    limits: LIMITS,
+    quiet: true,
+  })
+  const served = await other.serve({ host: '127.0.0.1', port: 0 })
+  try {
+    for (const model of [undefined, 'gemini-2.0-flash', 'gemini-2.0-flash']) {
+      const r = await other.getBestAvailableKey({ model })
+      assert.equal(r.success, true, r.error)
+      assert.equal((await other.recordUsage(r.data[0], 100, true, undefined, 5, { model })).success, true)
+    }
+    await page.goto(`${served.url}/api/keys/dashboard`)
+    const expected = async () => {
+      const body = await (await fetch(`${served.url}/api/keys/status`)).json()
+      const rows = new Map()
+      for (const k of body.data) {
+        const project = k.project ?? `own: ${k.apiKey}`
+        for (const [model, b] of Object.entries(k.models)) {
+          const row = rows.get(`${project} ${model}`) ?? { project, model, keys: 0, state: b.state, rpm: b.rpm.current, tpm: b.tpm.current, rpmLimit: b.rpm.limit }
+          row.keys += 1
+          rows.set(`${project} ${model}`, row)
+        }
+      }
+      return [...rows.values()].sort((a, b) => `${a.project} ${a.model}`.localeCompare(`${b.project} ${b.model}`))
+    }
+    const shownBudgets = () =>
+      page.$$eval('tr[data-budget]', (rows) =>
+        rows
+          .map((row) => ({
+            project: row.dataset.project,
+            model: row.dataset.model,
+            keys: Number(row.querySelector('[data-field=keys]').dataset.count),
+            state: row.querySelector('[data-field=state]').dataset.state,
+            rpm: Number(row.querySelector('[data-metric=rpm]').dataset.current),
+            tpm: Number(row.querySelector('[data-metric=tpm]').dataset.current),
+            rpmLimit: Number(row.querySelector('[data-metric=rpm]').dataset.limit),
+          }))
+          .sort((a, b) => `${a.project} ${a.model}`.localeCompare(`${b.project} ${b.model}`)),
+      )
+    const deadline = Date.now() + SETTLE_MS
+    let shown
+    let api
+    do {
+      await new Promise((resolve) => setTimeout(resolve, 200))
+      shown = await shownBudgets()
+      api = await expected()
+    } while (JSON.stringify(shown) !== JSON.stringify(api) && Date.now() < deadline)
+    assert.deepEqual(shown, api)
+    // Both projects met both models; alpha's two keys share each of its budgets.
+    const alphaRows = shown.filter((r) => r.project === 'alpha')
+    assert.deepEqual(alphaRows.map((r) => r.keys), [2, 2])
+    assert.equal(shown.length, 4)
+    assert.equal(shown.reduce((sum, r) => sum + r.rpm, 0), 3, 'three calls, each counted in one budget')
+    assert.ok(shown.some((r) => r.model === 'gemini-2.0-flash' && r.rpmLimit === 15), 'the table\'s limit for gemini-2.0-flash')
+  } finally {
+    await served.close()
+    await other.close()
+  }
+})

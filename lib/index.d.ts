@@ -49,6 +49,32 @@ export interface ApiKeyStatus {
   state: KeyState
   /** Until when a resting or circuit-open key is kept out. */
   stateUntil?: Date
+  /**
+   * The key's project (`null`: not known, a project of its own). Set by `getAllKeysStatus`; keys of
+   * one project share its budgets.
+   */
+  project?: string | null
+  /** Its project's budget of every model met, by model name. Set by `getAllKeysStatus`. */
+  models?: Record<string, ModelBudget>
+}
+
+/**
+ * - `active`: served.
+ * - `resting`: a 429 (per minute until its window frees, per day until the daily reset).
+ * - `no-quota`: the project's tier has no quota for the model (a 429 with `quotaValue` "0"), until reactivated.
+ * - `overloaded`: the model answered 503/500 and backs off, with one probe at a time.
+ */
+export type BudgetState = 'active' | 'resting' | 'no-quota' | 'overloaded'
+
+/** What Gemini counts: one (project, model) budget, shared by the project's keys. */
+export interface ModelBudget {
+  state: BudgetState
+  /** Until when it rests, or its model backs off; null when neither. */
+  stateUntil: Date | null
+  availabilityScore: number
+  rpm: LimitWindow
+  rpd: LimitWindow
+  tpm: LimitWindow
 }
 
 /**
@@ -58,8 +84,9 @@ export interface ApiKeyStatus {
  * - `half-open`: the back-off is over; one trial request decides whether it is `active` again.
  * - `deactivated`: the API refused the key; only `reactivateKey` brings it back.
  * - `disabled`: an operator took it out of service (`disableKey`, `POST /api/keys/disable/:apiKey`) until `enableKey`.
+ * - `no-quota`: its project's tier has no quota for the default model (a 429 with `quotaValue` "0"), until `reactivateKey`.
  */
-export type KeyState = 'active' | 'resting' | 'circuit-open' | 'half-open' | 'deactivated' | 'disabled'
+export type KeyState = 'active' | 'resting' | 'circuit-open' | 'half-open' | 'deactivated' | 'disabled' | 'no-quota'
 
 export interface ApiKeyManager {
   keys: ApiKeyStatus[]
@@ -100,9 +127,19 @@ export interface LimitsOptions {
   tpm?: number
 }
 
+/** A key with the Google Cloud project it belongs to: the keys of one project share its quota. */
+export interface KeySpec {
+  apiKey: string
+  project?: string | null
+}
+
 export interface ApiKeyManagerOptions {
-  /** The keys; without it, `GEMINI_API_KEY_1..N` (up to the first gap) and `GEMINI_API_KEYS` (comma-separated). */
-  keys?: string[]
+  /**
+   * The keys, each a string or `{ apiKey, project }`; without it, `GEMINI_API_KEY_1..N` (up to the
+   * first gap, each with an optional `GEMINI_API_KEY_<n>_PROJECT`) and `GEMINI_API_KEYS`
+   * (comma-separated, `key` or `project:key`). A key without a project is a project of its own.
+   */
+  keys?: Array<string | KeySpec>
   /**
    * The model whose free-tier limits apply (`GEMINI_MODEL`; default `gemini-2.0-flash-lite`, 30 / 200 / 1,000,000).
    * Known: gemini-2.0-flash-lite, gemini-2.0-flash, gemini-2.5-flash-lite, gemini-2.5-flash, gemini-2.5-pro.
@@ -219,6 +256,10 @@ export interface KeyUsageStats extends UsageFigures {
   tpmUsage: string
   errorCount: number
   lastError: string | null
+  /** The key's project; null when not known (a project of its own). */
+  project: string | null
+  /** Its project's budget of every model met, by model name. */
+  models: Record<string, ModelBudget>
   /** Removed from the pool: listed only for the calls it made in the range. */
   removed: boolean
 }
@@ -274,6 +315,17 @@ export interface Metrics {
     rpd: WindowUse
     tpm: WindowUse
   }>
+  /** Every (project, model) budget in use: what Gemini counts. */
+  budgets: Array<{
+    /** The project's name, or `key:` and the masked key for a key whose project is not known. */
+    project: string
+    model: string
+    state: BudgetState
+    availabilityScore: number
+    rpm: WindowUse
+    rpd: WindowUse
+    tpm: WindowUse
+  }>
 }
 
 /** What the MongoDB writer has done. */
@@ -294,7 +346,16 @@ export interface PersistenceStats {
   peers: number
 }
 
-export interface SelectionOptions {
+/** Which model's budget a call counts in. */
+export interface ModelOption {
+  /**
+   * The model (`gemini-2.5-flash`, `models/gemini-2.5-flash`); its limits from the built-in table
+   * or `modelLimits`, an unknown one `limits` (warned once). Default: the configured `model`.
+   */
+  model?: string
+}
+
+export interface SelectionOptions extends ModelOption {
   /** Tokens the call is expected to use: reserved on the key's TPM until `recordUsage` reports the real count. */
   estimatedTokens?: number
 }
@@ -394,13 +455,16 @@ export declare class ApiKeyManagerService {
     success: boolean,
     error?: unknown,
     responseTime?: number,
+    /** Without a model, the key's oldest open hand-out is settled, whatever its model. */
+    options?: ModelOption,
   ): Promise<ServiceResponse<void>>
   /**
    * After a 429 from Gemini: the key rests until that window frees, or for `retryAfterMs` (Gemini's
    * `retryDelay`). Never counts toward deactivation.
    */
-  handleRateLimit(apiKey: string, limitType: LimitType, options?: { retryAfterMs?: number }): Promise<ServiceResponse<void>>
-  getRateLimitInfo(apiKey: string): Promise<ServiceResponse<RateLimitInfo[]>>
+  handleRateLimit(apiKey: string, limitType: LimitType, options?: { retryAfterMs?: number } & ModelOption): Promise<ServiceResponse<void>>
+  /** The windows of the key's project for the model (the default one without). */
+  getRateLimitInfo(apiKey: string, options?: ModelOption): Promise<ServiceResponse<RateLimitInfo[]>>
   getAllKeysStatus(): Promise<ServiceResponse<ApiKeyStatus[]>>
   reactivateKey(apiKey: string): Promise<ServiceResponse<void>>
   resetAllLimits(): Promise<ServiceResponse<void>>
@@ -411,7 +475,7 @@ export declare class ApiKeyManagerService {
    * `fingerprintSecret`). Fails with `API key already exists`, `Invalid API key: <why>` (a key is 1
    * to 512 visible ASCII characters without `,` or `:`) or `API key cannot be stored: <why>`.
    */
-  addKey(apiKey: string): Promise<ServiceResponse<ApiKeyStatus>>
+  addKey(apiKey: string, options?: { project?: string }): Promise<ServiceResponse<ApiKeyStatus>>
   /** Takes a key out of the pool; its usage history stays. `metadata.changed` says whether it was in. */
   removeKey(apiKey: string): Promise<ServiceResponse<void>>
   /** Takes a key out of service (`state: 'disabled'`) until `enableKey`. */

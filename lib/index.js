@@ -63,6 +63,13 @@ const NONE_HANDED = Symbol('none handed out')
 // Longer error texts (an option echoed back, say) are cut: a failure is read by people.
 const MAX_ERROR_LENGTH = 1000
 
+/** A budget's instants (epoch ms or ISO strings) as Dates, in place. */
+function datedBudget(budget) {
+  if (budget.stateUntil !== null) budget.stateUntil = new Date(budget.stateUntil)
+  for (const window of [budget.rpm, budget.rpd, budget.tpm]) window.resetTime = new Date(window.resetTime)
+  return budget
+}
+
 function failure(error, metadata = {}) {
   const text = error.length > MAX_ERROR_LENGTH ? `${error.slice(0, MAX_ERROR_LENGTH)}…` : error
   return { success: false, error: text, metadata }
@@ -760,19 +767,18 @@ class ApiKeyManagerService {
     for (let i = 0; i < budgets.length; i++) {
       const status = byKey.get(this._keys[i])
       if (status === undefined) continue
-      const window = (w) => ({ current: w.current, limit: w.limit, resetTime: new Date(w.resetTime) })
       status.project = budgets[i].project ?? null
       status.models = Object.fromEntries(
         budgets[i].models.map((b) => [
           b.model,
-          {
+          datedBudget({
             state: b.state,
-            stateUntil: b.stateUntil === undefined || b.stateUntil === null ? null : new Date(b.stateUntil),
+            stateUntil: b.stateUntil ?? null,
             availabilityScore: b.availabilityScore,
-            rpm: window(b.rpm),
-            rpd: window(b.rpd),
-            tpm: window(b.tpm),
-          },
+            rpm: { ...b.rpm },
+            rpd: { ...b.rpd },
+            tpm: { ...b.tpm },
+          }),
         ]),
       )
     }
@@ -896,7 +902,10 @@ class ApiKeyManagerService {
     }
     const body = JSON.parse(reply.body)
     if (!body.success) return failure(`${body.error}: ${body.message}`)
-    for (const key of body.data) key.lastUsed = new Date(key.lastUsed)
+    for (const key of body.data) {
+      key.lastUsed = new Date(key.lastUsed)
+      for (const budget of Object.values(key.models)) datedBudget(budget)
+    }
     const { metadata } = body
     metadata.startDate = metadata.startDate === null ? null : new Date(metadata.startDate)
     metadata.endDate = metadata.endDate === null ? null : new Date(metadata.endDate)

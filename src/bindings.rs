@@ -368,11 +368,8 @@ impl NativeKeyPool {
             .iter()
             .map(|v| BudgetEntry {
               model: v.model.clone(),
-              state: crate::pool::budget_state(v).to_owned(),
-              state_until: match v.figures.rest {
-                crate::budget::Rest::Until { until, .. } => Some(until as f64),
-                _ => v.overloaded_until.map(|t| t as f64),
-              },
+              state: v.state_label().to_owned(),
+              state_until: v.state_until().map(|t| t as f64),
               availability_score: v.availability_score,
               rpm: window_entry(&v.figures.rpm),
               rpd: window_entry(&v.figures.rpd),

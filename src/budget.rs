@@ -83,6 +83,39 @@ pub struct BudgetFigures {
   pub rest: Rest,
 }
 
+/// One budget as listings show it: its project and model by name, its figures, its model's
+/// back-off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetView {
+  /// The project's name; `None` for the project of a key whose project is not known.
+  pub project: Option<String>,
+  pub model: String,
+  pub figures: BudgetFigures,
+  pub availability_score: f64,
+  /// The model is backing off after an overload, until then.
+  pub overloaded_until: Option<Millis>,
+}
+
+impl BudgetView {
+  /// `active`, `resting`, `no-quota` or `overloaded`.
+  pub fn state_label(&self) -> &'static str {
+    match self.figures.rest {
+      Rest::NoQuota => "no-quota",
+      Rest::Until { .. } => "resting",
+      Rest::Clear if self.overloaded_until.is_some() => "overloaded",
+      Rest::Clear => "active",
+    }
+  }
+
+  /// Until when it rests, or its model backs off.
+  pub fn state_until(&self) -> Option<Millis> {
+    match self.figures.rest {
+      Rest::Until { until, .. } => Some(until),
+      _ => self.overloaded_until,
+    }
+  }
+}
+
 impl Budget {
   pub fn new(
     project: ProjectId,

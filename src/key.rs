@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 
 pub use crate::budget::LimitFigures;
-use crate::budget::{Budget, BudgetId, Budgets, ProjectId, Rest};
+use crate::budget::{Budget, BudgetId, BudgetView, Budgets, ProjectId, Rest};
 use crate::clock::Millis;
 use crate::health::{Health, HealthState};
 use crate::models::ModelId;
@@ -199,8 +199,13 @@ impl KeyFigures {
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyStatus {
   pub api_key: String,
+  /// Its windows those of the default model.
   pub figures: KeyFigures,
   pub last_error: Option<String>,
+  /// Its project's name; `None` when not known (a project of its own).
+  pub project: Option<String>,
+  /// Its project's budget of every model met.
+  pub budgets: Vec<BudgetView>,
 }
 
 /// The SPEC's `RateLimitInfo`.
@@ -412,14 +417,6 @@ impl KeyState {
       error_count: self.error_count,
       last_error_time: self.last_error_time,
       error_seq: self.error_seq,
-    }
-  }
-
-  pub fn status(&self, budget: &Budget, now: Millis) -> KeyStatus {
-    KeyStatus {
-      api_key: self.key.clone(),
-      figures: self.figures(budget, now),
-      last_error: self.last_error.clone(),
     }
   }
 

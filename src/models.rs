@@ -269,6 +269,22 @@ impl Models {
     self.models.iter().position(|m| m.name == name)
   }
 
+  /// The model named `name` if it was met or its limits are known (the table, `modelLimits`), met
+  /// now if it was not yet; a name neither met nor known is refused, and not echoed (it may be
+  /// anything). For callers not trusted to add models: each one met stays for the process's life.
+  pub fn known_id(&mut self, name: &str) -> Result<ModelId, PoolError> {
+    if let Some(id) = self.find(name) {
+      return Ok(id);
+    }
+    let (_, unknown) = self.limits.quota_of(normalize(name));
+    if unknown {
+      return Err(PoolError::InvalidModel(
+        "the model has not been used here and is not in the table of limits (modelLimits)".into(),
+      ));
+    }
+    self.id(name).map(|(id, _)| id)
+  }
+
   /// The model named `name`, met now if it was not yet: returns its id, and a warning to log when
   /// its limits had to be guessed.
   pub fn id(&mut self, name: &str) -> Result<(ModelId, Option<String>), PoolError> {

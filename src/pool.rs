@@ -10,7 +10,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::budget::{BudgetFigures, BudgetId, Budgets, Exhausted, ProjectId, ProjectName, Rest};
+use crate::budget::{BudgetId, BudgetView, Budgets, Exhausted, ProjectId, ProjectName, Rest};
 use crate::call_log::{Call, CallLog, DEFAULT_CALL_LOG_CAPACITY};
 use crate::clock::{Clock, Millis};
 use crate::config::{js_number, project_name, KeySpec, PoolConfig};
@@ -90,18 +90,6 @@ pub struct Picked<T> {
   pub figures: KeyFigures,
 }
 
-/// One budget as listings show it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BudgetView {
-  /// The project's name; `None` for the project of a key whose project is not known.
-  pub project: Option<String>,
-  pub model: String,
-  pub figures: BudgetFigures,
-  pub availability_score: f64,
-  /// The model is backing off after an overload, until then.
-  pub overloaded_until: Option<Millis>,
-}
-
 /// Something to log once the lock is released.
 enum Note {
   Warn(String),
@@ -138,6 +126,16 @@ struct PoolState {
 }
 
 impl PoolState {
+  /// A model met just now (its id one past the last with budgets) gets a budget in every project
+  /// and a selection cache.
+  fn give_budgets_to_new_model(&mut self, id: ModelId, now: Millis) {
+    if id == self.caches.len() {
+      let quota = self.models.get(id).quota;
+      self.budgets.add_model(id, quota, now);
+      self.caches.push(SelectionCache::default());
+    }
+  }
+
   /// Notes that key `index` changed, for the next export.
   fn touch(&mut self, index: usize) {
     if !self.dirty[index] {
@@ -516,17 +514,23 @@ impl KeyPool {
   pub fn model_id(&self, name: &str) -> Result<ModelId, PoolError> {
     let (id, warning) = self.with_state(|state, now| {
       let (id, warning) = state.models.id(name)?;
-      if id == state.caches.len() {
-        let quota = state.models.get(id).quota;
-        state.budgets.add_model(id, quota, now);
-        state.caches.push(SelectionCache::default());
-      }
+      state.give_budgets_to_new_model(id, now);
       Ok::<_, PoolError>((id, warning))
     })??;
     if let Some(w) = warning {
       self.log.warn(&w);
     }
     Ok(id)
+  }
+
+  /// Like [`Self::model_id`], for callers not trusted to add models: only a model met already or
+  /// one whose limits are known (see [`Models::known_id`]).
+  pub fn known_model_id(&self, name: &str) -> Result<ModelId, PoolError> {
+    self.with_state(|state, now| {
+      let id = state.models.known_id(name)?;
+      state.give_budgets_to_new_model(id, now);
+      Ok(id)
+    })?
   }
 
   /// The name of model `id`.
@@ -1330,8 +1334,21 @@ impl KeyPool {
   }
 
   fn status_of(state: &PoolState, index: usize, now: Millis) -> KeyStatus {
+    let key = &state.keys[index];
     let budget = state.budgets.get(state.budget_of(index, DEFAULT_MODEL_ID));
-    state.keys[index].status(budget, now)
+    let (project, budgets) = Self::project_budgets(state, index, now);
+    KeyStatus {
+      api_key: key.key.clone(),
+      figures: key.figures(budget, now),
+      last_error: key.last_error.clone(),
+      project,
+      budgets,
+    }
+  }
+
+  /// Key `index`'s full status, its budgets included.
+  pub fn status(&self, index: usize) -> Result<KeyStatus, PoolError> {
+    self.with_key(index, |state, now| Self::status_of(state, index, now))
   }
 
   /// Every key ever in the pool, removed ones too, by position.
@@ -1371,20 +1388,26 @@ impl KeyPool {
 
   /// Key `index`'s project (`None`: its own, not known) and its budget of every model met.
   pub fn budgets_of(&self, index: usize) -> Result<(Option<String>, Vec<BudgetView>), PoolError> {
-    self.with_key(index, |state, now| {
-      let project = state.keys[index].project;
-      let name = match state.budgets.name(project) {
-        ProjectName::Named(name) => Some(name.clone()),
-        ProjectName::OwnOf(_) => None,
-      };
-      let views = state
-        .budgets
-        .of_project(project)
-        .iter()
-        .map(|&b| Self::budget_view(state, b, now))
-        .collect();
-      (name, views)
-    })
+    self.with_key(index, |state, now| Self::project_budgets(state, index, now))
+  }
+
+  fn project_budgets(
+    state: &PoolState,
+    index: usize,
+    now: Millis,
+  ) -> (Option<String>, Vec<BudgetView>) {
+    let project = state.keys[index].project;
+    let name = match state.budgets.name(project) {
+      ProjectName::Named(name) => Some(name.clone()),
+      ProjectName::OwnOf(_) => None,
+    };
+    let views = state
+      .budgets
+      .of_project(project)
+      .iter()
+      .map(|&b| Self::budget_view(state, b, now))
+      .collect();
+    (name, views)
   }
 
   fn budget_view(state: &PoolState, b: BudgetId, now: Millis) -> BudgetView {
@@ -1729,7 +1752,7 @@ impl KeyPool {
             .unwrap_or_default()
         }),
         model: view.model.clone(),
-        state: budget_state(&view),
+        state: view.state_label(),
         availability_score: view.availability_score,
         windows: [view.figures.rpm, view.figures.rpd, view.figures.tpm],
       })
@@ -1758,14 +1781,6 @@ impl KeyPool {
 
 /// A budget's state as listings name it: `active`, `resting` (a 429), `no-quota`, or `overloaded`
 /// (its model backing off).
-pub fn budget_state(view: &BudgetView) -> &'static str {
-  match view.figures.rest {
-    Rest::NoQuota => "no-quota",
-    Rest::Until { .. } => "resting",
-    Rest::Clear if view.overloaded_until.is_some() => "overloaded",
-    Rest::Clear => "active",
-  }
-}
 #[cfg(test)]
 mod tests {
   use super::*;

@@ -2,10 +2,12 @@
 //! `Date.prototype.toISOString()` writes them so that `new Date(body.lastUsed)` on the client is
 //! the instant the pool holds.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Serialize, Serializer};
 
+use crate::budget::BudgetView;
 use crate::calendar::{civil_from_days, days_from_civil};
 use crate::clock::Millis;
 use crate::key::{KeyFigures, KeyStatus, LimitFigures, RateLimitInfo};
@@ -272,7 +274,40 @@ impl From<&KeyFigures> for LimitsJson {
   }
 }
 
-/// The SPEC's `ApiKeyStatus`, key masked.
+/// One model's budget of a key's project: `models[model]` in a status or a usage row.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetJson {
+  /// `active`, `resting`, `no-quota` or `overloaded`.
+  pub state: &'static str,
+  /// Until when it rests or its model backs off; `null` when neither.
+  pub state_until: Option<IsoDate>,
+  pub availability_score: f64,
+  pub rpm: LimitWindowJson,
+  pub rpd: LimitWindowJson,
+  pub tpm: LimitWindowJson,
+}
+
+/// Every model met, by name.
+pub fn models_json(budgets: &[BudgetView]) -> BTreeMap<String, BudgetJson> {
+  budgets
+    .iter()
+    .map(|b| {
+      let json = BudgetJson {
+        state: b.state_label(),
+        state_until: b.state_until().map(IsoDate),
+        availability_score: b.availability_score,
+        rpm: b.figures.rpm.into(),
+        rpd: b.figures.rpd.into(),
+        tpm: b.figures.tpm.into(),
+      };
+      (b.model.clone(), json)
+    })
+    .collect()
+}
+
+/// The SPEC's `ApiKeyStatus`, key masked, with its project and its budget of every model met
+/// (`limits` stays the default model's).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyStatusJson {
@@ -290,6 +325,9 @@ pub struct KeyStatusJson {
   pub last_error: Option<String>,
   #[serde(skip_serializing_if = "Option::is_none")]
   pub last_error_time: Option<IsoDate>,
+  /// `null` when not known (a project of its own).
+  pub project: Option<String>,
+  pub models: BTreeMap<String, BudgetJson>,
 }
 
 impl KeyStatusJson {
@@ -305,6 +343,8 @@ impl KeyStatusJson {
       error_count: f.error_count,
       last_error: status.last_error.clone(),
       last_error_time: f.last_error_time.map(IsoDate),
+      project: status.project.clone(),
+      models: models_json(&status.budgets),
     }
   }
 }
@@ -346,6 +386,10 @@ pub struct UsageJson {
   pub tpm_usage: String,
   pub error_count: u32,
   pub last_error: Option<String>,
+  /// `null` when not known (a project of its own).
+  pub project: Option<String>,
+  /// The windows of its project's budget of every model met.
+  pub models: BTreeMap<String, BudgetJson>,
 }
 
 impl UsageJson {
@@ -361,6 +405,8 @@ impl UsageJson {
       tpm_usage: usage(f.tpm),
       error_count: f.error_count,
       last_error: status.last_error.clone(),
+      project: status.project.clone(),
+      models: models_json(&status.budgets),
     }
   }
 }

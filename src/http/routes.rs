@@ -5,7 +5,7 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use crate::error::PoolError;
-use crate::key::{Admission, KeyStatus};
+use crate::key::Admission;
 use crate::mask::mask_key;
 use crate::metrics::prometheus_text;
 use crate::models::{ModelId, DEFAULT_MODEL_ID};
@@ -771,23 +771,16 @@ fn add_key(pool: &KeyPool, req: &Params<'_>) -> Reply {
   };
   let added = pool
     .add_key(&body.api_key, body.project.as_deref())
-    .and_then(|index| Ok((index, pool.figures(index)?)));
+    .and_then(|index| pool.status(index));
   match added {
-    Ok((index, figures)) => {
-      let status = KeyStatus {
-        api_key: body.api_key,
-        figures,
-        last_error: pool.last_error(index).ok().flatten(),
-      };
-      Reply {
-        status: 201,
-        ..Reply::ok(
-          Some(KeyStatusJson::new(&status)),
-          None::<()>,
-          "API key added successfully",
-        )
-      }
-    }
+    Ok(status) => Reply {
+      status: 201,
+      ..Reply::ok(
+        Some(KeyStatusJson::new(&status)),
+        None::<()>,
+        "API key added successfully",
+      )
+    },
     // The message names no key: the one refused may be malformed in a way that shows it whole.
     Err(err) => Reply::pool_error(err, FAILURE),
   }
@@ -829,10 +822,8 @@ fn reset_limits(pool: &KeyPool, _: &Params<'_>) -> Reply {
   }
 }
 
-/// Reads the optional `startDate` and `endDate` of a query string. A value that is not valid
-/// percent-encoding counts as an invalid date.
-/// The model a request's `?model=` names (met now if it was not: see [`KeyPool::model_id`]),
-/// else the default one.
+/// The model a request's `?model=` names, else the default one. Only a model met already or in
+/// the table of limits: an anonymous request must not fill the pool's table of models.
 fn model_param(pool: &KeyPool, query: &str, message: &str) -> Result<ModelId, Reply> {
   let mut named = None;
   for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -851,11 +842,13 @@ fn model_param(pool: &KeyPool, query: &str, message: &str) -> Result<ModelId, Re
   match named {
     None => Ok(DEFAULT_MODEL_ID),
     Some(name) => pool
-      .model_id(&name)
+      .known_model_id(&name)
       .map_err(|e| Reply::error(400, &e.to_string(), message)),
   }
 }
 
+/// Reads the optional `startDate` and `endDate` of a query string. A value that is not valid
+/// percent-encoding counts as an invalid date.
 fn date_range(query: &str) -> Result<DateRange, Reply> {
   const INVALID: &str = "\u{0}";
   let mut start = None;
@@ -913,7 +906,7 @@ mod tests {
   use crate::config::PoolConfig;
   use crate::log::SilentLog;
   use crate::pool::Outcome;
-  use crate::quota::{LimitType, Quota};
+  use crate::quota::{LimitType, Quota, DEFAULT_MODEL};
 
   const T0: Millis = 1_700_000_000_000;
   const T0_ISO: &str = "2023-11-14T22:13:20.000Z";
@@ -1013,8 +1006,50 @@ mod tests {
           "tpm": window(0, 1_000_000, T0),
         },
         "errorCount": 0,
+        "project": null,
+        "models": {
+          DEFAULT_MODEL: {
+            "state": "active",
+            "stateUntil": null,
+            "availabilityScore": 1.0,
+            "rpm": window(0, 30, T0),
+            "rpd": window(0, 200, midnight()),
+            "tpm": window(0, 1_000_000, T0),
+          },
+        },
       })
     );
+  }
+
+  #[test]
+  fn status_and_usage_show_each_project_and_model_met() {
+    let p = pool();
+    let index = p
+      .add_key("AIzaSyAA00000000000000000000000proj", Some("alpha"))
+      .unwrap();
+    let flash = p.model_id("gemini-2.0-flash").unwrap();
+    let picked = p
+      .best(
+        Claim::Reserve {
+          estimated_tokens: 0,
+        },
+        flash,
+      )
+      .unwrap();
+    p.record_usage(picked.pick.index, 40, Outcome::Success, 1.0, Some(flash))
+      .unwrap();
+    let (_, v) = get(&p, "/api/keys/status");
+    let shown = &v["data"][picked.pick.index];
+    assert_eq!(shown["models"]["gemini-2.0-flash"]["rpm"]["current"], 1);
+    assert_eq!(shown["models"]["gemini-2.0-flash"]["tpm"]["current"], 40);
+    assert_eq!(shown["models"]["gemini-2.0-flash"]["rpm"]["limit"], 15);
+    // The default model's figures stay in `limits`, untouched by the other model's call.
+    assert_eq!(shown["limits"]["rpm"]["current"], 0);
+    assert_eq!(v["data"][index]["project"], "alpha");
+    let (_, usage) = get(&p, "/api/keys/usage-stats");
+    let row = &usage["data"][picked.pick.index];
+    assert_eq!(row["models"]["gemini-2.0-flash"]["tpm"]["current"], 40);
+    assert_eq!(usage["data"][index]["project"], "alpha");
   }
 
   #[test]
@@ -1227,6 +1262,18 @@ mod tests {
         "tpmUsage": "1234/1000000",
         "errorCount": 0,
         "lastError": null,
+        "project": null,
+        "models": {
+          DEFAULT_MODEL: {
+            "state": "active",
+            "stateUntil": null,
+            "availabilityScore": v["data"][0]["models"][DEFAULT_MODEL]["availabilityScore"],
+            // When the slice holding T0 has left the rolling window (its slices and margin).
+            "rpm": window(1, 30, T0 + 60_079),
+            "rpd": window(1, 200, midnight()),
+            "tpm": window(1234, 1_000_000, T0 + 60_079),
+          },
+        },
         "removed": false,
         "requests": 1,
         "successes": 1,
@@ -1350,6 +1397,43 @@ mod tests {
       assert_eq!(status, 400, "{query}");
       assert_eq!(v["error"], error, "{query}");
     }
+  }
+
+  #[test]
+  fn a_model_param_names_a_known_model_and_never_adds_an_unknown_one() {
+    let p = pool();
+    let (status, v) = get(&p, "/api/keys/best?model=gemini-2.0-flash");
+    assert_eq!(status, 200, "{v}");
+    let path = format!(
+      "/api/keys/rate-limit/{}?model=models%2Fgemini-2.0-flash",
+      KEYS[0]
+    );
+    let (status, v) = get(&p, &path);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"][0]["limit"], 15);
+    for path in [
+      "/api/keys/best?model=gemini-9-ultra",
+      "/api/keys/rotate?model=gemini-9-ultra",
+      "/api/keys/best?model=a%20b",
+      "/api/keys/best?model=gemini-2.0-flash&model=gemini-2.0-flash",
+    ] {
+      let (status, v) = call(
+        &p,
+        if path.contains("rotate") {
+          "POST"
+        } else {
+          "GET"
+        },
+        path,
+        "",
+      );
+      assert_eq!(status, 400, "{path}: {v}");
+      assert!(!v["error"].as_str().unwrap().contains("ultra"), "{v}");
+    }
+    // Only the default model and the one in the table were met.
+    let (_, v) = get(&p, "/api/keys/status");
+    let models: Vec<&String> = v["data"][0]["models"].as_object().unwrap().keys().collect();
+    assert_eq!(models, ["gemini-2.0-flash", DEFAULT_MODEL], "by name");
   }
 
   #[test]
