@@ -424,25 +424,14 @@ impl KeyState {
   /// A rolling window's `resetTime` is when all of its count has left it, so a reader that drops
   /// the count after that time (the old service did) never drops a request still counted.
   pub fn to_record(&self, budget: &Budget, now: Millis) -> KeyRecord {
+    let [rpm, rpd, tpm] = stored_windows(budget, now);
     KeyRecord {
       api_key: self.key.clone(),
       is_active: self.is_active(),
       last_used: self.last_used,
-      rpm: WindowRecord {
-        current: budget.rpm.current(now),
-        limit: budget.quota.rpm,
-        reset_time: budget.rpm.clears_at(now),
-      },
-      rpd: WindowRecord {
-        current: budget.rpd.current(now),
-        limit: budget.quota.rpd,
-        reset_time: budget.rpd.frees_at(now),
-      },
-      tpm: WindowRecord {
-        current: budget.tpm.current(now),
-        limit: budget.quota.tpm,
-        reset_time: budget.tpm.clears_at(now),
-      },
+      rpm,
+      rpd,
+      tpm,
       error_count: self.error_count,
       last_error: self.last_error.clone(),
       last_error_time: self.last_error_time,
@@ -483,6 +472,28 @@ impl KeyState {
     }
     self.last_error_time = record.last_error_time;
   }
+}
+
+/// `budget`'s windows (RPM, RPD, TPM) as stored. A rolling window's `resetTime` is when all of its
+/// count has left it (see [`KeyState::to_record`]); the day's is the daily reset.
+pub fn stored_windows(budget: &Budget, now: Millis) -> [WindowRecord; 3] {
+  [
+    WindowRecord {
+      current: budget.rpm.current(now),
+      limit: budget.quota.rpm,
+      reset_time: budget.rpm.clears_at(now),
+    },
+    WindowRecord {
+      current: budget.rpd.current(now),
+      limit: budget.quota.rpd,
+      reset_time: budget.rpd.frees_at(now),
+    },
+    WindowRecord {
+      current: budget.tpm.current(now),
+      limit: budget.quota.tpm,
+      reset_time: budget.tpm.clears_at(now),
+    },
+  ]
 }
 
 /// Stored windows (RPM, RPD, TPM) merged into `budget`. Counters of windows still open in the

@@ -27,8 +27,8 @@ use crate::mask::scrub;
 use crate::pool::KeyPool;
 use crate::spill::{self, Claim, Spill, SpilledKey};
 use crate::store::{
-  AdmissionRecord, KeyNaming, KeyRecord, KeyStorage, MongoStore, Store, StoreError, UsageRecord,
-  DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
+  AdmissionRecord, BudgetRecord, KeyNaming, KeyRecord, KeyStorage, MongoStore, Store, StoreError,
+  UsageRecord, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
 };
 use crate::usage_log::{DEFAULT_BATCH, DEFAULT_CAPACITY};
 
@@ -137,6 +137,8 @@ struct Shared {
   pending: Mutex<Vec<UsageRecord>>,
   pending_admissions: Mutex<Vec<AdmissionRecord>>,
   pending_keys: Mutex<Vec<KeyRecord>>,
+  /// Changed budgets of a write not known to have succeeded, as [`Self::pending_keys`].
+  pending_budgets: Mutex<Vec<BudgetRecord>>,
   spill: Spill,
   /// This process's name for its spill file.
   writer: String,
@@ -168,11 +170,13 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
   let pool = &shared.pool;
   let loaded = async {
     follow_admissions(shared, &store).await?;
-    store.load(pool.now(), pool.names().keys()).await
+    let keys = store.load(pool.now(), pool.names().keys()).await?;
+    Ok::<_, StoreError>((keys, store.load_budgets().await?))
   };
   match loaded.await {
-    Ok(records) => {
+    Ok((records, budgets)) => {
       pool.import(&records);
+      pool.import_budgets(&budgets, |subject| store.naming().stored(subject));
       // Before the keys are marked changed: a spilled key document merged now is the pool's own
       // state, not a local change that outweighs the stored one.
       let spilled = claim_spilled(shared);
@@ -333,6 +337,16 @@ async fn flush(shared: &Shared, store: &Store, capacity: usize) -> Result<(), St
   if !keys.is_empty() {
     store.save_keys(&keys).await?;
     shared.pending_keys.lock().clear();
+  }
+  let budgets = {
+    let mut pending = shared.pending_budgets.lock();
+    pool.mark_budgets_dirty(&pending);
+    *pending = pool.export_dirty_budgets();
+    pending.clone()
+  };
+  if !budgets.is_empty() {
+    store.save_budgets(&budgets).await?;
+    shared.pending_budgets.lock().clear();
   }
   loop {
     // The batch stays pending until written: a close that cannot wait spills it.
@@ -530,6 +544,7 @@ impl WriteBehind {
       pending: Mutex::new(Vec::new()),
       pending_admissions: Mutex::new(Vec::new()),
       pending_keys: Mutex::new(Vec::new()),
+      pending_budgets: Mutex::new(Vec::new()),
       spill: Spill::new(&options.spill_dir, &options.uri, &options.db_name, &writer),
       writer,
       spilled: AtomicU64::new(0),
@@ -614,12 +629,12 @@ impl WriteBehind {
 mod tests {
   use super::*;
   use crate::clock::SystemClock;
-  use crate::config::PoolConfig;
+  use crate::config::{KeySpec, PoolConfig};
   use crate::error::PoolError;
   use crate::key::Admission;
   use crate::log::CapturedLog;
   use crate::pool::{Claim, Outcome};
-  use crate::quota::Quota;
+  use crate::quota::{LimitType, Quota};
   use crate::store::test_server::{free_port, TestServer};
   use mongodb::bson::{doc, Document};
 
@@ -707,6 +722,102 @@ mod tests {
     q.close();
     again.close().await;
     assert_eq!(count(&server.uri(), "api_key_usage").await, 12);
+  }
+
+  /// Every (project, model) budget is stored, named as its leases are (never a key in clear):
+  /// a restart keeps each model's windows and a spent day's rest, instead of learning them again
+  /// from Gemini's 429s.
+  #[tokio::test(flavor = "multi_thread")]
+  async fn budgets_of_every_project_and_model_survive_a_restart() {
+    let server = TestServer::start();
+    let start = || {
+      let config = PoolConfig {
+        keys: vec![
+          KeySpec {
+            key: "key-a".into(),
+            project: Some("alpha".into()),
+          },
+          KeySpec {
+            key: "key-b".into(),
+            project: None,
+          },
+        ],
+        ..PoolConfig::of(Vec::new(), Quota::default())
+      };
+      let log = Arc::new(CapturedLog::default());
+      Arc::new(KeyPool::new(config, Arc::new(SystemClock), log).unwrap())
+    };
+    let digests = |uri| PersistOptions {
+      key_storage: KeyStorage::Digest,
+      ..options(uri)
+    };
+    let p = start();
+    let (writer, started) = WriteBehind::start(
+      p.clone(),
+      digests(server.uri()),
+      Arc::new(CapturedLog::default()),
+    )
+    .await;
+    assert_eq!(started, Started::Connected);
+    let flash = p.model_id("gemini-2.0-flash").unwrap();
+    p.record_usage(0, 50, Outcome::Success, 1.0, Some(flash))
+      .unwrap();
+    p.handle_rate_limit(1, LimitType::Rpd, Some(18_000), Some(flash))
+      .unwrap();
+    let rested_until = p.budgets_of(1).unwrap().1[1].state_until();
+    assert!(
+      rested_until.unwrap() > p.now() + 60_000,
+      "rests until the daily reset"
+    );
+    p.close();
+    writer.close().await;
+    let client = mongodb::Client::with_uri_str(&server.uri()).await.unwrap();
+    let mut cursor = client
+      .database("gkm_write_behind")
+      .collection::<Document>("api_key_budgets")
+      .find(doc! {})
+      .await
+      .unwrap();
+    let mut docs = Vec::new();
+    while cursor.advance().await.unwrap() {
+      docs.push(cursor.deserialize_current().unwrap());
+    }
+    // Both models of both projects.
+    assert_eq!(docs.len(), 4, "{docs:?}");
+    let text = format!("{docs:?}");
+    assert!(!text.contains("key-a") && !text.contains("key-b"), "{text}");
+    assert!(
+      text.contains("\"alpha\""),
+      "a project's name is no secret: {text}"
+    );
+
+    let q = start();
+    let (again, _) = WriteBehind::start(
+      q.clone(),
+      digests(server.uri()),
+      Arc::new(CapturedLog::default()),
+    )
+    .await;
+    let flash_again = q.model_id("gemini-2.0-flash").unwrap();
+    assert_eq!(flash_again, flash, "met again from the store");
+    let (project, views) = q.budgets_of(0).unwrap();
+    assert_eq!(project.as_deref(), Some("alpha"));
+    assert_eq!(
+      (
+        views[1].model.as_str(),
+        views[1].figures.tpm.current,
+        views[1].figures.rpm.current
+      ),
+      ("gemini-2.0-flash", 50, 1)
+    );
+    let (_, views) = q.budgets_of(1).unwrap();
+    assert_eq!(views[1].state_label(), "resting");
+    assert_eq!(views[1].state_until(), rested_until);
+    assert!(q
+      .best(Claim::LookOnly, flash)
+      .is_ok_and(|picked| picked.pick.index == 0));
+    q.close();
+    again.close().await;
   }
 
   /// Waits until `done` holds, at most a few seconds.

@@ -18,7 +18,10 @@ use crate::counters::Counters;
 use crate::error::PoolError;
 use crate::failure::{classify, consumer_project, Failure, QuotaScope, RateLimit};
 use crate::health::{HealthChange, HealthState};
-use crate::key::{rate_limit_info, Admission, KeyFigures, KeyState, KeyStatus, RateLimitInfo};
+use crate::key::{
+  merge_windows, rate_limit_info, stored_windows, Admission, KeyFigures, KeyState, KeyStatus,
+  RateLimitInfo,
+};
 use crate::log::Log;
 use crate::mask::{mask_key, scrub};
 use crate::metrics::{BudgetMetrics, KeyMetrics, MetricsSnapshot};
@@ -29,7 +32,9 @@ use crate::selection::{
   Candidates, Rotation, RotationReason, Selection, SelectionCache, SelectionMethod,
 };
 use crate::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
-use crate::store::{AdmissionRecord, KeyRecord, UsageIds, UsageReader, UsageRecord};
+use crate::store::{
+  AdmissionRecord, BudgetRecord, KeyRecord, RestRecord, UsageIds, UsageReader, UsageRecord,
+};
 use crate::usage_log::{UsageEntry, UsageLog};
 use crate::usage_stats::DateRange;
 
@@ -151,6 +156,44 @@ impl PoolState {
     for b in 0..self.budgets.len() {
       self.touch_budget(b);
     }
+  }
+
+  /// How budget `b` is named in the store, as its leases are: for a key of a project of its own
+  /// and the default model the key itself (as the leases of one key have always been named),
+  /// else the project (or the key) and the model.
+  fn subject_of(&self, names: &Names, b: BudgetId) -> Option<String> {
+    let budget = self.budgets.get(b);
+    let model = &self.models.get(budget.model).name;
+    match self.budgets.name(budget.project) {
+      ProjectName::OwnOf(i) if budget.model == DEFAULT_MODEL_ID => names.get(*i).map(str::to_owned),
+      ProjectName::OwnOf(i) => names.get(*i).map(|k| format!("{k}/{model}")),
+      ProjectName::Named(p) => Some(format!("project:{p}/{model}")),
+    }
+  }
+
+  /// Budget `b` as stored.
+  fn budget_record(&self, names: &Names, b: BudgetId, now: Millis) -> Option<BudgetRecord> {
+    let budget = self.budgets.get(b);
+    let [rpm, rpd, tpm] = stored_windows(budget, now);
+    Some(BudgetRecord {
+      subject: self.subject_of(names, b)?,
+      project: match self.budgets.name(budget.project) {
+        ProjectName::Named(p) => Some(p.clone()),
+        ProjectName::OwnOf(_) => None,
+      },
+      model: self.models.get(budget.model).name.clone(),
+      rpm,
+      rpd,
+      tpm,
+      rest: match budget.rest(now) {
+        Rest::Clear => RestRecord::Clear,
+        Rest::Until { until, limit } => RestRecord::Until {
+          until,
+          window: limit,
+        },
+        Rest::NoQuota => RestRecord::NoQuota,
+      },
+    })
   }
 
   fn touch_budget(&mut self, budget: BudgetId) {
@@ -1533,6 +1576,84 @@ impl KeyPool {
     merged
   }
 
+  /// The budgets changed since the last export, as stored records; their change flags are
+  /// cleared. Works on a closed pool, so that closing can flush.
+  pub fn export_dirty_budgets(&self) -> Vec<BudgetRecord> {
+    let now = self.clock.now_ms();
+    let names = self.names();
+    let mut state = self.state.lock();
+    let dirty = std::mem::take(&mut state.dirty_budgets);
+    for &b in &dirty {
+      state.dirty_budget[b] = false;
+    }
+    dirty
+      .iter()
+      .filter_map(|&b| state.budget_record(&names, b, now))
+      .collect()
+  }
+
+  /// Flags the budgets of `records` as changed again: their write failed.
+  pub fn mark_budgets_dirty(&self, records: &[BudgetRecord]) {
+    if records.is_empty() {
+      return;
+    }
+    let names = self.names();
+    let mut state = self.state.lock();
+    for b in 0..state.budgets.len() {
+      let subject = state.subject_of(&names, b);
+      if records.iter().any(|r| Some(&r.subject) == subject.as_ref()) {
+        state.touch_budget(b);
+      }
+    }
+  }
+
+  /// Merges stored budgets into the pool: counters of open windows become the larger of the two
+  /// sides (see [`merge_windows`]) and a stored rest is kept unless one held here ends later.
+  /// `stored_name` names a subject as the store does. A model a record names that was not met
+  /// yet is met now (those beyond the table's room are left out). Returns how many merged.
+  pub fn import_budgets(
+    &self,
+    records: &[BudgetRecord],
+    stored_name: impl Fn(&str) -> String,
+  ) -> usize {
+    for r in records {
+      // A model beyond the table's room, or one named wrongly, stays unmet: its records are
+      // left out below.
+      let _ = self.model_id(&r.model);
+    }
+    let now = self.clock.now_ms();
+    let names = self.names();
+    let mut state = self.state.lock();
+    let state = &mut *state;
+    let by_name: std::collections::HashMap<&str, &BudgetRecord> =
+      records.iter().map(|r| (r.subject.as_str(), r)).collect();
+    let mut merged = 0;
+    for b in 0..state.budgets.len() {
+      let Some(subject) = state.subject_of(&names, b) else {
+        continue;
+      };
+      let Some(r) = by_name.get(stored_name(&subject).as_str()) else {
+        continue;
+      };
+      let budget = state.budgets.get_mut(b);
+      merge_windows(budget, [r.rpm, r.rpd, r.tpm], now);
+      let rest = match r.rest {
+        RestRecord::Clear => Rest::Clear,
+        RestRecord::Until { until, window } => Rest::Until {
+          until,
+          limit: window,
+        },
+        RestRecord::NoQuota => Rest::NoQuota,
+      };
+      budget.restore_rest(rest, now);
+      merged += 1;
+    }
+    if merged > 0 {
+      state.invalidate_caches();
+    }
+    merged
+  }
+
   /// From now on, hands out a key only within what this process leased of its budgets' shared
   /// quota (see `share`): until the first leases arrive no key is available. Returns what the
   /// pool notifies when a lease runs low; a second call returns the same and changes nothing else.
@@ -1555,16 +1676,9 @@ impl KeyPool {
   pub fn lease_subject(&self, b: BudgetId) -> Option<String> {
     let names = self.names();
     let state = self.state.lock();
-    if b >= state.budgets.len() {
-      return None;
-    }
-    let budget = state.budgets.get(b);
-    let model = &state.models.get(budget.model).name;
-    match state.budgets.name(budget.project) {
-      ProjectName::OwnOf(i) if budget.model == DEFAULT_MODEL_ID => names.get(*i).map(str::to_owned),
-      ProjectName::OwnOf(i) => names.get(*i).map(|k| format!("{k}/{model}")),
-      ProjectName::Named(p) => Some(format!("project:{p}/{model}")),
-    }
+    (b < state.budgets.len())
+      .then(|| state.subject_of(&names, b))
+      .flatten()
   }
 
   /// Whether anything of budget `b` is used: a budget no key in service draws on holds nothing of

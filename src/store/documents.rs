@@ -5,9 +5,9 @@
 
 use mongodb::bson::{doc, Bson, DateTime, Document};
 
-use super::records::{KeyRecord, UsageRecord, WindowRecord};
+use super::records::{BudgetRecord, KeyRecord, RestRecord, UsageRecord, WindowRecord};
 use crate::clock::Millis;
-use crate::quota::Quota;
+use crate::quota::{LimitType, Quota};
 
 /// An integer as the Node driver stores a JS number: Int32 when it fits, otherwise Int64.
 fn int(n: u64) -> Bson {
@@ -119,6 +119,58 @@ pub fn key_from_document(d: &Document, now: Millis) -> Option<KeyRecord> {
     last_error_time: millis(d.get("lastErrorTime")),
   };
   Some(record.at(now))
+}
+
+/// The `api_key_budgets` document of a budget, its subject named `stored` (its `_id`).
+pub fn budget_document(b: &BudgetRecord, stored: &str) -> Document {
+  let rest = match b.rest {
+    RestRecord::Clear => Bson::Null,
+    RestRecord::Until { until, window } => Bson::Document(doc! {
+      "until": date(until),
+      "window": window.map(LimitType::as_str),
+    }),
+    RestRecord::NoQuota => Bson::String("no-quota".into()),
+  };
+  doc! {
+    "_id": stored,
+    "project": b.project.as_deref(),
+    "model": &b.model,
+    "limits": {
+      "rpm": window_document(&b.rpm),
+      "rpd": window_document(&b.rpd),
+      "tpm": window_document(&b.tpm),
+    },
+    "rest": rest,
+  }
+}
+
+/// A budget record from an `api_key_budgets` document, its subject the stored name; `None` when
+/// it names no subject or model. Unreadable windows read as expired, an unreadable rest as none.
+pub fn budget_from_document(d: &Document) -> Option<BudgetRecord> {
+  let subject = d.get_str("_id").ok()?.to_owned();
+  let model = d.get_str("model").ok()?.to_owned();
+  let limits = d.get_document("limits").ok();
+  let rest = match d.get("rest") {
+    Some(Bson::String(s)) if s == "no-quota" => RestRecord::NoQuota,
+    Some(Bson::Document(r)) => match millis(r.get("until")) {
+      Some(until) => RestRecord::Until {
+        until,
+        window: r.get_str("window").ok().and_then(LimitType::parse),
+      },
+      None => RestRecord::Clear,
+    },
+    _ => RestRecord::Clear,
+  };
+  Some(BudgetRecord {
+    subject,
+    project: d.get_str("project").ok().map(str::to_owned),
+    model,
+    // Limits come from configuration; a stored one only fills an unreadable window.
+    rpm: window_from(limits, "rpm", 0),
+    rpd: window_from(limits, "rpd", 0),
+    tpm: window_from(limits, "tpm", 0),
+    rest,
+  })
 }
 
 /// The `api_key_usage` document for a call, its key named `api_key` (its stored name), with its

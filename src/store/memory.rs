@@ -13,7 +13,7 @@ use super::error::StoreError;
 use super::lease::{self, lease_id, ledger_id, Ledger};
 use super::naming::KeyNaming;
 use super::records::{
-  AdmissionRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageRecord,
+  AdmissionRecord, BudgetRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageRecord,
 };
 use crate::clock::Millis;
 
@@ -34,6 +34,8 @@ struct LeaseState {
 struct State {
   /// One per key, in the order first saved.
   keys: Vec<KeyRecord>,
+  /// By subject.
+  budgets: HashMap<String, BudgetRecord>,
   usage: Vec<UsageRecord>,
   usage_ids: HashSet<UsageId>,
   leases: HashMap<String, LeaseState>,
@@ -100,6 +102,24 @@ impl MemoryStore {
         None => state.keys.push(k.clone()),
       }
     }
+  }
+
+  /// See [`super::MongoStore::save_budgets`].
+  pub fn save_budgets(&self, budgets: &[BudgetRecord]) {
+    if budgets.is_empty() {
+      return;
+    }
+    self.count_op();
+    let mut state = self.state.lock();
+    for b in budgets {
+      state.budgets.insert(b.subject.clone(), b.clone());
+    }
+  }
+
+  /// See [`super::MongoStore::load_budgets`].
+  pub fn load_budgets(&self) -> Vec<BudgetRecord> {
+    self.count_op();
+    self.state.lock().budgets.values().cloned().collect()
   }
 
   /// Stores the records not stored before; returns how many that was. See

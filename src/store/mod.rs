@@ -27,8 +27,8 @@ pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
 pub use naming::{KeyNaming, KeyStorage};
 pub use records::{
-  AdmissionRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageIds, UsageRecord,
-  WindowRecord, DAY_MS, MINUTE_MS,
+  AdmissionRecord, BudgetRecord, Grant, KeyRecord, LeaseSlot, RestRecord, SliceSlot, UsageId,
+  UsageIds, UsageRecord, WindowRecord, DAY_MS, MINUTE_MS,
 };
 pub use usage_query::{StoredUsage, UsageReader, MAX_CALLS};
 
@@ -86,6 +86,25 @@ impl Store {
         Ok(())
       }
       Store::Mongo(s) => s.save_keys(keys).await,
+    }
+  }
+
+  /// See [`MongoStore::save_budgets`].
+  pub async fn save_budgets(&self, budgets: &[BudgetRecord]) -> Result<(), StoreError> {
+    match self {
+      Store::Memory(s) => {
+        s.save_budgets(budgets);
+        Ok(())
+      }
+      Store::Mongo(s) => s.save_budgets(budgets).await,
+    }
+  }
+
+  /// See [`MongoStore::load_budgets`].
+  pub async fn load_budgets(&self) -> Result<Vec<BudgetRecord>, StoreError> {
+    match self {
+      Store::Memory(s) => Ok(s.load_budgets()),
+      Store::Mongo(s) => s.load_budgets().await,
     }
   }
 

@@ -12,10 +12,12 @@ use mongodb::error::{Error as DriverError, ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 
-use super::documents::{key_document, key_from_document, usage_document};
+use super::documents::{
+  budget_document, budget_from_document, key_document, key_from_document, usage_document,
+};
 use super::error::StoreError;
 use super::naming::{KeyNaming, KeyStorage};
-use super::records::{KeyRecord, UsageRecord};
+use super::records::{BudgetRecord, KeyRecord, UsageRecord};
 use super::usage_query::UsageReader;
 use crate::clock::Millis;
 use crate::fingerprint::digest_name;
@@ -30,6 +32,8 @@ const KEYS: &str = "api_keys";
 pub(super) const USAGE: &str = "api_key_usage";
 const LEASES: &str = "api_key_leases";
 pub(super) const ADMISSIONS: &str = "api_key_admissions";
+/// One document per (project, model) budget: its windows and rest (see [`BudgetRecord`]).
+const BUDGETS: &str = "api_key_budgets";
 
 /// Statements per `update` command and documents per `insert_many`: far below the server's
 /// 100,000-write and 16 MiB limits, so the driver never splits a batch into more round trips than
@@ -94,6 +98,7 @@ pub struct MongoStore {
   options: ClientOptions,
   pub(super) db: Database,
   keys: Collection<Document>,
+  budgets: Collection<Document>,
   usage: Collection<Document>,
   pub(super) leases: Collection<Document>,
   pub(super) admissions: Collection<Document>,
@@ -130,6 +135,7 @@ impl MongoStore {
     let store = Self {
       options,
       keys: db.collection(KEYS),
+      budgets: db.collection(BUDGETS),
       usage: db.collection(USAGE),
       leases: db.collection(LEASES),
       admissions: db.collection(ADMISSIONS),
@@ -327,6 +333,44 @@ impl MongoStore {
     self
       .replace_keys(keys, |k| self.naming.stored(&k.api_key))
       .await
+  }
+
+  /// Writes the budgets' state, replacing what was stored for them; each is named by its subject
+  /// in the store's naming.
+  pub async fn save_budgets(&self, budgets: &[BudgetRecord]) -> Result<(), StoreError> {
+    for chunk in budgets.chunks(KEY_BATCH) {
+      let updates: Vec<Document> = chunk
+        .iter()
+        .map(|b| {
+          let stored = self.naming.stored(&b.subject);
+          doc! {
+            "q": { "_id": &stored },
+            "u": budget_document(b, &stored),
+            "upsert": true,
+          }
+        })
+        .collect();
+      self.count_op();
+      let reply = self
+        .db
+        .run_command(doc! { "update": BUDGETS, "updates": updates, "ordered": false })
+        .await?;
+      check_write_reply(&reply, &[])?;
+    }
+    Ok(())
+  }
+
+  /// Every stored budget, its subject as stored.
+  pub async fn load_budgets(&self) -> Result<Vec<BudgetRecord>, StoreError> {
+    self.count_op();
+    let mut cursor = self.budgets.find(doc! {}).batch_size(READ_BATCH).await?;
+    let mut records = Vec::new();
+    while cursor.advance().await? {
+      if let Some(record) = budget_from_document(&cursor.deserialize_current()?) {
+        records.push(record);
+      }
+    }
+    Ok(records)
   }
 
   /// [`Self::save_keys`] for records whose `api_key` is already the stored name (spilled by an

@@ -11,6 +11,7 @@ use mongodb::bson::oid::ObjectId;
 
 use crate::clock::Millis;
 use crate::key::Admission;
+use crate::quota::LimitType;
 
 /// An operator's decision about one key, as stored for every process sharing the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +36,35 @@ pub struct WindowRecord {
   pub current: u64,
   pub limit: u64,
   pub reset_time: Millis,
+}
+
+/// A budget's rest as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestRecord {
+  Clear,
+  /// Until then; `window` the one the upstream named, if it did.
+  Until {
+    until: Millis,
+    window: Option<LimitType>,
+  },
+  /// The tier has no quota for the model.
+  NoQuota,
+}
+
+/// One `api_key_budgets` document: what one (project, model) budget has counted, and its rest, so
+/// that a restart does not send Gemini the 429 that taught it (a spent day above all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetRecord {
+  /// Names the budget as its leases do (a key, `<key>/<model>`, or `project:<name>/<model>`): the
+  /// store keeps it in its naming, never as it is.
+  pub subject: String,
+  /// The project's name, when known (a project number is no secret).
+  pub project: Option<String>,
+  pub model: String,
+  pub rpm: WindowRecord,
+  pub rpd: WindowRecord,
+  pub tpm: WindowRecord,
+  pub rest: RestRecord,
 }
 
 /// One `api_keys` document: the SPEC's `ApiKeyStatus`.
