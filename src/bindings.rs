@@ -830,6 +830,18 @@ impl NativeKeyPool {
     })
   }
 
+  /// Re-tests the keys Gemini refused every `intervalMs` (`GET /v1beta/models/{model}` at
+  /// `GEMINI_BASE_URL`) and brings back those it accepts, until the pool closes.
+  #[napi]
+  pub fn revalidate(&self, interval_ms: f64) -> napi::Result<()> {
+    let interval = millis_option("revalidateIntervalMs", Some(interval_ms), Duration::ZERO)?;
+    let upstream = Upstream::from_env(&env_var, Timeouts::default())
+      .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    let pool = self.js.pool.clone();
+    napi::bindgen_prelude::spawn(crate::routing::revalidate::run(pool, upstream, interval));
+    Ok(())
+  }
+
   /// Refuses every later call. Idempotent.
   #[napi]
   pub fn close(&self) {
