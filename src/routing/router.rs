@@ -25,6 +25,7 @@ use tokio::time::Sleep;
 
 use super::upstream::{Upstream, UpstreamError};
 use super::usage_scan::UsageScan;
+use crate::failure::{classify, Failure};
 use crate::mask::scrub;
 use crate::models::ModelId;
 use crate::pool::{Claim, KeyPool, Outcome, RouteKey};
@@ -281,12 +282,14 @@ impl Router {
           ms(started),
         );
       }
+      let refused = matches!(classify(&scrubbed), Failure::KeyRejected);
       let mut headers = forwardable(&head.headers, &[]);
       headers.remove(CONTENT_LENGTH);
       last = Some(whole(status, headers, Bytes::from(scrubbed)));
-      // The key's quota or the key itself (another key may do), or the model's trouble (the
-      // pool backs the model off, and the next attempt waits for that).
-      let retry = matches!(status.as_u16(), 429 | 401 | 403 | 500 | 503);
+      // The key's quota or the key itself (another key may do; Gemini refuses a bad key with a
+      // 400), or the model's trouble (the pool backs the model off, and the next attempt waits
+      // for that).
+      let retry = refused || matches!(status.as_u16(), 429 | 401 | 403 | 500 | 503);
       if !retry || Instant::now() >= deadline {
         break;
       }
