@@ -727,7 +727,7 @@ mod tests {
       let script = Arc::new(Script::default());
       let leak: &'static str = Box::leak(
         format!(
-          r#"{{"error":{{"code":400,"message":"API key not valid: {}"}}}}"#,
+          r#"{{"error":{{"code":400,"message":"Invalid JSON payload received near {}"}}}}"#,
           KEYS[0]
         )
         .into_boxed_str(),
