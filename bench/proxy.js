@@ -6,7 +6,10 @@
 //
 //   latency   generateContent, one connection, requests one after another: p50 and p99 of each
 //             path, and what each proxy adds to the direct call's
-//   rps       requests per second at 50 connections (autocannon)
+//   rps       requests per second at 50 connections (autocannon), and the CPU time each proxy
+//             process spent per request meanwhile (Linux: /proc/<pid>/stat): the fake, a Node
+//             server on the same 2 cores, caps the rate of every path, and this shows the cost
+//             under the cap
 //   ttfb      streamGenerateContent?alt=sse, one connection: time to the first byte of the body
 //
 // The fake (limits far above the load) runs in its own process, each proxy in another, the load
@@ -84,6 +87,7 @@ function startProxy(kind, fakeUrl) {
         child.stdout.removeAllListeners('data')
         const exited = new Promise((r) => child.once('exit', r))
         resolve({
+          pid: child.pid,
           url: `http://127.0.0.1:${m[1]}`,
           stop: () => {
             child.stdin.end()
@@ -135,7 +139,17 @@ async function sequential(paths, target, pick) {
   return out
 }
 
-async function rps(url, key) {
+/** CPU time (user + system, ms) process `pid` has used, all its threads; null off Linux. */
+function cpuMs(pid) {
+  if (pid === undefined || process.platform !== 'linux') return null
+  const stat = require('node:fs').readFileSync(`/proc/${pid}/stat`, 'utf8')
+  // Fields after the command name (which may hold spaces), from the third on: utime is the 14th.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  // In clock ticks of USER_HZ, 100 on every Linux the addon builds for.
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100
+}
+
+async function rps(url, key, pid) {
   const run = (duration) =>
     new Promise((resolve, reject) => {
       const instance = autocannon(
@@ -152,8 +166,11 @@ async function rps(url, key) {
       autocannon.track(instance, { renderProgressBar: false, renderResultsTable: false, renderLatencyTable: false })
     })
   await run(1)
+  const before = cpuMs(pid)
   const result = await run(DURATION)
-  return { rps: result.requests.average, non2xx: result.non2xx, errors: result.errors }
+  const spent = before === null ? null : cpuMs(pid) - before
+  const cpuPerRequestUs = spent === null ? null : (spent * 1000) / result.requests.total
+  return { rps: result.requests.average, non2xx: result.non2xx, errors: result.errors, cpuPerRequestUs }
 }
 
 async function main() {
@@ -163,8 +180,8 @@ async function main() {
   try {
     const paths = [
       { name: 'direct', url: fake.url, key: KEYS[0] },
-      { name: 'ours', url: ours.url, key: TOKEN },
-      { name: 'node', url: node.url, key: TOKEN },
+      { name: 'ours', url: ours.url, key: TOKEN, pid: ours.pid },
+      { name: 'node', url: node.url, key: TOKEN, pid: node.pid },
     ]
     const f = (ms) => `${ms.toFixed(3)} ms`
     const latency = await sequential(paths, `/v1beta/models/${MODEL}:generateContent`, ([, all]) => all)
@@ -180,9 +197,10 @@ async function main() {
     console.log(`requests per second at ${CONNECTIONS} connections, ${DURATION} s each:`)
     const rates = {}
     for (const p of paths) {
-      rates[p.name] = await rps(p.url, p.key)
+      rates[p.name] = await rps(p.url, p.key, p.pid)
       const r = rates[p.name]
-      console.log(`  ${p.name.padEnd(7)} ${Math.round(r.rps)} req/s${r.non2xx || r.errors ? ` (${r.non2xx} non-2xx, ${r.errors} errors)` : ''}`)
+      const cpu = r.cpuPerRequestUs === null ? '' : `, proxy CPU ${r.cpuPerRequestUs.toFixed(1)} µs per request`
+      console.log(`  ${p.name.padEnd(7)} ${Math.round(r.rps)} req/s${cpu}${r.non2xx || r.errors ? ` (${r.non2xx} non-2xx, ${r.errors} errors)` : ''}`)
     }
     const added = latency.ours
     console.log(
