@@ -100,6 +100,11 @@ export declare class NativeKeyPool {
   closeStore(): Promise<void>
   /** What the MongoDB writer has done, or `null` without a store. */
   persistenceStats(): PersistenceStats | null
+  /**
+   * Re-tests the keys Gemini refused every `intervalMs` (`GET /v1beta/models/{model}` at
+   * `GEMINI_BASE_URL`) and brings back those it accepts, until the pool closes.
+   */
+  revalidate(intervalMs: number): void
   /** Refuses every later call. Idempotent. */
   close(): void
 }
@@ -120,6 +125,8 @@ export declare class NativeRouter {
 
 /** The running HTTP API. */
 export declare class NativeServer {
+  /** Whether it serves the Gemini proxy routes. */
+  get proxy(): boolean
   /** The port it listens on (the real one when started on port 0). */
   get port(): number
   /** The IP address it listens on, or `localhost` for 127.0.0.1 and ::1 both. */
@@ -299,6 +306,27 @@ export interface ServeOptions {
   routeMaxWaitMs?: number
   /** Serve nothing but Gemini's paths. */
   proxyOnly?: boolean
+  /**
+   * Clients presenting one of these as their API key use the Gemini proxy routes (else
+   * `KEY_MANAGER_PROXY_TOKENS`, comma-separated).
+   */
+  proxyTokens?: Array<string>
+  /**
+   * Without tokens, serve the proxy routes to anyone, on loopback only (else
+   * `KEY_MANAGER_PROXY_OPEN`; default off).
+   */
+  proxyOpen?: boolean
+  /** Largest request body the proxy sends on (default 20 MiB); a larger one gets a 413. */
+  proxyMaxBodyBytes?: number
+  /** How long a connection to Gemini may take (default 10000 ms): a 504 past it. */
+  upstreamConnectTimeoutMs?: number
+  /** How long Gemini may take to start answering (default 300000 ms): a 504 past it. */
+  upstreamFirstByteTimeoutMs?: number
+  /**
+   * How long Gemini may pause between chunks (default 120000 ms): a 504 before the first one,
+   * the stream cut after.
+   */
+  upstreamChunkTimeoutMs?: number
 }
 
 /** Options of `NativeKeyPool.attachStore`. */

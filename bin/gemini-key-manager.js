@@ -2,8 +2,9 @@
 'use strict'
 
 // `gemini-key-manager serve [--port N] [--host ADDR] [--access-log] [--allow-insecure]`: the key
-// manager as an HTTP service (SPEC section 4). Keys, limits and the admin token
-// (KEY_MANAGER_ADMIN_TOKEN: never an argument, which `ps` would show) come from the environment.
+// manager as an HTTP service (SPEC section 4), and the Gemini proxy when proxy tokens are set. Keys,
+// limits, the admin token (KEY_MANAGER_ADMIN_TOKEN) and the proxy tokens (KEY_MANAGER_PROXY_TOKENS)
+// come from the environment, never from arguments, which `ps` would show.
 
 const { ApiKeyManagerService } = require('../lib')
 
@@ -59,6 +60,7 @@ async function main() {
     process.once('SIGTERM', resolve)
   })
   console.log(`🚀 Gemini key manager listening on ${server.url}/api/keys`)
+  if (server.proxy) console.log(`🔀 Gemini proxy for any SDK at ${server.url}/v1beta (and /v1, /v1beta/openai)`)
   await stopped
   console.log('🛑 Shutting down: finishing in-flight requests')
   await server.close()

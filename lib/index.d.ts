@@ -222,6 +222,13 @@ export interface ApiKeyManagerOptions {
    * longer is answered at once with Google's 429 and a `RetryInfo` of when room frees.
    */
   routeMaxWaitMs?: number
+  /**
+   * Re-test the keys deactivated because Gemini refused them this often (default: never; also
+   * `KEY_MANAGER_REVALIDATE_INTERVAL_MS`), with `GET /v1beta/models/{model}` at `GEMINI_BASE_URL`,
+   * which spends no generation quota; a key Gemini accepts again is back in service. Logged both
+   * ways (a refusal once per key).
+   */
+  revalidateIntervalMs?: number
 }
 
 /** The range of `getUsageStats`: both ends optional and included. */
@@ -398,6 +405,26 @@ export interface ServeOptions {
   maxConnections?: number
   /** How long a connection may take to send a whole request head before it is closed (default 10000 ms). */
   headTimeoutMs?: number
+  /**
+   * Serve the Gemini proxy (`/v1beta/...`, `/v1/...`, `/v1beta/openai/...`) to clients presenting
+   * one of these as their API key (`x-goog-api-key`, `?key=` or `Authorization: Bearer`). Default:
+   * `KEY_MANAGER_PROXY_TOKENS`, comma-separated; with neither, the proxy routes are off unless
+   * `proxyOpen`.
+   */
+  proxyTokens?: string[]
+  /** Without tokens, serve the proxy routes to anyone: loopback only (default `KEY_MANAGER_PROXY_OPEN`, else false). */
+  proxyOpen?: boolean
+  /** Largest request body the proxy sends on (default 20 MiB); a larger one gets a 413. */
+  proxyMaxBodyBytes?: number
+  /** How long a connection to Gemini may take (default 10000 ms); past it the client gets a 504. */
+  upstreamConnectTimeoutMs?: number
+  /** How long Gemini may take to start answering (default 300000 ms); past it a 504. */
+  upstreamFirstByteTimeoutMs?: number
+  /**
+   * How long Gemini may pause between chunks of an answer (default 120000 ms): a 504 before its
+   * first chunk went to the client, the stream cut after.
+   */
+  upstreamChunkTimeoutMs?: number
 }
 
 export interface KeyRoutesOptions {
@@ -408,6 +435,8 @@ export interface KeyRoutesOptions {
 export interface KeyServer {
   host: string
   port: number
+  /** Whether it serves the Gemini proxy routes (proxy tokens set, or `proxyOpen`). */
+  proxy: boolean
   /** `http://host:port` */
   url: string
   /** Stops accepting, lets in-flight requests finish (5 s at most). */

@@ -198,7 +198,7 @@ const OPTION_NAMES = [
   'keys', 'model', 'modelLimits', 'limits', 'windowMs', 'dailyReset', 'reservationTtlMs', 'quiet', 'mongodbUri',
   'mongodbDbName', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'usageBatchSize', 'usageQueueCapacity',
   'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity', 'keySyncIntervalMs', 'closeTimeoutMs',
-  'spillDir', 'routeRequests', 'routeMaxWaitMs',
+  'spillDir', 'routeRequests', 'routeMaxWaitMs', 'revalidateIntervalMs',
 ]
 
 /** The options read once into a plain object, so a getter runs (and may throw) only here. */
@@ -266,6 +266,10 @@ function checkOptions(options) {
   const wait = options.routeMaxWaitMs
   if (wait !== undefined && !(typeof wait === 'number' && wait >= 0 && Number.isFinite(wait))) {
     return `routeMaxWaitMs must be a non-negative number of milliseconds (got ${shown(wait)})`
+  }
+  const every = options.revalidateIntervalMs
+  if (every !== undefined && !(typeof every === 'number' && every > 0 && Number.isFinite(every))) {
+    return `revalidateIntervalMs must be a positive number of milliseconds (got ${shown(every)})`
   }
   if (options.spillDir !== undefined && typeof options.spillDir !== 'string') {
     return `spillDir must be a string (got ${typeof options.spillDir})`
@@ -353,6 +357,11 @@ class ApiKeyManagerService {
     let routes = false
     try {
       this._options = readOptions(this._options)
+      // For `npm start`, whose options come from the environment.
+      const every = process.env.KEY_MANAGER_REVALIDATE_INTERVAL_MS
+      if (this._options.revalidateIntervalMs === undefined && every !== undefined && every.trim() !== '') {
+        this._options.revalidateIntervalMs = Number(every)
+      }
       keys = this._options.keys
       const invalid = checkOptions(this._options)
       if (invalid !== null) throw new Error(`invalid configuration: ${invalid}`)
@@ -369,6 +378,7 @@ class ApiKeyManagerService {
         usageLogCapacity,
       })
       routes = routeRequests(this._options.routeRequests)
+      if (this._options.revalidateIntervalMs !== undefined) this._native.revalidate(this._options.revalidateIntervalMs)
     } catch (e) {
       this._options = {}
       this._initError = scrubKeys(messageOf(e), keys)
@@ -984,13 +994,16 @@ class ApiKeyManagerService {
    * `server.close()`.
    */
   async serve(options = {}) {
-    const { host = 'localhost', port = 3001, accessLog = false, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs } =
-      options
-    const invalid = checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs })
+    const { host = 'localhost', port = 3001, accessLog = false, ...rest } = options
+    const given = { host, port, accessLog, ...rest }
+    const invalid = checkServeOptions(given)
     if (invalid !== null) throw new TypeError(`invalid serve options: ${invalid}`)
     const reason = this._ready()
     if (reason !== null) throw new Error(reason)
-    const native = await this._native.serve(host, port, { accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs })
+    const native = await this._native.serve(host, port, {
+      ...pick(given, SERVE_OPTION_NAMES),
+      routeMaxWaitMs: this._options.routeMaxWaitMs,
+    })
     // The server runs on Rust threads that Node does not know about; this timer is what keeps
     // the process alive while it listens, as a node:http server would.
     const keepAlive = setInterval(() => {}, 1 << 30)
@@ -998,6 +1011,7 @@ class ApiKeyManagerService {
     return {
       host: native.host,
       port: native.port,
+      proxy: native.proxy,
       url: `http://${native.host.includes(':') ? `[${native.host}]` : native.host}:${native.port}`,
       close() {
         closing ??= native.close().finally(() => clearInterval(keepAlive))
@@ -1084,23 +1098,43 @@ async function getApiKeyManager(options) {
 
 const JSON_TYPE = 'application/json; charset=utf-8'
 
+const SERVE_OPTION_NAMES = [
+  'accessLog', 'maxBodyBytes', 'adminToken', 'allowInsecure', 'maxConnections', 'headTimeoutMs', 'proxyTokens', 'proxyOpen',
+  'proxyMaxBodyBytes', 'upstreamConnectTimeoutMs', 'upstreamFirstByteTimeoutMs', 'upstreamChunkTimeoutMs',
+]
+
+/** The named fields of `object` that are set. */
+function pick(object, names) {
+  const out = {}
+  for (const name of names) if (object[name] !== undefined) out[name] = object[name]
+  return out
+}
+
 /** serve()'s options: napi's own conversion errors are unreadable. */
-function checkServeOptions({ host, port, accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections, headTimeoutMs }) {
+function checkServeOptions(o) {
+  const { host, port, accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections } = o
   if (typeof host !== 'string') return `host must be an IP address or 'localhost' (got ${typeof host})`
   if (!(Number.isInteger(port) && port >= 0 && port <= 65535)) return 'port must be an integer from 0 to 65535'
   if (typeof accessLog !== 'boolean') return `accessLog must be a boolean (got ${typeof accessLog})`
-  if (maxBodyBytes !== undefined && !(Number.isInteger(maxBodyBytes) && maxBodyBytes >= 0 && maxBodyBytes < 2 ** 32)) {
-    return 'maxBodyBytes must be a whole number of bytes'
+  for (const [name, n] of [['maxBodyBytes', maxBodyBytes], ['proxyMaxBodyBytes', o.proxyMaxBodyBytes]]) {
+    if (n !== undefined && !(Number.isInteger(n) && n >= 0 && n < 2 ** 32)) return `${name} must be a whole number of bytes`
   }
   if (adminToken !== undefined && typeof adminToken !== 'string') return `adminToken must be a string (got ${typeof adminToken})`
-  if (allowInsecure !== undefined && typeof allowInsecure !== 'boolean') {
-    return `allowInsecure must be a boolean (got ${typeof allowInsecure})`
+  for (const [name, flag] of [['allowInsecure', allowInsecure], ['proxyOpen', o.proxyOpen]]) {
+    if (flag !== undefined && typeof flag !== 'boolean') return `${name} must be a boolean (got ${typeof flag})`
   }
   if (maxConnections !== undefined && !(Number.isInteger(maxConnections) && maxConnections >= 1 && maxConnections < 2 ** 32)) {
     return 'maxConnections must be a positive integer'
   }
-  if (headTimeoutMs !== undefined && !(typeof headTimeoutMs === 'number' && headTimeoutMs > 0 && Number.isFinite(headTimeoutMs))) {
-    return 'headTimeoutMs must be a positive number of milliseconds'
+  for (const name of ['headTimeoutMs', 'upstreamConnectTimeoutMs', 'upstreamFirstByteTimeoutMs', 'upstreamChunkTimeoutMs']) {
+    const ms = o[name]
+    if (ms !== undefined && !(typeof ms === 'number' && ms > 0 && Number.isFinite(ms))) {
+      return `${name} must be a positive number of milliseconds`
+    }
+  }
+  const tokens = o.proxyTokens
+  if (tokens !== undefined && !(Array.isArray(tokens) && tokens.every((t) => typeof t === 'string'))) {
+    return 'proxyTokens must be an array of strings'
   }
   return null
 }

@@ -53,7 +53,9 @@ if [ -z "$url" ]; then
 fi
 echo "== schemathesis $SCHEMATHESIS_VERSION against $url"
 
+# The Gemini proxy routes (tag gemini-proxy) are left out: they pass requests on to Gemini, which
+# this run has none of, and are off here (no proxy token). __test__/proxy.test.js covers them.
 # Hypothesis keeps its files in the venv rather than in the work tree.
 SCHEMATHESIS_HOOKS=scripts/schemathesis_hooks.py HYPOTHESIS_STORAGE_DIRECTORY="$VENV/hypothesis" \
   "$VENV/bin/schemathesis" --no-color --config-file scripts/schemathesis.toml run docs/openapi.json \
-  --url "$url" --header "Authorization: Bearer $TOKEN" "$@"
+  --url "$url" --header "Authorization: Bearer $TOKEN" --exclude-tag gemini-proxy "$@"

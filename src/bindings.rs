@@ -20,6 +20,7 @@ use crate::error::PoolError;
 use crate::fast_path::{self, JsPool};
 use crate::http::auth::resolve_allow_insecure;
 use crate::http::proxy::{ProxyOptions, DEFAULT_MAX_PROXY_BODY};
+use crate::http::proxy_auth::{ClientAccess, PROXY_TOKENS_ENV};
 use crate::http::usage::usage_stats;
 use crate::http::{self, AdminGuard, ApiRequest, Listen, Reply, ServerHandle, ServerOptions};
 use crate::key::{Admission, STATE_LABELS};
@@ -624,22 +625,17 @@ impl NativeKeyPool {
         .max_connections
         .map_or(defaults.max_connections, |n| n.max(1) as usize),
       head_timeout: millis_option("headTimeoutMs", o.head_timeout_ms, defaults.head_timeout)?,
-      proxy: match o.route_token {
-        None => None,
-        Some(route_token) => Some(ProxyOptions {
-          router: Arc::new(self.router_from(o.route_max_wait_ms)?),
-          route_token,
-          max_body: DEFAULT_MAX_PROXY_BODY,
-        }),
-      },
+      proxy: self.proxy_options(&o, listen)?,
       proxy_only: o.proxy_only.unwrap_or(false),
     };
     let pool = self.js.pool.clone();
+    let proxy = options.proxy.is_some();
     env.spawn_future(async move {
       let handle = http::start(pool, listen, options)
         .await
         .map_err(|e| napi::Error::from_reason(e.to_string()))?;
       Ok(NativeServer {
+        proxy,
         host: match listen {
           Listen::Localhost { .. } => "localhost".to_owned(),
           Listen::Addr(addr) => addr.ip().to_string(),
@@ -650,10 +646,57 @@ impl NativeKeyPool {
     })
   }
 
+  /// How the server answers Gemini's paths: for the JS face's requests (`routeToken`), for
+  /// clients with a proxy token, or (only on loopback, when asked) for anyone; `None` for none.
+  fn proxy_options(&self, o: &ServeOptions, listen: Listen) -> napi::Result<Option<ProxyOptions>> {
+    let clients = match &o.route_token {
+      Some(_) => ClientAccess::Off,
+      None => ClientAccess::resolve(o.proxy_tokens.as_deref(), o.proxy_open, &env_var)
+        .map_err(|e| napi::Error::from_reason(e.to_string()))?,
+    };
+    if o.route_token.is_none() && !clients.is_on() {
+      return Ok(None);
+    }
+    if let (ClientAccess::Open, Listen::Addr(addr)) = (&clients, listen) {
+      if !addr.ip().to_canonical().is_loopback() {
+        return Err(napi::Error::from_reason(format!(
+          "the Gemini proxy opens without tokens only on loopback: set {PROXY_TOKENS_ENV} (or \
+           proxyTokens) to serve it on {addr}"
+        )));
+      }
+    }
+    let d = Timeouts::default();
+    let timeouts = Timeouts {
+      connect: millis_option(
+        "upstreamConnectTimeoutMs",
+        o.upstream_connect_timeout_ms,
+        d.connect,
+      )?,
+      first_byte: millis_option(
+        "upstreamFirstByteTimeoutMs",
+        o.upstream_first_byte_timeout_ms,
+        d.first_byte,
+      )?,
+      between_chunks: millis_option(
+        "upstreamChunkTimeoutMs",
+        o.upstream_chunk_timeout_ms,
+        d.between_chunks,
+      )?,
+    };
+    Ok(Some(ProxyOptions {
+      router: Arc::new(self.router_from(o.route_max_wait_ms, timeouts)?),
+      route_token: o.route_token.clone(),
+      clients,
+      max_body: o
+        .proxy_max_body_bytes
+        .map_or(DEFAULT_MAX_PROXY_BODY, |n| n as usize),
+    }))
+  }
+
   /// A router of this pool's keys to `GEMINI_BASE_URL` (Google's endpoint by default).
-  fn router_from(&self, max_wait_ms: Option<f64>) -> napi::Result<Router> {
+  fn router_from(&self, max_wait_ms: Option<f64>, timeouts: Timeouts) -> napi::Result<Router> {
     let defaults = RouteOptions::default();
-    let upstream = Upstream::from_env(&env_var, Timeouts::default())
+    let upstream = Upstream::from_env(&env_var, timeouts)
       .map_err(|e| napi::Error::from_reason(e.to_string()))?;
     let options = RouteOptions {
       max_wait: match max_wait_ms {
@@ -782,6 +825,18 @@ impl NativeKeyPool {
         peers: u32::try_from(s.peers).unwrap_or(u32::MAX),
       }
     })
+  }
+
+  /// Re-tests the keys Gemini refused every `intervalMs` (`GET /v1beta/models/{model}` at
+  /// `GEMINI_BASE_URL`) and brings back those it accepts, until the pool closes.
+  #[napi]
+  pub fn revalidate(&self, interval_ms: f64) -> napi::Result<()> {
+    let interval = millis_option("revalidateIntervalMs", Some(interval_ms), Duration::ZERO)?;
+    let upstream = Upstream::from_env(&env_var, Timeouts::default())
+      .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    let pool = self.js.pool.clone();
+    napi::bindgen_prelude::spawn(crate::routing::revalidate::run(pool, upstream, interval));
+    Ok(())
   }
 
   /// Refuses every later call. Idempotent.
@@ -985,11 +1040,27 @@ pub struct ServeOptions {
   pub route_max_wait_ms: Option<f64>,
   /// Serve nothing but Gemini's paths.
   pub proxy_only: Option<bool>,
+  /// Clients presenting one of these as their API key use the Gemini proxy routes (else
+  /// `KEY_MANAGER_PROXY_TOKENS`, comma-separated).
+  pub proxy_tokens: Option<Vec<String>>,
+  /// Without tokens, serve the proxy routes to anyone, on loopback only (else
+  /// `KEY_MANAGER_PROXY_OPEN`; default off).
+  pub proxy_open: Option<bool>,
+  /// Largest request body the proxy sends on (default 20 MiB); a larger one gets a 413.
+  pub proxy_max_body_bytes: Option<u32>,
+  /// How long a connection to Gemini may take (default 10000 ms): a 504 past it.
+  pub upstream_connect_timeout_ms: Option<f64>,
+  /// How long Gemini may take to start answering (default 300000 ms): a 504 past it.
+  pub upstream_first_byte_timeout_ms: Option<f64>,
+  /// How long Gemini may pause between chunks (default 120000 ms): a 504 before the first one,
+  /// the stream cut after.
+  pub upstream_chunk_timeout_ms: Option<f64>,
 }
 
 /// The running HTTP API.
 #[napi]
 pub struct NativeServer {
+  proxy: bool,
   host: String,
   port: u16,
   handle: Arc<AsyncMutex<Option<ServerHandle>>>,
@@ -997,6 +1068,12 @@ pub struct NativeServer {
 
 #[napi]
 impl NativeServer {
+  /// Whether it serves the Gemini proxy routes.
+  #[napi(getter)]
+  pub fn proxy(&self) -> bool {
+    self.proxy
+  }
+
   /// The port it listens on (the real one when started on port 0).
   #[napi(getter)]
   pub fn port(&self) -> u32 {

@@ -538,6 +538,11 @@ impl KeyPool {
     self.roster.names()
   }
 
+  /// Where the pool's lines go: its companions (the revalidation of refused keys) log there too.
+  pub fn log(&self) -> &dyn Log {
+    self.log.as_ref()
+  }
+
   /// The key at `index`, masked.
   pub fn masked(&self, index: usize) -> String {
     self.names().get(index).map(mask_key).unwrap_or_default()

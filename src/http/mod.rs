@@ -9,6 +9,7 @@ mod hostile;
 mod json;
 pub mod key_ref;
 pub mod proxy;
+pub mod proxy_auth;
 pub mod routes;
 pub mod server;
 pub mod usage;

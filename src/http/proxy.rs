@@ -1,45 +1,56 @@
-//! Gemini's REST paths on the server (`/v1beta/...`, `/v1/...`), answered by the router: the
-//! app's own SDK calls, which the JS face sends here with the server's route token and the pool
-//! key the SDK was built with. Only Gemini's model methods are served; any other path is a 404
-//! and goes nowhere, so the server is no open proxy.
+//! Gemini's REST paths on the server (`/v1beta/...`, `/v1/...`) and Google's OpenAI-compatible
+//! ones (`/v1beta/openai/...`), answered by the router: the app's own SDK calls, which the JS face
+//! sends here with the server's route token and the pool key the SDK was built with, and any
+//! client's that presents a proxy token (see `proxy_auth`). Only Gemini's model methods and reads
+//! are served; any other path is a 404 and goes nowhere, so the server is no open proxy.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH};
 use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode};
 
 use super::auth::constant_time_eq;
+use super::proxy_auth::ClientAccess;
+use crate::models::{ModelId, DEFAULT_MODEL_ID};
+use crate::routing::upstream::KEY_HEADER;
 use crate::routing::{google_error, AnswerBody, RoutedRequest, Router};
 
 /// The header the JS face sends the route token in.
 pub const ROUTE_TOKEN_HEADER: &str = "x-gkm-route-token";
 /// The largest request body sent on (inline images are large).
 pub const DEFAULT_MAX_PROXY_BODY: usize = 20 * 1024 * 1024;
+/// A client that stops sending its body mid-way gets a 408 after this long.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The model methods served, by HTTP method.
-const MODEL_METHODS: [(&str, &str); 5] = [
-  ("POST", "generateContent"),
-  ("POST", "streamGenerateContent"),
-  ("POST", "countTokens"),
-  ("POST", "embedContent"),
-  ("POST", "batchEmbedContents"),
+/// The model methods served (all POST), and whether Gemini counts them against the model's quota.
+const MODEL_METHODS: [(&str, bool); 5] = [
+  ("generateContent", true),
+  ("streamGenerateContent", true),
+  ("countTokens", false),
+  ("embedContent", true),
+  ("batchEmbedContents", true),
 ];
 
 /// How the server answers Gemini's paths.
 #[derive(Clone)]
 pub struct ProxyOptions {
   pub router: Arc<Router>,
-  /// What the JS face's requests carry in [`ROUTE_TOKEN_HEADER`].
-  pub route_token: String,
+  /// What the JS face's requests carry in [`ROUTE_TOKEN_HEADER`], on its own loopback server.
+  pub route_token: Option<String>,
+  /// Which other clients may call.
+  pub clients: ClientAccess,
   pub max_body: usize,
 }
 
 impl std::fmt::Debug for ProxyOptions {
-  /// Never prints the token.
+  /// Never prints a token.
   fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
     f.debug_struct("ProxyOptions")
+      .field("clients", &self.clients)
       .field("max_body", &self.max_body)
       .finish_non_exhaustive()
   }
@@ -50,29 +61,63 @@ pub fn is_gemini_path(path: &str) -> bool {
   path.starts_with("/v1beta/") || path.starts_with("/v1/") || path == "/v1beta" || path == "/v1"
 }
 
-/// Whether `method` on `path` is a Gemini call this server sends on: a model method, or reading
-/// the model list or one model.
-fn served(method: &Method, path: &str) -> bool {
-  let Some(rest) = path
+/// A call the proxy sends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Call<'a> {
+  /// The model to choose a key for: the path's, `None` for the body's (OpenAI) or the default.
+  model: Option<&'a str>,
+  /// The model is in the JSON body's `model` field (the OpenAI-compatible API).
+  model_in_body: bool,
+  counted: bool,
+}
+
+/// Whether `method` on `path` is a Gemini call this server sends on, and which.
+fn served<'a>(method: &Method, path: &'a str) -> Option<Call<'a>> {
+  if let Some(rest) = path.strip_prefix("/v1beta/openai/") {
+    let (post, counted) = match rest {
+      "chat/completions" | "embeddings" => (true, true),
+      "models" => (false, false),
+      _ => match rest.strip_prefix("models/") {
+        Some(id) if !id.is_empty() && !id.contains('/') => (false, false),
+        _ => return None,
+      },
+    };
+    let method_fits = if post {
+      method == Method::POST
+    } else {
+      method == Method::GET
+    };
+    return method_fits.then_some(Call {
+      model: None,
+      model_in_body: post,
+      counted,
+    });
+  }
+  let rest = path
     .strip_prefix("/v1beta/models")
-    .or_else(|| path.strip_prefix("/v1/models"))
-  else {
-    return false;
+    .or_else(|| path.strip_prefix("/v1/models"))?;
+  // Model reads choose a key by the default model: they name no quota of their own.
+  let read = Call {
+    model: None,
+    model_in_body: false,
+    counted: false,
   };
   if rest.is_empty() || rest == "/" {
-    return method == Method::GET;
+    return (method == Method::GET).then_some(read);
   }
-  let Some(model) = rest.strip_prefix('/') else {
-    return false;
-  };
+  let model = rest.strip_prefix('/')?;
   match model.split_once(':') {
-    None => method == Method::GET && !model.is_empty() && !model.contains('/'),
+    None => (method == Method::GET && !model.is_empty() && !model.contains('/')).then_some(read),
     Some((name, call)) => {
-      !name.is_empty()
-        && !name.contains('/')
-        && MODEL_METHODS
-          .iter()
-          .any(|(m, c)| *m == method.as_str() && *c == call)
+      if name.is_empty() || name.contains('/') || method != Method::POST {
+        return None;
+      }
+      let (_, counted) = MODEL_METHODS.iter().find(|(c, _)| *c == call)?;
+      Some(Call {
+        model: Some(name),
+        model_in_body: false,
+        counted: *counted,
+      })
     }
   }
 }
@@ -93,59 +138,128 @@ fn without_key(query: &str) -> (String, Option<String>) {
   (kept.join("&"), key)
 }
 
+/// The credential a request carries where SDKs put a key: `x-goog-api-key`, `?key=`, or
+/// `Authorization: Bearer` (the OpenAI SDKs).
+fn presented<'a>(parts: &'a Parts, key_in_url: Option<&'a str>) -> Option<&'a str> {
+  let header = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
+  header(KEY_HEADER).or(key_in_url).or_else(|| {
+    let (scheme, token) = header(AUTHORIZATION.as_str())?.trim().split_once(' ')?;
+    scheme
+      .eq_ignore_ascii_case("bearer")
+      .then_some(token.trim())
+  })
+}
+
+/// The `model` of an OpenAI-compatible request body (`models/` dropped), if it names one.
+fn body_model(body: &[u8]) -> Option<String> {
+  #[derive(serde::Deserialize)]
+  struct Named {
+    model: Option<String>,
+  }
+  let named: Named = serde_json::from_slice(body).ok()?;
+  let model = named.model?;
+  let name = model.strip_prefix("models/").unwrap_or(&model);
+  (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// Reads a request body of at most `max` bytes. Past it, the rest is read and dropped (up to as
+/// much again) so the client gets to read the 413 rather than a reset of its upload.
+async fn read_body(
+  mut body: Incoming,
+  declared: Option<usize>,
+  max: usize,
+) -> Result<hyper::body::Bytes, Response<AnswerBody>> {
+  let too_large = || {
+    google_error(
+      StatusCode::PAYLOAD_TOO_LARGE,
+      &format!("The request body must be at most {max} bytes"),
+      None,
+    )
+  };
+  let mut kept = Vec::with_capacity(declared.unwrap_or(0).min(max));
+  let mut seen = 0usize;
+  while let Some(frame) = body.frame().await {
+    let Ok(frame) = frame else {
+      return Err(google_error(
+        StatusCode::BAD_REQUEST,
+        "The request body could not be read",
+        None,
+      ));
+    };
+    let Ok(data) = frame.into_data() else {
+      continue;
+    };
+    seen = seen.saturating_add(data.len());
+    if seen <= max {
+      kept.extend_from_slice(&data);
+    } else if seen > max.saturating_mul(2) {
+      let mut answer = too_large();
+      answer
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+      return Err(answer);
+    }
+  }
+  if seen > max {
+    return Err(too_large());
+  }
+  Ok(kept.into())
+}
+
 /// Answers one request on a Gemini path.
 pub async fn handle(options: &ProxyOptions, parts: Parts, body: Incoming) -> Response<AnswerBody> {
   let path = parts.uri.path();
-  let token = parts
-    .headers
-    .get(ROUTE_TOKEN_HEADER)
-    .map(|v| v.as_bytes())
-    .unwrap_or_default();
-  if !constant_time_eq(token, options.route_token.as_bytes()) {
-    return google_error(
-      StatusCode::UNAUTHORIZED,
-      "This server sends Gemini requests on only for the app it runs in",
-      None,
-    );
+  let (query, key_in_url) = without_key(parts.uri.query().unwrap_or(""));
+  let internal = options.route_token.as_deref().is_some_and(|expected| {
+    let token = parts
+      .headers
+      .get(ROUTE_TOKEN_HEADER)
+      .map(|v| v.as_bytes())
+      .unwrap_or_default();
+    constant_time_eq(token, expected.as_bytes())
+  });
+  let credential = presented(&parts, key_in_url.as_deref());
+  if !internal && !options.clients.admits(credential) {
+    let why = match options.clients.is_on() {
+      true => "A valid proxy token is needed: send it as the API key (x-goog-api-key, ?key= or Authorization: Bearer)",
+      false => "This server sends Gemini requests on only for the app it runs in",
+    };
+    return google_error(StatusCode::UNAUTHORIZED, why, None);
   }
-  if !served(&parts.method, path) {
+  let Some(call) = served(&parts.method, path) else {
     return google_error(StatusCode::NOT_FOUND, "No Gemini method at this path", None);
-  }
-  let body = match Limited::new(body, options.max_body).collect().await {
-    Ok(collected) => collected.to_bytes(),
-    Err(e)
-      if e
-        .downcast_ref::<http_body_util::LengthLimitError>()
-        .is_some() =>
-    {
-      return google_error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &format!(
-          "The request body must be at most {} bytes",
-          options.max_body
-        ),
-        None,
-      )
-    }
+  };
+  let declared = parts
+    .headers
+    .get(CONTENT_LENGTH)
+    .and_then(|v| v.to_str().ok())
+    .and_then(|v| v.parse::<usize>().ok());
+  let read = tokio::time::timeout(
+    BODY_READ_TIMEOUT,
+    read_body(body, declared, options.max_body),
+  );
+  let body = match read.await {
+    Ok(Ok(body)) => body,
+    Ok(Err(answer)) => return answer,
     Err(_) => {
       return google_error(
-        StatusCode::BAD_REQUEST,
-        "The request body could not be read",
+        StatusCode::REQUEST_TIMEOUT,
+        &format!("The request body did not arrive within {BODY_READ_TIMEOUT:?}"),
         None,
       )
     }
   };
-  let (query, key_in_url) = without_key(parts.uri.query().unwrap_or(""));
-  let presented = parts
-    .headers
-    .get(crate::routing::upstream::KEY_HEADER)
-    .and_then(|v| v.to_str().ok())
-    .map(str::to_owned)
-    .or(key_in_url);
   let pool = options.router.pool();
-  let asked = presented.and_then(|k| pool.names().position(&k));
-  let model = match crate::routing::model_of(path).map(|m| pool.model_id(m)) {
-    None => crate::models::DEFAULT_MODEL_ID,
+  // Only the JS face's requests carry a pool key: their SDK's caller may hold its hand-out.
+  let asked = credential
+    .filter(|_| internal)
+    .and_then(|k| pool.names().position(k));
+  let named = match call.model_in_body {
+    true => body_model(&body),
+    false => call.model.map(str::to_owned),
+  };
+  let model: ModelId = match named.map(|m| pool.model_id(&m)) {
+    None => DEFAULT_MODEL_ID,
     Some(Ok(id)) => id,
     Some(Err(e)) => return google_error(StatusCode::BAD_REQUEST, &e.to_string(), None),
   };
@@ -160,6 +274,7 @@ pub async fn handle(options: &ProxyOptions, parts: Parts, body: Incoming) -> Res
     body,
     asked,
     model,
+    counted: call.counted,
   };
   options.router.forward(request).await
 }
@@ -172,14 +287,25 @@ mod tests {
   fn only_gemini_model_methods_and_model_reads_are_served() {
     let post = Method::POST;
     let get = Method::GET;
-    assert!(served(
-      &post,
-      "/v1beta/models/gemini-2.0-flash:generateContent"
-    ));
-    assert!(served(&post, "/v1/models/m:streamGenerateContent"));
-    assert!(served(&post, "/v1beta/models/m:batchEmbedContents"));
-    assert!(served(&get, "/v1beta/models"));
-    assert!(served(&get, "/v1beta/models/gemini-2.0-flash"));
+    let model = |m: &Method, p| served(m, p).and_then(|c| c.model);
+    assert_eq!(
+      model(&post, "/v1beta/models/gemini-2.0-flash:generateContent"),
+      Some("gemini-2.0-flash")
+    );
+    assert_eq!(
+      model(&post, "/v1/models/m:streamGenerateContent"),
+      Some("m")
+    );
+    assert!(served(&post, "/v1beta/models/m:batchEmbedContents").is_some_and(|c| c.counted));
+    assert!(served(&post, "/v1beta/models/m:countTokens").is_some_and(|c| !c.counted));
+    for read in [
+      "/v1beta/models",
+      "/v1/models/",
+      "/v1beta/models/gemini-2.0-flash",
+    ] {
+      let call = served(&get, read).unwrap();
+      assert!(!call.counted && call.model.is_none(), "{read}");
+    }
     for (m, p) in [
       (&get, "/v1beta/models/m:generateContent"),
       (&post, "/v1beta/models/m:deleteEverything"),
@@ -188,10 +314,54 @@ mod tests {
       (&post, "/v1beta/tunedModels/x:generateContent"),
       (&get, "/v2/models"),
       (&post, "/v1beta/models/:generateContent"),
+      (&post, "/v1beta/models"),
     ] {
-      assert!(!served(m, p), "{m} {p}");
+      assert!(served(m, p).is_none(), "{m} {p}");
     }
     assert!(is_gemini_path("/v1beta/models") && !is_gemini_path("/api/keys/status"));
+  }
+
+  #[test]
+  fn the_openai_compatible_paths_take_their_model_from_the_body() {
+    let post = Method::POST;
+    let get = Method::GET;
+    for p in [
+      "/v1beta/openai/chat/completions",
+      "/v1beta/openai/embeddings",
+    ] {
+      let call = served(&post, p).unwrap();
+      assert!(call.model_in_body && call.counted, "{p}");
+      assert!(served(&get, p).is_none(), "GET {p}");
+    }
+    for p in [
+      "/v1beta/openai/models",
+      "/v1beta/openai/models/gemini-2.0-flash",
+    ] {
+      assert!(served(&get, p).is_some_and(|c| !c.counted), "{p}");
+    }
+    for p in [
+      "/v1beta/openai/completions",
+      "/v1beta/openai/files",
+      "/v1/openai/chat/completions",
+      "/v1beta/openai/models/a/b",
+      "/v1beta/openai/chat/completions/x",
+    ] {
+      assert!(
+        served(&post, p).is_none() && served(&get, p).is_none(),
+        "{p}"
+      );
+    }
+    assert_eq!(
+      body_model(br#"{"model":"models/gemini-2.0-flash","messages":[]}"#).as_deref(),
+      Some("gemini-2.0-flash")
+    );
+    assert_eq!(
+      body_model(br#"{"model":"gemini-pro"}"#).as_deref(),
+      Some("gemini-pro")
+    );
+    assert_eq!(body_model(br#"{"messages":[]}"#), None);
+    assert_eq!(body_model(b"not json"), None);
+    assert_eq!(body_model(br#"{"model":"models/"}"#), None);
   }
 
   #[test]

@@ -3,6 +3,7 @@
 //! (`usage_scan`). The HTTP server serves it on loopback for the app's own SDK calls (the JS face
 //! sends them there) and, with proxy tokens, to any client.
 
+pub mod revalidate;
 pub mod router;
 pub mod switch;
 pub mod upstream;

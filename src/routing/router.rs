@@ -17,15 +17,18 @@ use std::time::{Duration, Instant};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+  HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+};
 use hyper::{Method, Response, StatusCode};
 use tokio::time::Sleep;
 
 use super::upstream::{Upstream, UpstreamError};
 use super::usage_scan::UsageScan;
+use crate::failure::{classify, Failure};
 use crate::mask::scrub;
 use crate::models::ModelId;
-use crate::pool::{KeyPool, Outcome, RouteKey};
+use crate::pool::{Claim, KeyPool, Outcome, RouteKey};
 
 /// The body of an answer the server sends: whole, or streamed through from Gemini.
 pub type AnswerBody = BoxBody<Bytes, io::Error>;
@@ -81,6 +84,9 @@ pub struct RoutedRequest {
   pub asked: Option<usize>,
   /// The model the path names (the default one for paths that name none).
   pub model: ModelId,
+  /// Whether Gemini counts it against the model's quota (generation and embedding do; reading
+  /// models and counting tokens do not).
+  pub counted: bool,
 }
 
 /// The router: a pool, the connection to Gemini, and how to wait and retry.
@@ -91,12 +97,25 @@ pub struct Router {
   options: RouteOptions,
 }
 
-/// Headers fit to forward: connection-level and credential headers dropped.
+/// Headers fit to forward: connection-level and credential headers dropped, and those the
+/// `Connection` header names as this hop's own.
 pub fn forwardable(headers: &HeaderMap, extra_dropped: &[&str]) -> HeaderMap {
+  let named: Vec<String> = headers
+    .get_all(CONNECTION)
+    .iter()
+    .filter_map(|v| v.to_str().ok())
+    .flat_map(|v| v.split(','))
+    .map(|t| t.trim().to_ascii_lowercase())
+    .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+    .collect();
   let mut out = HeaderMap::with_capacity(headers.len());
   for (name, value) in headers {
     let n = name.as_str();
-    if !DROPPED.contains(&n) && !extra_dropped.contains(&n) && n != CONTENT_LENGTH.as_str() {
+    if !DROPPED.contains(&n)
+      && !extra_dropped.contains(&n)
+      && n != CONTENT_LENGTH.as_str()
+      && !named.iter().any(|t| t == n)
+    {
       out.append(name.clone(), value.clone());
     }
   }
@@ -166,19 +185,26 @@ impl Router {
     let mut asked = req.asked;
     let mut last: Option<Response<AnswerBody>> = None;
     for _ in 0..self.options.max_attempts {
-      let mut held = match self.wait_for_key(asked, req.model, deadline).await {
-        Ok(key) => Held::new(&self.pool, key),
-        Err(answer) => return self.answered(req.asked, last.unwrap_or(answer)),
+      // A call Gemini counts holds a reservation until it is counted; one it does not count (a
+      // model read, a token count) only needs a key in service, and spends none of the pool's.
+      let (index, mut held) = if req.counted {
+        match self.wait_for_key(asked, req.model, deadline).await {
+          Ok(key) => (key.index, Some(Held::new(&self.pool, key))),
+          Err(answer) => return self.answered(&req, last.unwrap_or(answer)),
+        }
+      } else {
+        match self.pool.best(Claim::LookOnly, req.model) {
+          Ok(picked) => (picked.pick.index, None),
+          Err(e) => {
+            let refused = google_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None);
+            return last.unwrap_or(refused);
+          }
+        }
       };
       // Only the first attempt may use the caller's hand-out: a retry goes on the best key.
       asked = None;
       let started = Instant::now();
-      let text = self
-        .pool
-        .names()
-        .get(held.index())
-        .unwrap_or_default()
-        .to_owned();
+      let text = self.pool.names().get(index).unwrap_or_default().to_owned();
       let sent = self
         .upstream
         .send(
@@ -192,31 +218,54 @@ impl Router {
       let response = match sent {
         Ok(answered) => {
           // Counted from when the body left rather than from the choice: connecting came between.
-          if let Some(at) = answered.body_sent_at {
+          if let (Some(at), Some(held)) = (answered.body_sent_at, held.as_mut()) {
             held.sent_after(at.saturating_duration_since(started));
           }
           answered.response
         }
         Err(e) => {
-          let (status, why) = match &e {
-            UpstreamError::TimedOut(_) => (StatusCode::GATEWAY_TIMEOUT, e.to_string()),
-            _ => (StatusCode::BAD_GATEWAY, e.to_string()),
-          };
-          // A network failure is nobody's quota: the key is told, as for any transient error.
-          let _ = self.pool.finish_routed(
-            held.release(),
-            0,
-            Outcome::Failure(&format!("{} {why}", status.as_u16())),
-            ms(started),
+          let timed_out = matches!(
+            e,
+            UpstreamError::TimedOut(_) | UpstreamError::ConnectTimedOut(_)
           );
-          last = Some(google_error(status, &why, None));
+          let status = match timed_out {
+            true => StatusCode::GATEWAY_TIMEOUT,
+            false => StatusCode::BAD_GATEWAY,
+          };
+          let why = e.to_string();
+          // A network failure is nobody's quota: the key is told, as for any transient error.
+          self.failed(held, status, &why, started);
+          let answer = google_error(status, &why, None);
+          // A timeout is final: Gemini may be working on it, and the caller was kept waiting.
+          if timed_out {
+            return self.answered(&req, answer);
+          }
+          last = Some(answer);
           continue;
         }
       };
       let status = response.status();
       if status.is_success() {
-        let key = held.release();
-        return self.answered(req.asked, self.stream_through(key, response, started));
+        let (head, mut body) = response.into_parts();
+        // The first chunk before the head goes out: a stall until then is still a clean 504.
+        let idle = self.upstream.timeouts().between_chunks;
+        let first = match tokio::time::timeout(idle, body.frame()).await {
+          Ok(None) => None,
+          Ok(Some(Ok(frame))) => Some(frame),
+          Ok(Some(Err(e))) => {
+            let why = format!("Gemini's answer broke off before its first byte: {e}");
+            self.failed(held, StatusCode::BAD_GATEWAY, &why, started);
+            return self.answered(&req, google_error(StatusCode::BAD_GATEWAY, &why, None));
+          }
+          Err(_) => {
+            let why = format!("Gemini sent the head of its answer, then nothing for {idle:?}");
+            self.failed(held, StatusCode::GATEWAY_TIMEOUT, &why, started);
+            return self.answered(&req, google_error(StatusCode::GATEWAY_TIMEOUT, &why, None));
+          }
+        };
+        let key = held.map(Held::release);
+        let answer = self.stream_through(key, head, body, first, started);
+        return self.answered(&req, answer);
       }
       let (head, body) = response.into_parts();
       let text = match Limited::new(body, MAX_ERROR_BODY).collect().await {
@@ -225,18 +274,22 @@ impl Router {
       };
       let names = self.pool.names();
       let scrubbed = scrub(&text, names.keys());
-      let _ = self.pool.finish_routed(
-        held.release(),
-        0,
-        Outcome::Failure(&format!("{} {scrubbed}", status.as_u16())),
-        ms(started),
-      );
+      if let Some(held) = held {
+        let _ = self.pool.finish_routed(
+          held.release(),
+          0,
+          Outcome::Failure(&format!("{} {scrubbed}", status.as_u16())),
+          ms(started),
+        );
+      }
+      let refused = matches!(classify(&scrubbed), Failure::KeyRejected);
       let mut headers = forwardable(&head.headers, &[]);
       headers.remove(CONTENT_LENGTH);
       last = Some(whole(status, headers, Bytes::from(scrubbed)));
-      // The key's quota or the key itself (another key may do), or the model's trouble (the
-      // pool backs the model off, and the next attempt waits for that).
-      let retry = matches!(status.as_u16(), 429 | 401 | 403 | 500 | 503);
+      // The key's quota or the key itself (another key may do; Gemini refuses a bad key with a
+      // 400), or the model's trouble (the pool backs the model off, and the next attempt waits
+      // for that).
+      let retry = refused || matches!(status.as_u16(), 429 | 401 | 403 | 500 | 503);
       if !retry || Instant::now() >= deadline {
         break;
       }
@@ -244,12 +297,24 @@ impl Router {
     let answer = last.unwrap_or_else(|| {
       google_error(StatusCode::BAD_GATEWAY, "Gemini could not be reached", None)
     });
-    self.answered(req.asked, answer)
+    self.answered(&req, answer)
+  }
+
+  /// Counts a request that got no answer to pass on, when it was one to count.
+  fn failed(&self, held: Option<Held<'_>>, status: StatusCode, why: &str, started: Instant) {
+    if let Some(held) = held {
+      let _ = self.pool.finish_routed(
+        held.release(),
+        0,
+        Outcome::Failure(&format!("{} {why}", status.as_u16())),
+        ms(started),
+      );
+    }
   }
 
   /// Notes the answer for the caller's own bookkeeping (see [`KeyPool::routed_answer`]).
-  fn answered(&self, asked: Option<usize>, answer: Response<AnswerBody>) -> Response<AnswerBody> {
-    if let Some(asked) = asked {
+  fn answered(&self, req: &RoutedRequest, answer: Response<AnswerBody>) -> Response<AnswerBody> {
+    if let Some(asked) = req.asked.filter(|_| req.counted) {
       self
         .pool
         .routed_answer(asked, answer.status() == StatusCode::TOO_MANY_REQUESTS);
@@ -303,21 +368,27 @@ impl Router {
   /// the key when it ends.
   fn stream_through(
     &self,
-    key: RouteKey,
-    response: Response<Incoming>,
+    key: Option<RouteKey>,
+    head: hyper::http::response::Parts,
+    body: Incoming,
+    first: Option<Frame<Bytes>>,
     started: Instant,
   ) -> Response<AnswerBody> {
-    let (head, body) = response.into_parts();
+    let mut scan = UsageScan::default();
+    if let Some(data) = first.as_ref().and_then(Frame::data_ref) {
+      scan.feed(data);
+    }
     let mut headers = forwardable(&head.headers, &[]);
     if let Some(length) = head.headers.get(CONTENT_LENGTH) {
       headers.insert(CONTENT_LENGTH, length.clone());
     }
     let watched = Watched {
+      first,
       inner: body,
-      scan: UsageScan::default(),
+      scan,
       idle: self.upstream.timeouts().between_chunks,
       timer: None,
-      finish: Some(Finish {
+      finish: key.map(|key| Finish {
         pool: self.pool.clone(),
         key,
         started,
@@ -341,10 +412,6 @@ struct Held<'a> {
 impl<'a> Held<'a> {
   fn new(pool: &'a KeyPool, key: RouteKey) -> Self {
     Self { pool, key }
-  }
-
-  fn index(&self) -> usize {
-    self.key.index
   }
 
   /// The request's body left `after` the key was chosen: it counts from then.
@@ -381,6 +448,8 @@ struct Finish {
 
 /// A body streamed through, watched for its tokens and for a stall between chunks.
 struct Watched {
+  /// The chunk read before the head went out, sent first.
+  first: Option<Frame<Bytes>>,
   inner: Incoming,
   scan: UsageScan,
   idle: Duration,
@@ -414,6 +483,9 @@ impl Body for Watched {
     cx: &mut Context<'_>,
   ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
     let this = &mut *self;
+    if let Some(first) = this.first.take() {
+      return Poll::Ready(Some(Ok(first)));
+    }
     match Pin::new(&mut this.inner).poll_frame(cx) {
       Poll::Ready(Some(Ok(frame))) => {
         this.timer = None;
@@ -450,7 +522,7 @@ impl Body for Watched {
   }
 
   fn is_end_stream(&self) -> bool {
-    self.inner.is_end_stream()
+    self.first.is_none() && self.inner.is_end_stream()
   }
 }
 
@@ -597,6 +669,7 @@ mod tests {
         body: Bytes::from_static(br#"{"contents":[{"parts":[{"text":"hi"}]}]}"#),
         asked,
         model: 0,
+        counted: true,
       }
     }
 
@@ -654,7 +727,7 @@ mod tests {
       let script = Arc::new(Script::default());
       let leak: &'static str = Box::leak(
         format!(
-          r#"{{"error":{{"code":400,"message":"API key not valid: {}"}}}}"#,
+          r#"{{"error":{{"code":400,"message":"Invalid JSON payload received near {}"}}}}"#,
           KEYS[0]
         )
         .into_boxed_str(),

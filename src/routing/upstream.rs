@@ -1,7 +1,10 @@
-//! The connection to Gemini: one pooled hyper client, HTTPS through rustls (webpki roots) with
-//! HTTP/2 where the server offers it, to `GEMINI_BASE_URL` (Google's endpoint by default). The
-//! key always travels in the `x-goog-api-key` header, never in the URL.
+//! The connection to Gemini: one pooled hyper client, HTTPS through rustls (webpki roots, and the
+//! certificates of `GEMINI_CA_FILE` when set) with HTTP/2 where the server offers it, to
+//! `GEMINI_BASE_URL` (Google's endpoint by default). The key always travels in the
+//! `x-goog-api-key` header, never in the URL.
 
+use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -23,6 +26,9 @@ pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 pub const BASE_URL_ENV: &str = "GEMINI_BASE_URL";
 /// The header Gemini reads the key from.
 pub const KEY_HEADER: &str = "x-goog-api-key";
+/// A PEM file of root certificates trusted besides the webpki (Mozilla) ones: a test upstream's,
+/// or a TLS-inspecting gateway's.
+pub const CA_FILE_ENV: &str = "GEMINI_CA_FILE";
 
 /// `GEMINI_BASE_URL` when set, else Google's endpoint.
 pub fn base_url(env: &dyn Fn(&str) -> Option<String>) -> String {
@@ -98,6 +104,10 @@ pub enum UpstreamError {
   BadBaseUrl(String),
   #[error("Gemini did not answer within {0:?}")]
   TimedOut(Duration),
+  #[error("no connection to Gemini within {0:?}")]
+  ConnectTimedOut(Duration),
+  #[error("cannot read the root certificates of {CA_FILE_ENV} ({path}): {why}")]
+  CaFile { path: String, why: String },
   #[error("Gemini could not be reached: {0}")]
   Unreachable(String),
   #[error("invalid upstream request: {0}")]
@@ -116,8 +126,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
-  /// A client for `base_url` (see [`DEFAULT_BASE_URL`]).
+  /// A client for `base_url` (see [`DEFAULT_BASE_URL`]), trusting the webpki roots.
   pub fn new(base_url: &str, timeouts: Timeouts) -> Result<Self, UpstreamError> {
+    Self::with_roots(base_url, timeouts, None)
+  }
+
+  /// [`Self::new`], trusting the certificates of the PEM file `ca_file` too.
+  pub fn with_roots(
+    base_url: &str,
+    timeouts: Timeouts,
+    ca_file: Option<&Path>,
+  ) -> Result<Self, UpstreamError> {
     let bad = || UpstreamError::BadBaseUrl(base_url.to_owned());
     let uri: Uri = base_url.trim().parse().map_err(|_| bad())?;
     let scheme = uri
@@ -131,7 +150,7 @@ impl Upstream {
     http.set_nodelay(true);
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-      .with_webpki_roots()
+      .with_tls_config(tls_config(ca_file)?)
       .https_or_http()
       .enable_http1()
       .enable_http2()
@@ -147,12 +166,17 @@ impl Upstream {
     })
   }
 
-  /// To [`base_url`].
+  /// To [`base_url`], trusting [`CA_FILE_ENV`]'s certificates too when it is set.
   pub fn from_env(
     env: &dyn Fn(&str) -> Option<String>,
     timeouts: Timeouts,
   ) -> Result<Self, UpstreamError> {
-    Self::new(&base_url(env), timeouts)
+    let ca_file = env(CA_FILE_ENV).filter(|p| !p.trim().is_empty());
+    Self::with_roots(
+      &base_url(env),
+      timeouts,
+      ca_file.as_deref().map(|p| Path::new(p.trim())),
+    )
   }
 
   pub fn timeouts(&self) -> Timeouts {
@@ -193,10 +217,65 @@ impl Upstream {
         response,
         body_sent_at: written.get().copied(),
       }),
+      Ok(Err(e)) if connect_timed_out(&e) => {
+        Err(UpstreamError::ConnectTimedOut(self.timeouts.connect))
+      }
       Ok(Err(e)) => Err(UpstreamError::Unreachable(describe(&e))),
       Err(_) => Err(UpstreamError::TimedOut(self.timeouts.first_byte)),
     }
   }
+}
+
+/// Rustls with its safe defaults, the webpki roots and those of `ca_file`.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, UpstreamError> {
+  use rustls::pki_types::pem::PemObject;
+  use rustls::pki_types::CertificateDer;
+  let mut roots = rustls::RootCertStore {
+    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+  };
+  if let Some(path) = ca_file {
+    let failed = |why: String| UpstreamError::CaFile {
+      path: path.display().to_string(),
+      why,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+      .map_err(|e| failed(e.to_string()))?
+      .collect::<Result<Vec<_>, _>>()
+      .map_err(|e| failed(e.to_string()))?;
+    if certs.is_empty() {
+      return Err(failed("no certificate in it".to_owned()));
+    }
+    for cert in certs {
+      roots.add(cert).map_err(|e| failed(e.to_string()))?;
+    }
+  }
+  let provider = Arc::new(rustls::crypto::ring::default_provider());
+  Ok(
+    rustls::ClientConfig::builder_with_provider(provider)
+      .with_safe_default_protocol_versions()
+      .map_err(|e| UpstreamError::Request(e.to_string()))?
+      .with_root_certificates(roots)
+      .with_no_client_auth(),
+  )
+}
+
+/// Whether the connector gave up on a TCP connection at its timeout (an `io::Error` of kind
+/// `TimedOut` somewhere in the chain), rather than being refused.
+fn connect_timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+  if !e.is_connect() {
+    return false;
+  }
+  let mut source = std::error::Error::source(e);
+  while let Some(cause) = source {
+    if cause
+      .downcast_ref::<io::Error>()
+      .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+    {
+      return true;
+    }
+    source = cause.source();
+  }
+  false
 }
 
 /// A client error with its cause: hyper's own message says little.
