@@ -289,8 +289,8 @@ impl KeyState {
   /// Counts a finished request on `model` (`None`: whatever model its hand-out was for): it
   /// settles the oldest open hand-out of that model (its token estimate replaced by the real
   /// count, the request staying counted whatever its outcome, since it went out) and counts it
-  /// from `sent_at`: when the router sent it; for a caller's report, which does not say when,
-  /// `now` (the upstream counted it somewhere between hand-out and now). A call without a
+  /// from `sent_at` (when the router sent it, or when a caller's report makes it likely Gemini
+  /// counted it), never before its hand-out nor after `now`. A call without a
   /// hand-out counts as the old service counted it: only when it succeeded, on the project's
   /// budget of `model` (`fallback`, the default model, when none is named).
   #[allow(clippy::too_many_arguments)]
@@ -314,7 +314,7 @@ impl KeyState {
     if let Some(r) = found.and_then(|i| self.pending.remove(i)) {
       budgets
         .get_mut(r.budget)
-        .restamp(now, r.at, r.tokens, sent_at, tokens);
+        .restamp(now, r.at, r.tokens, sent_at.clamp(r.at, now), tokens);
       return Settled {
         budget: r.budget,
         handed_at: Some(r.at),

@@ -405,6 +405,19 @@ pub fn check_key_text(key: &str) -> Result<(), PoolError> {
 
 /// A recorded call's latency as the caller reported it, in ms; anything but a non-negative finite
 /// number (a missing one included) is stored as 0 rather than failing the call it describes.
+/// When Gemini counted a call a caller reports, at the earliest that is safe to assume. Gemini
+/// counts a request when it arrives: after the call started (`responseTime` before now) and, on a
+/// pooled connection with a prompt-sized body, well within half a second of that; so a call that
+/// took longer is counted from half a second after its start, a shorter one from its end.
+/// Counted later than Gemini is safe, earlier is not (the count would leave the window before
+/// Gemini's does). The router's own requests are counted from when their body was sent. A
+/// hand-out's count never moves before the hand-out (see [`KeyState::settle`]).
+fn caller_sent_at(now: Millis, response_time_ms: f64) -> Millis {
+  const ARRIVAL_ALLOWANCE_MS: f64 = 500.0;
+  let before_now = (response_time_ms.min(now as f64) - ARRIVAL_ALLOWANCE_MS).max(0.0);
+  now - before_now as Millis
+}
+
 fn response_time(ms: f64) -> f64 {
   if ms.is_finite() && ms >= 0.0 {
     ms
@@ -1015,7 +1028,7 @@ impl KeyPool {
         }
       }
       let sent_at = match by {
-        Reporter::Caller => now,
+        Reporter::Caller => caller_sent_at(now, response_time(response_time_ms)),
         Reporter::Router { sent_at } => sent_at,
       };
       state.touch(index);
@@ -1951,6 +1964,34 @@ mod tests {
 
   fn handed(p: &KeyPool, model: ModelId) -> Result<usize, PoolError> {
     p.best(RESERVE, model).map(|picked| picked.pick.index)
+  }
+
+  /// A caller's report says how long the call took: a long call's request is counted from half a
+  /// second after its start (when Gemini had it, at the latest that is likely), never before its
+  /// hand-out, and the minute frees that much sooner than counting from the report would; a short
+  /// call's from the report.
+  #[test]
+  fn a_callers_report_counts_a_long_calls_request_from_its_likely_arrival() {
+    let frees_after = |handed_to_report: Millis, response_time_ms: f64| {
+      let (p, clock, _) = pool_with(&["AIzaSyTESTKEY0000abcdefghijkl"], TWO_A_MINUTE);
+      handed(&p, 0).unwrap();
+      handed(&p, 0).unwrap();
+      clock.advance(handed_to_report);
+      p.record_usage(0, 1, Outcome::Success, response_time_ms, None)
+        .unwrap();
+      p.record_usage(0, 1, Outcome::Success, response_time_ms, None)
+        .unwrap();
+      p.next_available_at(0, 0).unwrap().unwrap() - T0
+    };
+    let window = 60_000;
+    let at_report = frees_after(4_000, 0.0);
+    assert!(at_report >= 4_000 + window, "{at_report}");
+    // Counts land in 100 ms slices: equal to within one.
+    let near = |a: Millis, b: Millis| assert!((a - b).abs() <= 100, "{a} against {b}");
+    near(frees_after(4_000, 4_000.0), at_report - 3_500);
+    near(frees_after(400, 400.0), frees_after(400, 0.0));
+    near(frees_after(4_000, 1e12), frees_after(4_000, 4_000.0) - 500);
+    assert!(frees_after(4_000, 1e12) >= window);
   }
 
   #[test]
