@@ -10,7 +10,7 @@
 //
 // Every measurement is a sample of SAMPLE calls; a round takes one sample of each, in an order that
 // rotates from round to round, so the machine's noise falls on all of them alike; figures are the
-// medians over the rounds. Then memory: bytes per key, and the RSS before and after 2 million pairs.
+// medians over the rounds. Then memory: the RSS before and after 2 million pairs, and bytes per key.
 
 const v8 = require('node:v8')
 const vm = require('node:vm')
@@ -86,18 +86,18 @@ function memory() {
 /** What N keys cost held in a pool: RSS and JS heap per key, for this package and the old path. */
 async function bytesPerKey() {
   const keys = keysOf(MEMORY_KEYS)
+  // Both held to the end, so neither reuses memory the other gave back.
   const before = memory()
-  const m = await ours(keys)
-  const withOurs = memory()
-  await m.close()
-  const again = memory()
   const old = new BaselineKeyManager(keys, HIGH)
   const withOld = memory()
+  const m = await ours(keys)
+  const withOurs = memory()
   const per = (a, b, field) => (b[field] - a[field]) / MEMORY_KEYS
   const result = {
-    ours: { rss: per(before, withOurs, 'rss'), heap: per(before, withOurs, 'heapUsed') },
-    old: { rss: per(again, withOld, 'rss'), heap: per(again, withOld, 'heapUsed') },
+    old: { rss: per(before, withOld, 'rss'), heap: per(before, withOld, 'heapUsed') },
+    ours: { rss: per(withOld, withOurs, 'rss'), heap: per(withOld, withOurs, 'heapUsed') },
   }
+  await m.close()
   old.manager.keys.length = 0
   return result
 }
@@ -138,12 +138,6 @@ async function bytesPerKey() {
   console.log(`this package, pair at 1,000 keys / pair at 10 keys: ${(at['pair ours 1000'] / at['pair ours 10']).toFixed(2)}`)
   for (const s of subjects) if (s.m instanceof ApiKeyManagerService) await s.m.close()
 
-  const per = await bytesPerKey()
-  console.log(
-    `bytes per key (${MEMORY_KEYS.toLocaleString('en')} keys): this package ${per.ours.rss.toFixed(0)} RSS (${per.ours.heap.toFixed(0)} of it JS heap), ` +
-      `old ${per.old.rss.toFixed(0)} RSS (${per.old.heap.toFixed(0)} JS heap)`,
-  )
-
   const m = await ours(keysOf(10))
   const sample = compile('pair')
   await sample(m, null, 200_000)
@@ -154,6 +148,12 @@ async function bytesPerKey() {
   console.log(
     `RSS before and after ${LONG_RUN.toLocaleString('en')} pairs (10 keys): ${mb(before.rss)} -> ${mb(after.rss)} ` +
       `(JS heap ${mb(before.heapUsed)} -> ${mb(after.heapUsed)})`,
+  )
+
+  const per = await bytesPerKey()
+  console.log(
+    `bytes per key (${MEMORY_KEYS.toLocaleString('en')} keys): this package ${per.ours.rss.toFixed(0)} RSS (${per.ours.heap.toFixed(0)} of it JS heap), ` +
+      `old ${per.old.rss.toFixed(0)} RSS (${per.old.heap.toFixed(0)} JS heap)`,
   )
 })().catch((e) => {
   console.error(e)
