@@ -39,7 +39,7 @@ async function start(kind) {
       try {
         const r = await manager.getBestAvailableKey()
         if (!r.success) {
-          return res.status(500).json({ success: false, error: r.error, message: 'Failed to get the best available API key' })
+          return res.status(500).json({ success: false, error: r.error, message: 'Failed to get best available API key' })
         }
         const [apiKey, status] = r.data
         res.json({
@@ -53,10 +53,10 @@ async function start(kind) {
             limits: status.limits,
           },
           metadata: r.metadata,
-          message: 'Best available API key retrieved',
+          message: 'Best available API key retrieved successfully',
         })
       } catch (e) {
-        res.status(500).json({ success: false, error: e.message, message: 'Failed to get the best available API key' })
+        res.status(500).json({ success: false, error: e.message, message: 'Failed to get best available API key' })
       }
     })
   } else if (kind === 'adapter') {
