@@ -233,8 +233,16 @@ impl Router {
             false => StatusCode::BAD_GATEWAY,
           };
           let why = e.to_string();
-          // A network failure is nobody's quota: the key is told, as for any transient error.
-          self.failed(held, status, &why, started);
+          let unsent = matches!(
+            e,
+            UpstreamError::NotConnected(_) | UpstreamError::ConnectTimedOut(_)
+          );
+          match held {
+            // No connection, no request: neither the key's fault nor its quota.
+            Some(held) if unsent => held.unsent(),
+            // It may have reached Gemini: the key is told, as for any transient error.
+            held => self.failed(held, status, &why, started),
+          }
           let answer = google_error(status, &why, None);
           // A timeout is final: Gemini may be working on it, and the caller was kept waiting.
           if timed_out {
@@ -417,6 +425,13 @@ impl<'a> Held<'a> {
   /// The request's body left `after` the key was chosen: it counts from then.
   fn sent_after(&mut self, after: Duration) {
     self.key.at += after.as_millis() as i64;
+  }
+
+  /// The request never went out: its reservation is let go, nothing counted.
+  fn unsent(self) {
+    self.pool.unsent_routed(self.key);
+    // Let go of already.
+    std::mem::forget(self);
   }
 
   /// The key, to be counted now by the caller of this.
@@ -639,6 +654,10 @@ mod tests {
     }
 
     fn router(base: &str, rpm: u64) -> Router {
+      router_with(base, rpm, Timeouts::default())
+    }
+
+    fn router_with(base: &str, rpm: u64, timeouts: Timeouts) -> Router {
       let config = PoolConfig::of(
         KEYS.iter().map(|k| k.to_string()).collect(),
         Quota {
@@ -649,7 +668,7 @@ mod tests {
       );
       let pool =
         Arc::new(KeyPool::new(config, Arc::new(SystemClock), Arc::new(SilentLog)).unwrap());
-      let upstream = Upstream::new(base, Timeouts::default()).unwrap();
+      let upstream = Upstream::new(base, timeouts).unwrap();
       Router::new(
         pool,
         upstream,
@@ -740,6 +759,55 @@ mod tests {
         !body.contains(KEYS[0]) && body.contains("AIzaSyRO...0001"),
         "{body}"
       );
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_ends_is_a_504_at_the_connect_timeout_and_not_the_keys_fault(
+    ) {
+      // Accepts TCP connections and holds them, never reading the ClientHello nor answering it.
+      let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .unwrap();
+      let base = format!("https://{}", listener.local_addr().unwrap());
+      let accepted = Arc::new(Mutex::new(Vec::new()));
+      let held = accepted.clone();
+      tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+          held.lock().push(stream);
+        }
+      });
+      let connect = Duration::from_millis(300);
+      let r = router_with(
+        &base,
+        30,
+        Timeouts {
+          connect,
+          first_byte: Duration::from_secs(30),
+          between_chunks: Duration::from_secs(30),
+        },
+      );
+      let started = Instant::now();
+      let (status, body) = text(r.forward(request(None)).await).await;
+      let took = started.elapsed();
+      assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+      let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+      assert_eq!(error["error"]["code"], 504);
+      assert_eq!(error["error"]["status"], "DEADLINE_EXCEEDED");
+      assert_eq!(
+        error["error"]["message"],
+        "no connection to Gemini within 300ms"
+      );
+      // About the connect timeout, far from the first-byte one (a loaded machine gets slack).
+      assert!(took >= connect && took < Duration::from_secs(5), "{took:?}");
+      assert_eq!(accepted.lock().len(), 1, "the TCP connection was made");
+      // Nothing counted nor held against either key: no request left.
+      for i in 0..KEYS.len() {
+        let f = r.pool().figures(i).unwrap();
+        assert_eq!(f.error_count, 0, "key {i}");
+        assert_eq!(f.state, crate::health::HealthState::Active, "key {i}");
+        assert_eq!(f.rpm.current, 0, "key {i}");
+        assert_eq!(r.pool().last_error(i).unwrap(), None, "key {i}");
+      }
     }
 
     #[tokio::test]
