@@ -752,6 +752,21 @@ impl KeyPool {
     });
   }
 
+  /// A key in service (neither refused by Gemini nor taken out by an operator) whatever its
+  /// budgets, for requests Gemini counts against no quota (model reads, token counts): the first
+  /// from `from` on, round, whose circuit is closed, else any. `None` when no key is in service.
+  pub fn key_in_service(&self, from: usize) -> Result<Option<usize>, PoolError> {
+    self.with_state(|state, now| {
+      let n = state.keys.len();
+      let order = || (0..n).map(|i| (from + i) % n);
+      let serving = |i: &usize| state.keys[*i].is_active();
+      order()
+        .filter(serving)
+        .find(|&i| state.keys[i].health.can_serve(now))
+        .or_else(|| order().find(serving))
+    })
+  }
+
   /// The router answered a request that carried the pool key `asked`: the caller's own report
   /// of it (`recordUsage`, and `handleRateLimit` after a 429) is not counted again, nor put on
   /// that key when another went out.

@@ -96,7 +96,7 @@ fn served<'a>(method: &Method, path: &'a str) -> Option<Call<'a>> {
   let rest = path
     .strip_prefix("/v1beta/models")
     .or_else(|| path.strip_prefix("/v1/models"))?;
-  // Model reads choose a key by the default model: they name no quota of their own.
+  // Model reads name no quota of their own: any key in service answers them.
   let read = Call {
     model: None,
     model_in_body: false,
