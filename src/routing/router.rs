@@ -216,7 +216,7 @@ impl Router {
       // Only the first attempt may use the caller's hand-out: a retry goes on the best key.
       asked = None;
       let started = Instant::now();
-      let text = self.pool.names().get(index).unwrap_or_default().to_owned();
+      let names = self.pool.names();
       let sent = self
         .upstream
         .send(
@@ -224,7 +224,7 @@ impl Router {
           &req.path_and_query,
           &req.headers,
           req.body.clone(),
-          &text,
+          names.get(index).unwrap_or_default(),
         )
         .await;
       let response = match sent {
