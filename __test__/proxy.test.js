@@ -151,6 +151,37 @@ test('the openai SDK on /v1beta/openai: chat plain and streamed, embeddings, mod
   assertOnlyPoolKeysUpstream(gemini, keys)
 })
 
+test('model reads and countTokens go on any key in service, every minute spent or not; with none in service a 503', async (t) => {
+  const limits = { rpm: 1, rpd: 10_000, tpm: 10_000_000 }
+  const { m, keys, gemini, server } = await setup(t, { manager: { limits } })
+  const ai = new GoogleGenAI({ apiKey: TOKEN, httpOptions: { baseUrl: server.url } })
+  for (let i = 0; i < keys.length; i++) await ai.models.generateContent({ model: MODEL, contents: 'Hello' })
+  for (const k of keys) assert.equal((await statusOf(m, k)).limits.rpm.current, 1)
+  const before = gemini.requestsSeen().length
+  const names = []
+  for await (const model of await ai.models.list()) names.push(model.name)
+  assert.ok(names.includes(`models/${MODEL}`))
+  assert.equal((await ai.models.get({ model: MODEL })).name, `models/${MODEL}`)
+  assert.equal(typeof (await ai.models.countTokens({ model: MODEL, contents: 'Hello' })).totalTokens, 'number')
+  const openai = new OpenAI({ apiKey: TOKEN, baseURL: `${server.url}/v1beta/openai`, maxRetries: 0 })
+  const listed = []
+  for await (const model of openai.models.list()) listed.push(model.id)
+  assert.ok(listed.includes(`models/${MODEL}`))
+  assert.equal(gemini.requestsSeen().length, before + 4)
+  // Counted nowhere: the minutes are as they were.
+  for (const k of keys) assert.equal((await statusOf(m, k)).limits.rpm.current, 1)
+
+  // One key disabled, the other refused by Gemini: nothing in service, nothing sent.
+  await m.disableKey(keys[0])
+  await m.recordUsage(keys[1], 0, false, 'API_KEY_INVALID')
+  const r = await fetch(`${server.url}/v1beta/models`, { headers: { 'x-goog-api-key': TOKEN } })
+  assert.equal(r.status, 503)
+  const answer = await r.json()
+  assert.equal(answer.error.status, 'UNAVAILABLE')
+  assert.match(answer.error.message, /in service/)
+  assert.equal(gemini.requestsSeen().length, before + 4)
+})
+
 test('a wrong or missing token is a 401 in Gemini shape and nothing goes upstream; other paths are 404s', async (t) => {
   const { gemini, server } = await setup(t)
   const body = JSON.stringify({ contents: [{ parts: [{ text: 'Hi' }] }] })

@@ -6,17 +6,23 @@
 //
 //   latency   generateContent, one connection, requests one after another: p50 and p99 of each
 //             path, and what each proxy adds to the direct call's
-//   rps       requests per second at 50 connections (autocannon), and the CPU time each proxy
-//             process spent per request meanwhile (Linux: /proc/<pid>/stat): the fake, a Node
-//             server on the same 2 cores, caps the rate of every path, and this shows the cost
-//             under the cap
 //   ttfb      streamGenerateContent?alt=sse, one connection: time to the first byte of the body
+//   rps       requests per second at 50 connections (autocannon), and the CPU time each process
+//             spent per request meanwhile (Linux: /proc/<pid>/stat), against two upstreams:
+//             - fixed: bench/fixed-upstream, one Rust thread answering every request with
+//               the bytes the fake answered this request with: it costs a few µs a request, so
+//               the rate measured is the proxies' (the goal's figure)
+//             - fake: the fake Gemini, a Node server on the same 2 cores, which caps every path
+//               at its own rate (shown for comparison)
 //
-// The fake (limits far above the load) runs in its own process, each proxy in another, the load
-// from this one; everything on 127.0.0.1. BENCH_REQUESTS (default 3000) sets the sequential
-// requests per path and round, BENCH_DURATION (seconds, default 8) each autocannon run. The
-// latency rounds alternate the three paths, so a noisy moment of a shared machine falls on all.
-// Run as `node bench/proxy.js ours|node <fakeUrl>` it is one of the proxies.
+// The latency and ttfb figures are against the fake: one connection at a time leaves it idle
+// between requests, so it adds the same to every path and the added figures are the proxies'.
+// The fake (limits far above the load) runs in its own process, the fixed upstream in another,
+// each proxy in another, the load from this one; everything on 127.0.0.1. BENCH_REQUESTS (default
+// 3000) sets the sequential requests per path and round, BENCH_DURATION (seconds, default 8) each
+// autocannon run. The latency rounds alternate the three paths, so a noisy moment of a shared
+// machine falls on all. Run as `node bench/proxy.js ours|node <upstreamUrl>` it is one of the
+// proxies.
 
 const http = require('node:http')
 const path = require('node:path')
@@ -37,8 +43,8 @@ const BODY = JSON.stringify({ contents: [{ role: 'user', parts: [{ text: 'Say he
 const HOP_BY_HOP = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'host']
 
 /** The plain Node proxy: the same forwarding as ours, key chosen round-robin. */
-function nodeProxy(fakeUrl) {
-  const upstream = new URL(fakeUrl)
+function nodeProxy(upstreamUrl) {
+  const upstream = new URL(upstreamUrl)
   const agent = new http.Agent({ keepAlive: true, maxSockets: 256 })
   let next = 0
   const server = http.createServer((req, res) => {
@@ -65,8 +71,8 @@ function nodeProxy(fakeUrl) {
 }
 
 /** This package's proxy, as `npm start` serves it. */
-async function ourProxy(fakeUrl) {
-  process.env.GEMINI_BASE_URL = fakeUrl
+async function ourProxy(upstreamUrl) {
+  process.env.GEMINI_BASE_URL = upstreamUrl
   const { ApiKeyManagerService } = require('..')
   const m = new ApiKeyManagerService({ keys: KEYS, limits: HUGE, model: MODEL, quiet: true, routeRequests: false })
   await m.initialize()
@@ -74,10 +80,24 @@ async function ourProxy(fakeUrl) {
   return server.port
 }
 
-/** Starts `node bench/proxy.js kind fakeUrl`; resolves with { url, stop } once it prints READY. */
-function startProxy(kind, fakeUrl) {
+/** Starts `node bench/proxy.js kind upstreamUrl`; resolves as `ready` does. */
+function startProxy(kind, upstreamUrl) {
+  const child = spawn(process.execPath, [__filename, kind, upstreamUrl], { stdio: ['pipe', 'pipe', 'inherit'] })
+  return ready(kind, child, () => child.stdin.end())
+}
+
+const FIXED = path.join(__dirname, '..', 'target', 'fixed-upstream', 'release', 'fixed-upstream')
+
+/** Starts the fixed upstream answering `answer` ({ status, headers, body }) to every request. */
+function startFixed(answer) {
+  const child = spawn(FIXED, [], { stdio: ['pipe', 'pipe', 'inherit'] })
+  child.stdin.end(JSON.stringify(answer))
+  return ready('fixed upstream', child, () => child.kill())
+}
+
+/** Resolves with { pid, url, stop } once `child` prints READY <port>; `end` asks it to exit. */
+function ready(kind, child, end) {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [__filename, kind, fakeUrl], { stdio: ['pipe', 'pipe', 'inherit'] })
     let out = ''
     child.once('exit', (code) => reject(new Error(`${kind} proxy exited (${code}):\n${out}`)))
     child.stdout.setEncoding('utf8').on('data', (d) => {
@@ -90,7 +110,7 @@ function startProxy(kind, fakeUrl) {
           pid: child.pid,
           url: `http://127.0.0.1:${m[1]}`,
           stop: () => {
-            child.stdin.end()
+            end()
             return exited
           },
         })
@@ -100,6 +120,25 @@ function startProxy(kind, fakeUrl) {
 }
 
 const agent = new http.Agent({ keepAlive: true, maxSockets: 1 })
+
+/** What `base` answers one generateContent: status, the headers a server does not set per
+ * connection or per answer, body. */
+function recorded(base, key) {
+  return new Promise((resolve, reject) => {
+    const target = `${base}/v1beta/models/${MODEL}:generateContent`
+    const req = http.request(target, { method: 'POST', headers: { 'content-type': 'application/json', 'x-goog-api-key': key } }, (res) => {
+      let body = ''
+      res.setEncoding('utf8').on('data', (d) => (body += d))
+      res.on('end', () => {
+        const own = [...HOP_BY_HOP, 'date', 'content-length']
+        const headers = Object.entries(res.headers).filter(([name]) => !own.includes(name))
+        resolve({ status: res.statusCode, headers, body })
+      })
+    })
+    req.on('error', reject)
+    req.end(BODY)
+  })
+}
 
 /** One request on the kept-alive connection; resolves with [ms to the first body byte, ms in all]. */
 function once(base, target, body, key) {
@@ -149,7 +188,7 @@ function cpuMs(pid) {
   return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100
 }
 
-async function rps(url, key, pid) {
+async function rps(url, key, pids) {
   const run = (duration) =>
     new Promise((resolve, reject) => {
       const instance = autocannon(
@@ -166,54 +205,75 @@ async function rps(url, key, pid) {
       autocannon.track(instance, { renderProgressBar: false, renderResultsTable: false, renderLatencyTable: false })
     })
   await run(1)
-  const before = cpuMs(pid)
+  const before = Object.entries(pids).map(([name, pid]) => [name, cpuMs(pid)])
   const result = await run(DURATION)
-  const spent = before === null ? null : cpuMs(pid) - before
-  const cpuPerRequestUs = spent === null ? null : (spent * 1000) / result.requests.total
-  return { rps: result.requests.average, non2xx: result.non2xx, errors: result.errors, cpuPerRequestUs }
+  // CPU µs per request of each process named (null off Linux).
+  const cpu = Object.fromEntries(
+    before.map(([name, ms]) => [name, ms === null ? null : ((cpuMs(pids[name]) - ms) * 1000) / result.requests.total]),
+  )
+  return { rps: result.requests.average, non2xx: result.non2xx, errors: result.errors, cpu }
+}
+
+/** The figures of `rps` for each path, on one line each. */
+async function rates(upstream, paths) {
+  console.log(`requests per second at ${CONNECTIONS} connections, ${DURATION} s each, upstream ${upstream.name}:`)
+  const out = {}
+  for (const p of paths) {
+    const pids = { upstream: upstream.pid, ...(p.pid === undefined ? {} : { proxy: p.pid }), 'load generator': process.pid }
+    const r = await rps(p.url, p.key, pids)
+    out[p.name] = r
+    const cpu = Object.entries(r.cpu)
+      .filter(([, us]) => us !== null)
+      .map(([name, us]) => `${name} ${us.toFixed(1)}`)
+      .join(', ')
+    const failed = r.non2xx || r.errors ? ` (${r.non2xx} non-2xx, ${r.errors} errors)` : ''
+    console.log(`  ${p.name.padEnd(7)} ${Math.round(r.rps)} req/s${cpu ? `; CPU µs per request: ${cpu}` : ''}${failed}`)
+  }
+  return out
 }
 
 async function main() {
   const fake = await startFakeGeminiProcess({ limits: HUGE, tokens: 100 })
-  const ours = await startProxy('ours', fake.url)
-  const node = await startProxy('node', fake.url)
+  const fixed = await startFixed(await recorded(fake.url, KEYS[0]))
+  const started = [fixed]
   try {
-    const paths = [
-      { name: 'direct', url: fake.url, key: KEYS[0] },
-      { name: 'ours', url: ours.url, key: TOKEN, pid: ours.pid },
-      { name: 'node', url: node.url, key: TOKEN, pid: node.pid },
-    ]
+    const proxies = async (upstream) => {
+      const [ours, node] = await Promise.all([startProxy('ours', upstream.url), startProxy('node', upstream.url)])
+      started.push(ours, node)
+      return [
+        { name: 'direct', url: upstream.url, key: KEYS[0] },
+        { name: 'ours', url: ours.url, key: TOKEN, pid: ours.pid },
+        { name: 'node', url: node.url, key: TOKEN, pid: node.pid },
+      ]
+    }
+    const onFake = await proxies({ url: fake.url })
+    const onFixed = await proxies(fixed)
     const f = (ms) => `${ms.toFixed(3)} ms`
-    const latency = await sequential(paths, `/v1beta/models/${MODEL}:generateContent`, ([, all]) => all)
-    console.log(`latency, generateContent, 1 connection, ${REQUESTS} requests per path:`)
-    for (const p of paths) {
+    const latency = await sequential(onFake, `/v1beta/models/${MODEL}:generateContent`, ([, all]) => all)
+    console.log(`latency, generateContent, 1 connection, ${REQUESTS} requests per path, upstream fake:`)
+    for (const p of onFake) {
       const l = latency[p.name]
       const added = p.name === 'direct' ? '' : `  added p50 ${f(l.p50 - latency.direct.p50)}, p99 ${f(l.p99 - latency.direct.p99)}`
       console.log(`  ${p.name.padEnd(7)} p50 ${f(l.p50)}  p99 ${f(l.p99)}${added}`)
     }
-    const ttfb = await sequential(paths, `/v1beta/models/${MODEL}:streamGenerateContent?alt=sse`, ([first]) => first)
-    console.log('time to the first streamed byte, streamGenerateContent?alt=sse:')
-    for (const p of paths) console.log(`  ${p.name.padEnd(7)} p50 ${f(ttfb[p.name].p50)}  p99 ${f(ttfb[p.name].p99)}`)
-    console.log(`requests per second at ${CONNECTIONS} connections, ${DURATION} s each:`)
-    const rates = {}
-    for (const p of paths) {
-      rates[p.name] = await rps(p.url, p.key, p.pid)
-      const r = rates[p.name]
-      const cpu = r.cpuPerRequestUs === null ? '' : `, proxy CPU ${r.cpuPerRequestUs.toFixed(1)} µs per request`
-      console.log(`  ${p.name.padEnd(7)} ${Math.round(r.rps)} req/s${cpu}${r.non2xx || r.errors ? ` (${r.non2xx} non-2xx, ${r.errors} errors)` : ''}`)
-    }
+    const ttfb = await sequential(onFake, `/v1beta/models/${MODEL}:streamGenerateContent?alt=sse`, ([first]) => first)
+    console.log('time to the first streamed byte, streamGenerateContent?alt=sse, upstream fake:')
+    for (const p of onFake) console.log(`  ${p.name.padEnd(7)} p50 ${f(ttfb[p.name].p50)}  p99 ${f(ttfb[p.name].p99)}`)
+    const cheap = await rates({ name: "fixed (bench/fixed-upstream: one Rust thread, the fake's bytes)", pid: fixed.pid }, onFixed)
+    const capped = await rates({ name: 'fake (the fake Gemini, Node)', pid: fake.pid }, onFake)
     const added = latency.ours
     console.log(
       `goals: p50 added ${f(added.p50 - latency.direct.p50)} (<= 0.2 ms), p99 added ${f(added.p99 - latency.direct.p99)} (<= 1 ms), ` +
-        `${(rates.ours.rps / rates.node.rps).toFixed(2)}x the Node proxy's requests per second (>= 3x)`,
+        `${(cheap.ours.rps / cheap.node.rps).toFixed(2)}x the Node proxy's requests per second on the fixed upstream (>= 3x); ` +
+        `${(capped.ours.rps / capped.node.rps).toFixed(2)}x on the fake`,
     )
   } finally {
-    await Promise.all([ours.stop(), node.stop(), fake.close()])
+    await Promise.all([...started.map((s) => s.stop()), fake.close()])
   }
 }
 
 if (require.main === module) {
-  const [kind, fakeUrl] = process.argv.slice(2)
+  const [kind, upstreamUrl] = process.argv.slice(2)
   if (kind === undefined) {
     main().catch((e) => {
       console.error(e)
@@ -222,7 +282,7 @@ if (require.main === module) {
   } else {
     const start = kind === 'ours' ? ourProxy : kind === 'node' ? nodeProxy : null
     if (start === null) throw new Error(`unknown proxy ${kind}: ours or node`)
-    start(fakeUrl).then((port) => {
+    start(upstreamUrl).then((port) => {
       console.log(`READY ${port}`)
       process.stdin.resume()
       process.stdin.on('end', () => process.exit(0))

@@ -740,6 +740,46 @@ impl KeyPool {
     }
   }
 
+  /// A request chosen a key by [`Self::route_key`] that never left (no connection to Gemini was
+  /// made): nothing is counted on the key, its reservation is let go at once, and the key's trial
+  /// or the model's probe it may have been is free for another request.
+  pub fn unsent_routed(&self, key: RouteKey) {
+    let _ = self.with_state(|state, now| {
+      if key.index >= state.keys.len() {
+        return;
+      }
+      let target = state.budget_of(key.index, key.model);
+      let k = &mut state.keys[key.index];
+      k.routed.in_flight = k.routed.in_flight.saturating_sub(1);
+      let found = k
+        .pending
+        .iter()
+        .position(|r| r.budget == target && r.at == key.at);
+      if let Some(r) = found.and_then(|i| k.pending.remove(i)) {
+        state.budgets.get_mut(r.budget).release(now, r.at, r.tokens);
+        k.health.trial_lost(now);
+        state.models.get_mut(key.model).overload.probe_lost(now);
+        state.touch_budget(target);
+        state.touch(key.index);
+      }
+    });
+  }
+
+  /// A key in service (neither refused by Gemini nor taken out by an operator) whatever its
+  /// budgets, for requests Gemini counts against no quota (model reads, token counts): the first
+  /// from `from` on, round, whose circuit is closed, else any. `None` when no key is in service.
+  pub fn key_in_service(&self, from: usize) -> Result<Option<usize>, PoolError> {
+    self.with_state(|state, now| {
+      let n = state.keys.len();
+      let order = || (0..n).map(|i| (from + i) % n);
+      let serving = |i: &usize| state.keys[*i].is_active();
+      order()
+        .filter(serving)
+        .find(|&i| state.keys[i].health.can_serve(now))
+        .or_else(|| order().find(serving))
+    })
+  }
+
   /// The router answered a request that carried the pool key `asked`: the caller's own report
   /// of it (`recordUsage`, and `handleRateLimit` after a 429) is not counted again, nor put on
   /// that key when another went out.

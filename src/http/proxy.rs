@@ -96,7 +96,7 @@ fn served<'a>(method: &Method, path: &'a str) -> Option<Call<'a>> {
   let rest = path
     .strip_prefix("/v1beta/models")
     .or_else(|| path.strip_prefix("/v1/models"))?;
-  // Model reads choose a key by the default model: they name no quota of their own.
+  // Model reads name no quota of their own: any key in service answers them.
   let read = Call {
     model: None,
     model_in_body: false,
@@ -176,7 +176,11 @@ async fn read_body(
       None,
     )
   };
-  let mut kept = Vec::with_capacity(declared.unwrap_or(0).min(max));
+  let mut kept = Joined {
+    first: None,
+    rest: Vec::new(),
+    capacity: declared.unwrap_or(0).min(max),
+  };
   let mut seen = 0usize;
   while let Some(frame) = body.frame().await {
     let Ok(frame) = frame else {
@@ -191,7 +195,7 @@ async fn read_body(
     };
     seen = seen.saturating_add(data.len());
     if seen <= max {
-      kept.extend_from_slice(&data);
+      kept.push(data);
     } else if seen > max.saturating_mul(2) {
       let mut answer = too_large();
       answer
@@ -203,7 +207,36 @@ async fn read_body(
   if seen > max {
     return Err(too_large());
   }
-  Ok(kept.into())
+  Ok(kept.into_bytes())
+}
+
+/// The frames of a body joined, copied only once there is more than one (most bodies come in
+/// one, sent on as it is).
+struct Joined {
+  first: Option<hyper::body::Bytes>,
+  rest: Vec<u8>,
+  /// What the body declared: room made for it at the first copy.
+  capacity: usize,
+}
+
+impl Joined {
+  fn push(&mut self, data: hyper::body::Bytes) {
+    match self.first.take() {
+      None if self.rest.is_empty() => self.first = Some(data),
+      Some(first) => {
+        self
+          .rest
+          .reserve(self.capacity.max(first.len() + data.len()));
+        self.rest.extend_from_slice(&first);
+        self.rest.extend_from_slice(&data);
+      }
+      None => self.rest.extend_from_slice(&data),
+    }
+  }
+
+  fn into_bytes(self) -> hyper::body::Bytes {
+    self.first.unwrap_or_else(|| self.rest.into())
+  }
 }
 
 /// Answers one request on a Gemini path.
@@ -362,6 +395,30 @@ mod tests {
     assert_eq!(body_model(br#"{"messages":[]}"#), None);
     assert_eq!(body_model(b"not json"), None);
     assert_eq!(body_model(br#"{"model":"models/"}"#), None);
+  }
+
+  #[test]
+  fn body_frames_are_joined_and_one_frame_is_kept_as_it_came() {
+    use hyper::body::Bytes;
+    let joined = |frames: &[&'static [u8]]| {
+      let mut j = Joined {
+        first: None,
+        rest: Vec::new(),
+        capacity: 0,
+      };
+      for f in frames {
+        j.push(Bytes::from_static(f));
+      }
+      j.into_bytes()
+    };
+    let one: &'static [u8] = b"{\"contents\":[]}";
+    assert_eq!(joined(&[one]).as_ptr(), one.as_ptr(), "not copied");
+    assert_eq!(
+      joined(&[b"ab", b"", b"cd", b"e"]),
+      Bytes::from_static(b"abcde")
+    );
+    assert_eq!(joined(&[b"", b"x"]), Bytes::from_static(b"x"));
+    assert!(joined(&[]).is_empty());
   }
 
   #[test]

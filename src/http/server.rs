@@ -394,10 +394,13 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<AnswerBody>
     .as_ref()
     .filter(|_| is_gemini_path(parts.uri.path()))
   {
-    let method = parts.method.clone();
-    let target = parts.uri.path().to_owned();
+    // Kept for the log line only when there is one: the request is handed on whole.
+    let logged = shared
+      .access_log
+      .as_ref()
+      .map(|log| (log, parts.method.clone(), parts.uri.path().to_owned()));
     let answer = proxy::handle(proxy, parts, body).await;
-    if let Some(log) = &shared.access_log {
+    if let Some((log, method, target)) = logged {
       log.write(access_line(
         &shared.pool,
         method.as_str(),

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use super::usage_scan::UsageScan;
 use crate::failure::{classify, Failure};
 use crate::mask::scrub;
 use crate::models::ModelId;
-use crate::pool::{Claim, KeyPool, Outcome, RouteKey};
+use crate::pool::{KeyPool, Outcome, RouteKey};
 
 /// The body of an answer the server sends: whole, or streamed through from Gemini.
 pub type AnswerBody = BoxBody<Bytes, io::Error>;
@@ -95,6 +96,8 @@ pub struct Router {
   pool: Arc<KeyPool>,
   upstream: Upstream,
   options: RouteOptions,
+  /// Where the next uncounted request starts looking for a key in service, so they spread.
+  next_uncounted: Arc<AtomicUsize>,
 }
 
 /// Headers fit to forward: connection-level and credential headers dropped, and those the
@@ -172,6 +175,7 @@ impl Router {
       pool,
       upstream,
       options,
+      next_uncounted: Arc::new(AtomicUsize::new(0)),
     }
   }
 
@@ -186,15 +190,23 @@ impl Router {
     let mut last: Option<Response<AnswerBody>> = None;
     for _ in 0..self.options.max_attempts {
       // A call Gemini counts holds a reservation until it is counted; one it does not count (a
-      // model read, a token count) only needs a key in service, and spends none of the pool's.
+      // model read, a token count) only needs a key in service, whatever its budgets' windows
+      // and rests, and spends none of the pool's.
       let (index, mut held) = if req.counted {
         match self.wait_for_key(asked, req.model, deadline).await {
           Ok(key) => (key.index, Some(Held::new(&self.pool, key))),
           Err(answer) => return self.answered(&req, last.unwrap_or(answer)),
         }
       } else {
-        match self.pool.best(Claim::LookOnly, req.model) {
-          Ok(picked) => (picked.pick.index, None),
+        let from = self.next_uncounted.fetch_add(1, Ordering::Relaxed);
+        match self.pool.key_in_service(from) {
+          Ok(Some(index)) => (index, None),
+          Ok(None) => {
+            let why =
+              "No API key of the pool is in service: every key is refused, disabled or removed";
+            return last
+              .unwrap_or_else(|| google_error(StatusCode::SERVICE_UNAVAILABLE, why, None));
+          }
           Err(e) => {
             let refused = google_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None);
             return last.unwrap_or(refused);
@@ -204,7 +216,7 @@ impl Router {
       // Only the first attempt may use the caller's hand-out: a retry goes on the best key.
       asked = None;
       let started = Instant::now();
-      let text = self.pool.names().get(index).unwrap_or_default().to_owned();
+      let names = self.pool.names();
       let sent = self
         .upstream
         .send(
@@ -212,7 +224,7 @@ impl Router {
           &req.path_and_query,
           &req.headers,
           req.body.clone(),
-          &text,
+          names.get(index).unwrap_or_default(),
         )
         .await;
       let response = match sent {
@@ -233,8 +245,16 @@ impl Router {
             false => StatusCode::BAD_GATEWAY,
           };
           let why = e.to_string();
-          // A network failure is nobody's quota: the key is told, as for any transient error.
-          self.failed(held, status, &why, started);
+          let unsent = matches!(
+            e,
+            UpstreamError::NotConnected(_) | UpstreamError::ConnectTimedOut(_)
+          );
+          match held {
+            // No connection, no request: neither the key's fault nor its quota.
+            Some(held) if unsent => held.unsent(),
+            // It may have reached Gemini: the key is told, as for any transient error.
+            held => self.failed(held, status, &why, started),
+          }
           let answer = google_error(status, &why, None);
           // A timeout is final: Gemini may be working on it, and the caller was kept waiting.
           if timed_out {
@@ -417,6 +437,13 @@ impl<'a> Held<'a> {
   /// The request's body left `after` the key was chosen: it counts from then.
   fn sent_after(&mut self, after: Duration) {
     self.key.at += after.as_millis() as i64;
+  }
+
+  /// The request never went out: its reservation is let go, nothing counted.
+  fn unsent(self) {
+    self.pool.unsent_routed(self.key);
+    // Let go of already.
+    std::mem::forget(self);
   }
 
   /// The key, to be counted now by the caller of this.
@@ -639,6 +666,10 @@ mod tests {
     }
 
     fn router(base: &str, rpm: u64) -> Router {
+      router_with(base, rpm, Timeouts::default())
+    }
+
+    fn router_with(base: &str, rpm: u64, timeouts: Timeouts) -> Router {
       let config = PoolConfig::of(
         KEYS.iter().map(|k| k.to_string()).collect(),
         Quota {
@@ -649,7 +680,7 @@ mod tests {
       );
       let pool =
         Arc::new(KeyPool::new(config, Arc::new(SystemClock), Arc::new(SilentLog)).unwrap());
-      let upstream = Upstream::new(base, Timeouts::default()).unwrap();
+      let upstream = Upstream::new(base, timeouts).unwrap();
       Router::new(
         pool,
         upstream,
@@ -740,6 +771,109 @@ mod tests {
         !body.contains(KEYS[0]) && body.contains("AIzaSyRO...0001"),
         "{body}"
       );
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_ends_is_a_504_at_the_connect_timeout_and_not_the_keys_fault(
+    ) {
+      // Accepts TCP connections and holds them, never reading the ClientHello nor answering it.
+      let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .unwrap();
+      let base = format!("https://{}", listener.local_addr().unwrap());
+      let accepted = Arc::new(Mutex::new(Vec::new()));
+      let held = accepted.clone();
+      tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+          held.lock().push(stream);
+        }
+      });
+      let connect = Duration::from_millis(300);
+      let r = router_with(
+        &base,
+        30,
+        Timeouts {
+          connect,
+          first_byte: Duration::from_secs(30),
+          between_chunks: Duration::from_secs(30),
+        },
+      );
+      let started = Instant::now();
+      let (status, body) = text(r.forward(request(None)).await).await;
+      let took = started.elapsed();
+      assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+      let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+      assert_eq!(error["error"]["code"], 504);
+      assert_eq!(error["error"]["status"], "DEADLINE_EXCEEDED");
+      assert_eq!(
+        error["error"]["message"],
+        "no connection to Gemini within 300ms"
+      );
+      // About the connect timeout, far from the first-byte one (a loaded machine gets slack).
+      assert!(took >= connect && took < Duration::from_secs(5), "{took:?}");
+      assert_eq!(accepted.lock().len(), 1, "the TCP connection was made");
+      // Nothing counted nor held against either key: no request left.
+      for i in 0..KEYS.len() {
+        let f = r.pool().figures(i).unwrap();
+        assert_eq!(f.error_count, 0, "key {i}");
+        assert_eq!(f.state, crate::health::HealthState::Active, "key {i}");
+        assert_eq!(f.rpm.current, 0, "key {i}");
+        assert_eq!(r.pool().last_error(i).unwrap(), None, "key {i}");
+      }
+    }
+
+    /// A model read: counted nowhere, sent on with any key in service.
+    fn model_read() -> RoutedRequest {
+      RoutedRequest {
+        method: Method::GET,
+        path_and_query: "/v1beta/models".into(),
+        headers: HeaderMap::new(),
+        body: Bytes::new(),
+        asked: None,
+        model: 0,
+        counted: false,
+      }
+    }
+
+    #[tokio::test]
+    async fn model_reads_go_on_any_key_in_service_whatever_its_budgets() {
+      let script = Arc::new(Script::default());
+      let r = router(&fake(script.clone()).await, 1);
+      // Both keys' minute spent: a generation waits, a read does not.
+      for _ in 0..2 {
+        assert_eq!(text(r.forward(request(None)).await).await.0, StatusCode::OK);
+      }
+      assert_eq!(
+        text(r.forward(request(None)).await).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+      );
+      for _ in 0..2 {
+        assert_eq!(text(r.forward(model_read()).await).await.0, StatusCode::OK);
+      }
+      let sent = script.keys.lock().clone();
+      assert_eq!(sent.len(), 4);
+      assert_ne!(sent[2], sent[3], "reads spread over the keys");
+      let counted: u64 = (0..2)
+        .map(|i| r.pool().figures(i).unwrap().rpm.current)
+        .sum();
+      assert_eq!(counted, 2, "reads count nothing");
+      // One key taken out by an operator: the other answers every read.
+      r.pool().admit(0, crate::key::Admission::Disabled).unwrap();
+      for _ in 0..2 {
+        assert_eq!(text(r.forward(model_read()).await).await.0, StatusCode::OK);
+      }
+      assert!(script.keys.lock()[4..].iter().all(|k| k == KEYS[1]));
+      // The other refused by Gemini: no key in service, a 503 that reaches no Gemini.
+      r.pool()
+        .record_usage(1, 0, Outcome::Failure("400 API_KEY_INVALID"), 1.0, None)
+        .unwrap();
+      let (status, body) = text(r.forward(model_read()).await).await;
+      assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+      assert!(
+        body.contains("UNAVAILABLE") && body.contains("in service"),
+        "{body}"
+      );
+      assert_eq!(script.keys.lock().len(), 6);
     }
 
     #[tokio::test]

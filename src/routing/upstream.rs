@@ -3,6 +3,7 @@
 //! `GEMINI_BASE_URL` (Google's endpoint by default). The key always travels in the
 //! `x-goog-api-key` header, never in the URL.
 
+use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
+use tower_service::Service;
 
 /// Gemini's REST endpoint.
 pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
@@ -108,6 +110,10 @@ pub enum UpstreamError {
   ConnectTimedOut(Duration),
   #[error("cannot read the root certificates of {CA_FILE_ENV} ({path}): {why}")]
   CaFile { path: String, why: String },
+  /// No connection was made (refused, no route, a failed TLS handshake): the request never left.
+  #[error("Gemini could not be reached: {0}")]
+  NotConnected(String),
+  /// The connection broke after the request may have gone out.
   #[error("Gemini could not be reached: {0}")]
   Unreachable(String),
   #[error("invalid upstream request: {0}")]
@@ -117,7 +123,7 @@ pub enum UpstreamError {
 /// The pooled client to Gemini.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-  client: Client<HttpsConnector<HttpConnector>, Outgoing>,
+  client: Client<Connecting<HttpsConnector<HttpConnector>>, Outgoing>,
   /// Scheme and authority of the base URL, and the path it starts with (without a trailing
   /// slash).
   origin: String,
@@ -146,7 +152,6 @@ impl Upstream {
     let authority = uri.authority().ok_or_else(bad)?.clone();
     let path = uri.path().trim_end_matches('/');
     let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(timeouts.connect));
     http.set_nodelay(true);
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -155,9 +160,13 @@ impl Upstream {
       .enable_http1()
       .enable_http2()
       .wrap_connector(http);
+    let connecting = Connecting {
+      inner: https,
+      limit: timeouts.connect,
+    };
     let client = Client::builder(TokioExecutor::new())
       .pool_idle_timeout(Duration::from_secs(90))
-      .build(https);
+      .build(connecting);
     Ok(Self {
       client,
       origin: format!("{scheme}://{authority}{path}"),
@@ -204,10 +213,9 @@ impl Upstream {
       .uri(&uri)
       .body(outgoing)
       .map_err(|e| UpstreamError::Request(e.to_string()))?;
+    // Copied whole: one allocation, where appending grows the map header by header.
+    *request.headers_mut() = headers.clone();
     let out = request.headers_mut();
-    for (name, value) in headers {
-      out.append(name, value.clone());
-    }
     out.insert(HOST, self.host.clone());
     let key = HeaderValue::from_str(key)
       .map_err(|_| UpstreamError::Request("a key that is not a header value".into()))?;
@@ -220,9 +228,50 @@ impl Upstream {
       Ok(Err(e)) if connect_timed_out(&e) => {
         Err(UpstreamError::ConnectTimedOut(self.timeouts.connect))
       }
+      Ok(Err(e)) if e.is_connect() => Err(UpstreamError::NotConnected(describe(&e))),
       Ok(Err(e)) => Err(UpstreamError::Unreachable(describe(&e))),
       Err(_) => Err(UpstreamError::TimedOut(self.timeouts.first_byte)),
     }
+  }
+}
+
+/// A connector held to the connect timeout for the whole of connecting, the TLS handshake
+/// included: the TCP connector's own timeout ends at the TCP handshake, and a server that accepts
+/// but never answers the ClientHello would otherwise hold the request until the first-byte timeout.
+#[derive(Debug, Clone)]
+pub struct Connecting<C> {
+  inner: C,
+  limit: Duration,
+}
+
+type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> Service<Uri> for Connecting<C>
+where
+  C: Service<Uri>,
+  C::Future: Send + 'static,
+  C::Error: Into<ConnectError>,
+{
+  type Response = C::Response;
+  type Error = ConnectError;
+  type Future = Pin<Box<dyn Future<Output = Result<C::Response, ConnectError>> + Send>>;
+
+  fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+    self.inner.poll_ready(cx).map_err(Into::into)
+  }
+
+  fn call(&mut self, uri: Uri) -> Self::Future {
+    let connecting = self.inner.call(uri);
+    let limit = self.limit;
+    Box::pin(async move {
+      match tokio::time::timeout(limit, connecting).await {
+        Ok(connected) => connected.map_err(Into::into),
+        Err(_) => Err(Box::new(io::Error::new(
+          io::ErrorKind::TimedOut,
+          format!("not connected within {limit:?}"),
+        )) as ConnectError),
+      }
+    })
   }
 }
 
@@ -259,8 +308,8 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, UpstreamEr
   )
 }
 
-/// Whether the connector gave up on a TCP connection at its timeout (an `io::Error` of kind
-/// `TimedOut` somewhere in the chain), rather than being refused.
+/// Whether connecting gave up at its timeout (an `io::Error` of kind `TimedOut` somewhere in the
+/// chain), rather than being refused.
 fn connect_timed_out(e: &hyper_util::client::legacy::Error) -> bool {
   if !e.is_connect() {
     return false;

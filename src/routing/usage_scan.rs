@@ -27,19 +27,47 @@ impl UsageScan {
   /// The total token count the body reported last, if it did.
   pub fn total_tokens(&self) -> Option<u64> {
     let text = String::from_utf8_lossy(&self.tail);
-    last_count(&text, "\"usageMetadata\"", "totalTokenCount")
-      .or_else(|| last_count(&text, "\"usage\"", "total_tokens"))
+    last_count::<GeminiUsage>(&text, "\"usageMetadata\"")
+      .or_else(|| last_count::<OpenAiUsage>(&text, "\"usage\""))
   }
 }
 
-/// The number `field` holds in the JSON object that follows the last `marker` in `text`.
-fn last_count(text: &str, marker: &str, field: &str) -> Option<u64> {
+/// The one field read of a usage object: the rest is skipped, not built into a map.
+trait Total: serde::de::DeserializeOwned {
+  fn total(self) -> Option<u64>;
+}
+
+#[derive(serde::Deserialize)]
+struct GeminiUsage {
+  #[serde(rename = "totalTokenCount")]
+  total: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct OpenAiUsage {
+  total_tokens: Option<u64>,
+}
+
+impl Total for GeminiUsage {
+  fn total(self) -> Option<u64> {
+    self.total
+  }
+}
+
+impl Total for OpenAiUsage {
+  fn total(self) -> Option<u64> {
+    self.total_tokens
+  }
+}
+
+/// The total the usage object `U` holds, the JSON object that follows the last `marker` in
+/// `text`.
+fn last_count<U: Total>(text: &str, marker: &str) -> Option<u64> {
   let at = text.rfind(marker)?;
   let after = &text[at + marker.len()..];
   let open = after.find('{')?;
   let object = balanced(&after[open..])?;
-  let value: serde_json::Value = serde_json::from_str(object).ok()?;
-  value.get(field)?.as_u64()
+  serde_json::from_str::<U>(object).ok()?.total()
 }
 
 /// The JSON object `text` starts with, up to its closing brace (strings and escapes respected).
