@@ -65,8 +65,6 @@ async function countedTokens(m, keys) {
   return total
 }
 
-const acceptedTokens = (gemini) => gemini.acceptedFor({}).reduce((n, e) => n + e.tokens, 0)
-
 test('@google/genai with only its base URL changed: generate, stream, count tokens, embed, list models', async (t) => {
   const { m, keys, gemini, server } = await setup(t)
   const ai = new GoogleGenAI({ apiKey: TOKEN, httpOptions: { baseUrl: server.url } })

@@ -149,7 +149,7 @@ test('routing says once in the log that it is on, and how to switch it off', () 
 })
 
 test('a request after a hand-out uses that reservation; the router counts it once, with the real tokens', async (t) => {
-  const { m, keys, gemini } = await setup(t, { keys: keysOf(3) })
+  const { m, gemini } = await setup(t, { keys: keysOf(3) })
   const best = await m.getBestAvailableKey()
   const [key] = best.data
   assert.equal((await statusOf(m, key)).limits.rpm.current, 1, 'reserved at hand-out')
