@@ -1006,8 +1006,13 @@ impl KeyPool {
       Outcome::Success => None,
     };
     let ttl = self.policy.reservation_ttl_ms;
-    let policy = self.policy;
-    let (figures, change, rested, notes) = self.with_key(index, |state, now| {
+    let policy = &self.policy;
+    // Filled in by the closure, which returns only the figures: the hot path then moves one small
+    // value out of the lock, not a tuple of them through every `Result` on the way.
+    let mut change = HealthChange::Unchanged;
+    let mut rested = None;
+    let mut notes = Vec::new();
+    let figures = self.with_key(index, |state, now| {
       if let Some(m) = model {
         state.check_model(m)?;
       }
@@ -1015,12 +1020,7 @@ impl KeyPool {
       match by {
         // The router counted this call already: the caller's own report of it is not another.
         Reporter::Caller if key.routed.take_report(now, ttl) => {
-          return Ok((
-            state.figures(index, now),
-            HealthChange::Unchanged,
-            None,
-            Vec::new(),
-          ));
+          return Ok(state.figures(index, now));
         }
         Reporter::Caller => {}
         Reporter::Router { .. } => {
@@ -1071,9 +1071,7 @@ impl KeyPool {
           response_time: response_time(response_time_ms),
         });
       }
-      let mut rested = None;
-      let mut notes = Vec::new();
-      let change = match failure {
+      change = match failure {
         None => {
           let key = &mut state.keys[index];
           key.health.on_success(now);
@@ -1112,7 +1110,7 @@ impl KeyPool {
               rested = state
                 .budgets
                 .get_mut(budget)
-                .on_rate_limited(now, what, rate_limit.retry_after_ms, &policy, MAX_REST_MS)
+                .on_rate_limited(now, what, rate_limit.retry_after_ms, policy, MAX_REST_MS)
                 .map(|rest| Rested {
                   index,
                   limit: limit_of(what),
@@ -1150,7 +1148,7 @@ impl KeyPool {
         state.invalidate_caches();
         state.counters.error_rotations += 1;
       }
-      Ok((state.figures(index, now), change, rested, notes))
+      Ok(state.figures(index, now))
     })??;
     if let Some(rested) = rested {
       self.log_rest(&rested);
