@@ -14,7 +14,7 @@ use napi::sys;
 
 use crate::error::PoolError;
 use crate::models::{ModelId, DEFAULT_MODEL_ID, MAX_MODELS};
-use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
+use crate::pool::{is_integer, validate_tokens, Claim, KeyPool, Outcome};
 use crate::results::{Results, Slot, RESULTS_LEN};
 
 /// A pool as one JS thread sees it: the shared pool and the result slots its calls write into.
@@ -71,7 +71,7 @@ fn figures(p: &JsPool) -> Result<Option<u32>, PoolError> {
 fn model_id(value: f64) -> Result<Option<ModelId>, PoolError> {
   if value.is_nan() {
     Ok(None)
-  } else if value >= 0.0 && value.fract() == 0.0 && value < MAX_MODELS as f64 {
+  } else if value >= 0.0 && value < MAX_MODELS as f64 && is_integer(value) {
     Ok(Some(value as ModelId))
   } else {
     Err(PoolError::InvalidModel(format!("no model has id {value}")))
@@ -80,7 +80,7 @@ fn model_id(value: f64) -> Result<Option<ModelId>, PoolError> {
 
 /// A key position given as a JS number.
 fn key_index(value: f64) -> Result<usize, PoolError> {
-  if value >= 0.0 && value.fract() == 0.0 && value < u32::MAX as f64 {
+  if value >= 0.0 && value < u32::MAX as f64 && is_integer(value) {
     Ok(value as usize)
   } else {
     Err(PoolError::KeyNotFound)

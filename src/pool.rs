@@ -426,14 +426,16 @@ fn response_time(ms: f64) -> f64 {
   }
 }
 
+/// Whether `value`, in `0..2^53`, is whole: a cast there and back, where `fract` is a libm call
+/// (`trunc`) on baseline x86-64.
+pub fn is_integer(value: f64) -> bool {
+  value as u64 as f64 == value
+}
+
 /// Checks a token count given as a JS number: a non-negative integer no larger than
 /// [`MAX_TOKENS_PER_CALL`].
 pub fn validate_tokens(tokens: f64) -> Result<u64, PoolError> {
-  if tokens.is_finite()
-    && tokens >= 0.0
-    && tokens.fract() == 0.0
-    && tokens <= MAX_TOKENS_PER_CALL as f64
-  {
+  if tokens >= 0.0 && tokens <= MAX_TOKENS_PER_CALL as f64 && is_integer(tokens) {
     Ok(tokens as u64)
   } else {
     Err(PoolError::InvalidTokens {
