@@ -14,12 +14,13 @@ export declare class NativeKeyPool {
   /** Builds the pool from `options` and the environment. */
   constructor(options?: PoolOptions | undefined | null)
   /**
-   * The hot path, as plain functions over this pool: `best(estimatedTokens, modelId)` returns the
-   * chosen key's position, `recordSuccess(index, tokens, responseTime, modelId)` and
-   * `figures(index)` write the key's figures into `results` (a missing model id is the default
-   * model, or for a report the model of its hand-out).
+   * The hot path, as plain functions over this pool that take their arguments from the `arg0`..
+   * `arg3` slots of `results` (NaN: missing): `best()` (estimatedTokens, modelId) returns the
+   * chosen key's position, `recordSuccess()` (index, tokens, responseTime, modelId) and `figures()`
+   * (index) write the key's figures into `results` (a missing model id is the default model, or for
+   * a report the model of its hand-out).
    */
-  hotPath(): { results: Float64Array; best(estimatedTokens: number, modelId?: number): number; recordSuccess(index: number, tokens: number, responseTime: number, modelId?: number): void; figures(index: number): void }
+  hotPath(): { results: Float64Array; best(): number; recordSuccess(): void; figures(): void }
   /**
    * Every key the pool has known, by the position every other method takes and returns:
    * removed keys keep theirs, and keys added later come after.

@@ -48,6 +48,10 @@ const SLOT = {
   tpmCurrent: slot('tpmCurrent'),
   tpmLimit: slot('tpmLimit'),
   tpmResetTime: slot('tpmResetTime'),
+  arg0: slot('arg0'),
+  arg1: slot('arg1'),
+  arg2: slot('arg2'),
+  arg3: slot('arg3'),
 }
 // Per key, the values behind its status object's Dates and error message: lastUsed, the three
 // reset times, the error sequence, stateUntil.
@@ -62,6 +66,11 @@ const NONE_HANDED = Symbol('none handed out')
 
 // Longer error texts (an option echoed back, say) are cut: a failure is read by people.
 const MAX_ERROR_LENGTH = 1000
+
+/** An argument for an `arg` slot: a non-number is NaN there, which the native side takes as missing. */
+function arg(value) {
+  return typeof value === 'number' ? value : NaN
+}
 
 /** A budget's instants (epoch ms or ISO strings) as Dates, in place. */
 function datedBudget(budget) {
@@ -512,13 +521,19 @@ class ApiKeyManagerService {
       this._keys.push(keys[i])
       this._index.set(keys[i], i)
       this._status.push(newStatus(keys[i]))
-      this._hot.figures(i)
+      this._figures(i)
       // Limits are fixed for a key's life: set here once, not on every refresh.
       const { rpm, rpd, tpm } = this._refresh(i).limits
       rpm.limit = this._results[SLOT.rpmLimit]
       rpd.limit = this._results[SLOT.rpdLimit]
       tpm.limit = this._results[SLOT.tpmLimit]
     }
+  }
+
+  /** Writes key i's figures into the result array. */
+  _figures(i) {
+    this._results[SLOT.arg0] = i
+    this._hot.figures()
   }
 
   /** Copies key i's figures from the result array into its status object. */
@@ -586,7 +601,7 @@ class ApiKeyManagerService {
     if (this._native.keyCount() !== this._keys.length) this._syncKeys()
     const listed = []
     for (let i = 0; i < this._keys.length; i++) {
-      this._hot.figures(i)
+      this._figures(i)
       const status = this._refresh(i)
       if (status.state !== 'removed') listed.push(status)
     }
@@ -635,7 +650,10 @@ class ApiKeyManagerService {
     let model
     try {
       model = this._modelId(options)
-      i = this._hot.best(estimatedTokens, model)
+      const s = this._results
+      s[SLOT.arg0] = arg(estimatedTokens)
+      s[SLOT.arg1] = arg(model)
+      i = this._hot.best()
     } catch (e) {
       return this._noKey(e, estimatedTokens, model)
     }
@@ -701,8 +719,14 @@ class ApiKeyManagerService {
     }
     try {
       const model = options === undefined ? undefined : this._modelId(options)
-      if (success) this._hot.recordSuccess(i, tokensUsed, responseTime, model)
-      else {
+      if (success) {
+        const s = this._results
+        s[SLOT.arg0] = i
+        s[SLOT.arg1] = tokensUsed
+        s[SLOT.arg2] = arg(responseTime)
+        s[SLOT.arg3] = arg(model)
+        this._hot.recordSuccess()
+      } else {
         const tokens = typeof tokensUsed === 'number' ? tokensUsed : 0
         const ms = typeof responseTime === 'number' ? responseTime : undefined
         this._native.recordFailure(i, tokens, describeError(error), ms, model)

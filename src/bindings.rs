@@ -319,12 +319,13 @@ impl NativeKeyPool {
     &self.js.results
   }
 
-  /// The hot path, as plain functions over this pool: `best(estimatedTokens, modelId)` returns the
-  /// chosen key's position, `recordSuccess(index, tokens, responseTime, modelId)` and
-  /// `figures(index)` write the key's figures into `results` (a missing model id is the default
-  /// model, or for a report the model of its hand-out).
+  /// The hot path, as plain functions over this pool that take their arguments from the `arg0`..
+  /// `arg3` slots of `results` (NaN: missing): `best()` (estimatedTokens, modelId) returns the
+  /// chosen key's position, `recordSuccess()` (index, tokens, responseTime, modelId) and `figures()`
+  /// (index) write the key's figures into `results` (a missing model id is the default model, or for
+  /// a report the model of its hand-out).
   #[napi(
-    ts_return_type = "{ results: Float64Array; best(estimatedTokens: number, modelId?: number): number; recordSuccess(index: number, tokens: number, responseTime: number, modelId?: number): void; figures(index: number): void }"
+    ts_return_type = "{ results: Float64Array; best(): number; recordSuccess(): void; figures(): void }"
   )]
   pub fn hot_path<'env>(&self, env: &'env Env) -> napi::Result<Object<'env>> {
     // SAFETY: `env` is this call's environment, on the JS thread.

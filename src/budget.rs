@@ -4,7 +4,7 @@
 //! its budgets together; a key whose project is unknown is a project of its own.
 
 use crate::clock::Millis;
-use crate::models::ModelId;
+use crate::models::{ModelId, DEFAULT_MODEL_ID};
 use crate::quota::{LimitType, Quota, WindowPolicy};
 use crate::share::SharedBudget;
 use crate::window::{DailyWindow, RollingWindow};
@@ -391,6 +391,10 @@ struct Project {
 pub struct Budgets {
   budgets: Vec<Budget>,
   projects: Vec<Project>,
+  /// Each project's budget of the default model, by project: what the hot path looks up, here one
+  /// read of a dense array rather than of each project's own list (a cache miss per key in a large
+  /// pool). A project's budgets never change once made.
+  defaults: Vec<BudgetId>,
   /// Each model's limits, by model id: a budget of a new project gets its model's.
   quotas: Vec<Quota>,
   policy: WindowPolicy,
@@ -403,6 +407,7 @@ impl Budgets {
     Self {
       budgets: Vec::new(),
       projects: Vec::new(),
+      defaults: Vec::new(),
       quotas: vec![default_quota],
       policy,
       shared: false,
@@ -432,13 +437,14 @@ impl Budgets {
       return p;
     }
     let id = self.projects.len();
-    let budgets = (0..self.quotas.len())
+    let budgets: Vec<BudgetId> = (0..self.quotas.len())
       .map(|model| {
         let budget = self.budget(id, model, now);
         self.budgets.push(budget);
         self.budgets.len() - 1
       })
       .collect();
+    self.defaults.push(budgets[DEFAULT_MODEL_ID]);
     self.projects.push(Project { name, budgets });
     id
   }
@@ -461,7 +467,11 @@ impl Budgets {
 
   /// The budget of `project` for `model`.
   pub fn of(&self, project: ProjectId, model: ModelId) -> BudgetId {
-    self.projects[project].budgets[model]
+    if model == DEFAULT_MODEL_ID {
+      self.defaults[project]
+    } else {
+      self.projects[project].budgets[model]
+    }
   }
 
   pub fn get(&self, id: BudgetId) -> &Budget {

@@ -55,7 +55,11 @@ impl CallLog {
     }
     if self.capacity > 0 {
       self.slots[self.next] = call;
-      self.next = (self.next + 1) % self.capacity;
+      // Wrapped by a comparison: `%` would cost an integer division per recorded call.
+      self.next += 1;
+      if self.next == self.capacity {
+        self.next = 0;
+      }
     }
     self.overwritten += 1;
   }

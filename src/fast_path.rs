@@ -14,8 +14,8 @@ use napi::sys;
 
 use crate::error::PoolError;
 use crate::models::{ModelId, DEFAULT_MODEL_ID, MAX_MODELS};
-use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
-use crate::results::{Results, RESULTS_LEN};
+use crate::pool::{is_integer, validate_tokens, Claim, KeyPool, Outcome};
+use crate::results::{Results, Slot, RESULTS_LEN};
 
 /// A pool as one JS thread sees it: the shared pool and the result slots its calls write into.
 pub struct JsPool {
@@ -23,42 +23,46 @@ pub struct JsPool {
   pub results: Results,
 }
 
-/// Numeric arguments a hot-path function takes at most.
-const ARGS: usize = 4;
+type Handler = fn(&JsPool) -> Result<Option<u32>, PoolError>;
 
-type Handler = fn(&JsPool, &[f64; ARGS]) -> Result<Option<u32>, PoolError>;
+/// The arguments JS wrote into the `arg` slots before the call (a missing one is NaN).
+fn args(p: &JsPool) -> [f64; 4] {
+  [Slot::Arg0, Slot::Arg1, Slot::Arg2, Slot::Arg3].map(|slot| p.results.get(slot))
+}
 
-fn best(p: &JsPool, [estimated_tokens, model, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolError> {
+/// Arguments: estimatedTokens, model id.
+fn best(p: &JsPool) -> Result<Option<u32>, PoolError> {
+  let [estimated_tokens, model, ..] = args(p);
   let claim = Claim::Reserve {
-    estimated_tokens: validate_tokens(*estimated_tokens)?,
+    estimated_tokens: validate_tokens(estimated_tokens)?,
   };
   let picked = p
     .pool
-    .best(claim, model_id(*model)?.unwrap_or(DEFAULT_MODEL_ID))?;
+    .best(claim, model_id(model)?.unwrap_or(DEFAULT_MODEL_ID))?;
   p.results.write_selection(&picked.pick);
   p.results.write_figures(&picked.figures);
   Ok(Some(picked.pick.index as u32))
 }
 
-/// `responseTime` is optional: a missing one reads as NaN, which is stored as 0.
-fn record_success(
-  p: &JsPool,
-  [index, tokens, response_time, model]: &[f64; ARGS],
-) -> Result<Option<u32>, PoolError> {
-  let tokens = validate_tokens(*tokens)?;
+/// Arguments: key index, tokens, responseTime, model id. `responseTime` is optional: a missing one
+/// reads as NaN, which is stored as 0.
+fn record_success(p: &JsPool) -> Result<Option<u32>, PoolError> {
+  let [index, tokens, response_time, model] = args(p);
+  let tokens = validate_tokens(tokens)?;
   let figures = p.pool.record_usage(
-    key_index(*index)?,
+    key_index(index)?,
     tokens,
     Outcome::Success,
-    *response_time,
-    model_id(*model)?,
+    response_time,
+    model_id(model)?,
   )?;
   p.results.write_figures(&figures);
   Ok(None)
 }
 
-fn figures(p: &JsPool, [index, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolError> {
-  let figures = p.pool.figures(key_index(*index)?)?;
+/// Argument: key index.
+fn figures(p: &JsPool) -> Result<Option<u32>, PoolError> {
+  let figures = p.pool.figures(key_index(p.results.get(Slot::Arg0))?)?;
   p.results.write_figures(&figures);
   Ok(None)
 }
@@ -67,7 +71,7 @@ fn figures(p: &JsPool, [index, ..]: &[f64; ARGS]) -> Result<Option<u32>, PoolErr
 fn model_id(value: f64) -> Result<Option<ModelId>, PoolError> {
   if value.is_nan() {
     Ok(None)
-  } else if value >= 0.0 && value.fract() == 0.0 && value < MAX_MODELS as f64 {
+  } else if value >= 0.0 && value < MAX_MODELS as f64 && is_integer(value) {
     Ok(Some(value as ModelId))
   } else {
     Err(PoolError::InvalidModel(format!("no model has id {value}")))
@@ -76,7 +80,7 @@ fn model_id(value: f64) -> Result<Option<ModelId>, PoolError> {
 
 /// A key position given as a JS number.
 fn key_index(value: f64) -> Result<usize, PoolError> {
-  if value >= 0.0 && value.fract() == 0.0 && value < u32::MAX as f64 {
+  if value >= 0.0 && value < u32::MAX as f64 && is_integer(value) {
     Ok(value as usize)
   } else {
     Err(PoolError::KeyNotFound)
@@ -89,23 +93,21 @@ struct Bound {
   handler: Handler,
 }
 
-/// Calls the handler with up to four numeric arguments (a missing or non-numeric one reads as NaN,
-/// which every handler refuses), and turns its error into a thrown JS `Error`.
+/// Calls the handler (its arguments are in the `arg` slots; it is passed none), and turns its error
+/// into a thrown JS `Error`.
 unsafe extern "C" fn trampoline(
   env: sys::napi_env,
   info: sys::napi_callback_info,
 ) -> sys::napi_value {
-  let mut argc = ARGS;
-  let mut argv = [ptr::null_mut(); ARGS];
   let mut data: *mut c_void = ptr::null_mut();
-  // SAFETY: `info` is this call's; `argv` has room for `argc` values; `data` is the `Bound` that
-  // `install` attached to this function and that lives until the function is collected.
+  // SAFETY: `info` is this call's; no arguments are asked for; `data` is the `Bound` that `install`
+  // attached to this function and that lives until the function is collected.
   unsafe {
     if sys::napi_get_cb_info(
       env,
       info,
-      &mut argc,
-      argv.as_mut_ptr(),
+      ptr::null_mut(),
+      ptr::null_mut(),
       ptr::null_mut(),
       &mut data,
     ) != sys::Status::napi_ok
@@ -114,14 +116,8 @@ unsafe extern "C" fn trampoline(
       return ptr::null_mut();
     }
     let bound = &*(data as *const Bound);
-    let mut args = [f64::NAN; ARGS];
-    for (arg, value) in args.iter_mut().zip(&argv[..argc.min(ARGS)]) {
-      if sys::napi_get_value_double(env, *value, arg) != sys::Status::napi_ok {
-        *arg = f64::NAN;
-      }
-    }
     let mut result = ptr::null_mut();
-    match (bound.handler)(&bound.pool, &args) {
+    match (bound.handler)(&bound.pool) {
       Ok(Some(n)) => {
         sys::napi_create_uint32(env, n, &mut result);
       }

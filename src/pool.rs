@@ -426,14 +426,16 @@ fn response_time(ms: f64) -> f64 {
   }
 }
 
+/// Whether `value`, in `0..2^53`, is whole: a cast there and back, where `fract` is a libm call
+/// (`trunc`) on baseline x86-64.
+pub fn is_integer(value: f64) -> bool {
+  value as u64 as f64 == value
+}
+
 /// Checks a token count given as a JS number: a non-negative integer no larger than
 /// [`MAX_TOKENS_PER_CALL`].
 pub fn validate_tokens(tokens: f64) -> Result<u64, PoolError> {
-  if tokens.is_finite()
-    && tokens >= 0.0
-    && tokens.fract() == 0.0
-    && tokens <= MAX_TOKENS_PER_CALL as f64
-  {
+  if tokens >= 0.0 && tokens <= MAX_TOKENS_PER_CALL as f64 && is_integer(tokens) {
     Ok(tokens as u64)
   } else {
     Err(PoolError::InvalidTokens {
@@ -1046,8 +1048,13 @@ impl KeyPool {
       Outcome::Success => None,
     };
     let ttl = self.policy.reservation_ttl_ms;
-    let policy = self.policy;
-    let (figures, change, rested, notes) = self.with_key(index, |state, now| {
+    let policy = &self.policy;
+    // Filled in by the closure, which returns only the figures: the hot path then moves one small
+    // value out of the lock, not a tuple of them through every `Result` on the way.
+    let mut change = HealthChange::Unchanged;
+    let mut rested = None;
+    let mut notes = Vec::new();
+    let figures = self.with_key(index, |state, now| {
       if let Some(m) = model {
         state.check_model(m)?;
       }
@@ -1055,12 +1062,7 @@ impl KeyPool {
       match by {
         // The router counted this call already: the caller's own report of it is not another.
         Reporter::Caller if key.routed.take_report(now, ttl) => {
-          return Ok((
-            state.figures(index, now),
-            HealthChange::Unchanged,
-            None,
-            Vec::new(),
-          ));
+          return Ok(state.figures(index, now));
         }
         Reporter::Caller => {}
         Reporter::Router { .. } => {
@@ -1111,9 +1113,7 @@ impl KeyPool {
           response_time: response_time(response_time_ms),
         });
       }
-      let mut rested = None;
-      let mut notes = Vec::new();
-      let change = match failure {
+      change = match failure {
         None => {
           let key = &mut state.keys[index];
           key.health.on_success(now);
@@ -1152,7 +1152,7 @@ impl KeyPool {
               rested = state
                 .budgets
                 .get_mut(budget)
-                .on_rate_limited(now, what, rate_limit.retry_after_ms, &policy, MAX_REST_MS)
+                .on_rate_limited(now, what, rate_limit.retry_after_ms, policy, MAX_REST_MS)
                 .map(|rest| Rested {
                   index,
                   limit: limit_of(what),
@@ -1190,7 +1190,7 @@ impl KeyPool {
         state.invalidate_caches();
         state.counters.error_rotations += 1;
       }
-      Ok((state.figures(index, now), change, rested, notes))
+      Ok(state.figures(index, now))
     })??;
     if let Some(rested) = rested {
       self.log_rest(&rested);

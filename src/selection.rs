@@ -190,8 +190,13 @@ impl SelectionCache {
   ) -> Option<Selection> {
     let len = self.order.len();
     for _ in 0..len {
-      let index = self.order[self.cursor % len];
-      self.cursor = (self.cursor + 1) % len;
+      // `cursor < len` here: only `rebuild` changes `order`, and it resets `cursor`. Wrapped by a
+      // comparison, not `%`: an integer division is the dearest instruction of a pick.
+      let index = self.order[self.cursor];
+      self.cursor += 1;
+      if self.cursor == len {
+        self.cursor = 0;
+      }
       if c.is_available(index, now, estimated_tokens) {
         return Some(Selection {
           index,
