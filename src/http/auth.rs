@@ -153,12 +153,15 @@ pub fn resolve_allow_insecure(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
   use std::net::{Ipv4Addr, Ipv6Addr};
 
   use super::*;
 
-  fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+  /// An environment holding `pairs` only.
+  pub(in crate::http) fn env_of(
+    pairs: &'static [(&'static str, &'static str)],
+  ) -> impl Fn(&str) -> Option<String> {
     move |name| {
       pairs
         .iter()

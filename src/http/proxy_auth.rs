@@ -114,15 +114,7 @@ impl ClientAccess {
 #[cfg(test)]
 mod tests {
   use super::*;
-
-  fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-    move |name| {
-      pairs
-        .iter()
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
-    }
-  }
+  use crate::http::auth::tests::env_of;
 
   #[test]
   fn tokens_come_from_the_option_then_the_environment() {
