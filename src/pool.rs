@@ -196,6 +196,17 @@ impl PoolState {
     })
   }
 
+  /// What a selection for `model` chooses among, and that model's cache to choose with.
+  fn selection(&mut self, model: ModelId) -> (Candidates<'_>, &mut SelectionCache) {
+    let candidates = Candidates {
+      keys: &self.keys,
+      budgets: &self.budgets,
+      model,
+      overload: &self.models.get(model).overload,
+    };
+    (candidates, &mut self.caches[model])
+  }
+
   fn touch_budget(&mut self, budget: BudgetId) {
     if self.dirty_budget.len() < self.budgets.len() {
       self.dirty_budget.resize(self.budgets.len(), false);
@@ -680,13 +691,8 @@ impl KeyPool {
         }
       }
       state.expire_before_rebuild(model, now, ttl);
-      let candidates = Candidates {
-        keys: &state.keys,
-        budgets: &state.budgets,
-        model,
-        overload: &state.models.get(model).overload,
-      };
-      let Some(pick) = state.caches[model].next(candidates, now, 0) else {
+      let (candidates, cache) = state.selection(model);
+      let Some(pick) = cache.next(candidates, now, 0) else {
         return Ok(None);
       };
       state.count_selection(pick.method);
@@ -954,13 +960,8 @@ impl KeyPool {
       .with_state(|state, now| {
         state.check_model(model)?;
         state.expire_before_rebuild(model, now, ttl);
-        let candidates = Candidates {
-          keys: &state.keys,
-          budgets: &state.budgets,
-          model,
-          overload: &state.models.get(model).overload,
-        };
-        let Some(pick) = state.caches[model].next(candidates, now, claim.estimated_tokens()) else {
+        let (candidates, cache) = state.selection(model);
+        let Some(pick) = cache.next(candidates, now, claim.estimated_tokens()) else {
           return Ok(None);
         };
         state.count_selection(pick.method);
@@ -980,14 +981,8 @@ impl KeyPool {
       .with_state(|state, now| {
         state.check_model(model)?;
         state.expire_before_rebuild(model, now, ttl);
-        let candidates = Candidates {
-          keys: &state.keys,
-          budgets: &state.budgets,
-          model,
-          overload: &state.models.get(model).overload,
-        };
-        let Some(pick) = state.caches[model].rotation(candidates, now, claim.estimated_tokens())
-        else {
+        let (candidates, cache) = state.selection(model);
+        let Some(pick) = cache.rotation(candidates, now, claim.estimated_tokens()) else {
           return Ok(None);
         };
         state.last_rotation = now;
@@ -1356,13 +1351,8 @@ impl KeyPool {
     let available = self.with_state(|state, now| {
       state.invalidate_caches();
       state.expire_before_rebuild(DEFAULT_MODEL_ID, now, ttl);
-      let candidates = Candidates {
-        keys: &state.keys,
-        budgets: &state.budgets,
-        model: DEFAULT_MODEL_ID,
-        overload: &state.models.get(DEFAULT_MODEL_ID).overload,
-      };
-      state.caches[DEFAULT_MODEL_ID].rebuild(candidates, now)
+      let (candidates, cache) = state.selection(DEFAULT_MODEL_ID);
+      cache.rebuild(candidates, now)
     })?;
     self.log.info("✅ Cache refreshed successfully");
     Ok(available)
