@@ -1,46 +1,27 @@
 //! gemini-key-manager: a pool of Gemini API keys, selected, metered and healed in Rust, for Node.
 //!
-//! The core (`clock`, `calendar`, `quota`, `window`, `key`, `failure`, `health`, `selection`,
-//! `pool`, `config`) is plain Rust with no napi types; `http` is the HTTP API; `store` keeps state in
-//! MongoDB and shares quota across processes; `persistence` writes the pool's changes (changed keys,
-//! and the calls `usage_log` queues) to it behind the hot path, with keys named by their
-//! `fingerprint`; `counters` and `metrics`, `call_log` and `usage_stats` are what operators see;
-//! `bindings` (with `fast_path` for the hot path) is the one layer that speaks N-API.
+//! The layers, from the inside out:
+//! - [`core`]: clock, calendar, quotas, windows, models, budgets, keys, health, failures,
+//!   selection, configuration and the [`core::pool::KeyPool`] that holds them. Plain Rust, no I/O.
+//! - [`stats`]: counters, metrics, recent calls and usage statistics, kept beside the pool.
+//! - [`sharing`]: one quota across processes, the share a process holds and the task leasing it.
+//! - [`persistence`]: the write-behind task that takes the pool's changes to the store, its queue
+//!   of recorded calls, and the spill files for what the store did not take.
+//! - [`store`]: MongoDB (or memory): documents, key naming, leases, usage queries.
+//! - [`routing`]: Gemini requests sent on the pool's keys, waiting for one when all are resting.
+//! - [`http`]: the operators' API, the dashboard and the Gemini proxy.
+//! - `napi`: the one layer that speaks N-API, the `KeyManager` class Node sees.
+//!
+//! Beside them, the edge rules every layer shares: [`log`] (the one writer of log lines) and
+//! [`mask`] (how a key is shown).
 
-pub mod budget;
-pub mod calendar;
-pub mod call_log;
-pub mod clock;
-pub mod config;
-pub mod counters;
-pub mod error;
-pub mod failure;
-pub mod fingerprint;
-pub mod health;
+pub mod core;
 pub mod http;
-pub mod key;
-pub mod leasing;
 pub mod log;
 pub mod mask;
-pub mod metrics;
-pub mod models;
+pub mod napi;
 pub mod persistence;
-pub mod pool;
-pub mod quota;
-pub mod results;
-pub mod roster;
 pub mod routing;
-pub mod selection;
-pub mod share;
-pub mod spill;
+pub mod sharing;
+pub mod stats;
 pub mod store;
-pub mod usage_log;
-pub mod usage_stats;
-pub mod window;
-
-// The N-API layer, left out of `cargo test` builds: a test binary that links napi's symbols fails
-// to link on Linux (napi-rs #2871).
-#[cfg(not(test))]
-mod bindings;
-#[cfg(not(test))]
-mod fast_path;

@@ -9,11 +9,11 @@ use serde_json::Value;
 
 use super::auth::AdminGuard;
 use super::routes::{route, route_mounted, ApiRequest};
-use crate::clock::FakeClock;
-use crate::config::PoolConfig;
+use crate::core::clock::FakeClock;
+use crate::core::config::PoolConfig;
+use crate::core::pool::KeyPool;
+use crate::core::quota::Quota;
 use crate::log::SilentLog;
-use crate::pool::KeyPool;
-use crate::quota::Quota;
 
 const KEYS: [&str; 3] = [
   "AIzaSyHOST0000000000000000000000000000001",

@@ -7,10 +7,10 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-use crate::budget::BudgetView;
-use crate::calendar::{civil_from_days, days_from_civil};
-use crate::clock::Millis;
-use crate::key::{KeyFigures, KeyStatus, LimitFigures, RateLimitInfo};
+use crate::core::budget::BudgetView;
+use crate::core::calendar::{civil_from_days, days_from_civil};
+use crate::core::clock::Millis;
+use crate::core::key::{KeyFigures, KeyStatus, LimitFigures, RateLimitInfo};
 use crate::mask::mask_key;
 
 const DAY_MS: Millis = 86_400_000;

@@ -2,9 +2,9 @@
 
 use thiserror::Error;
 
-use crate::key::Admission;
+use crate::core::key::Admission;
+use crate::core::pool::KeyPool;
 use crate::mask::mask_key;
-use crate::pool::KeyPool;
 
 /// Why a key reference names no single key. Messages never quote the reference: it may be a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -47,10 +47,10 @@ mod tests {
   use std::sync::Arc;
 
   use super::*;
-  use crate::clock::FakeClock;
-  use crate::config::PoolConfig;
+  use crate::core::clock::FakeClock;
+  use crate::core::config::PoolConfig;
+  use crate::core::quota::Quota;
   use crate::log::SilentLog;
-  use crate::quota::Quota;
 
   fn pool_of(keys: &[&str]) -> KeyPool {
     let config = PoolConfig::of(
@@ -67,7 +67,7 @@ mod tests {
       "AIzaSyFER-two-0000000000000000000000002",
     ];
     let p = pool_of(&keys);
-    let f = crate::fingerprint::Fingerprinter::new(b"a secret of sixteen+ bytes").unwrap();
+    let f = crate::store::fingerprint::Fingerprinter::new(b"a secret of sixteen+ bytes").unwrap();
     let print = f.fingerprint(keys[1]);
     assert_eq!(resolve_key_ref(&p, &print), Err(KeyRefError::NotFound));
     let namer = f.clone();

@@ -15,7 +15,7 @@ use hyper::{Method, Response, StatusCode};
 
 use super::auth::constant_time_eq;
 use super::proxy_auth::ClientAccess;
-use crate::models::{ModelId, DEFAULT_MODEL_ID};
+use crate::core::models::{ModelId, DEFAULT_MODEL_ID};
 use crate::routing::upstream::KEY_HEADER;
 use crate::routing::{google_error, AnswerBody, RoutedRequest, Router};
 

@@ -4,13 +4,13 @@
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
-use crate::error::PoolError;
-use crate::key::Admission;
+use crate::core::error::PoolError;
+use crate::core::key::Admission;
+use crate::core::models::{ModelId, DEFAULT_MODEL_ID};
+use crate::core::pool::{Claim, KeyPool};
 use crate::mask::mask_key;
-use crate::metrics::prometheus_text;
-use crate::models::{ModelId, DEFAULT_MODEL_ID};
-use crate::pool::{Claim, KeyPool};
-use crate::usage_stats::DateRange;
+use crate::stats::metrics::prometheus_text;
+use crate::stats::usage_stats::DateRange;
 
 use super::auth::{AdminGuard, Denied};
 use super::json::{Failure, IsoDate, KeyStatusJson, LimitsJson, RateLimitInfoJson, Success};
@@ -902,11 +902,11 @@ mod tests {
   use serde_json::{json, Value};
 
   use super::*;
-  use crate::clock::{FakeClock, Millis};
-  use crate::config::PoolConfig;
+  use crate::core::clock::{FakeClock, Millis};
+  use crate::core::config::PoolConfig;
+  use crate::core::pool::Outcome;
+  use crate::core::quota::{LimitType, Quota, DEFAULT_MODEL};
   use crate::log::SilentLog;
-  use crate::pool::Outcome;
-  use crate::quota::{LimitType, Quota, DEFAULT_MODEL};
 
   const T0: Millis = 1_700_000_000_000;
   const T0_ISO: &str = "2023-11-14T22:13:20.000Z";
@@ -977,7 +977,7 @@ mod tests {
 
   /// The first RPD reset after T0: midnight in Los Angeles.
   fn midnight() -> Millis {
-    crate::calendar::DailyReset::PacificMidnight.next_reset(T0)
+    crate::core::calendar::DailyReset::PacificMidnight.next_reset(T0)
   }
 
   fn window(current: u64, limit: u64, reset: Millis) -> Value {

@@ -34,7 +34,7 @@ use super::json::IsoDate;
 use super::proxy::{self, is_gemini_path, ProxyOptions};
 use super::routes::{redact_path, route, usage_stats_request, ApiRequest, Reply};
 use super::usage::usage_stats;
-use crate::pool::KeyPool;
+use crate::core::pool::KeyPool;
 use crate::routing::AnswerBody;
 
 /// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
@@ -615,10 +615,10 @@ mod tests {
   use std::net::IpAddr;
 
   use super::*;
-  use crate::clock::FakeClock;
-  use crate::config::PoolConfig;
+  use crate::core::clock::FakeClock;
+  use crate::core::config::PoolConfig;
+  use crate::core::quota::Quota;
   use crate::log::SilentLog;
-  use crate::quota::Quota;
 
   const KEY: &str = "AIzaSyHTTPTEST000000000000000000000000001";
 

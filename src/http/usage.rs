@@ -6,9 +6,9 @@ use serde::Serialize;
 
 use super::json::{parse_date, IsoDate, UsageJson};
 use super::routes::Reply;
-use crate::key::{Admission, KeyStatus};
-use crate::pool::KeyPool;
-use crate::usage_stats::{compute, from_buckets, DateRange, UsageFigures, UsageReport};
+use crate::core::key::{Admission, KeyStatus};
+use crate::core::pool::KeyPool;
+use crate::stats::usage_stats::{compute, from_buckets, DateRange, UsageFigures, UsageReport};
 
 /// The `startDate` and `endDate` of a request, as given (`None` when absent), into a range; the
 /// 400 reply that says what is wrong otherwise.
@@ -188,11 +188,11 @@ mod tests {
   use serde_json::Value;
 
   use super::*;
-  use crate::clock::FakeClock;
-  use crate::config::PoolConfig;
+  use crate::core::clock::FakeClock;
+  use crate::core::config::PoolConfig;
+  use crate::core::pool::Outcome;
+  use crate::core::quota::Quota;
   use crate::log::SilentLog;
-  use crate::pool::Outcome;
-  use crate::quota::Quota;
 
   #[tokio::test]
   async fn without_a_database_statistics_come_from_the_call_log() {

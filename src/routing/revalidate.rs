@@ -13,10 +13,10 @@ use hyper::Method;
 use tokio::time::MissedTickBehavior;
 
 use super::upstream::Upstream;
-use crate::health::HealthState;
-use crate::key::Admission;
-use crate::models::DEFAULT_MODEL_ID;
-use crate::pool::KeyPool;
+use crate::core::health::HealthState;
+use crate::core::key::Admission;
+use crate::core::models::DEFAULT_MODEL_ID;
+use crate::core::pool::KeyPool;
 
 /// Re-tests the refused keys of `pool` every `interval` until the pool closes.
 pub async fn run(pool: Arc<KeyPool>, upstream: Upstream, interval: Duration) {
@@ -93,11 +93,11 @@ mod tests {
   use tokio::net::TcpListener;
 
   use super::*;
-  use crate::clock::SystemClock;
-  use crate::config::PoolConfig;
+  use crate::core::clock::SystemClock;
+  use crate::core::config::PoolConfig;
+  use crate::core::pool::Outcome;
+  use crate::core::quota::Quota;
   use crate::log::CapturedLog;
-  use crate::pool::Outcome;
-  use crate::quota::Quota;
   use crate::routing::Timeouts;
 
   const KEY: &str = "AIzaSyREVALIDATE000000000000000000000001";

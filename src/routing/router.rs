@@ -26,10 +26,10 @@ use tokio::time::Sleep;
 
 use super::upstream::{Upstream, UpstreamError};
 use super::usage_scan::UsageScan;
-use crate::failure::{classify, Failure};
+use crate::core::failure::{classify, Failure};
+use crate::core::models::ModelId;
+use crate::core::pool::{KeyPool, Outcome, RouteKey};
 use crate::mask::scrub;
-use crate::models::ModelId;
-use crate::pool::{KeyPool, Outcome, RouteKey};
 
 /// The body of an answer the server sends: whole, or streamed through from Gemini.
 pub type AnswerBody = BoxBody<Bytes, io::Error>;
@@ -608,10 +608,10 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::clock::SystemClock;
-    use crate::config::PoolConfig;
+    use crate::core::clock::SystemClock;
+    use crate::core::config::PoolConfig;
+    use crate::core::quota::Quota;
     use crate::log::SilentLog;
-    use crate::quota::Quota;
     use crate::routing::Timeouts;
 
     const KEYS: [&str; 2] = [
@@ -816,7 +816,7 @@ mod tests {
       for i in 0..KEYS.len() {
         let f = r.pool().figures(i).unwrap();
         assert_eq!(f.error_count, 0, "key {i}");
-        assert_eq!(f.state, crate::health::HealthState::Active, "key {i}");
+        assert_eq!(f.state, crate::core::health::HealthState::Active, "key {i}");
         assert_eq!(f.rpm.current, 0, "key {i}");
         assert_eq!(r.pool().last_error(i).unwrap(), None, "key {i}");
       }
@@ -858,7 +858,9 @@ mod tests {
         .sum();
       assert_eq!(counted, 2, "reads count nothing");
       // One key taken out by an operator: the other answers every read.
-      r.pool().admit(0, crate::key::Admission::Disabled).unwrap();
+      r.pool()
+        .admit(0, crate::core::key::Admission::Disabled)
+        .unwrap();
       for _ in 0..2 {
         assert_eq!(text(r.forward(model_read()).await).await.0, StatusCode::OK);
       }
@@ -887,7 +889,7 @@ mod tests {
       let handed = r
         .pool()
         .best(
-          crate::pool::Claim::Reserve {
+          crate::core::pool::Claim::Reserve {
             estimated_tokens: 0,
           },
           0,

@@ -12,8 +12,8 @@ use super::documents::millis;
 use super::error::StoreError;
 use super::mongo::{MongoStore, ADMISSIONS, DUPLICATE_KEY, READ_BATCH};
 use super::records::AdmissionRecord;
-use crate::clock::Millis;
-use crate::key::Admission;
+use crate::core::clock::Millis;
+use crate::core::key::Admission;
 
 /// A decision as stored: the key by its stored name, and sealed when it was added at run time.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,7 +36,7 @@ pub struct StoredAdmission {
 mod admission_name {
   use serde::{Deserialize, Deserializer, Serializer};
 
-  use crate::key::Admission;
+  use crate::core::key::Admission;
 
   pub fn serialize<S: Serializer>(a: &Admission, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(a.as_str())
@@ -150,7 +150,7 @@ mod tests {
   use std::sync::Arc;
 
   use super::*;
-  use crate::fingerprint::Fingerprinter;
+  use crate::store::fingerprint::Fingerprinter;
   use crate::store::mongo::DEFAULT_CONNECT_TIMEOUT;
   use crate::store::naming::{KeyNaming, KeyStorage};
   use crate::store::test_server::TestServer;
@@ -244,7 +244,7 @@ mod tests {
     assert_eq!(stored.len(), 1);
     assert_eq!(
       stored[0].stored,
-      crate::fingerprint::digest_name(CONFIGURED)
+      crate::store::fingerprint::digest_name(CONFIGURED)
     );
   }
 }

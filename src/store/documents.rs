@@ -6,8 +6,8 @@
 use mongodb::bson::{doc, Bson, DateTime, Document};
 
 use super::records::{BudgetRecord, KeyRecord, RestRecord, UsageRecord, WindowRecord};
-use crate::clock::Millis;
-use crate::quota::{LimitType, Quota};
+use crate::core::clock::Millis;
+use crate::core::quota::{LimitType, Quota};
 
 /// An integer as the Node driver stores a JS number: Int32 when it fits, otherwise Int64.
 fn int(n: u64) -> Bson {

@@ -15,7 +15,7 @@ use super::naming::KeyNaming;
 use super::records::{
   AdmissionRecord, BudgetRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageRecord,
 };
-use crate::clock::Millis;
+use crate::core::clock::Millis;
 
 #[derive(Debug, Default)]
 struct Holding {

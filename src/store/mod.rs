@@ -7,6 +7,7 @@
 mod admissions;
 mod documents;
 mod error;
+pub mod fingerprint;
 mod lease;
 mod memory;
 mod mongo;
@@ -19,7 +20,7 @@ mod sealing;
 pub(crate) mod test_server;
 mod usage_query;
 
-use crate::clock::Millis;
+use crate::core::clock::Millis;
 
 pub use admissions::StoredAdmission;
 pub use error::StoreError;

@@ -19,9 +19,9 @@ use super::error::StoreError;
 use super::naming::{KeyNaming, KeyStorage};
 use super::records::{BudgetRecord, KeyRecord, UsageRecord};
 use super::usage_query::UsageReader;
-use crate::clock::Millis;
-use crate::fingerprint::digest_name;
+use crate::core::clock::Millis;
 use crate::mask::scrub;
+use crate::store::fingerprint::digest_name;
 
 /// `MONGODB_DB_NAME` when unset, as in the old service.
 pub const DEFAULT_DB_NAME: &str = "rag_db";
@@ -688,9 +688,9 @@ mod tests {
 
   #[tokio::test]
   async fn plaintext_documents_migrate_to_digests_then_digests_to_fingerprints() {
-    use crate::fingerprint::Fingerprinter;
+    use crate::stats::usage_stats::DateRange;
+    use crate::store::fingerprint::Fingerprinter;
     use crate::store::{KeyNaming, KeyStorage};
-    use crate::usage_stats::DateRange;
 
     let server = TestServer::start();
     let keys = vec![
@@ -763,7 +763,7 @@ mod tests {
     assert_eq!((documents[0].len(), documents[1].len()), (3, 3));
     documents
       .iter()
-      .for_each(|d| no_key_in(d, crate::fingerprint::is_digest_name));
+      .for_each(|d| no_key_in(d, crate::store::fingerprint::is_digest_name));
 
     // A secret set later: the digests of the configured keys move to fingerprints; the retired
     // key's digest cannot be traced to a key and stays as it is.
@@ -795,7 +795,7 @@ mod tests {
     assert_eq!(store.load(NOW, &keys).await.unwrap(), loaded);
     // Usage is read back by position, by date (seconds apart: the test server compares dates to
     // the second).
-    let roster = crate::roster::Roster::new(keys.clone());
+    let roster = crate::core::roster::Roster::new(keys.clone());
     roster.set_namer(Arc::new(move |k: &str| f.fingerprint(k)));
     let names = roster.names();
     let reader = store.usage_reader().unwrap();
@@ -813,7 +813,7 @@ mod tests {
     assert_eq!(late.buckets.len(), 1, "{late:?}");
     let b = late.buckets[0];
     assert_eq!((b.key, b.calls, b.successes, b.tokens), (1, 1, 1, 7));
-    assert_eq!(b.latency, crate::usage_stats::latency_bucket(12.5));
+    assert_eq!(b.latency, crate::stats::usage_stats::latency_bucket(12.5));
     reader.close().await;
   }
 

@@ -10,7 +10,7 @@ use super::error::StoreError;
 use super::lease::{self, lease_id, valid_holder, ATTEMPTS};
 use super::mongo::{error_code, MongoStore, DUPLICATE_KEY, READ_BATCH};
 use super::records::{Grant, LeaseSlot};
-use crate::clock::Millis;
+use crate::core::clock::Millis;
 
 /// Amounts as stored: Int64, clamped (no real budget comes near `i64::MAX`).
 fn int64(n: u64) -> i64 {
@@ -279,7 +279,7 @@ impl MongoStore {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::clock::{Clock, SystemClock};
+  use crate::core::clock::{Clock, SystemClock};
   use crate::store::mongo::DEFAULT_CONNECT_TIMEOUT;
   use crate::store::records::MINUTE_MS;
   use crate::store::test_server::TestServer;

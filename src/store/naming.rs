@@ -9,10 +9,10 @@ use super::admissions::StoredAdmission;
 use super::error::StoreError;
 use super::records::{AdmissionRecord, UsageRecord};
 use super::sealing::Sealer;
-use crate::fingerprint::{
+use crate::mask::mask_key;
+use crate::store::fingerprint::{
   digest_name, is_digest_name, is_fingerprint, FingerprintError, Fingerprinter,
 };
-use crate::mask::mask_key;
 
 /// The secret keys are fingerprinted, and keys added at run time sealed, under.
 pub const SECRET_ENV: &str = "KEY_MANAGER_FINGERPRINT_SECRET";
@@ -33,7 +33,7 @@ pub enum KeyStorage {
   Plaintext,
   /// The key's SHA-256 digest (see [`digest_name`]): the default, needing no secret.
   Digest,
-  /// The key's fingerprint under a secret (see [`crate::fingerprint`]).
+  /// The key's fingerprint under a secret (see [`crate::store::fingerprint`]).
   Fingerprint(Fingerprinter),
 }
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use mongodb::bson::oid::ObjectId;
 
-use crate::clock::Millis;
-use crate::key::Admission;
-use crate::quota::LimitType;
+use crate::core::clock::Millis;
+use crate::core::key::Admission;
+use crate::core::quota::LimitType;
 
 /// An operator's decision about one key, as stored for every process sharing the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::fingerprint::Fingerprinter;
+use crate::store::fingerprint::Fingerprinter;
 
 /// What the sealing key is derived for: changing it would make every sealed key unreadable.
 const PURPOSE: &[u8] = b"gemini-key-manager: sealed API keys, v1";

@@ -14,8 +14,8 @@ use tokio::sync::Semaphore;
 
 use super::documents::count;
 use super::error::StoreError;
-use crate::roster::Names;
-use crate::usage_stats::{Bucket, DateRange, BUCKETS_PER_E};
+use crate::core::roster::Names;
+use crate::stats::usage_stats::{Bucket, DateRange, BUCKETS_PER_E};
 
 /// Calls summed per answer at most: bounds the time a wide range can take.
 pub const MAX_CALLS: i64 = 1_000_000;
@@ -133,7 +133,7 @@ fn split(kb: &str, names: &Names) -> Option<(usize, i64)> {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::roster::Roster;
+  use crate::core::roster::Roster;
 
   #[test]
   fn group_keys_name_a_key_of_the_pool_and_a_bucket() {

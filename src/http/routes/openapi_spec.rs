@@ -7,10 +7,10 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::*;
-use crate::clock::FakeClock;
-use crate::config::PoolConfig;
+use crate::core::clock::FakeClock;
+use crate::core::config::PoolConfig;
+use crate::core::quota::Quota;
 use crate::log::SilentLog;
-use crate::quota::Quota;
 
 fn spec() -> Value {
   serde_json::from_str(OPENAPI_JSON).expect("docs/openapi.json is JSON")

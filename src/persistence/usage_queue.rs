@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::clock::Millis;
+use crate::core::clock::Millis;
 use crate::store::{UsageId, UsageRecord};
 
 /// How many recorded calls wait for a write at most, by default: at Gemini's free-tier limits, far

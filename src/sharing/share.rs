@@ -14,8 +14,8 @@
 //! `store::lease`), so no rolling minute holds more than the limit across processes. Within one
 //! process the rolling windows of `window` still apply on top.
 
-use crate::calendar::DailyReset;
-use crate::clock::Millis;
+use crate::core::calendar::DailyReset;
+use crate::core::clock::Millis;
 
 /// How long a daily lease lasts before it must be renewed: a process that dies holds its unused
 /// part of the day's budget at most this long. Minute leases last to the end of their window.
@@ -589,7 +589,7 @@ impl SharedBudget {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::calendar::days_from_civil;
+  use crate::core::calendar::days_from_civil;
 
   const SPAN: Millis = 60_000;
   /// A minute boundary.

@@ -15,7 +15,7 @@ pub struct Counters {
   /// Keys taken out of rotation by what a call reported: a 429 rest, an open circuit, a
   /// deactivation.
   pub error_rotations: u64,
-  /// 429s reported (by `recordUsage` or `handleRateLimit`), per window in [`crate::quota::LimitType::ALL`]
+  /// 429s reported (by `recordUsage` or `handleRateLimit`), per window in [`crate::core::quota::LimitType::ALL`]
   /// order.
   pub rate_limits: [u64; 3],
   /// Calls recorded as succeeded and as failed.

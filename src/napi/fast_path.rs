@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use napi::sys;
 
-use crate::error::PoolError;
-use crate::models::{ModelId, DEFAULT_MODEL_ID, MAX_MODELS};
-use crate::pool::{is_integer, validate_tokens, Claim, KeyPool, Outcome};
-use crate::results::{Results, Slot, RESULTS_LEN};
+use crate::core::error::PoolError;
+use crate::core::models::{ModelId, DEFAULT_MODEL_ID, MAX_MODELS};
+use crate::core::pool::{is_integer, validate_tokens, Claim, KeyPool, Outcome};
+use crate::napi::results::{Results, Slot, RESULTS_LEN};
 
 /// A pool as one JS thread sees it: the shared pool and the result slots its calls write into.
 pub struct JsPool {

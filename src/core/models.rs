@@ -4,9 +4,9 @@
 //! (jittered, doubling, capped), then lets one probe through, and serves again once a request sent
 //! after the trouble began succeeds.
 
-use crate::clock::Millis;
-use crate::error::PoolError;
-use crate::quota::{model_quota, Quota};
+use crate::core::clock::Millis;
+use crate::core::error::PoolError;
+use crate::core::quota::{model_quota, Quota};
 
 /// A model's position in the pool's table.
 pub type ModelId = usize;

@@ -10,33 +10,33 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::budget::{BudgetId, BudgetView, Budgets, Exhausted, ProjectId, ProjectName, Rest};
-use crate::call_log::{Call, CallLog, DEFAULT_CALL_LOG_CAPACITY};
-use crate::clock::{Clock, Millis};
-use crate::config::{js_number, project_name, KeySpec, PoolConfig};
-use crate::counters::Counters;
-use crate::error::PoolError;
-use crate::failure::{classify, consumer_project, Failure, QuotaScope, RateLimit};
-use crate::health::{HealthChange, HealthState};
-use crate::key::{
+use crate::core::budget::{BudgetId, BudgetView, Budgets, Exhausted, ProjectId, ProjectName, Rest};
+use crate::core::clock::{Clock, Millis};
+use crate::core::config::{js_number, project_name, KeySpec, PoolConfig};
+use crate::core::error::PoolError;
+use crate::core::failure::{classify, consumer_project, Failure, QuotaScope, RateLimit};
+use crate::core::health::{HealthChange, HealthState};
+use crate::core::key::{
   merge_windows, rate_limit_info, stored_windows, Admission, KeyFigures, KeyState, KeyStatus,
   RateLimitInfo,
 };
-use crate::log::Log;
-use crate::mask::{mask_key, scrub};
-use crate::metrics::{BudgetMetrics, KeyMetrics, MetricsSnapshot};
-use crate::models::{ModelId, Models, DEFAULT_MODEL_ID};
-use crate::quota::{LimitType, WindowPolicy};
-use crate::roster::{Namer, Names, Roster};
-use crate::selection::{
+use crate::core::models::{ModelId, Models, DEFAULT_MODEL_ID};
+use crate::core::quota::{LimitType, WindowPolicy};
+use crate::core::roster::{Namer, Names, Roster};
+use crate::core::selection::{
   Candidates, Rotation, RotationReason, Selection, SelectionCache, SelectionMethod,
 };
-use crate::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
+use crate::log::Log;
+use crate::mask::{mask_key, scrub};
+use crate::persistence::usage_queue::{UsageEntry, UsageLog};
+use crate::sharing::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
+use crate::stats::counters::Counters;
+use crate::stats::metrics::{BudgetMetrics, KeyMetrics, MetricsSnapshot};
+use crate::stats::recent_calls::{Call, CallLog, DEFAULT_CALL_LOG_CAPACITY};
+use crate::stats::usage_stats::DateRange;
 use crate::store::{
   AdmissionRecord, BudgetRecord, KeyRecord, RestRecord, UsageIds, UsageReader, UsageRecord,
 };
-use crate::usage_log::{UsageEntry, UsageLog};
-use crate::usage_stats::DateRange;
 
 /// Longest rest a retry delay can impose: a day, the longest window there is.
 const MAX_REST_MS: Millis = 86_400_000;
@@ -1795,7 +1795,7 @@ impl KeyPool {
   }
 
   /// While the store cannot be reached: every budget serves `1 / peers` of each shared limit in
-  /// the windows it holds no good lease for (see [`crate::share::Allowance::grant_locally`]).
+  /// the windows it holds no good lease for (see [`crate::sharing::share::Allowance::grant_locally`]).
   pub fn grant_locally(&self, peers: usize) {
     let (span, daily) = (self.policy.span_ms, self.policy.daily_reset);
     let peers = peers.max(1) as u64;
@@ -1946,12 +1946,12 @@ impl KeyPool {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::clock::FakeClock;
-  use crate::health::FIRST_BACKOFF_MS;
+  use crate::core::clock::FakeClock;
+  use crate::core::health::FIRST_BACKOFF_MS;
+  use crate::core::quota::Quota;
+  use crate::core::selection::{RotationReason, SelectionMethod, CACHE_TTL_MS};
+  use crate::core::window::MINUTE_MS;
   use crate::log::CapturedLog;
-  use crate::quota::Quota;
-  use crate::selection::{RotationReason, SelectionMethod, CACHE_TTL_MS};
-  use crate::window::MINUTE_MS;
 
   const T0: Millis = 1_800_000_000_000;
   const RESERVE: Claim = Claim::Reserve {
@@ -2270,7 +2270,7 @@ mod tests {
     // Counted from when it was sent (3 s), not from the hand-out nor the answer.
     assert_eq!(
       a.rpm.reset_time,
-      crate::window::counted_until(MINUTE_MS, T0 + 3_000)
+      crate::core::window::counted_until(MINUTE_MS, T0 + 3_000)
     );
     let b = p.figures(second.index).unwrap();
     assert_eq!((b.rpm.current, b.tpm.current), (1, 60));
@@ -2321,7 +2321,7 @@ mod tests {
     routed(&p, &clock, None, 50, 1);
     assert_eq!(
       p.route_key(None, 0).unwrap(),
-      Err(Some(crate::window::counted_until(MINUTE_MS, T0)))
+      Err(Some(crate::core::window::counted_until(MINUTE_MS, T0)))
     );
     p.admit(0, Admission::Disabled).unwrap();
     assert_eq!(p.route_key(Some(0), 0).unwrap(), Err(None));
@@ -2471,13 +2471,13 @@ mod tests {
     // The first key's request, counted in the slice at T0, frees first.
     assert_eq!(
       p.next_available_at(0, 0).unwrap(),
-      Some(crate::window::counted_until(MINUTE_MS, T0))
+      Some(crate::core::window::counted_until(MINUTE_MS, T0))
     );
     p.handle_rate_limit(0, LimitType::Rpm, Some(120_000), None)
       .unwrap();
     assert_eq!(
       p.next_available_at(0, 0).unwrap(),
-      Some(crate::window::counted_until(MINUTE_MS, T0 + 1_000))
+      Some(crate::core::window::counted_until(MINUTE_MS, T0 + 1_000))
     );
     assert_eq!(p.next_available_at(1_000_001, 0).unwrap(), None);
     p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 0.0, None)
@@ -2586,7 +2586,7 @@ mod tests {
     // a margin later.
     assert_eq!(
       info[0].reset_time,
-      crate::window::counted_until(MINUTE_MS, T0)
+      crate::core::window::counted_until(MINUTE_MS, T0)
     );
     assert_eq!(p.figures(0).unwrap().error_count, 1);
     assert_eq!(p.best(RESERVE, 0).unwrap().pick.index, 1);

@@ -6,7 +6,7 @@
 //! `"<status> <body>"`, or plain words. So no JSON parser is used: a lexical scan finds
 //! `"name": value` however it is quoted, and status codes are read as whole words.
 
-use crate::clock::Millis;
+use crate::core::clock::Millis;
 
 /// What a failed call says about the key that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

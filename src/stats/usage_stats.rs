@@ -5,8 +5,8 @@
 
 use thiserror::Error;
 
-use crate::call_log::Call;
-use crate::clock::Millis;
+use crate::core::clock::Millis;
+use crate::stats::recent_calls::Call;
 
 /// A range of instants, both ends included; an open end is `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

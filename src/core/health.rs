@@ -7,7 +7,7 @@
 //!   closes again on its success.
 //! - Only the upstream refusing the key itself deactivates it, until `reactivate`.
 
-use crate::clock::Millis;
+use crate::core::clock::Millis;
 
 /// Failures in a row (other than 429s) that open the circuit.
 pub const FAILURES_TO_OPEN: u32 = 3;

@@ -4,8 +4,8 @@
 
 use std::cell::Cell;
 
-use crate::calendar::DailyReset;
-use crate::clock::Millis;
+use crate::core::calendar::DailyReset;
+use crate::core::clock::Millis;
 
 pub const MINUTE_MS: Millis = 60_000;
 

@@ -4,8 +4,8 @@
 
 use std::cell::UnsafeCell;
 
-use crate::key::KeyFigures;
-use crate::selection::{Rotation, RotationReason, Selection, SelectionMethod};
+use crate::core::key::KeyFigures;
+use crate::core::selection::{Rotation, RotationReason, Selection, SelectionMethod};
 
 /// Declares the slots once: the `Slot` enum Rust writes by, and the names JS reads by.
 macro_rules! slots {
@@ -146,9 +146,9 @@ impl Results {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::budget::{Budgets, ProjectName};
-  use crate::key::KeyState;
-  use crate::quota::{Quota, WindowPolicy};
+  use crate::core::budget::{Budgets, ProjectName};
+  use crate::core::key::KeyState;
+  use crate::core::quota::{Quota, WindowPolicy};
 
   #[test]
   fn every_slot_has_a_name_and_fits() {
@@ -174,7 +174,7 @@ mod tests {
     assert_eq!(at("rpmLimit"), 30.0);
     assert_eq!(
       at("rpmResetTime"),
-      crate::window::counted_until(crate::window::MINUTE_MS, 1_000) as f64
+      crate::core::window::counted_until(crate::core::window::MINUTE_MS, 1_000) as f64
     );
     assert_eq!(at("state"), 0.0);
     assert!(at("stateUntil").is_nan());

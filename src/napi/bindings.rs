@@ -14,24 +14,24 @@ use napi::bindgen_prelude::{Buffer, Either, Env, Object, PromiseRaw};
 use napi_derive::napi;
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::clock::SystemClock;
-use crate::config::{self, js_number, KeySpec, LimitOverrides, PoolConfig};
-use crate::error::PoolError;
-use crate::fast_path::{self, JsPool};
+use crate::core::clock::SystemClock;
+use crate::core::config::{self, js_number, KeySpec, LimitOverrides, PoolConfig};
+use crate::core::error::PoolError;
+use crate::core::key::{Admission, STATE_LABELS};
+use crate::core::models::ModelId;
+use crate::core::pool::{validate_tokens, Claim, KeyPool, Outcome};
+use crate::core::quota::LimitType;
 use crate::http::auth::resolve_allow_insecure;
 use crate::http::proxy::{ProxyOptions, DEFAULT_MAX_PROXY_BODY};
 use crate::http::proxy_auth::{ClientAccess, PROXY_TOKENS_ENV};
 use crate::http::usage::usage_stats;
 use crate::http::{self, AdminGuard, ApiRequest, Listen, Reply, ServerHandle, ServerOptions};
-use crate::key::{Admission, STATE_LABELS};
 use crate::log::{ConsoleLog, Log, SilentLog};
-use crate::metrics;
-use crate::models::ModelId;
+use crate::napi::fast_path::{self, JsPool};
+use crate::napi::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
 use crate::persistence::{PersistOptions, Started, WriteBehind};
-use crate::pool::{validate_tokens, Claim, KeyPool, Outcome};
-use crate::quota::LimitType;
-use crate::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
 use crate::routing::{RouteOptions, Router, Timeouts, Upstream};
+use crate::stats::metrics;
 use crate::store::{KeyNaming, KeyStorage};
 
 /// How to read the result slots: their names in order, and the strings that the `method` and
@@ -154,7 +154,7 @@ pub struct KeyBudgets {
   pub models: Vec<BudgetEntry>,
 }
 
-fn window_entry(w: &crate::budget::LimitFigures) -> WindowEntry {
+fn window_entry(w: &crate::core::budget::LimitFigures) -> WindowEntry {
   WindowEntry {
     current: w.current as f64,
     limit: w.limit as f64,
@@ -418,7 +418,7 @@ impl NativeKeyPool {
     let claim = Claim::Reserve {
       estimated_tokens: validate_tokens(estimated_tokens).map_err(js_error)?,
     };
-    let model = model(model_id).unwrap_or(crate::models::DEFAULT_MODEL_ID);
+    let model = model(model_id).unwrap_or(crate::core::models::DEFAULT_MODEL_ID);
     let picked = self.pool().rotate(claim, model).map_err(js_error)?;
     self.results().write_rotation(&picked.pick);
     self.results().write_figures(&picked.figures);
@@ -539,7 +539,7 @@ impl NativeKeyPool {
     model_id: Option<u32>,
   ) -> napi::Result<Option<f64>> {
     let tokens = validate_tokens(estimated_tokens).map_err(js_error)?;
-    let model = model(model_id).unwrap_or(crate::models::DEFAULT_MODEL_ID);
+    let model = model(model_id).unwrap_or(crate::core::models::DEFAULT_MODEL_ID);
     let at = self
       .pool()
       .next_available_at(tokens, model)

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::Millis;
-use crate::fingerprint::digest_name;
+use crate::core::clock::Millis;
+use crate::store::fingerprint::digest_name;
 use crate::store::{KeyRecord, StoredAdmission, UsageId, UsageRecord, WindowRecord};
 
 /// What a spill file's name ends with.
@@ -373,7 +373,7 @@ impl Claim {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::key::Admission;
+  use crate::core::key::Admission;
   use crate::store::UsageIds;
 
   fn call(ids: &UsageIds, n: u64) -> UsageRecord {

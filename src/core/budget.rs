@@ -3,11 +3,11 @@
 //! it, and what this process holds of it when the quota is shared. The keys of one project draw on
 //! its budgets together; a key whose project is unknown is a project of its own.
 
-use crate::clock::Millis;
-use crate::models::{ModelId, DEFAULT_MODEL_ID};
-use crate::quota::{LimitType, Quota, WindowPolicy};
-use crate::share::SharedBudget;
-use crate::window::{DailyWindow, RollingWindow};
+use crate::core::clock::Millis;
+use crate::core::models::{ModelId, DEFAULT_MODEL_ID};
+use crate::core::quota::{LimitType, Quota, WindowPolicy};
+use crate::core::window::{DailyWindow, RollingWindow};
+use crate::sharing::share::SharedBudget;
 
 /// A budget's position in the pool's table.
 pub type BudgetId = usize;
@@ -538,7 +538,7 @@ impl Budgets {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::window::counted_until;
+  use crate::core::window::counted_until;
 
   const T0: Millis = 1_800_000_000_000;
 

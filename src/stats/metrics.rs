@@ -6,9 +6,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::counters::Counters;
-use crate::key::{LimitFigures, STATE_LABELS};
-use crate::quota::LimitType;
+use crate::core::key::{LimitFigures, STATE_LABELS};
+use crate::core::quota::LimitType;
+use crate::stats::counters::Counters;
 
 /// Every metric's name starts with this.
 const NS: &str = "gemini_key_manager";

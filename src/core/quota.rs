@@ -1,7 +1,7 @@
 //! Per-key limits as a value type, the published limits of Gemini models, and how windows are kept.
 
-use crate::calendar::DailyReset;
-use crate::clock::Millis;
+use crate::core::calendar::DailyReset;
+use crate::core::clock::Millis;
 
 /// The three limits Gemini enforces per key: requests per minute, requests per day, tokens per minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! 02:00 local to the first Sunday of November at 02:00 local (the rule since 2007); computing it
 //! here keeps a time-zone database out of the addon.
 
-use crate::clock::Millis;
+use crate::core::clock::Millis;
 
 const DAY_MS: Millis = 86_400_000;
 const HOUR_MS: Millis = 3_600_000;

@@ -13,10 +13,12 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
 
-use crate::clock::Millis;
+use crate::core::clock::Millis;
+use crate::core::pool::KeyPool;
 use crate::log::Log;
-use crate::pool::KeyPool;
-use crate::share::{span_slices, Answer, LeaseNeed, Occurrence, SharedWindow, DAILY_LEASE_TTL_MS};
+use crate::sharing::share::{
+  span_slices, Answer, LeaseNeed, Occurrence, SharedWindow, DAILY_LEASE_TTL_MS,
+};
 use crate::store::{LeaseSlot, SliceSlot, Store, StoreError};
 
 /// How often the task looks at the leases when nothing wakes it: it renews and prefetches by time.
@@ -322,12 +324,12 @@ fn slice_slot<'a>(
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::clock::FakeClock;
-  use crate::config::PoolConfig;
+  use crate::core::clock::FakeClock;
+  use crate::core::config::PoolConfig;
+  use crate::core::pool::{Claim, Outcome};
+  use crate::core::quota::Quota;
+  use crate::core::quota::WindowPolicy;
   use crate::log::CapturedLog;
-  use crate::pool::{Claim, Outcome};
-  use crate::quota::Quota;
-  use crate::quota::WindowPolicy;
 
   /// A minute boundary.
   const T0: Millis = 1_800_000_000_000;
@@ -401,7 +403,7 @@ mod tests {
       for (p, inner) in processes.iter().enumerate() {
         round(inner).await;
         while let Ok(picked) = inner.pool.best(RESERVE, 0) {
-          let now = crate::clock::Clock::now_ms(&clock);
+          let now = crate::core::clock::Clock::now_ms(&clock);
           handed[picked.pick.index].push(now);
           let minute = ((now - T0) / 60_000) as usize;
           per_minute[minute] += 1;
@@ -449,7 +451,7 @@ mod tests {
         round(inner).await;
       }
       while let Ok(picked) = processes[0].pool.best(RESERVE, 0) {
-        per_minute[((crate::clock::Clock::now_ms(&clock) - T0) / 60_000) as usize] += 1;
+        per_minute[((crate::core::clock::Clock::now_ms(&clock) - T0) / 60_000) as usize] += 1;
         processes[0]
           .pool
           .record_usage(picked.pick.index, 1, Outcome::Success, 1.0, None)

@@ -2,12 +2,12 @@
 
 use std::collections::HashSet;
 
-use crate::calendar::DailyReset;
-use crate::clock::Millis;
-use crate::error::PoolError;
+use crate::core::calendar::DailyReset;
+use crate::core::clock::Millis;
+use crate::core::error::PoolError;
+use crate::core::models::{normalize, ModelLimits};
+use crate::core::quota::{model_quota, Quota, WindowPolicy, DEFAULT_MODEL, MODEL_QUOTAS};
 use crate::mask::mask_key;
-use crate::models::{normalize, ModelLimits};
-use crate::quota::{model_quota, Quota, WindowPolicy, DEFAULT_MODEL, MODEL_QUOTAS};
 
 /// A key, and the project it belongs to when that is known.
 #[derive(Debug, Clone, PartialEq, Eq)]

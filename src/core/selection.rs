@@ -3,10 +3,10 @@
 //! rebuilt every 5 seconds, round-robin), its keys interleaved by project, so that load spreads
 //! over projects (whose budgets Gemini counts), not over keys.
 
-use crate::budget::{Budget, Budgets};
-use crate::clock::Millis;
-use crate::key::KeyState;
-use crate::models::{ModelId, Overload};
+use crate::core::budget::{Budget, Budgets};
+use crate::core::clock::Millis;
+use crate::core::key::KeyState;
+use crate::core::models::{ModelId, Overload};
 
 pub const CACHE_TTL_MS: Millis = 5_000;
 /// Below this score a key is worth rotating away from.
@@ -279,8 +279,8 @@ impl SelectionCache {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::budget::ProjectName;
-  use crate::quota::{Quota, WindowPolicy};
+  use crate::core::budget::ProjectName;
+  use crate::core::quota::{Quota, WindowPolicy};
 
   /// Keys, each in the project `projects[i]` names (its own when `None`), and their budgets.
   struct Fixture {
@@ -347,7 +347,7 @@ mod tests {
     f.budget(1).rpd.add(0, 200);
     f.budget(2).on_rate_limited(
       0,
-      crate::budget::Exhausted::PerMinute(crate::quota::LimitType::Rpm),
+      crate::core::budget::Exhausted::PerMinute(crate::core::quota::LimitType::Rpm),
       Some(1_000),
       &WindowPolicy::default(),
       86_400_000,

@@ -2,8 +2,8 @@
 //! of fixed-size entries allocated once, so recording a call on the hot path is a copy into a
 //! slot, never an allocation. When full, the oldest call is overwritten.
 
-use crate::clock::Millis;
-use crate::usage_stats::DateRange;
+use crate::core::clock::Millis;
+use crate::stats::usage_stats::DateRange;
 
 /// Calls kept by default: at Gemini's free-tier limits, hours of a typical pool's traffic, in about
 /// 400 KB (40 bytes a call).

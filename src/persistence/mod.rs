@@ -11,6 +11,9 @@
 //! Every write is bounded in time, so a hung database never holds up closing: what it did not
 //! take by then goes to a spill file (see `spill`), written at the next start.
 
+pub mod spill;
+pub mod usage_queue;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,16 +24,16 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::leasing::{LeaseKeeper, StoreSlot};
+use crate::core::pool::KeyPool;
 use crate::log::Log;
 use crate::mask::scrub;
-use crate::pool::KeyPool;
-use crate::spill::{self, Claim, Spill, SpilledKey};
+use crate::sharing::leasing::{LeaseKeeper, StoreSlot};
 use crate::store::{
   AdmissionRecord, BudgetRecord, KeyNaming, KeyRecord, KeyStorage, MongoStore, Store, StoreError,
   UsageRecord, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
 };
-use crate::usage_log::{DEFAULT_BATCH, DEFAULT_CAPACITY};
+use spill::{Claim, Spill, SpilledKey};
+use usage_queue::{DEFAULT_BATCH, DEFAULT_CAPACITY};
 
 /// The line operators grep for, at start-up and whenever writes work again.
 pub const CONNECTED_LINE: &str = "✅ MongoDB connection established for API key management";
@@ -628,13 +631,13 @@ impl WriteBehind {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::clock::SystemClock;
-  use crate::config::{KeySpec, PoolConfig};
-  use crate::error::PoolError;
-  use crate::key::Admission;
+  use crate::core::clock::SystemClock;
+  use crate::core::config::{KeySpec, PoolConfig};
+  use crate::core::error::PoolError;
+  use crate::core::key::Admission;
+  use crate::core::pool::{Claim, Outcome};
+  use crate::core::quota::{LimitType, Quota};
   use crate::log::CapturedLog;
-  use crate::pool::{Claim, Outcome};
-  use crate::quota::{LimitType, Quota};
   use crate::store::test_server::{free_port, TestServer};
   use mongodb::bson::{doc, Document};
 
@@ -838,7 +841,7 @@ mod tests {
   #[tokio::test(flavor = "multi_thread")]
   async fn keys_added_removed_and_disabled_in_one_process_are_followed_by_the_others() {
     let server = TestServer::start();
-    let secret = crate::fingerprint::Fingerprinter::new(b"follow test secret").unwrap();
+    let secret = crate::store::fingerprint::Fingerprinter::new(b"follow test secret").unwrap();
     let shared_options = || PersistOptions {
       key_sync_interval: Duration::from_millis(100),
       key_storage: KeyStorage::Fingerprint(secret.clone()),
@@ -900,7 +903,7 @@ mod tests {
     assert_eq!(keys.len(), 1);
     assert_eq!(
       keys[0].get_str("apiKey").unwrap(),
-      crate::fingerprint::digest_name("key-a")
+      crate::store::fingerprint::digest_name("key-a")
     );
   }
 

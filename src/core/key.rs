@@ -4,12 +4,12 @@
 
 use std::collections::VecDeque;
 
-pub use crate::budget::LimitFigures;
-use crate::budget::{Budget, BudgetId, BudgetView, Budgets, ProjectId, Rest};
-use crate::clock::Millis;
-use crate::health::{Health, HealthState};
-use crate::models::ModelId;
-use crate::quota::LimitType;
+pub use crate::core::budget::LimitFigures;
+use crate::core::budget::{Budget, BudgetId, BudgetView, Budgets, ProjectId, Rest};
+use crate::core::clock::Millis;
+use crate::core::health::{Health, HealthState};
+use crate::core::models::ModelId;
+use crate::core::quota::LimitType;
 use crate::store::{KeyRecord, WindowRecord};
 
 /// A request counted on a budget when its key was handed out, waiting for its `recordUsage`.
@@ -542,9 +542,9 @@ pub fn rate_limit_info(budget: &Budget, now: Millis) -> [RateLimitInfo; 3] {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::budget::{Exhausted, ProjectName};
-  use crate::quota::{Quota, WindowPolicy};
-  use crate::window::{counted_until, MINUTE_MS};
+  use crate::core::budget::{Exhausted, ProjectName};
+  use crate::core::quota::{Quota, WindowPolicy};
+  use crate::core::window::{counted_until, MINUTE_MS};
 
   const T0: Millis = 1_800_000_000_000;
 
