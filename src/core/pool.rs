@@ -1941,6 +1941,8 @@ impl KeyPool {
   }
 }
 
+#[cfg(test)]
+pub(crate) mod testing;
 /// A budget's state as listings name it: `active`, `resting` (a 429), `no-quota`, or `overloaded`
 /// (its model backing off).
 #[cfg(test)]

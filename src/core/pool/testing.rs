@@ -1,0 +1,58 @@
+//! The one pool fixture every test module builds on: a pool of given keys and limits on a fake
+//! clock, with its log captured.
+
+use std::sync::Arc;
+
+use super::KeyPool;
+use crate::core::clock::{FakeClock, Millis};
+use crate::core::config::PoolConfig;
+use crate::core::quota::Quota;
+use crate::log::CapturedLog;
+
+/// The fake clock's start: 2023-11-14T22:13:20Z.
+pub const T0: Millis = 1_700_000_000_000;
+/// Its ISO form, as JSON replies show it.
+pub const T0_ISO: &str = "2023-11-14T22:13:20.000Z";
+
+/// A pool under test, its clock and its log.
+pub struct TestPool {
+  pub pool: KeyPool,
+  pub clock: FakeClock,
+  pub log: Arc<CapturedLog>,
+}
+
+impl TestPool {
+  /// `keys` under `quota`, on a fake clock at [`T0`].
+  pub fn new(keys: &[&str], quota: Quota) -> Self {
+    Self::of_config(PoolConfig::of(
+      keys.iter().map(|k| k.to_string()).collect(),
+      quota,
+    ))
+  }
+
+  /// `n` distinct well-formed keys (see [`test_keys`]) under `quota`.
+  pub fn of_size(n: usize, quota: Quota) -> Self {
+    Self::of_config(PoolConfig::of(test_keys(n), quota))
+  }
+
+  /// A pool built from a whole configuration, on a fake clock at [`T0`].
+  pub fn of_config(config: PoolConfig) -> Self {
+    let clock = FakeClock::at(T0);
+    let log = Arc::new(CapturedLog::default());
+    let pool =
+      KeyPool::new(config, Arc::new(clock.clone()), log.clone()).expect("a valid test pool");
+    Self { pool, clock, log }
+  }
+
+  /// The pool alone, shared, as servers and tasks take it.
+  pub fn shared(self) -> Arc<KeyPool> {
+    Arc::new(self.pool)
+  }
+}
+
+/// `n` distinct keys shaped like Gemini's (39 characters, `AIzaSy` first).
+pub fn test_keys(n: usize) -> Vec<String> {
+  (0..n)
+    .map(|i| format!("AIzaSyTESTKEY{i:04}abcdefghijklmnopqrstuv"))
+    .collect()
+}
