@@ -3,10 +3,7 @@
 //! 02:00 local to the first Sunday of November at 02:00 local (the rule since 2007); computing it
 //! here keeps a time-zone database out of the addon.
 
-use crate::core::clock::Millis;
-
-const DAY_MS: Millis = 86_400_000;
-const HOUR_MS: Millis = 3_600_000;
+use crate::core::clock::{Millis, DAY_MS, HOUR_MS};
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
 pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
@@ -95,9 +92,10 @@ impl DailyReset {
 #[cfg(test)]
 mod tests {
   use super::*;
+  use crate::core::clock::MINUTE_MS;
 
   fn utc(y: i64, mo: u32, d: u32, h: i64, mi: i64) -> Millis {
-    days_from_civil(y, mo, d) * DAY_MS + h * HOUR_MS + mi * 60_000
+    days_from_civil(y, mo, d) * DAY_MS + h * HOUR_MS + mi * MINUTE_MS
   }
 
   #[test]

@@ -8,6 +8,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Milliseconds since the Unix epoch: the unit of JS `Date`, so no conversion at the boundary.
 pub type Millis = i64;
 
+/// A second, a minute, an hour and a day in [`Millis`]: the units every window and rest is built of.
+pub const SECOND_MS: Millis = 1_000;
+pub const MINUTE_MS: Millis = 60 * SECOND_MS;
+pub const HOUR_MS: Millis = 60 * MINUTE_MS;
+pub const DAY_MS: Millis = 24 * HOUR_MS;
+
 pub trait Clock: Send + Sync {
   fn now_ms(&self) -> Millis;
 }

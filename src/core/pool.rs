@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::core::budget::{BudgetId, BudgetView, Budgets, Exhausted, ProjectId, ProjectName, Rest};
-use crate::core::clock::{Clock, Millis};
+use crate::core::clock::{Clock, Millis, DAY_MS};
 use crate::core::config::{js_number, project_name, KeySpec, PoolConfig};
 use crate::core::error::PoolError;
 use crate::core::failure::{classify, consumer_project, Failure, QuotaScope, RateLimit};
@@ -39,7 +39,7 @@ use crate::store::{
 };
 
 /// Longest rest a retry delay can impose: a day, the longest window there is.
-const MAX_REST_MS: Millis = 86_400_000;
+const MAX_REST_MS: Millis = DAY_MS;
 /// Longest error message kept, in characters (after masking, so no key is cut in half unmasked).
 const MAX_ERROR_CHARS: usize = 4_096;
 

@@ -1,7 +1,7 @@
 //! Per-key limits as a value type, the published limits of Gemini models, and how windows are kept.
 
 use crate::core::calendar::DailyReset;
-use crate::core::clock::Millis;
+use crate::core::clock::{Millis, MINUTE_MS};
 
 /// The three limits Gemini enforces per key: requests per minute, requests per day, tokens per minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,9 +89,9 @@ pub struct WindowPolicy {
 impl Default for WindowPolicy {
   fn default() -> Self {
     Self {
-      span_ms: 60_000,
+      span_ms: MINUTE_MS,
       daily_reset: DailyReset::PacificMidnight,
-      reservation_ttl_ms: 60_000,
+      reservation_ttl_ms: MINUTE_MS,
     }
   }
 }

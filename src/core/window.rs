@@ -7,8 +7,6 @@ use std::cell::Cell;
 use crate::core::calendar::DailyReset;
 use crate::core::clock::Millis;
 
-pub const MINUTE_MS: Millis = 60_000;
-
 /// Slices a rolling window is cut into: an amount is counted until the end of its slice plus the
 /// span, so for at least the full span and at most a slice (1/600 of the span: a tenth of a second
 /// of a minute) longer. A request that waited for room goes out at most that late: at saturation,

@@ -9,11 +9,10 @@ use serde::{Serialize, Serializer};
 
 use crate::core::budget::BudgetView;
 use crate::core::calendar::{civil_from_days, days_from_civil};
-use crate::core::clock::Millis;
+use crate::core::clock::{Millis, DAY_MS, HOUR_MS, MINUTE_MS};
 use crate::core::key::{KeyFigures, KeyStatus, LimitFigures, RateLimitInfo};
 use crate::mask::mask_key;
 
-const DAY_MS: Millis = 86_400_000;
 /// The range of a JS `Date`: ±100,000,000 days around the epoch.
 pub const MAX_DATE_MS: Millis = 8_640_000_000_000_000;
 
@@ -49,8 +48,8 @@ impl fmt::Display for IsoDate {
     write!(
       f,
       "-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-      ms_of_day / 3_600_000,
-      ms_of_day / 60_000 % 60,
+      ms_of_day / HOUR_MS,
+      ms_of_day / MINUTE_MS % 60,
       ms_of_day / 1_000 % 60,
       ms_of_day % 1_000
     )
@@ -189,7 +188,7 @@ pub fn parse_iso(text: &str) -> Option<Millis> {
         if hours > 23 || minutes > 59 {
           return None;
         }
-        let magnitude = (hours * 60 + minutes) * 60_000;
+        let magnitude = (hours * 60 + minutes) * MINUTE_MS;
         offset_ms = if sign == b'-' { -magnitude } else { magnitude };
       }
     }

@@ -174,7 +174,7 @@ mod tests {
     assert_eq!(at("rpmLimit"), 30.0);
     assert_eq!(
       at("rpmResetTime"),
-      crate::core::window::counted_until(crate::core::window::MINUTE_MS, 1_000) as f64
+      crate::core::window::counted_until(crate::core::clock::MINUTE_MS, 1_000) as f64
     );
     assert_eq!(at("state"), 0.0);
     assert!(at("stateUntil").is_nan());

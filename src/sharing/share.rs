@@ -15,7 +15,7 @@
 //! process the rolling windows of `window` still apply on top.
 
 use crate::core::calendar::DailyReset;
-use crate::core::clock::Millis;
+use crate::core::clock::{Millis, HOUR_MS};
 
 /// How long a daily lease lasts before it must be renewed: a process that dies holds its unused
 /// part of the day's budget at most this long. Minute leases last to the end of their window.
@@ -26,7 +26,7 @@ pub const PREFETCH_MS: Millis = 5_000;
 /// How soon to ask again after the store granted less than asked: others may give some back.
 pub const RECHECK_MS: Millis = 10_000;
 /// A day with the hour DST gives back.
-const LONGEST_DAY_MS: Millis = 25 * 3_600_000;
+const LONGEST_DAY_MS: Millis = 25 * HOUR_MS;
 /// How long a caller waiting for a lease on its way should wait before looking again.
 pub const LEASE_WAIT_MS: Millis = 20;
 /// Slices a rolling span is cut into, at most.

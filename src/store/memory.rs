@@ -330,7 +330,8 @@ impl MemoryStore {
 #[cfg(test)]
 mod tests {
   use super::*;
-  use crate::store::records::{UsageIds, WindowRecord, MINUTE_MS};
+  use crate::core::clock::MINUTE_MS;
+  use crate::store::records::{UsageIds, WindowRecord};
 
   const NOW: Millis = 1_700_000_000_000;
 

@@ -29,7 +29,7 @@ pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
 pub use naming::{KeyNaming, KeyStorage};
 pub use records::{
   AdmissionRecord, BudgetRecord, Grant, KeyRecord, LeaseSlot, RestRecord, SliceSlot, UsageId,
-  UsageIds, UsageRecord, WindowRecord, DAY_MS, MINUTE_MS,
+  UsageIds, UsageRecord, WindowRecord,
 };
 pub use usage_query::{StoredUsage, UsageReader, MAX_CALLS};
 
@@ -244,6 +244,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
   use super::*;
+  use crate::core::clock::DAY_MS;
 
   #[tokio::test]
   async fn the_memory_store_serves_the_whole_contract_through_the_enum() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use mongodb::bson::oid::ObjectId;
 
-use crate::core::clock::Millis;
+use crate::core::clock::{Millis, DAY_MS, MINUTE_MS};
 use crate::core::key::Admission;
 use crate::core::quota::LimitType;
 
@@ -25,10 +25,6 @@ pub struct AdmissionRecord {
   /// The project it was added in, when one was named.
   pub project: Option<String>,
 }
-
-/// The old service's window lengths, used to restart a window whose stored reset time has passed.
-pub const MINUTE_MS: Millis = 60_000;
-pub const DAY_MS: Millis = 24 * 60 * MINUTE_MS;
 
 /// One window of a key as stored: `{ current, limit, resetTime }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

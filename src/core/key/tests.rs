@@ -1,7 +1,7 @@
 use super::*;
 use crate::core::budget::{Exhausted, ProjectName};
 use crate::core::quota::{Quota, WindowPolicy};
-use crate::core::window::{counted_until, MINUTE_MS};
+use crate::core::{clock::MINUTE_MS, window::counted_until};
 
 const T0: Millis = 1_800_000_000_000;
 

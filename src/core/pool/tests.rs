@@ -1,34 +1,34 @@
 use super::*;
-use crate::core::clock::FakeClock;
+use crate::core::clock::{FakeClock, MINUTE_MS};
 use crate::core::health::FIRST_BACKOFF_MS;
+use crate::core::pool::testing::{test_keys, TestPool, T0};
 use crate::core::quota::Quota;
 use crate::core::selection::{RotationReason, SelectionMethod, CACHE_TTL_MS};
-use crate::core::window::MINUTE_MS;
 use crate::log::CapturedLog;
 
-const T0: Millis = 1_800_000_000_000;
 const RESERVE: Claim = Claim::Reserve {
   estimated_tokens: 0,
 };
 
 fn pool_with(keys: &[&str], quota: Quota) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
-  let clock = FakeClock::at(T0);
-  let log = Arc::new(CapturedLog::default());
-  let config = PoolConfig::of(keys.iter().map(|k| k.to_string()).collect(), quota);
-  let pool = KeyPool::new(config, Arc::new(clock.clone()), log.clone()).unwrap();
+  from_config(PoolConfig::of(
+    keys.iter().map(|k| k.to_string()).collect(),
+    quota,
+  ))
+}
+
+fn from_config(config: PoolConfig) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
+  let TestPool { pool, clock, log } = TestPool::of_config(config);
   (pool, clock, log)
 }
 
 /// A pool whose key `i` is in project `projects[i]` (its own when `None`).
 fn in_projects(projects: &[Option<&str>], quota: Quota) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
-  let clock = FakeClock::at(T0);
-  let log = Arc::new(CapturedLog::default());
-  let mut config = PoolConfig::of(names(projects.len()), quota);
+  let mut config = PoolConfig::of(test_keys(projects.len()), quota);
   for (spec, project) in config.keys.iter_mut().zip(projects) {
     spec.project = project.map(str::to_owned);
   }
-  let pool = KeyPool::new(config, Arc::new(clock.clone()), log.clone()).unwrap();
-  (pool, clock, log)
+  from_config(config)
 }
 
 const TWO_A_MINUTE: Quota = Quota {
@@ -260,22 +260,12 @@ fn a_key_learns_its_project_from_geminis_error_and_its_counts_move_with_it() {
   );
 }
 
-fn names(n: usize) -> Vec<String> {
-  (0..n)
-    .map(|i| format!("AIzaSyTESTKEY{i:04}abcdefghijkl"))
-    .collect()
-}
-
 fn pool(n: usize) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
-  let names = names(n);
-  let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-  pool_with(&refs, Quota::default())
+  small(n, Quota::default())
 }
 
 fn small(n: usize, quota: Quota) -> (KeyPool, FakeClock, Arc<CapturedLog>) {
-  let names = names(n);
-  let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-  pool_with(&refs, quota)
+  from_config(PoolConfig::of(test_keys(n), quota))
 }
 
 fn logged(log: &CapturedLog) -> Vec<String> {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::core::clock::MINUTE_MS;
 
 const T0: Millis = 1_800_000_000_000; // a whole second
 

@@ -1,31 +1,19 @@
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 
 use super::*;
-use crate::core::clock::{FakeClock, Millis};
-use crate::core::config::PoolConfig;
+use crate::core::clock::Millis;
+use crate::core::pool::testing::{TestPool, T0, T0_ISO};
 use crate::core::pool::Outcome;
 use crate::core::quota::{LimitType, Quota, DEFAULT_MODEL};
-use crate::log::SilentLog;
 
-const T0: Millis = 1_700_000_000_000;
-const T0_ISO: &str = "2023-11-14T22:13:20.000Z";
 const KEYS: [&str; 3] = [
   "AIzaSyAAAA0000000000000000000000000000001",
   "AIzaSyBBBB0000000000000000000000000000002",
   "AIzaSyCCCC0000000000000000000000000000003",
 ];
 
-fn pool_of(keys: &[&str], quota: Quota) -> (KeyPool, FakeClock) {
-  let clock = FakeClock::at(T0);
-  let config = PoolConfig::of(keys.iter().map(|k| k.to_string()).collect(), quota);
-  let pool = KeyPool::new(config, Arc::new(clock.clone()), Arc::new(SilentLog)).unwrap();
-  (pool, clock)
-}
-
 fn pool() -> KeyPool {
-  pool_of(&KEYS, Quota::default()).0
+  TestPool::new(&KEYS, Quota::default()).pool
 }
 
 fn req<'a>(method: &'a str, target: &'a str, body: &'a [u8]) -> ApiRequest<'a> {
@@ -243,7 +231,7 @@ fn rotate_always_gives_a_string_reason() {
     rpd: 10,
     tpm: 1000,
   };
-  let (p, _) = pool_of(&KEYS[..2], quota);
+  let p = TestPool::new(&KEYS[..2], quota).pool;
   for _ in 0..9 {
     p.record_usage(0, 0, Outcome::Success, 0.0, None).unwrap();
   }
@@ -256,7 +244,7 @@ fn rotate_always_gives_a_string_reason() {
     v["data"]["previousKeyScore"]
   );
 
-  let (p, _) = pool_of(&KEYS[..1], quota);
+  let p = TestPool::new(&KEYS[..1], quota).pool;
   for _ in 0..9 {
     p.record_usage(0, 0, Outcome::Success, 0.0, None).unwrap();
   }
@@ -418,7 +406,7 @@ fn metrics_are_served_in_the_prometheus_text_format() {
 
 #[test]
 fn usage_stats_computes_figures_over_the_range_from_the_call_log() {
-  let (p, clock) = pool_of(&KEYS, Quota::default());
+  let TestPool { pool: p, clock, .. } = TestPool::new(&KEYS, Quota::default());
   p.record_usage(0, 100, Outcome::Success, 10.0, None)
     .unwrap();
   clock.advance(1_000);
@@ -928,7 +916,7 @@ fn key_routes_refuse_missing_unknown_and_ambiguous_keys() {
     "AIzaSyTWIN-first-key-0000000000000000000",
     "AIzaSyTWIN-other-key-0000000000000000000",
   ];
-  let (p, _) = pool_of(&twins, Quota::default());
+  let p = TestPool::new(&twins, Quota::default()).pool;
   let (status, v) = get(&p, "/api/keys/rate-limit/AIzaSyTW...0000");
   assert_eq!(status, 409);
   assert_eq!(v["error"], "Ambiguous API key");
@@ -990,7 +978,7 @@ fn post_bodies_must_be_empty_or_json() {
 
 #[test]
 fn busy_keys_are_a_429_with_retry_after_and_no_usable_key_a_503() {
-  let (p, clock) = pool_of(&KEYS[..2], Quota::default());
+  let TestPool { pool: p, clock, .. } = TestPool::new(&KEYS[..2], Quota::default());
   p.handle_rate_limit(0, LimitType::Rpm, Some(12_300), None)
     .unwrap();
   p.handle_rate_limit(1, LimitType::Rpm, Some(17_000), None)

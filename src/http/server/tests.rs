@@ -1,23 +1,17 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::core::clock::FakeClock;
-use crate::core::config::PoolConfig;
+use crate::core::pool::testing::TestPool;
 use crate::core::quota::Quota;
-use crate::log::SilentLog;
 
 const KEY: &str = "AIzaSyHTTPTEST000000000000000000000000001";
 
 fn pool() -> Arc<KeyPool> {
-  let config = PoolConfig::of(
-    vec![
-      KEY.to_owned(),
-      "AIzaSyHTTPTEST000000000000000000000000002".to_owned(),
-    ],
+  TestPool::new(
+    &[KEY, "AIzaSyHTTPTEST000000000000000000000000002"],
     Quota::default(),
-  );
-  let clock = Arc::new(FakeClock::at(1_700_000_000_000));
-  Arc::new(KeyPool::new(config, clock, Arc::new(SilentLog)).unwrap())
+  )
+  .shared()
 }
 
 async fn server(options: ServerOptions) -> ServerHandle {

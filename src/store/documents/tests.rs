@@ -1,5 +1,6 @@
 use super::*;
-use crate::store::records::{UsageIds, DAY_MS, MINUTE_MS};
+use crate::core::clock::{DAY_MS, MINUTE_MS};
+use crate::store::records::UsageIds;
 use mongodb::bson::oid::ObjectId;
 
 const NOW: Millis = 1_700_000_000_000;

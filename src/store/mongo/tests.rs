@@ -1,5 +1,6 @@
 use super::*;
-use crate::store::records::{UsageIds, WindowRecord, DAY_MS, MINUTE_MS};
+use crate::core::clock::{DAY_MS, MINUTE_MS};
+use crate::store::records::{UsageIds, WindowRecord};
 use crate::store::test_server::TestServer;
 use mongodb::bson::oid::ObjectId;
 use mongodb::bson::DateTime;

@@ -1,7 +1,6 @@
 use super::*;
-use crate::core::clock::{Clock, SystemClock};
+use crate::core::clock::{Clock, SystemClock, MINUTE_MS};
 use crate::store::mongo::DEFAULT_CONNECT_TIMEOUT;
-use crate::store::records::MINUTE_MS;
 use crate::store::test_server::TestServer;
 use std::sync::Arc;
 
