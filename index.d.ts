@@ -119,9 +119,10 @@ export declare class NativeRouter {
   routeAsync(method: string, url: string, authorization?: string | undefined | null): Promise<RouteReply>
   /**
    * Serves one request (`url` relative to where the routes are mounted, e.g. `/best?x=1`) with
-   * its `Authorization` header, if any.
+   * its `Authorization` header, if any. The body is a `Uint8Array` (a `Buffer` is one), so that
+   * the generated types need no `@types/node`.
    */
-  route(method: string, url: string, authorization?: string | undefined | null, body?: Buffer | undefined | null): RouteReply
+  route(method: string, url: string, authorization?: string | undefined | null, body?: Uint8Array | undefined | null): RouteReply
 }
 
 /** The running HTTP API. */
