@@ -12,7 +12,7 @@ const {
   geminiBaseUrl,
   routeRequests,
   DEFAULT_MAX_BODY_BYTES,
-} = require('../index.js')
+} = require('../binding.js')
 const routing = require('./routing.js')
 
 const LAYOUT = resultsLayout()
