@@ -1,6 +1,6 @@
 'use strict'
 
-// Code written against the old apiKeyManager.ts type-checks unchanged against lib/index.d.ts:
+// Code written against the old apiKeyManager.ts type-checks unchanged against index.d.ts:
 // fixtures/old-caller.ts, compiled with `tsc --noEmit --strict` (fixtures/tsconfig.json), with
 // the import '../..' resolving to this package's "types".
 
@@ -24,11 +24,11 @@ function tsc(...extra) {
   return r
 }
 
-test('old-caller.ts type-checks with tsc --noEmit --strict against lib/index.d.ts', () => {
+test('old-caller.ts type-checks with tsc --noEmit --strict against index.d.ts', () => {
   const r = tsc('--traceResolution')
   const trace = r.stdout.split('\n')
   const resolved = trace.find((l) => l.includes("Module name '../..' was successfully resolved"))
-  assert.ok(resolved && resolved.includes(path.join(PKG, 'lib', 'index.d.ts')), `'../..' did not resolve to lib/index.d.ts: ${resolved}`)
+  assert.ok(resolved && resolved.includes(path.join(PKG, 'index.d.ts')), `'../..' did not resolve to index.d.ts: ${resolved}`)
   const errors = trace.filter((l) => /error TS\d+/.test(l))
   assert.equal(r.status, 0, `tsc failed:\n${errors.join('\n')}\n${r.stderr}`)
 })
