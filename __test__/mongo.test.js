@@ -773,7 +773,7 @@ test('with keys stored as fingerprints, URLs may name a key by its fingerprint',
 })
 
 test('a second attachStore is refused at once, even while the first is still connecting', async () => {
-  const { NativeKeyPool } = require(path.join(PKG, 'index.js'))
+  const { NativeKeyPool } = require(path.join(PKG, 'binding.js'))
   const pool = new NativeKeyPool({ keys: KEYS, quiet: true })
   const uri = `mongodb://127.0.0.1:${await freePort()}/?directConnection=true`
   const first = pool.attachStore({ uri, connectTimeoutMs: 300, storePlaintextKeys: true })

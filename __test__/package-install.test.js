@@ -123,7 +123,7 @@ test('the main package ships its JavaScript, types, CLI and README, and no binar
     .readdirSync(root, { recursive: true })
     .filter((f) => fs.statSync(path.join(root, f)).isFile())
     .map((f) => f.split(path.sep).join('/'))
-  for (const f of ['package.json', 'README.md', 'index.js', 'index.d.ts', 'lib/index.js', 'lib/index.d.ts', 'bin/gemini-key-manager.js']) {
+  for (const f of ['package.json', 'README.md', 'binding.js', 'binding.d.ts', 'index.d.ts', 'lib/index.js', 'bin/gemini-key-manager.js']) {
     assert.ok(files.includes(f), `${f} is missing from the installed package: ${files.join(', ')}`)
   }
   const stray = files.filter((f) => f.endsWith('.node') || /^(target|src|npm|__test__|node_modules)\//.test(f))

@@ -12,7 +12,7 @@ const {
   geminiBaseUrl,
   routeRequests,
   DEFAULT_MAX_BODY_BYTES,
-} = require('../index.js')
+} = require('../binding.js')
 const routing = require('./routing.js')
 
 const LAYOUT = resultsLayout()
@@ -311,7 +311,7 @@ function isKeyEntry(k) {
 
 class ApiKeyManagerService {
   /**
-   * @param {import('./index').ApiKeyManagerOptions} [options] see lib/index.d.ts
+   * @param {import('..').ApiKeyManagerOptions} [options] see index.d.ts
    */
   constructor(options = {}) {
     this._options = options ?? {}
@@ -947,7 +947,7 @@ class ApiKeyManagerService {
   }
 
   /**
-   * The pool's metrics as a plain object (shape in lib/index.d.ts): keys handed out, selection
+   * The pool's metrics as a plain object (shape in index.d.ts): keys handed out, selection
    * cache hits, rotations, 429s reported, recorded calls, keys by state, and every key's
    * availability score and window use. Throws when the manager cannot be built or is closed.
    */

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use napi::bindgen_prelude::{Buffer, Either, Env, Object, PromiseRaw};
+use napi::bindgen_prelude::{Either, Env, Object, PromiseRaw, Uint8Array};
 use napi_derive::napi;
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -933,14 +933,15 @@ impl NativeRouter {
   }
 
   /// Serves one request (`url` relative to where the routes are mounted, e.g. `/best?x=1`) with
-  /// its `Authorization` header, if any.
+  /// its `Authorization` header, if any. The body is a `Uint8Array` (a `Buffer` is one), so that
+  /// the generated types need no `@types/node`.
   #[napi]
   pub fn route(
     &self,
     method: String,
     url: String,
     authorization: Option<String>,
-    body: Option<Buffer>,
+    body: Option<Uint8Array>,
   ) -> RouteReply {
     let req = ApiRequest {
       method: &method,
