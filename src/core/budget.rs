@@ -414,6 +414,11 @@ impl Budgets {
     }
   }
 
+  /// Whether budgets are used only within what this process leased (see [`Self::share`]).
+  pub fn is_shared(&self) -> bool {
+    self.shared
+  }
+
   /// From now on every budget, present and future, is used only within what this process leased
   /// of it.
   pub fn share(&mut self) {

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use crate::core::budget::{BudgetId, BudgetView, Budgets, Exhausted, ProjectId, ProjectName, Rest};
 use crate::core::clock::{Clock, Millis, DAY_MS};
@@ -26,17 +25,19 @@ use crate::core::roster::{Namer, Names, Roster};
 use crate::core::selection::{
   Candidates, Rotation, RotationReason, Selection, SelectionCache, SelectionMethod,
 };
+use crate::core::snapshot::{
+  AdmissionRecord, BudgetRecord, KeyRecord, RestRecord, UsageIds, UsageRecord,
+};
+use crate::core::usage_queue::{UsageEntry, UsageQueue};
+use crate::core::wake::Wake;
 use crate::log::Log;
 use crate::mask::{mask_key, scrub};
-use crate::persistence::usage_queue::{UsageEntry, UsageLog};
 use crate::sharing::share::{Answer, LeaseNeed, Occurrence, SharedWindow};
 use crate::stats::counters::Counters;
 use crate::stats::metrics::{BudgetMetrics, KeyMetrics, MetricsSnapshot};
 use crate::stats::recent_calls::{Call, CallLog, DEFAULT_CALL_LOG_CAPACITY};
 use crate::stats::usage_stats::DateRange;
-use crate::store::{
-  AdmissionRecord, BudgetRecord, KeyRecord, RestRecord, UsageIds, UsageReader, UsageRecord,
-};
+use crate::store::UsageReader;
 
 /// Longest rest a retry delay can impose: a day, the longest window there is.
 const MAX_REST_MS: Millis = DAY_MS;
@@ -122,9 +123,9 @@ struct PoolState {
   /// processes learn of it from the store.
   admission_changed: Vec<usize>,
   /// Recorded calls waiting to be stored; `None` while nothing stores them.
-  usage: Option<UsageLog>,
-  /// Wakes the leasing task when a shared lease runs low; `None` while the quota is not shared.
-  lease_wake: Option<Arc<Notify>>,
+  usage: Option<UsageQueue>,
+  /// Wakes the leasing task when a shared lease runs low; `None` while no task is there.
+  lease_wake: Option<Wake>,
   /// The recent calls, for usage statistics without a database.
   calls: CallLog,
   counters: Counters,
@@ -294,7 +295,7 @@ impl PoolState {
       let budget = self.budget_of(index, model);
       if self.keys[index].reserve(&mut self.budgets, budget, now, estimated_tokens) {
         if let Some(wake) = &self.lease_wake {
-          wake.notify_one();
+          wake();
         }
       }
       self.models.get_mut(model).overload.on_hand_out(now);
@@ -375,9 +376,6 @@ pub struct KeyPool {
   policy: WindowPolicy,
   clock: Arc<dyn Clock>,
   log: Arc<dyn Log>,
-  /// Issues the ids of recorded calls, for the pool's life: a batch resent after a failed write,
-  /// even through a new connection, must carry the ids it had.
-  usage_ids: UsageIds,
   /// Reads the stored usage while MongoDB is connected: usage statistics are computed from it.
   usage_reader: Mutex<Option<UsageReader>>,
   /// Why keys cannot be added now, if they cannot (see [`Self::refuse_additions`]).
@@ -534,7 +532,6 @@ impl KeyPool {
       policy: config.policy,
       clock,
       log,
-      usage_ids: UsageIds::new(),
       usage_reader: Mutex::new(None),
       additions_refused: Mutex::new(None),
     })
@@ -1099,7 +1096,7 @@ impl KeyPool {
       counters.tokens = counters.tokens.saturating_add(tokens);
       if let Some(usage) = &mut state.usage {
         usage.push(UsageEntry {
-          id: self.usage_ids.next_id(),
+          id: usage.next_id(),
           index,
           timestamp: now,
           tokens,
@@ -1522,12 +1519,12 @@ impl KeyPool {
     self.with_state(|state, _| (state.caches[DEFAULT_MODEL_ID].cursor(), state.last_rotation))
   }
 
-  /// Starts queueing recorded calls for storage (see [`UsageLog::new`]); calls recorded before
-  /// are not queued. A second call keeps the first queue.
-  pub fn enable_usage_log(&self, capacity: usize, batch: usize, wake: Arc<tokio::sync::Notify>) {
+  /// Starts queueing recorded calls for storage, with ids from `ids` (see [`UsageQueue::new`]);
+  /// calls recorded before are not queued. A second call keeps the first queue, and its ids.
+  pub fn enable_usage_queue(&self, capacity: usize, batch: usize, ids: UsageIds, wake: Wake) {
     let mut state = self.state.lock();
     if state.usage.is_none() {
-      state.usage = Some(UsageLog::new(capacity, batch, wake));
+      state.usage = Some(UsageQueue::new(capacity, batch, ids, wake));
     }
   }
 
@@ -1703,18 +1700,20 @@ impl KeyPool {
   }
 
   /// From now on, hands out a key only within what this process leased of its budgets' shared
-  /// quota (see `share`): until the first leases arrive no key is available. Returns what the
-  /// pool notifies when a lease runs low; a second call returns the same and changes nothing else.
-  pub fn share_quota(&self) -> Arc<Notify> {
+  /// quota (see `share`): until the first leases arrive no key is available. A second call
+  /// changes nothing.
+  pub fn share_quota(&self) {
     let mut state = self.state.lock();
-    if let Some(wake) = &state.lease_wake {
-      return wake.clone();
+    if state.budgets.is_shared() {
+      return;
     }
-    let wake = Arc::new(Notify::new());
-    state.lease_wake = Some(wake.clone());
     state.budgets.share();
     state.invalidate_caches();
-    wake
+  }
+
+  /// What the pool calls when a shared lease runs low: the leasing task's wake-up.
+  pub fn set_lease_wake(&self, wake: Wake) {
+    self.state.lock().lease_wake = Some(wake);
   }
 
   /// What names budget `b` in the store's leases, the same in every process: for a key's own

@@ -892,8 +892,7 @@ fn recorded_calls_are_queued_with_stable_ids_only_once_enabled() {
   let (p, clock, _) = pool(2);
   p.record_usage(0, 1, Outcome::Success, 5.0, None).unwrap();
   assert!(p.take_usage(10).is_empty());
-  let wake = Arc::new(tokio::sync::Notify::new());
-  p.enable_usage_log(3, 2, wake);
+  p.enable_usage_queue(3, 2, UsageIds::new("test"), Arc::new(|| {}));
   clock.advance(5);
   p.record_usage(0, 10, Outcome::Success, 120.5, None)
     .unwrap();
