@@ -304,6 +304,7 @@ impl KeyPool {
   }
 
   /// The position of `key`, if it is in the pool (not removed).
+  #[cfg(test)]
   pub fn index_of(&self, key: &str) -> Result<usize, PoolError> {
     let index = self.names().position(key).ok_or(PoolError::KeyNotFound)?;
     self.with_live_key(index, |_, _| index)

@@ -108,7 +108,7 @@ impl KeyPool {
   }
 
   /// The operators' changes made here since the last call, for the store; the pool forgets them
-  /// (hand them back with [`Self::mark_admissions`] when their write fails).
+  /// (the caller keeps those whose write fails for its next try).
   pub fn export_admissions(&self) -> Vec<AdmissionRecord> {
     let mut state = self.state.lock();
     let state = &mut *state;
@@ -132,6 +132,7 @@ impl KeyPool {
   }
 
   /// Notes `records` as not written yet: they go with the next export.
+  #[cfg(test)]
   pub fn mark_admissions(&self, records: &[AdmissionRecord]) {
     let names = self.names();
     let mut state = self.state.lock();
