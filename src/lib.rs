@@ -2,11 +2,12 @@
 //!
 //! The layers, from the inside out:
 //! - [`core`]: clock, calendar, quotas, windows, models, budgets, keys, health, failures,
-//!   selection, configuration and the [`core::pool::KeyPool`] that holds them. Plain Rust, no I/O.
+//!   selection, configuration and the [`core::pool::KeyPool`] that holds them, with its state as
+//!   stored and its queue of recorded calls. Plain Rust, no I/O.
 //! - [`stats`]: counters, metrics, recent calls and usage statistics, kept beside the pool.
 //! - [`sharing`]: one quota across processes, the share a process holds and the task leasing it.
-//! - [`persistence`]: the write-behind task that takes the pool's changes to the store, its queue
-//!   of recorded calls, and the spill files for what the store did not take.
+//! - [`persistence`]: the write-behind task that takes the pool's changes and recorded calls to
+//!   the store, and the spill files for what the store did not take.
 //! - [`store`]: MongoDB (or memory): documents, key naming, leases, usage queries.
 //! - [`routing`]: Gemini requests sent on the pool's keys, waiting for one when all are resting.
 //! - [`http`]: the operators' API, the dashboard and the Gemini proxy.

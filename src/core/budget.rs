@@ -145,13 +145,6 @@ impl Budget {
     }
   }
 
-  pub fn rested_until(&self, now: Millis) -> Option<Millis> {
-    match self.rest(now) {
-      Rest::Until { until, .. } => Some(until),
-      _ => None,
-    }
-  }
-
   pub fn limit(&self, limit_type: LimitType) -> u64 {
     match limit_type {
       LimitType::Rpm => self.quota.rpm,
@@ -414,6 +407,11 @@ impl Budgets {
     }
   }
 
+  /// Whether budgets are used only within what this process leased (see [`Self::share`]).
+  pub fn is_shared(&self) -> bool {
+    self.shared
+  }
+
   /// From now on every budget, present and future, is used only within what this process leased
   /// of it.
   pub fn share(&mut self) {
@@ -450,6 +448,7 @@ impl Budgets {
   }
 
   /// The project called `name`, if there is one.
+  #[cfg(test)]
   pub fn find_project(&self, name: &ProjectName) -> Option<ProjectId> {
     self.projects.iter().position(|p| p.name == *name)
   }

@@ -37,10 +37,6 @@ pub enum HealthState {
 }
 
 impl HealthState {
-  pub fn label(self) -> &'static str {
-    Self::LABELS[self.code()]
-  }
-
   pub const LABELS: [&'static str; 6] = [
     "active",
     "resting",

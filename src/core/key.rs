@@ -10,7 +10,7 @@ use crate::core::clock::Millis;
 use crate::core::health::{Health, HealthState};
 use crate::core::models::ModelId;
 use crate::core::quota::LimitType;
-use crate::store::{KeyRecord, WindowRecord};
+use crate::core::snapshot::{KeyRecord, WindowRecord};
 
 /// A request counted on a budget when its key was handed out, waiting for its `recordUsage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

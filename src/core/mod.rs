@@ -15,4 +15,7 @@ pub mod pool;
 pub mod quota;
 pub mod roster;
 pub mod selection;
+pub mod snapshot;
+pub mod usage_queue;
+pub mod wake;
 pub mod window;

@@ -12,7 +12,6 @@
 //! take by then goes to a spill file (see `spill`), written at the next start.
 
 pub mod spill;
-pub mod usage_queue;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,15 +24,16 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::core::pool::KeyPool;
+use crate::core::snapshot::{AdmissionRecord, BudgetRecord, KeyRecord, UsageIds, UsageRecord};
+use crate::core::usage_queue::{DEFAULT_BATCH, DEFAULT_CAPACITY};
 use crate::log::Log;
 use crate::mask::scrub;
 use crate::sharing::leasing::{LeaseKeeper, StoreSlot};
 use crate::store::{
-  AdmissionRecord, BudgetRecord, KeyNaming, KeyRecord, KeyStorage, MongoStore, Store, StoreError,
-  UsageRecord, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
+  unique_name, KeyNaming, KeyStorage, MongoStore, Store, StoreError, DEFAULT_CONNECT_TIMEOUT,
+  DEFAULT_DB_NAME,
 };
 use spill::{Claim, Spill, SpilledKey};
-use usage_queue::{DEFAULT_BATCH, DEFAULT_CAPACITY};
 
 /// The line operators grep for, at start-up and whenever writes work again.
 pub const CONNECTED_LINE: &str = "✅ MongoDB connection established for API key management";
@@ -525,7 +525,13 @@ impl WriteBehind {
     log: Arc<dyn Log>,
   ) -> (Self, Started) {
     let wake = Arc::new(Notify::new());
-    pool.enable_usage_log(options.queue_capacity, options.batch_size, wake.clone());
+    let writer_wake = wake.clone();
+    pool.enable_usage_queue(
+      options.queue_capacity,
+      options.batch_size,
+      UsageIds::new(unique_name()),
+      Arc::new(move || writer_wake.notify_one()),
+    );
     let naming = Arc::new(KeyNaming::new(options.key_storage.clone()));
     // Before connecting: URLs name keys by their stored names whether connected or not, and a key
     // added before the connection must be one the store can keep.
@@ -533,7 +539,7 @@ impl WriteBehind {
     pool.set_namer(Arc::new(move |key: &str| namer.stored(key)));
     pool.refuse_additions((!naming.keeps_added_keys()).then(|| StoreError::CannotSeal.to_string()));
     // This process's name for its spill file: unique across processes and hosts.
-    let writer = mongodb::bson::oid::ObjectId::new().to_hex();
+    let writer = unique_name();
     let shared = Arc::new(Shared {
       pool: pool.clone(),
       naming,

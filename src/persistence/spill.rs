@@ -16,8 +16,9 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::core::clock::Millis;
+use crate::core::snapshot::{KeyRecord, UsageId, UsageRecord, WindowRecord};
 use crate::store::fingerprint::digest_name;
-use crate::store::{KeyRecord, StoredAdmission, UsageId, UsageRecord, WindowRecord};
+use crate::store::StoredAdmission;
 
 /// What a spill file's name ends with.
 const EXTENSION: &str = "jsonl";

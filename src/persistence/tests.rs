@@ -1,8 +1,8 @@
 use super::*;
-use crate::core::clock::SystemClock;
 use crate::core::config::{KeySpec, PoolConfig};
 use crate::core::error::PoolError;
 use crate::core::key::Admission;
+use crate::core::pool::testing::on_system_clock;
 use crate::core::pool::{Claim, Outcome};
 use crate::core::quota::{LimitType, Quota};
 use crate::log::CapturedLog;
@@ -10,18 +10,10 @@ use crate::store::test_server::{free_port, TestServer};
 use mongodb::bson::{doc, Document};
 
 fn pool(keys: &[&str]) -> Arc<KeyPool> {
-  let config = PoolConfig::of(
+  on_system_clock(PoolConfig::of(
     keys.iter().map(|k| k.to_string()).collect(),
     Quota::default(),
-  );
-  Arc::new(
-    KeyPool::new(
-      config,
-      Arc::new(SystemClock),
-      Arc::new(CapturedLog::default()),
-    )
-    .unwrap(),
-  )
+  ))
 }
 
 fn options(uri: String) -> PersistOptions {
@@ -131,8 +123,7 @@ async fn budgets_of_every_project_and_model_survive_a_restart() {
       ],
       ..PoolConfig::of(Vec::new(), Quota::default())
     };
-    let log = Arc::new(CapturedLog::default());
-    Arc::new(KeyPool::new(config, Arc::new(SystemClock), log).unwrap())
+    on_system_clock(config)
   };
   let digests = |uri| PersistOptions {
     key_storage: KeyStorage::Digest,

@@ -19,7 +19,7 @@ use crate::log::Log;
 use crate::sharing::share::{
   span_slices, Answer, LeaseNeed, Occurrence, SharedWindow, DAILY_LEASE_TTL_MS,
 };
-use crate::store::{LeaseSlot, SliceSlot, Store, StoreError};
+use crate::store::{unique_name, LeaseSlot, SliceSlot, Store, StoreError};
 
 /// How often the task looks at the leases when nothing wakes it: it renews and prefetches by time.
 const TICK: Duration = Duration::from_millis(100);
@@ -51,6 +51,27 @@ struct Inner {
   peers: AtomicUsize,
 }
 
+impl Inner {
+  /// The task's state for `pool`, which shares its quota from now on and wakes the task when a
+  /// lease runs low.
+  fn sharing(pool: Arc<KeyPool>, store: Arc<StoreSlot>, log: Arc<dyn Log>) -> Arc<Self> {
+    pool.share_quota();
+    let wake = Arc::new(Notify::new());
+    let task_wake = wake.clone();
+    pool.set_lease_wake(Arc::new(move || task_wake.notify_one()));
+    Arc::new(Self {
+      pool,
+      log,
+      reached: AtomicBool::new(true),
+      store,
+      holder: unique_name(),
+      wake,
+      closing: AtomicBool::new(false),
+      peers: AtomicUsize::new(1),
+    })
+  }
+}
+
 /// The running task. Call [`LeaseKeeper::close`] to give back what is held.
 pub struct LeaseKeeper {
   inner: Arc<Inner>,
@@ -62,17 +83,7 @@ impl LeaseKeeper {
   /// [`KeyPool::share_quota`]), takes the first leases, so the pool can serve when this returns,
   /// and starts the task. Must run inside a tokio runtime.
   pub async fn start(pool: Arc<KeyPool>, store: Arc<StoreSlot>, log: Arc<dyn Log>) -> Self {
-    let wake = pool.share_quota();
-    let inner = Arc::new(Inner {
-      pool,
-      log,
-      reached: AtomicBool::new(true),
-      store,
-      holder: mongodb::bson::oid::ObjectId::new().to_hex(),
-      wake,
-      closing: AtomicBool::new(false),
-      peers: AtomicUsize::new(1),
-    });
+    let inner = Inner::sharing(pool, store, log);
     round(&inner).await;
     let task = tokio::spawn(run(inner.clone()));
     Self {

@@ -1,7 +1,7 @@
 //! Usage statistics: recorded calls and a date range in, per-key and total figures out (requests,
 //! successes, failures, error rate, tokens, median and 95th-percentile response time). Pure: the
 //! calls come from the in-memory call log one by one, or from the usage collection already summed
-//! by the database, in buckets of nearly equal response time (see [`latency_bucket`]).
+//! by the database, in buckets of nearly equal response time (see [`BUCKETS_PER_E`]).
 
 use thiserror::Error;
 
@@ -69,7 +69,8 @@ pub struct UsageReport {
 pub const BUCKETS_PER_E: f64 = 100.0;
 
 /// The bucket a response time (ms) falls in: `floor(ln(ms + 1) * 100)`, as the database computes
-/// it in the usage aggregation.
+/// it in the usage aggregation (which tests hold to this).
+#[cfg(test)]
 pub fn latency_bucket(ms: f64) -> i64 {
   ((ms.max(0.0) + 1.0).ln() * BUCKETS_PER_E).floor() as i64
 }
@@ -103,12 +104,6 @@ pub fn weighted_percentile(sorted: &[(f64, u64)], p: f64) -> Option<f64> {
     seen += n;
     (seen >= rank).then_some(value)
   })
-}
-
-/// The nearest-rank percentile `p` (0 < p <= 100) of `sorted`, which must be sorted ascending.
-pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-  let weighted: Vec<(f64, u64)> = sorted.iter().map(|&v| (v, 1)).collect();
-  weighted_percentile(&weighted, p)
 }
 
 /// Counts and response times gathered for one key before the percentiles are taken.
@@ -180,6 +175,12 @@ pub fn compute(key_count: usize, calls: &[Call], range: DateRange) -> UsageRepor
 #[cfg(test)]
 mod tests {
   use super::*;
+
+  /// The nearest-rank percentile `p` of `sorted` values, each counted once.
+  fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    let weighted: Vec<(f64, u64)> = sorted.iter().map(|&v| (v, 1)).collect();
+    weighted_percentile(&weighted, p)
+  }
 
   fn call(key: usize, timestamp: Millis, success: bool, response_time: f64) -> Call {
     Call {

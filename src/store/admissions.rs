@@ -11,9 +11,9 @@ use mongodb::bson::{doc, DateTime, Document};
 use super::documents::millis;
 use super::error::StoreError;
 use super::mongo::{MongoStore, ADMISSIONS, DUPLICATE_KEY, READ_BATCH};
-use super::records::AdmissionRecord;
 use crate::core::clock::Millis;
 use crate::core::key::Admission;
+use crate::core::snapshot::AdmissionRecord;
 
 /// A decision as stored: the key by its stored name, and sealed when it was added at run time.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

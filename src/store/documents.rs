@@ -5,9 +5,9 @@
 
 use mongodb::bson::{doc, Bson, DateTime, Document};
 
-use super::records::{BudgetRecord, KeyRecord, RestRecord, UsageRecord, WindowRecord};
 use crate::core::clock::Millis;
 use crate::core::quota::{LimitType, Quota};
+use crate::core::snapshot::{BudgetRecord, KeyRecord, RestRecord, UsageRecord, WindowRecord};
 
 /// An integer as the Node driver stores a JS number: Int32 when it fits, otherwise Int64.
 fn int(n: u64) -> Bson {

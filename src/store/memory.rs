@@ -12,10 +12,9 @@ use super::admissions::StoredAdmission;
 use super::error::StoreError;
 use super::lease::{self, lease_id, ledger_id, Ledger};
 use super::naming::KeyNaming;
-use super::records::{
-  AdmissionRecord, BudgetRecord, Grant, KeyRecord, LeaseSlot, SliceSlot, UsageId, UsageRecord,
-};
+use super::records::{Grant, LeaseSlot, SliceSlot};
 use crate::core::clock::Millis;
+use crate::core::snapshot::{AdmissionRecord, BudgetRecord, KeyRecord, UsageId, UsageRecord};
 
 #[derive(Debug, Default)]
 struct Holding {
@@ -331,7 +330,8 @@ impl MemoryStore {
 mod tests {
   use super::*;
   use crate::core::clock::MINUTE_MS;
-  use crate::store::records::{UsageIds, WindowRecord};
+  use crate::core::snapshot::{UsageIds, WindowRecord};
+  use crate::store::unique_name;
 
   const NOW: Millis = 1_700_000_000_000;
 
@@ -377,7 +377,7 @@ mod tests {
   #[test]
   fn a_resent_usage_batch_is_stored_once() {
     let s = MemoryStore::new();
-    let ids = UsageIds::new();
+    let ids = UsageIds::new(unique_name());
     let batch: Vec<UsageRecord> = (0..3)
       .map(|i| UsageRecord {
         id: ids.next_id(),

@@ -21,16 +21,14 @@ pub(crate) mod test_server;
 mod usage_query;
 
 use crate::core::clock::Millis;
+use crate::core::snapshot::{AdmissionRecord, BudgetRecord, KeyRecord, UsageRecord};
 
 pub use admissions::StoredAdmission;
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
 pub use naming::{KeyNaming, KeyStorage};
-pub use records::{
-  AdmissionRecord, BudgetRecord, Grant, KeyRecord, LeaseSlot, RestRecord, SliceSlot, UsageId,
-  UsageIds, UsageRecord, WindowRecord,
-};
+pub use records::{unique_name, Grant, LeaseSlot, SliceSlot};
 pub use usage_query::{StoredUsage, UsageReader, MAX_CALLS};
 
 /// Where state is kept. Every call that has something to do is one round trip per batch (see
@@ -245,6 +243,7 @@ impl Store {
 mod tests {
   use super::*;
   use crate::core::clock::DAY_MS;
+  use crate::core::snapshot::{UsageIds, WindowRecord};
 
   #[tokio::test]
   async fn the_memory_store_serves_the_whole_contract_through_the_enum() {
@@ -268,7 +267,7 @@ mod tests {
     store.save_keys(std::slice::from_ref(&key)).await.unwrap();
     assert_eq!(store.load(0, &[]).await.unwrap(), vec![key]);
     let usage = UsageRecord {
-      id: UsageIds::new().next_id(),
+      id: UsageIds::new(unique_name()).next_id(),
       api_key: "k".into(),
       timestamp: 0,
       tokens_used: 1,

@@ -17,9 +17,9 @@ use super::documents::{
 };
 use super::error::StoreError;
 use super::naming::{KeyNaming, KeyStorage};
-use super::records::{BudgetRecord, KeyRecord, UsageRecord};
 use super::usage_query::UsageReader;
 use crate::core::clock::Millis;
+use crate::core::snapshot::{BudgetRecord, KeyRecord, UsageRecord};
 use crate::mask::scrub;
 use crate::store::fingerprint::digest_name;
 

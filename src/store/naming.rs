@@ -7,8 +7,8 @@ use thiserror::Error;
 
 use super::admissions::StoredAdmission;
 use super::error::StoreError;
-use super::records::{AdmissionRecord, UsageRecord};
 use super::sealing::Sealer;
+use crate::core::snapshot::{AdmissionRecord, UsageRecord};
 use crate::mask::mask_key;
 use crate::store::fingerprint::{
   digest_name, is_digest_name, is_fingerprint, FingerprintError, Fingerprinter,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::KeyPool;
-use crate::core::clock::{FakeClock, Millis};
+use crate::core::clock::{FakeClock, Millis, SystemClock};
 use crate::core::config::PoolConfig;
 use crate::core::quota::Quota;
 use crate::log::CapturedLog;
@@ -32,7 +32,11 @@ impl TestPool {
 
   /// A pool built from a whole configuration, on a fake clock at [`T0`].
   pub fn of_config(config: PoolConfig) -> Self {
-    let clock = FakeClock::at(T0);
+    Self::on_clock(config, FakeClock::at(T0))
+  }
+
+  /// A pool built from `config` on `clock`, which other pools may share: processes on one host.
+  pub fn on_clock(config: PoolConfig, clock: FakeClock) -> Self {
     let log = Arc::new(CapturedLog::default());
     let pool =
       KeyPool::new(config, Arc::new(clock.clone()), log.clone()).expect("a valid test pool");
@@ -50,4 +54,11 @@ pub fn test_keys(n: usize) -> Vec<String> {
   (0..n)
     .map(|i| format!("AIzaSyTESTKEY{i:04}abcdefghijkl"))
     .collect()
+}
+
+/// A pool built from `config` on the system clock, for tests that run the real tasks (their
+/// timers are the runtime's, which a fake clock does not move).
+pub fn on_system_clock(config: PoolConfig) -> Arc<KeyPool> {
+  let log = Arc::new(CapturedLog::default());
+  Arc::new(KeyPool::new(config, Arc::new(SystemClock), log).expect("a valid test pool"))
 }

@@ -1,6 +1,7 @@
 use super::*;
 use crate::core::key::Admission;
-use crate::store::UsageIds;
+use crate::core::snapshot::UsageIds;
+use crate::store::unique_name;
 
 fn call(ids: &UsageIds, n: u64) -> UsageRecord {
   UsageRecord {
@@ -99,7 +100,7 @@ fn log_lines_say_what_was_kept() {
 #[test]
 fn what_one_process_spills_another_claims_once_and_deletes_when_written() {
   let base = std::env::temp_dir().join(format!("gkm-spill-test-{}", std::process::id()));
-  let ids = UsageIds::new();
+  let ids = UsageIds::new(unique_name());
   let calls: Vec<_> = (0..3).map(|n| call(&ids, n)).collect();
   let admission = StoredAdmission {
     stored: "sha256_4567".into(),
@@ -146,7 +147,7 @@ fn what_one_process_spills_another_claims_once_and_deletes_when_written() {
 #[test]
 fn a_line_cut_short_is_counted_and_the_rest_read() {
   let base = std::env::temp_dir().join(format!("gkm-spill-cut-{}", std::process::id()));
-  let ids = UsageIds::new();
+  let ids = UsageIds::new(unique_name());
   let s = Spill::new(&base, "u", "d", "w");
   s.write(&[call(&ids, 0)], &[], &[]).unwrap();
   fs::OpenOptions::new()

@@ -1,6 +1,7 @@
 use super::*;
 use crate::core::clock::FakeClock;
 use crate::core::config::PoolConfig;
+use crate::core::pool::testing::TestPool;
 use crate::core::pool::{Claim, Outcome};
 use crate::core::quota::Quota;
 use crate::core::quota::WindowPolicy;
@@ -40,25 +41,8 @@ fn process_with(
     policy,
     ..PoolConfig::of(vec!["key-a".into(), "key-b".into(), "key-c".into()], quota)
   };
-  let pool = Arc::new(
-    KeyPool::new(
-      config,
-      Arc::new(clock.clone()),
-      Arc::new(CapturedLog::default()),
-    )
-    .unwrap(),
-  );
-  let wake = pool.share_quota();
-  Arc::new(Inner {
-    pool,
-    log: log.clone(),
-    reached: AtomicBool::new(true),
-    store: store.clone(),
-    holder: mongodb::bson::oid::ObjectId::new().to_hex(),
-    wake,
-    closing: AtomicBool::new(false),
-    peers: AtomicUsize::new(1),
-  })
+  let pool = TestPool::on_clock(config, clock.clone()).shared();
+  Inner::sharing(pool, store.clone(), log.clone())
 }
 
 /// Four processes hand out keys greedily, a leasing round between turns, for three minutes

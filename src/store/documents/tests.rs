@@ -1,6 +1,7 @@
 use super::*;
 use crate::core::clock::{DAY_MS, MINUTE_MS};
-use crate::store::records::UsageIds;
+use crate::core::snapshot::UsageIds;
+use crate::store::unique_name;
 use mongodb::bson::oid::ObjectId;
 
 const NOW: Millis = 1_700_000_000_000;
@@ -116,7 +117,7 @@ fn missing_parts_take_defaults_and_a_document_without_a_key_is_skipped() {
 
 #[test]
 fn usage_documents_carry_their_stable_id_and_js_numbers() {
-  let ids = UsageIds::new();
+  let ids = UsageIds::new(unique_name());
   let u = UsageRecord {
     id: ids.next_id(),
     api_key: "k".into(),

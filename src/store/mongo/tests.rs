@@ -1,7 +1,8 @@
 use super::*;
 use crate::core::clock::{DAY_MS, MINUTE_MS};
-use crate::store::records::{UsageIds, WindowRecord};
+use crate::core::snapshot::{UsageIds, WindowRecord};
 use crate::store::test_server::TestServer;
+use crate::store::unique_name;
 use mongodb::bson::oid::ObjectId;
 use mongodb::bson::DateTime;
 use std::time::Instant;
@@ -196,7 +197,7 @@ async fn a_database_written_by_the_old_service_loads() {
 async fn a_resent_usage_batch_adds_no_duplicates() {
   let server = TestServer::start();
   let store = connect(&server).await;
-  let ids = UsageIds::new();
+  let ids = UsageIds::new(unique_name());
   let batch: Vec<UsageRecord> = (0..50)
     .map(|i| UsageRecord {
       id: ids.next_id(),
@@ -248,7 +249,7 @@ async fn plaintext_documents_migrate_to_digests_then_digests_to_fingerprints() {
     ])
     .await
     .unwrap();
-  let ids = UsageIds::new();
+  let ids = UsageIds::new(unique_name());
   let usage = |k: &str, timestamp: Millis, error: Option<String>| UsageRecord {
     id: ids.next_id(),
     api_key: k.into(),

@@ -4,12 +4,10 @@
 //! path.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-
-use tokio::sync::Notify;
 
 use crate::core::clock::Millis;
-use crate::store::{UsageId, UsageRecord};
+use crate::core::snapshot::{UsageId, UsageIds, UsageRecord};
+use crate::core::wake::Wake;
 
 /// How many recorded calls wait for a write at most, by default: at Gemini's free-tier limits, far
 /// more than a whole pool can make in one flush interval, and a few MB at most.
@@ -44,20 +42,22 @@ impl UsageEntry {
   }
 }
 
-/// Recorded calls not yet written, oldest first.
-#[derive(Debug)]
-pub struct UsageLog {
+/// Recorded calls not yet written, oldest first, and the ids they are recorded with.
+pub struct UsageQueue {
   entries: VecDeque<UsageEntry>,
   capacity: usize,
   batch: usize,
   dropped: u64,
-  wake: Arc<Notify>,
+  wake: Wake,
+  /// Kept as long as the queue, the pool's life: a batch resent after a failed write, even
+  /// through a new connection, must carry the ids it had.
+  ids: UsageIds,
 }
 
-impl UsageLog {
-  /// A queue of at most `capacity` entries (at least 1) that wakes `wake` each time it holds
-  /// `batch` of them.
-  pub fn new(capacity: usize, batch: usize, wake: Arc<Notify>) -> Self {
+impl UsageQueue {
+  /// A queue of at most `capacity` entries (at least 1) that calls `wake` each time it holds
+  /// `batch` of them, its entries' ids issued by `ids`.
+  pub fn new(capacity: usize, batch: usize, ids: UsageIds, wake: Wake) -> Self {
     let capacity = capacity.max(1);
     Self {
       // Room up front (up to the default's), so that pushing on the hot path does not allocate.
@@ -66,7 +66,13 @@ impl UsageLog {
       batch: batch.clamp(1, capacity),
       dropped: 0,
       wake,
+      ids,
     }
+  }
+
+  /// The id of the call recorded next: assigned when it is recorded, not when it is written.
+  pub fn next_id(&self) -> UsageId {
+    self.ids.next_id()
   }
 
   /// Queues a call. When full, the oldest entry makes room: a writer that cannot keep up (the
@@ -79,7 +85,7 @@ impl UsageLog {
     }
     self.entries.push_back(entry);
     if self.entries.len() == self.batch {
-      self.wake.notify_one();
+      (self.wake)();
     }
   }
 
@@ -105,12 +111,14 @@ impl UsageLog {
 
 #[cfg(test)]
 mod tests {
-  use super::*;
-  use crate::store::UsageIds;
+  use std::sync::atomic::{AtomicUsize, Ordering};
+  use std::sync::Arc;
 
-  fn entry(ids: &UsageIds, index: usize) -> UsageEntry {
+  use super::*;
+
+  fn entry(queue: &UsageQueue, index: usize) -> UsageEntry {
     UsageEntry {
-      id: ids.next_id(),
+      id: queue.next_id(),
       index,
       timestamp: 7,
       tokens: 3,
@@ -120,43 +128,47 @@ mod tests {
     }
   }
 
-  #[tokio::test]
-  async fn a_full_queue_drops_its_oldest_and_counts_them() {
-    let ids = UsageIds::new();
-    let mut log = UsageLog::new(3, 10, Arc::new(Notify::new()));
+  /// A queue whose wake-ups are counted.
+  fn counted(capacity: usize, batch: usize) -> (UsageQueue, Arc<AtomicUsize>) {
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let counter = wakes.clone();
+    let wake: Wake = Arc::new(move || {
+      counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let queue = UsageQueue::new(capacity, batch, UsageIds::new("test"), wake);
+    (queue, wakes)
+  }
+
+  #[test]
+  fn a_full_queue_drops_its_oldest_and_counts_them() {
+    let (mut queue, _) = counted(3, 10);
     for i in 0..5 {
-      log.push(entry(&ids, i));
+      queue.push(entry(&queue, i));
     }
-    assert_eq!((log.len(), log.dropped()), (3, 2));
-    let taken = log.take(2);
+    assert_eq!((queue.len(), queue.dropped()), (3, 2));
+    let taken = queue.take(2);
     assert_eq!(
       taken.iter().map(|e| e.index).collect::<Vec<_>>(),
       vec![2, 3]
     );
-    assert_eq!(log.take(10).len(), 1);
-    assert!(log.is_empty());
+    assert_eq!(queue.take(10).len(), 1);
+    assert!(queue.is_empty());
   }
 
-  #[tokio::test]
-  async fn a_full_batch_wakes_the_writer() {
-    let ids = UsageIds::new();
-    let wake = Arc::new(Notify::new());
-    let mut log = UsageLog::new(100, 2, wake.clone());
-    log.push(entry(&ids, 0));
-    let woken = tokio::time::timeout(std::time::Duration::from_millis(20), wake.notified());
-    assert!(woken.await.is_err());
-    log.push(entry(&ids, 1));
-    // The permit was stored: the writer sees it even though it was not waiting yet.
-    tokio::time::timeout(std::time::Duration::from_secs(1), wake.notified())
-      .await
-      .unwrap();
+  #[test]
+  fn a_full_batch_wakes_the_writer() {
+    let (mut queue, wakes) = counted(100, 2);
+    queue.push(entry(&queue, 0));
+    assert_eq!(wakes.load(Ordering::Relaxed), 0);
+    queue.push(entry(&queue, 1));
+    assert_eq!(wakes.load(Ordering::Relaxed), 1);
   }
 
   #[test]
   fn a_drained_entry_names_its_key() {
-    let ids = UsageIds::new();
+    let (queue, _) = counted(10, 10);
     let names = vec!["a".to_owned(), "b".to_owned()];
-    let e = entry(&ids, 1);
+    let e = entry(&queue, 1);
     let record = e.clone().into_record(&names);
     assert_eq!(record.api_key, "b");
     assert_eq!(
