@@ -17,7 +17,7 @@ use crate::core::models::ModelId;
 use crate::core::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::core::quota::LimitType;
 use crate::log::{ConsoleLog, Log, SilentLog};
-use crate::napi::errors::js_error;
+use crate::napi::errors::bad_input;
 use crate::napi::fast_path::{self, JsPool};
 use crate::napi::options::{KeyOption, PoolOptions};
 use crate::napi::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
@@ -146,14 +146,13 @@ impl NativeKeyPool {
         o.quiet.unwrap_or(false),
       ),
     };
-    let config =
-      PoolConfig::resolve(options, &|name| std::env::var(name).ok()).map_err(js_error)?;
+    let config = PoolConfig::resolve(options, &|name| std::env::var(name).ok())?;
     let log: Arc<dyn Log> = if quiet {
       Arc::new(SilentLog)
     } else {
       Arc::new(ConsoleLog)
     };
-    let pool = KeyPool::new(config, Arc::new(SystemClock), log.clone()).map_err(js_error)?;
+    let pool = KeyPool::new(config, Arc::new(SystemClock), log.clone())?;
     if let Some(capacity) = call_log_capacity {
       pool.keep_calls(capacity as usize);
     }
@@ -208,11 +207,7 @@ impl NativeKeyPool {
   /// default model's, said once), if it was not yet.
   #[napi]
   pub fn model_id(&self, name: String) -> napi::Result<u32> {
-    self
-      .pool()
-      .model_id(&name)
-      .map(|id| id as u32)
-      .map_err(js_error)
+    Ok(self.pool().model_id(&name)? as u32)
   }
 
   /// Every key's project and its budget of every model met, by position.
@@ -220,7 +215,7 @@ impl NativeKeyPool {
   pub fn budgets(&self) -> napi::Result<Vec<KeyBudgets>> {
     (0..self.pool().len())
       .map(|i| {
-        let (project, views) = self.pool().budgets_of(i).map_err(js_error)?;
+        let (project, views) = self.pool().budgets_of(i)?;
         Ok(KeyBudgets {
           project,
           models: views
@@ -244,13 +239,8 @@ impl NativeKeyPool {
   /// writes its figures into the result slots; returns its position.
   #[napi]
   pub fn add_key(&self, api_key: String, project: Option<String>) -> napi::Result<u32> {
-    let index = self
-      .pool()
-      .add_key(&api_key, project.as_deref())
-      .map_err(js_error)?;
-    self
-      .results()
-      .write_figures(&self.pool().figures(index).map_err(js_error)?);
+    let index = self.pool().add_key(&api_key, project.as_deref())?;
+    self.results().write_figures(&self.pool().figures(index)?);
     Ok(index as u32)
   }
 
@@ -258,13 +248,10 @@ impl NativeKeyPool {
   /// the pool. Returns whether it changed anything.
   #[napi]
   pub fn admit(&self, index: u32, admission: KeyAdmission) -> napi::Result<bool> {
-    let changed = self
-      .pool()
-      .admit(at(index), admission.into())
-      .map_err(js_error)?;
+    let changed = self.pool().admit(at(index), admission.into())?;
     self
       .results()
-      .write_figures(&self.pool().figures(at(index)).map_err(js_error)?);
+      .write_figures(&self.pool().figures(at(index))?);
     Ok(changed)
   }
 
@@ -273,10 +260,10 @@ impl NativeKeyPool {
   #[napi]
   pub fn rotate(&self, estimated_tokens: f64, model_id: Option<u32>) -> napi::Result<u32> {
     let claim = Claim::Reserve {
-      estimated_tokens: validate_tokens(estimated_tokens).map_err(js_error)?,
+      estimated_tokens: validate_tokens(estimated_tokens)?,
     };
     let model = model(model_id).unwrap_or(crate::core::models::DEFAULT_MODEL_ID);
-    let picked = self.pool().rotate(claim, model).map_err(js_error)?;
+    let picked = self.pool().rotate(claim, model)?;
     self.results().write_rotation(&picked.pick);
     self.results().write_figures(&picked.figures);
     Ok(picked.pick.selection.index as u32)
@@ -294,16 +281,13 @@ impl NativeKeyPool {
     model_id: Option<u32>,
   ) -> napi::Result<()> {
     let tokens = validate_tokens(tokens).unwrap_or(0);
-    let figures = self
-      .pool()
-      .record_usage(
-        at(index),
-        tokens,
-        Outcome::Failure(&error),
-        response_time.unwrap_or(0.0),
-        model(model_id),
-      )
-      .map_err(js_error)?;
+    let figures = self.pool().record_usage(
+      at(index),
+      tokens,
+      Outcome::Failure(&error),
+      response_time.unwrap_or(0.0),
+      model(model_id),
+    )?;
     self.results().write_figures(&figures);
     Ok(())
   }
@@ -319,48 +303,40 @@ impl NativeKeyPool {
     model_id: Option<u32>,
   ) -> napi::Result<()> {
     let retry_after_ms = match retry_after_ms {
-      Some(ms) if !(ms.is_finite() && ms >= 0.0) => {
-        return Err(napi::Error::from_reason(format!(
-          "retryAfterMs must be a non-negative number of milliseconds (got {})",
-          js_number(ms)
-        )))
-      }
+      Some(ms) if !(ms.is_finite() && ms >= 0.0) => Err(bad_input(format!(
+        "retryAfterMs must be a non-negative number of milliseconds (got {})",
+        js_number(ms)
+      )))?,
       ms => ms.map(|ms| ms.ceil() as i64),
     };
     let limit_type = LimitType::parse(&limit_type).ok_or(PoolError::InvalidLimitType {
       got: format!("{limit_type:?}"),
     });
-    let figures = limit_type
-      .and_then(|t| {
-        self
-          .pool()
-          .handle_rate_limit(at(index), t, retry_after_ms, model(model_id))
-      })
-      .map_err(js_error)?;
+    let figures = limit_type.and_then(|t| {
+      self
+        .pool()
+        .handle_rate_limit(at(index), t, retry_after_ms, model(model_id))
+    })?;
     self.results().write_figures(&figures);
     Ok(())
   }
 
   #[napi]
   pub fn reactivate(&self, index: u32) -> napi::Result<()> {
-    let figures = self.pool().reactivate(at(index)).map_err(js_error)?;
+    let figures = self.pool().reactivate(at(index))?;
     self.results().write_figures(&figures);
     Ok(())
   }
 
   #[napi]
   pub fn reset_all_limits(&self) -> napi::Result<()> {
-    self.pool().reset_all_limits().map_err(js_error)
+    Ok(self.pool().reset_all_limits()?)
   }
 
   /// Rebuilds the selection cache; returns how many keys are available.
   #[napi]
   pub fn refresh_cache(&self) -> napi::Result<u32> {
-    self
-      .pool()
-      .refresh_cache()
-      .map(|n| n as u32)
-      .map_err(js_error)
+    Ok(self.pool().refresh_cache()? as u32)
   }
 
   /// `getRateLimitInfo`: RPM, RPD and TPM, with `resetTime` in epoch milliseconds.
@@ -370,10 +346,7 @@ impl NativeKeyPool {
     index: u32,
     model_id: Option<u32>,
   ) -> napi::Result<Vec<RateLimitEntry>> {
-    let info = self
-      .pool()
-      .rate_limit_info(at(index), model(model_id))
-      .map_err(js_error)?;
+    let info = self.pool().rate_limit_info(at(index), model(model_id))?;
     Ok(
       info
         .iter()
@@ -395,25 +368,22 @@ impl NativeKeyPool {
     estimated_tokens: f64,
     model_id: Option<u32>,
   ) -> napi::Result<Option<f64>> {
-    let tokens = validate_tokens(estimated_tokens).map_err(js_error)?;
+    let tokens = validate_tokens(estimated_tokens)?;
     let model = model(model_id).unwrap_or(crate::core::models::DEFAULT_MODEL_ID);
-    let at = self
-      .pool()
-      .next_available_at(tokens, model)
-      .map_err(js_error)?;
+    let at = self.pool().next_available_at(tokens, model)?;
     Ok(at.map(|t| t as f64))
   }
 
   /// The key's last error message, if it has one.
   #[napi]
   pub fn last_error(&self, index: u32) -> napi::Result<Option<String>> {
-    self.pool().last_error(at(index)).map_err(js_error)
+    Ok(self.pool().last_error(at(index))?)
   }
 
   /// Writes `currentIndex` and `lastRotation` into the result slots.
   #[napi]
   pub fn summary(&self) -> napi::Result<()> {
-    let (current_index, last_rotation) = self.pool().rotation_state().map_err(js_error)?;
+    let (current_index, last_rotation) = self.pool().rotation_state()?;
     self.results().set(Slot::CurrentIndex, current_index as f64);
     self.results().set(Slot::LastRotation, last_rotation as f64);
     Ok(())
@@ -422,14 +392,14 @@ impl NativeKeyPool {
   /// The metrics as a JSON object (see `getMetrics` in lib/index.d.ts).
   #[napi]
   pub fn metrics_json(&self) -> napi::Result<String> {
-    let snapshot = self.pool().metrics().map_err(js_error)?;
+    let snapshot = self.pool().metrics()?;
     Ok(metrics::to_json(&snapshot))
   }
 
   /// The metrics in the Prometheus text exposition format.
   #[napi]
   pub fn metrics_text(&self) -> napi::Result<String> {
-    let snapshot = self.pool().metrics().map_err(js_error)?;
+    let snapshot = self.pool().metrics()?;
     Ok(metrics::prometheus_text(&snapshot))
   }
   /// Refuses every later call. Idempotent.

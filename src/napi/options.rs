@@ -8,6 +8,7 @@ use napi::bindgen_prelude::Either;
 use napi_derive::napi;
 
 use crate::core::config::{js_number, LimitOverrides};
+use crate::napi::errors::bad_input;
 
 /// Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier.
 #[napi(object)]
@@ -144,10 +145,10 @@ pub(super) fn millis_option(
   match value {
     None => Ok(default),
     Some(ms) if ms.is_finite() && ms > 0.0 => Ok(Duration::from_millis(ms.ceil() as u64)),
-    Some(ms) => Err(napi::Error::from_reason(format!(
+    Some(ms) => Err(bad_input(format!(
       "{name} must be a positive number of milliseconds (got {})",
       js_number(ms)
-    ))),
+    )))?,
   }
 }
 

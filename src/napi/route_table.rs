@@ -19,8 +19,7 @@ impl NativeKeyPool {
   /// `KEY_MANAGER_ADMIN_TOKEN`) as the server is.
   #[napi]
   pub fn router(&self, admin_token: Option<String>) -> napi::Result<NativeRouter> {
-    let guard = AdminGuard::resolve(admin_token.as_deref(), &process_env)
-      .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    let guard = AdminGuard::resolve(admin_token.as_deref(), &process_env)?;
     Ok(NativeRouter {
       pool: self.js.pool.clone(),
       guard,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use napi_derive::napi;
 
 use crate::core::config::js_number;
+use crate::napi::errors::bad_input;
 use crate::napi::key_pool::NativeKeyPool;
 use crate::napi::options::{millis_option, process_env};
 use crate::routing::{RouteOptions, Router, Timeouts, Upstream};
@@ -19,17 +20,14 @@ impl NativeKeyPool {
     timeouts: Timeouts,
   ) -> napi::Result<Router> {
     let defaults = RouteOptions::default();
-    let upstream = Upstream::from_env(&process_env, timeouts)
-      .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    let upstream = Upstream::from_env(&process_env, timeouts)?;
     let options = RouteOptions {
       max_wait: match max_wait_ms {
         Some(ms) if ms.is_finite() && ms >= 0.0 => Duration::from_millis(ms as u64),
-        Some(ms) => {
-          return Err(napi::Error::from_reason(format!(
-            "routeMaxWaitMs must be a non-negative number of milliseconds (got {})",
-            js_number(ms)
-          )))
-        }
+        Some(ms) => Err(bad_input(format!(
+          "routeMaxWaitMs must be a non-negative number of milliseconds (got {})",
+          js_number(ms)
+        )))?,
         None => defaults.max_wait,
       },
       ..defaults
@@ -42,8 +40,7 @@ impl NativeKeyPool {
   #[napi]
   pub fn revalidate(&self, interval_ms: f64) -> napi::Result<()> {
     let interval = millis_option("revalidateIntervalMs", Some(interval_ms), Duration::ZERO)?;
-    let upstream = Upstream::from_env(&process_env, Timeouts::default())
-      .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    let upstream = Upstream::from_env(&process_env, Timeouts::default())?;
     let pool = self.js.pool.clone();
     napi::bindgen_prelude::spawn(crate::routing::revalidate::run(pool, upstream, interval));
     Ok(())
@@ -60,6 +57,5 @@ pub fn gemini_base_url() -> String {
 /// `KEY_MANAGER_ROUTE_REQUESTS`, else yes. Throws on a value of the variable that is no boolean.
 #[napi]
 pub fn route_requests(explicit: Option<bool>) -> napi::Result<bool> {
-  crate::routing::route_requests(explicit, &process_env)
-    .map_err(|e| napi::Error::from_reason(e.to_string()))
+  Ok(crate::routing::route_requests(explicit, &process_env)?)
 }

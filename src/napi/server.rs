@@ -12,6 +12,7 @@ use crate::http::auth::resolve_allow_insecure;
 use crate::http::proxy::{ProxyOptions, DEFAULT_MAX_PROXY_BODY};
 use crate::http::proxy_auth::{ClientAccess, PROXY_TOKENS_ENV};
 use crate::http::{self, AdminGuard, Listen, ServerHandle, ServerOptions};
+use crate::napi::errors::bad_input;
 use crate::napi::key_pool::NativeKeyPool;
 use crate::napi::options::{millis_option, process_env, ServeOptions};
 use crate::routing::Timeouts;
@@ -33,30 +34,28 @@ impl NativeKeyPool {
     options: Option<ServeOptions>,
   ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
     let port = u16::try_from(port)
-      .map_err(|_| napi::Error::from_reason(format!("port must be 0 to 65535 (got {port})")))?;
+      .map_err(|_| bad_input(format!("port must be 0 to 65535 (got {port})")))?;
     let listen = if host.eq_ignore_ascii_case("localhost") {
       Listen::Localhost { port }
     } else {
       let ip: IpAddr = host.parse().map_err(|_| {
         // A key pasted into the wrong field must not come back whole.
         let shown = crate::mask::scrub(&host, self.pool().names().keys());
-        napi::Error::from_reason(format!(
+        bad_input(format!(
           "host must be an IP address or localhost (got {shown:?})"
         ))
       })?;
       Listen::Addr(SocketAddr::new(ip, port))
     };
     let o = options.unwrap_or_default();
-    let config_error = |e: http::AuthConfigError| napi::Error::from_reason(e.to_string());
     let defaults = ServerOptions::default();
     let options = ServerOptions {
       max_body_bytes: o
         .max_body_bytes
         .map_or(defaults.max_body_bytes, |n| n as usize),
       access_log: o.access_log.unwrap_or(defaults.access_log),
-      admin: AdminGuard::resolve(o.admin_token.as_deref(), &process_env).map_err(config_error)?,
-      allow_insecure: resolve_allow_insecure(o.allow_insecure, &process_env)
-        .map_err(config_error)?,
+      admin: AdminGuard::resolve(o.admin_token.as_deref(), &process_env)?,
+      allow_insecure: resolve_allow_insecure(o.allow_insecure, &process_env)?,
       max_connections: o
         .max_connections
         .map_or(defaults.max_connections, |n| n.max(1) as usize),
@@ -67,9 +66,7 @@ impl NativeKeyPool {
     let pool = self.js.pool.clone();
     let proxy = options.proxy.is_some();
     env.spawn_future(async move {
-      let handle = http::start(pool, listen, options)
-        .await
-        .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+      let handle = http::start(pool, listen, options).await?;
       Ok(NativeServer {
         proxy,
         host: match listen {
@@ -87,18 +84,17 @@ impl NativeKeyPool {
   fn proxy_options(&self, o: &ServeOptions, listen: Listen) -> napi::Result<Option<ProxyOptions>> {
     let clients = match &o.route_token {
       Some(_) => ClientAccess::Off,
-      None => ClientAccess::resolve(o.proxy_tokens.as_deref(), o.proxy_open, &process_env)
-        .map_err(|e| napi::Error::from_reason(e.to_string()))?,
+      None => ClientAccess::resolve(o.proxy_tokens.as_deref(), o.proxy_open, &process_env)?,
     };
     if o.route_token.is_none() && !clients.is_on() {
       return Ok(None);
     }
     if let (ClientAccess::Open, Listen::Addr(addr)) = (&clients, listen) {
       if !addr.ip().to_canonical().is_loopback() {
-        return Err(napi::Error::from_reason(format!(
+        Err(bad_input(format!(
           "the Gemini proxy opens without tokens only on loopback: set {PROXY_TOKENS_ENV} (or \
            proxyTokens) to serve it on {addr}"
-        )));
+        )))?;
       }
     }
     let d = Timeouts::default();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use napi::bindgen_prelude::{Env, PromiseRaw};
 use napi_derive::napi;
 
+use crate::napi::errors::BindingError;
 use crate::napi::key_pool::NativeKeyPool;
 use crate::napi::options::{millis_option, process_env, StoreOptions};
 use crate::persistence::{PersistOptions, Started, WriteBehind};
@@ -61,8 +62,7 @@ impl NativeKeyPool {
       options.fingerprint_secret,
       options.store_plaintext_keys,
       &|name| std::env::var(name).ok(),
-    )
-    .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+    )?;
     let defaults = PersistOptions::new(options.uri);
     let persist = PersistOptions {
       key_storage,
@@ -106,7 +106,7 @@ impl NativeKeyPool {
       ..defaults
     };
     if self.store_attached.swap(true, Ordering::AcqRel) {
-      return Err(napi::Error::from_reason("a store is already attached"));
+      Err(BindingError::StoreAttached)?;
     }
     let (pool, log, slot) = (self.js.pool.clone(), self.log.clone(), self.writer.clone());
     if persist.share_quota {
@@ -176,7 +176,6 @@ impl Drop for NativeKeyPool {
 /// its SHA-256 digest, `sha256_` and 32 hex digits.
 #[napi]
 pub fn key_fingerprint(api_key: String, secret: Option<String>) -> napi::Result<String> {
-  let storage = KeyStorage::resolve(secret, Some(false), &process_env)
-    .map_err(|e| napi::Error::from_reason(e.to_string()))?;
+  let storage = KeyStorage::resolve(secret, Some(false), &process_env)?;
   Ok(KeyNaming::new(storage).stored(&api_key))
 }
