@@ -954,7 +954,7 @@ class ApiKeyManagerService {
   getMetrics() {
     const reason = this._ready()
     if (reason !== null) throw new Error(reason)
-    return JSON.parse(this._native.metricsJson())
+    return this._native.metrics()
   }
 
   /** The same metrics in the Prometheus text exposition format (what `GET /metrics` serves). */

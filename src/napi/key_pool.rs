@@ -22,7 +22,6 @@ use crate::napi::fast_path::{self, JsPool};
 use crate::napi::options::{KeyOption, PoolOptions};
 use crate::napi::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
 use crate::persistence::WriteBehind;
-use crate::stats::metrics;
 
 /// How to read the result slots: their names in order, and the strings that the `method` and
 /// `rotationReason` slots' codes stand for.
@@ -389,19 +388,6 @@ impl NativeKeyPool {
     Ok(())
   }
 
-  /// The metrics as a JSON object (see `getMetrics` in lib/index.d.ts).
-  #[napi]
-  pub fn metrics_json(&self) -> napi::Result<String> {
-    let snapshot = self.pool().metrics()?;
-    Ok(metrics::to_json(&snapshot))
-  }
-
-  /// The metrics in the Prometheus text exposition format.
-  #[napi]
-  pub fn metrics_text(&self) -> napi::Result<String> {
-    let snapshot = self.pool().metrics()?;
-    Ok(metrics::prometheus_text(&snapshot))
-  }
   /// Refuses every later call. Idempotent.
   #[napi]
   pub fn close(&self) {

@@ -2,6 +2,7 @@
 //! - `key_pool`: the class, built from JS options; its hot path and its calls about keys.
 //! - `options`: JS options into configuration, and the one read of the process environment.
 //! - `errors`: how errors cross into JS.
+//! - `metrics`: the metrics as objects.
 //! - `store`: `attachStore` and the MongoDB writer's figures.
 //! - `server`: `serve`, the HTTP API and the Gemini proxy.
 //! - `routing`: the router of the app's Gemini requests, and the revalidation of refused keys.
@@ -17,6 +18,8 @@ mod errors;
 mod fast_path;
 #[cfg(not(test))]
 mod key_pool;
+#[cfg(not(test))]
+mod metrics;
 #[cfg(not(test))]
 mod options;
 pub mod results;
