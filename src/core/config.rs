@@ -7,7 +7,7 @@ use crate::core::clock::Millis;
 use crate::core::error::PoolError;
 use crate::core::models::{normalize, ModelLimits};
 use crate::core::quota::{model_quota, Quota, WindowPolicy, DEFAULT_MODEL, MODEL_QUOTAS};
-use crate::mask::mask_key;
+use crate::mask::{mask_key, quoted};
 
 /// A key, and the project it belongs to when that is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +162,8 @@ impl PoolConfig {
       None => model_quota(&model).ok_or_else(|| {
         let known: Vec<&str> = MODEL_QUOTAS.iter().map(|(name, _)| *name).collect();
         PoolError::InvalidConfig(format!(
-          "unknown model {model:?}: give its limits in modelLimits, or use one of {}",
+          "unknown model {}: give its limits in modelLimits, or use one of {}",
+          quoted(&model),
           known.join(", ")
         ))
       })?,
@@ -205,7 +206,8 @@ impl PoolConfig {
       None => defaults.daily_reset,
       Some(text) => DailyReset::parse(&text).ok_or_else(|| {
         PoolError::InvalidConfig(format!(
-          "dailyReset must be 'America/Los_Angeles' or 'UTC' (got {text:?})"
+          "dailyReset must be 'America/Los_Angeles' or 'UTC' (got {})",
+          quoted(&text)
         ))
       })?,
     };
@@ -305,7 +307,10 @@ fn env_number(
       .parse::<f64>()
       .map(|v| Some((v, var.to_owned())))
       .map_err(|_| {
-        PoolError::InvalidConfig(format!("{var} must be a positive integer (got {text:?})"))
+        PoolError::InvalidConfig(format!(
+          "{var} must be a positive integer (got {})",
+          quoted(&text)
+        ))
       }),
   }
 }
@@ -423,7 +428,7 @@ pub fn revalidate_interval_ms(
       Some(text) => (
         text.trim().parse().unwrap_or(f64::NAN),
         REVALIDATE_INTERVAL_ENV,
-        format!("{text:?}"),
+        quoted(&text),
       ),
     },
   };

@@ -5,22 +5,29 @@
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
-use napi::bindgen_prelude::{Either, Env, Object};
+use napi::bindgen_prelude::{Env, Object, Unknown};
 use napi_derive::napi;
 
 use crate::core::clock::SystemClock;
-use crate::core::config::{self, js_number, KeySpec, PoolConfig};
+use crate::core::config::{self, js_number, PoolConfig};
 use crate::core::error::PoolError;
+use crate::core::failure::{self, Failure};
 use crate::core::key::{Admission, STATE_LABELS};
 use crate::core::models::ModelId;
 use crate::core::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::core::quota::LimitType;
-use crate::log::{ConsoleLog, Log, SilentLog};
+use crate::log::{Log, SilentLog};
+use crate::mask::scrub;
 use crate::napi::errors::bad_input;
 use crate::napi::fast_path::{self, JsPool};
-use crate::napi::options::{KeyOption, PoolOptions};
+use crate::napi::log::JsLog;
+use crate::napi::options::{process_env, ManagerOptions, StoreOptions};
 use crate::napi::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
+use crate::napi::routing::revalidate;
+use crate::napi::store::in_memory_line;
+use crate::napi::values::Given;
 use crate::persistence::WriteBehind;
 
 /// How to read the result slots: their names in order, and the strings that the `method` and
@@ -101,6 +108,14 @@ fn window_entry(w: &crate::core::budget::LimitFigures) -> WindowEntry {
 pub struct NativeKeyPool {
   pub(super) js: Rc<JsPool>,
   pub(super) log: Arc<dyn Log>,
+  /// The `quiet` option: no log lines.
+  pub(super) quiet: bool,
+  /// Where the options and the environment say to persist; none: in memory.
+  store: Option<StoreOptions>,
+  /// Whether the app's own Gemini requests are routed through the pool.
+  routes_requests: bool,
+  /// How long a routed request may wait for a key with room; none: the router's default.
+  pub(super) route_max_wait: Option<Duration>,
   /// The MongoDB writer, once `attachStore` has started it.
   pub(super) writer: Arc<parking_lot::Mutex<Option<Arc<WriteBehind>>>>,
   /// Set by the first `attachStore` that gets past its checks: the writer arrives only later, so
@@ -110,60 +125,72 @@ pub struct NativeKeyPool {
 
 #[napi]
 impl NativeKeyPool {
-  /// Builds the pool from `options` and the environment.
-  #[napi(constructor)]
-  pub fn new(options: Option<PoolOptions>) -> napi::Result<Self> {
-    let call_log_capacity = options.as_ref().and_then(|o| o.usage_log_capacity);
-    let (options, quiet) = match options {
-      None => (config::PoolOptions::default(), false),
-      Some(o) => (
-        config::PoolOptions {
-          keys: o.keys.map(|keys| {
-            keys
-              .into_iter()
-              .map(|k| match k {
-                Either::A(key) => KeySpec::new(&key),
-                Either::B(KeyOption { api_key, project }) => KeySpec {
-                  key: api_key,
-                  project,
-                },
-              })
-              .collect()
-          }),
-          model: o.model,
-          model_limits: o
-            .model_limits
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(model, limits)| (model, limits.into()))
-            .collect(),
-          limits: o.limits.map(Into::into).unwrap_or_default(),
-          window_ms: o.window_ms,
-          daily_reset: o.daily_reset,
-          reservation_ttl_ms: o.reservation_ttl_ms,
-        },
-        o.quiet.unwrap_or(false),
-      ),
+  /// Builds the pool from the manager's options (see `ApiKeyManagerOptions` in lib/index.d.ts) and
+  /// the environment, and starts re-testing refused keys when asked to.
+  #[napi(constructor, ts_args_type = "options?: object | undefined | null")]
+  pub fn new(options: Option<Unknown>) -> napi::Result<Self> {
+    let options = ManagerOptions::read(options, &process_env)?;
+    let given_keys: Vec<String> = options
+      .pool
+      .keys
+      .iter()
+      .flatten()
+      .map(|k| k.key.clone())
+      .collect();
+    // Values echoed in a message (a key passed as the model, say) must not show a key whole.
+    let masked = |e: PoolError| match e {
+      PoolError::InvalidConfig(message) => PoolError::InvalidConfig(scrub(&message, &given_keys)),
+      e => e,
     };
-    let config = PoolConfig::resolve(options, &|name| std::env::var(name).ok())?;
-    let log: Arc<dyn Log> = if quiet {
-      Arc::new(SilentLog)
-    } else {
-      Arc::new(ConsoleLog)
+    let config = PoolConfig::resolve(options.pool, &process_env).map_err(masked)?;
+    let log: Arc<dyn Log> = match options.quiet {
+      true => Arc::new(SilentLog),
+      false => Arc::new(JsLog),
     };
-    let pool = KeyPool::new(config, Arc::new(SystemClock), log.clone())?;
-    if let Some(capacity) = call_log_capacity {
+    let routes_requests = crate::routing::route_requests(options.route_requests, &process_env)?;
+    let revalidate_every =
+      config::revalidate_interval_ms(options.revalidate_interval_ms, &process_env)?;
+    let pool = Arc::new(KeyPool::new(config, Arc::new(SystemClock), log.clone())?);
+    if let Some(capacity) = options.usage_log_capacity {
       pool.keep_calls(capacity as usize);
+    }
+    if let Some(ms) = revalidate_every {
+      revalidate(&pool, ms)?;
     }
     Ok(Self {
       js: Rc::new(JsPool {
-        pool: Arc::new(pool),
+        pool,
         results: Results::default(),
       }),
       log,
+      quiet: options.quiet,
+      store: options.store,
+      routes_requests,
+      route_max_wait: options.route_max_wait,
       writer: Arc::default(),
       store_attached: AtomicBool::new(false),
     })
+  }
+
+  /// Whether the app's own Gemini requests that carry the pool's keys are routed through it: the
+  /// `routeRequests` option, else `KEY_MANAGER_ROUTE_REQUESTS`, else yes.
+  #[napi(getter)]
+  pub fn routes_requests(&self) -> bool {
+    self.routes_requests
+  }
+
+  /// Where to persist, for `attachStore`: the options, else `MONGODB_URI`, `MONGODB_DB_NAME` and
+  /// `KEY_MANAGER_SHARED_QUOTA`; null without a connection string (the pool runs in memory).
+  #[napi(getter)]
+  pub fn store_options(&self) -> Option<StoreOptions> {
+    self.store.clone()
+  }
+
+  /// Says in the log that the pool runs in memory, with how many keys (SPEC section 3): the
+  /// start-up line of a pool without a store.
+  #[napi]
+  pub fn announce_in_memory(&self) {
+    self.log.info(&in_memory_line(self.pool().len()));
   }
 
   pub(super) fn pool(&self) -> &KeyPool {
@@ -204,8 +231,15 @@ impl NativeKeyPool {
   /// The id of the model named `name` (`gemini-2.0-flash` or `models/gemini-2.0-flash`), which
   /// the calls about a model take: met now, with limits from the table (or `modelLimits`, or the
   /// default model's, said once), if it was not yet.
-  #[napi]
-  pub fn model_id(&self, name: String) -> napi::Result<u32> {
+  #[napi(ts_args_type = "name: string")]
+  pub fn model_id(&self, name: Unknown) -> napi::Result<u32> {
+    let given = Given::of(name)?;
+    let Some(name) = given.string()? else {
+      Err(bad_input(format!(
+        "model must be a string (got {})",
+        given.shown()?
+      )))?
+    };
     Ok(self.pool().model_id(&name)? as u32)
   }
 
@@ -236,8 +270,24 @@ impl NativeKeyPool {
 
   /// Adds `apiKey` to the pool (in `project`, when named), or brings back a removed one, and
   /// writes its figures into the result slots; returns its position.
-  #[napi]
-  pub fn add_key(&self, api_key: String, project: Option<String>) -> napi::Result<u32> {
+  #[napi(ts_args_type = "apiKey: string, project?: string | undefined")]
+  pub fn add_key(&self, api_key: Unknown, project: Unknown) -> napi::Result<u32> {
+    let key = Given::of(api_key)?;
+    let Some(api_key) = key.string()? else {
+      Err(bad_input(format!(
+        "Invalid API key: it must be a string (got {})",
+        key.type_of()
+      )))?
+    };
+    let project = Given::of(project)?;
+    let project = match project.string()? {
+      Some(name) => Some(name),
+      None if project.is_undefined() => None,
+      None => Err(bad_input(format!(
+        "project must be a string (got {})",
+        project.shown()?
+      )))?,
+    };
     let index = self.pool().add_key(&api_key, project.as_deref())?;
     self.results().write_figures(&self.pool().figures(index)?);
     Ok(index as u32)
@@ -293,29 +343,39 @@ impl NativeKeyPool {
 
   /// `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`; `retryAfterMs` is the delay the
   /// API asked for, when known.
-  #[napi]
+  #[napi(
+    ts_args_type = "index: number, limitType: string, retryAfterMs?: number | undefined, modelId?: number | undefined | null"
+  )]
   pub fn handle_rate_limit(
     &self,
     index: u32,
-    limit_type: String,
-    retry_after_ms: Option<f64>,
+    limit_type: Unknown,
+    retry_after_ms: Unknown,
     model_id: Option<u32>,
   ) -> napi::Result<()> {
-    let retry_after_ms = match retry_after_ms {
+    let delay = Given::of(retry_after_ms)?;
+    let retry_after_ms = match delay.number()? {
+      None if delay.is_undefined() => None,
+      None => Err(bad_input(format!(
+        "retryAfterMs must be a number of milliseconds (got {})",
+        delay.shown()?
+      )))?,
       Some(ms) if !(ms.is_finite() && ms >= 0.0) => Err(bad_input(format!(
         "retryAfterMs must be a non-negative number of milliseconds (got {})",
         js_number(ms)
       )))?,
-      ms => ms.map(|ms| ms.ceil() as i64),
+      Some(ms) => Some(ms.ceil() as i64),
     };
-    let limit_type = LimitType::parse(&limit_type).ok_or(PoolError::InvalidLimitType {
-      got: format!("{limit_type:?}"),
-    });
-    let figures = limit_type.and_then(|t| {
+    let limit_type = Given::of(limit_type)?;
+    let Some(limit_type) = limit_type.string()?.as_deref().and_then(LimitType::parse) else {
+      Err(PoolError::InvalidLimitType {
+        got: limit_type.shown()?,
+      })?
+    };
+    let figures =
       self
         .pool()
-        .handle_rate_limit(at(index), t, retry_after_ms, model(model_id))
-    })?;
+        .handle_rate_limit(at(index), limit_type, retry_after_ms, model(model_id))?;
     self.results().write_figures(&figures);
     Ok(())
   }
@@ -393,6 +453,16 @@ impl NativeKeyPool {
   pub fn close(&self) {
     self.pool().close();
   }
+}
+
+/// Whether another key may succeed where a call failed with `error` (as `recordFailure` is given
+/// it): a 429, or the model's trouble (503, 500, overloaded), not the key's or the request's.
+#[napi]
+pub fn is_retryable(error: String) -> bool {
+  matches!(
+    failure::classify(&error),
+    Failure::RateLimited(_) | Failure::Overloaded
+  )
 }
 
 /// What an operator decides about a key.

@@ -107,6 +107,14 @@ pub struct RouteReply {
   pub deferred: bool,
 }
 
+/// A JSON error reply as the route table answers one (`{ success: false, error, message }`), for
+/// what the Express adapter answers itself: a manager that cannot serve, a body it cannot read.
+#[napi]
+pub fn error_reply(status: u32, error: String, message: String) -> RouteReply {
+  let status = u16::try_from(status).unwrap_or(500);
+  route_reply(Reply::error(status, &error, &message))
+}
+
 fn route_reply(reply: Reply) -> RouteReply {
   let mut headers = HashMap::new();
   headers.insert("content-type".to_owned(), reply.content_type.to_owned());

@@ -1,10 +1,10 @@
-//! The HTTP API and the Gemini proxy as JS starts them: `serve` and the `NativeServer` it resolves
-//! to.
+//! The HTTP API and the Gemini proxy as JS starts them: `serve`, the routing server of the app's
+//! own Gemini requests, and the `NativeServer` they resolve to.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use napi::bindgen_prelude::{Env, PromiseRaw};
+use napi::bindgen_prelude::{Env, PromiseRaw, Unknown};
 use napi_derive::napi;
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -12,9 +12,10 @@ use crate::http::auth::resolve_allow_insecure;
 use crate::http::proxy::{ProxyOptions, DEFAULT_MAX_PROXY_BODY};
 use crate::http::proxy_auth::{ClientAccess, PROXY_TOKENS_ENV};
 use crate::http::{self, AdminGuard, Listen, ServerHandle, ServerOptions};
-use crate::napi::errors::bad_input;
+use crate::log::Log;
+use crate::napi::errors::{bad_input, BindingError};
 use crate::napi::key_pool::NativeKeyPool;
-use crate::napi::options::{millis_option, process_env, ServeOptions};
+use crate::napi::options::{process_env, ServeOptions};
 use crate::routing::Timeouts;
 
 /// The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too.
@@ -23,50 +24,125 @@ pub const DEFAULT_MAX_BODY_BYTES: u32 = http::server::DEFAULT_MAX_BODY_BYTES as 
 
 #[napi]
 impl NativeKeyPool {
-  /// Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime.
-  /// `host` is an IP address, or `localhost`: 127.0.0.1 and ::1 both.
-  #[napi(ts_return_type = "Promise<NativeServer>")]
+  /// Starts the HTTP API (see `ServeOptions` in lib/index.d.ts) on the addon's tokio runtime, with
+  /// the Gemini proxy when proxy tokens or `proxyOpen` say.
+  #[napi(
+    ts_args_type = "options?: object | undefined | null",
+    ts_return_type = "Promise<NativeServer>"
+  )]
   pub fn serve<'env>(
     &self,
     env: &'env Env,
-    host: String,
-    port: u32,
-    options: Option<ServeOptions>,
+    options: Option<Unknown>,
   ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
-    let port = u16::try_from(port)
-      .map_err(|_| bad_input(format!("port must be 0 to 65535 (got {port})")))?;
-    let listen = if host.eq_ignore_ascii_case("localhost") {
-      Listen::Localhost { port }
-    } else {
-      let ip: IpAddr = host.parse().map_err(|_| {
-        // A key pasted into the wrong field must not come back whole.
-        let shown = crate::mask::scrub(&host, self.pool().names().keys());
-        bad_input(format!(
-          "host must be an IP address or localhost (got {shown:?})"
-        ))
-      })?;
-      Listen::Addr(SocketAddr::new(ip, port))
+    let o = ServeOptions::read(options)?;
+    let listen = self.listen(&o.host, o.port)?;
+    let clients = ClientAccess::resolve(o.proxy_tokens.as_deref(), o.proxy_open, &process_env)?;
+    if let (ClientAccess::Open, Listen::Addr(addr)) = (&clients, listen) {
+      if !addr.ip().to_canonical().is_loopback() {
+        Err(bad_input(format!(
+          "the Gemini proxy opens without tokens only on loopback: set {PROXY_TOKENS_ENV} (or \
+           proxyTokens) to serve it on {addr}"
+        )))?;
+      }
+    }
+    let proxy = match clients.is_on() {
+      false => None,
+      true => {
+        let d = Timeouts::default();
+        let timeouts = Timeouts {
+          connect: o.upstream_connect_timeout.unwrap_or(d.connect),
+          first_byte: o.upstream_first_byte_timeout.unwrap_or(d.first_byte),
+          between_chunks: o.upstream_chunk_timeout.unwrap_or(d.between_chunks),
+        };
+        Some(ProxyOptions {
+          router: Arc::new(self.router_from(timeouts)?),
+          route_token: None,
+          clients,
+          max_body: o
+            .proxy_max_body_bytes
+            .map_or(DEFAULT_MAX_PROXY_BODY, |n| n as usize),
+        })
+      }
     };
-    let o = options.unwrap_or_default();
     let defaults = ServerOptions::default();
     let options = ServerOptions {
       max_body_bytes: o
         .max_body_bytes
         .map_or(defaults.max_body_bytes, |n| n as usize),
-      access_log: o.access_log.unwrap_or(defaults.access_log),
+      access_log: o.access_log,
       admin: AdminGuard::resolve(o.admin_token.as_deref(), &process_env)?,
       allow_insecure: resolve_allow_insecure(o.allow_insecure, &process_env)?,
       max_connections: o
         .max_connections
-        .map_or(defaults.max_connections, |n| n.max(1) as usize),
-      head_timeout: millis_option("headTimeoutMs", o.head_timeout_ms, defaults.head_timeout)?,
-      proxy: self.proxy_options(&o, listen)?,
-      proxy_only: o.proxy_only.unwrap_or(false),
+        .map_or(defaults.max_connections, |n| n as usize),
+      head_timeout: o.head_timeout.unwrap_or(defaults.head_timeout),
+      proxy,
+      proxy_only: false,
     };
+    self.start(env, listen, options, None)
+  }
+
+  /// The loopback server the app's own Gemini requests are routed through (see lib/routing.js):
+  /// Gemini's paths only, for requests that carry `routeToken` in `x-gkm-route-token`, on
+  /// 127.0.0.1 and a free port. A failure to start is said in the log, and the requests then go
+  /// out unrouted.
+  #[napi(ts_return_type = "Promise<NativeServer>")]
+  pub fn route_server<'env>(
+    &self,
+    env: &'env Env,
+    route_token: String,
+  ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
+    let options = ServerOptions {
+      proxy: Some(ProxyOptions {
+        router: Arc::new(self.router_from(Timeouts::default())?),
+        route_token: Some(route_token),
+        clients: ClientAccess::Off,
+        max_body: DEFAULT_MAX_PROXY_BODY,
+      }),
+      proxy_only: true,
+      ..ServerOptions::default()
+    };
+    let listen = Listen::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    let failure_log = Some((self.log.clone(), UNROUTED));
+    self.start(env, listen, options, failure_log)
+  }
+
+  /// `host` is an IP address, or `localhost`: 127.0.0.1 and ::1 both.
+  fn listen(&self, host: &str, port: u16) -> Result<Listen, BindingError> {
+    if host.eq_ignore_ascii_case("localhost") {
+      return Ok(Listen::Localhost { port });
+    }
+    let ip: IpAddr = host.parse().map_err(|_| {
+      // A key pasted into the wrong field must not come back whole.
+      let shown = crate::mask::scrub(host, self.pool().names().keys());
+      bad_input(format!(
+        "host must be an IP address or localhost (got {shown:?})"
+      ))
+    })?;
+    Ok(Listen::Addr(SocketAddr::new(ip, port)))
+  }
+
+  /// Starts a server; a failure is said in `failure_log` with its prefix, when given.
+  fn start<'env>(
+    &self,
+    env: &'env Env,
+    listen: Listen,
+    options: ServerOptions,
+    failure_log: Option<(Arc<dyn Log>, &'static str)>,
+  ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
     let pool = self.js.pool.clone();
     let proxy = options.proxy.is_some();
     env.spawn_future(async move {
-      let handle = http::start(pool, listen, options).await?;
+      let handle = match http::start(pool, listen, options).await {
+        Ok(handle) => handle,
+        Err(e) => {
+          if let Some((log, prefix)) = failure_log {
+            log.warn(&format!("{prefix}{e}"));
+          }
+          Err(e)?
+        }
+      };
       Ok(NativeServer {
         proxy,
         host: match listen {
@@ -78,53 +154,10 @@ impl NativeKeyPool {
       })
     })
   }
-
-  /// How the server answers Gemini's paths: for the JS face's requests (`routeToken`), for
-  /// clients with a proxy token, or (only on loopback, when asked) for anyone; `None` for none.
-  fn proxy_options(&self, o: &ServeOptions, listen: Listen) -> napi::Result<Option<ProxyOptions>> {
-    let clients = match &o.route_token {
-      Some(_) => ClientAccess::Off,
-      None => ClientAccess::resolve(o.proxy_tokens.as_deref(), o.proxy_open, &process_env)?,
-    };
-    if o.route_token.is_none() && !clients.is_on() {
-      return Ok(None);
-    }
-    if let (ClientAccess::Open, Listen::Addr(addr)) = (&clients, listen) {
-      if !addr.ip().to_canonical().is_loopback() {
-        Err(bad_input(format!(
-          "the Gemini proxy opens without tokens only on loopback: set {PROXY_TOKENS_ENV} (or \
-           proxyTokens) to serve it on {addr}"
-        )))?;
-      }
-    }
-    let d = Timeouts::default();
-    let timeouts = Timeouts {
-      connect: millis_option(
-        "upstreamConnectTimeoutMs",
-        o.upstream_connect_timeout_ms,
-        d.connect,
-      )?,
-      first_byte: millis_option(
-        "upstreamFirstByteTimeoutMs",
-        o.upstream_first_byte_timeout_ms,
-        d.first_byte,
-      )?,
-      between_chunks: millis_option(
-        "upstreamChunkTimeoutMs",
-        o.upstream_chunk_timeout_ms,
-        d.between_chunks,
-      )?,
-    };
-    Ok(Some(ProxyOptions {
-      router: Arc::new(self.router_from(o.route_max_wait_ms, timeouts)?),
-      route_token: o.route_token.clone(),
-      clients,
-      max_body: o
-        .proxy_max_body_bytes
-        .map_or(DEFAULT_MAX_PROXY_BODY, |n| n as usize),
-    }))
-  }
 }
+
+/// What the log says when the routing server cannot start, before why.
+const UNROUTED: &str = "⚠️ Gemini requests go out unrouted: the routing server could not start: ";
 
 /// The running HTTP API.
 #[napi]
