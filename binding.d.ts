@@ -11,8 +11,26 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** A pool of Gemini API keys. Methods that concern one key write its figures into the result slots. */
 export declare class NativeKeyPool {
-  /** Builds the pool from `options` and the environment. */
-  constructor(options?: PoolOptions | undefined | null)
+  /**
+   * Builds the pool from the manager's options (see `ApiKeyManagerOptions` in lib/index.d.ts) and
+   * the environment, and starts re-testing refused keys when asked to.
+   */
+  constructor(options?: object | undefined | null)
+  /**
+   * Whether the app's own Gemini requests that carry the pool's keys are routed through it: the
+   * `routeRequests` option, else `KEY_MANAGER_ROUTE_REQUESTS`, else yes.
+   */
+  get routesRequests(): boolean
+  /**
+   * Where to persist, for `attachStore`: the options, else `MONGODB_URI`, `MONGODB_DB_NAME` and
+   * `KEY_MANAGER_SHARED_QUOTA`; null without a connection string (the pool runs in memory).
+   */
+  get storeOptions(): StoreOptions | null
+  /**
+   * Says in the log that the pool runs in memory, with how many keys (SPEC section 3): the
+   * start-up line of a pool without a store.
+   */
+  announceInMemory(): void
   /**
    * The hot path, as plain functions over this pool that take their arguments from the `arg0`..
    * `arg3` slots of `results` (NaN: missing): `best()` (estimatedTokens, modelId) returns the
@@ -40,7 +58,7 @@ export declare class NativeKeyPool {
    * Adds `apiKey` to the pool (in `project`, when named), or brings back a removed one, and
    * writes its figures into the result slots; returns its position.
    */
-  addKey(apiKey: string, project?: string | undefined | null): number
+  addKey(apiKey: string, project?: string | undefined): number
   /**
    * An operator's decision about the key at `index`: back in service, out of service, or out of
    * the pool. Returns whether it changed anything.
@@ -60,7 +78,7 @@ export declare class NativeKeyPool {
    * `handleRateLimit`: `limitType` is `'RPM'`, `'RPD'` or `'TPM'`; `retryAfterMs` is the delay the
    * API asked for, when known.
    */
-  handleRateLimit(index: number, limitType: string, retryAfterMs?: number | undefined | null, modelId?: number | undefined | null): void
+  handleRateLimit(index: number, limitType: string, retryAfterMs?: number | undefined, modelId?: number | undefined | null): void
   reactivate(index: number): void
   resetAllLimits(): void
   /** Rebuilds the selection cache; returns how many keys are available. */
@@ -73,41 +91,51 @@ export declare class NativeKeyPool {
   lastError(index: number): string | null
   /** Writes `currentIndex` and `lastRotation` into the result slots. */
   summary(): void
+  /** Refuses every later call. Idempotent. */
+  close(): void
+  /** The metrics (see `getMetrics` in lib/index.d.ts). */
+  metrics(): Metrics
+  /** The metrics in the Prometheus text exposition format. */
+  metricsText(): string
   /**
    * The HTTP API's route table for the Express adapter, guarded by `adminToken` (else
    * `KEY_MANAGER_ADMIN_TOKEN`) as the server is.
    */
   router(adminToken?: string | undefined | null): NativeRouter
-  /** The metrics as a JSON object (see `getMetrics` in lib/index.d.ts). */
-  metricsJson(): string
-  /** The metrics in the Prometheus text exposition format. */
-  metricsText(): string
   /**
-   * Starts the HTTP API on `host:port` (port 0 picks a free one), on the addon's tokio runtime.
-   * `host` is an IP address, or `localhost`: 127.0.0.1 and ::1 both.
+   * Says in the log, for the process's first pool that routes, that routing is on and how to
+   * switch it off; false when this pool is quiet, so that a later one may say it.
    */
-  serve(host: string, port: number, options?: ServeOptions | undefined | null): Promise<NativeServer>
+  announceRouting(): boolean
+  /**
+   * Starts the HTTP API (see `ServeOptions` in lib/index.d.ts) on the addon's tokio runtime, with
+   * the Gemini proxy when proxy tokens or `proxyOpen` say.
+   */
+  serve(options?: object | undefined | null): Promise<NativeServer>
+  /**
+   * The loopback server the app's own Gemini requests are routed through (see lib/routing.js):
+   * Gemini's paths only, for requests that carry `routeToken` in `x-gkm-route-token`, on
+   * 127.0.0.1 and a free port. A failure to start is said in the log, and the requests then go
+   * out unrouted.
+   */
+  routeServer(routeToken: string): Promise<NativeServer>
   /**
    * Persists the pool in MongoDB from now on, written behind (see `persistence`): connects within
    * the timeout, loads and merges what is stored, and starts the writer on the addon's tokio
    * runtime. When the server cannot be reached the pool runs in memory and the writer keeps
-   * trying in the background. Resolves with how it went; a second call is refused.
+   * trying in the background. Says how it went in the log (SPEC section 3's lines, written before
+   * the promise resolves) and resolves with it; options it cannot use throw, said in the log too,
+   * and leave the pool in memory. A second call is refused.
    */
   attachStore(options: StoreOptions): Promise<StoreStart>
   /**
    * Writes what is left and stops the writer; resolves when done (at once without a store).
    * Call `close()` first, so that nothing changes after the last write.
+   * What closing logs (a spill file kept, say) is written before the promise resolves.
    */
   closeStore(): Promise<void>
   /** What the MongoDB writer has done, or `null` without a store. */
   persistenceStats(): PersistenceStats | null
-  /**
-   * Re-tests the keys Gemini refused every `intervalMs` (`GET /v1beta/models/{model}` at
-   * `GEMINI_BASE_URL`) and brings back those it accepts, until the pool closes.
-   */
-  revalidate(intervalMs: number): void
-  /** Refuses every later call. Idempotent. */
-  close(): void
 }
 
 /** The HTTP API's route table over one pool, with its admin guard: what the Express adapter calls. */
@@ -150,16 +178,62 @@ export interface BudgetEntry {
   tpm: WindowEntry
 }
 
+/** One (project, model) budget now. */
+export interface BudgetUse {
+  /** The project's name, or `key:` and the masked key for a key whose project is not known. */
+  project: string
+  model: string
+  state: string
+  availabilityScore: number
+  rpm: WindowUse
+  rpd: WindowUse
+  tpm: WindowUse
+}
+
+export interface CallCounts {
+  successes: number
+  failures: number
+  tokens: number
+}
+
 /** The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too. */
 export declare const DEFAULT_MAX_BODY_BYTES: number
 
 /**
- * The name MongoDB documents store for `apiKey`: its fingerprint under `secret` (else
- * `KEY_MANAGER_FINGERPRINT_SECRET`; at least 16 bytes), `fp_` and 32 hex digits, or without either
- * its SHA-256 digest, `sha256_` and 32 hex digits.
- * Where routed Gemini requests go: `GEMINI_BASE_URL` when set, else Google's endpoint.
+ * A JSON error reply as the route table answers one (`{ success: false, error, message }`), for
+ * what the Express adapter answers itself: a manager that cannot serve, a body it cannot read.
  */
-export declare function geminiBaseUrl(): string
+export declare function errorReply(status: number, error: string, message: string): RouteReply
+
+/**
+ * Writes the lines other threads queued now: lib/index.js calls it when the process exits, as
+ * the wake-up may not come before.
+ */
+export declare function flushLog(): void
+
+/** See [`GeminiRequests`]. */
+export declare function geminiRequests(): GeminiRequests
+
+/** What lib/routing.js needs to know to pick out the app's Gemini requests and route them. */
+export interface GeminiRequests {
+  /** Google's endpoint, whose requests are routed. */
+  googleOrigin: string
+  /**
+   * Where routed requests go: `GEMINI_BASE_URL` when set (its requests are routed too), else
+   * Google's endpoint.
+   */
+  baseUrl: string
+  /** The header Gemini reads the key from. */
+  keyHeader: string
+  /** The header the routing server wants its token in. */
+  routeTokenHeader: string
+}
+
+/**
+ * Whether another key may succeed where a call failed with `error` (as `recordFailure` is given
+ * it): a 429, or the model's trouble (503, 500, overloaded), not the key's or the request's.
+ */
+export declare function isRetryable(error: string): boolean
 
 /** What an operator decides about a key. */
 export declare const enum KeyAdmission {
@@ -175,22 +249,63 @@ export interface KeyBudgets {
   models: Array<BudgetEntry>
 }
 
-export declare function keyFingerprint(apiKey: string, secret?: string | undefined | null): string
+/**
+ * The name MongoDB documents store for `apiKey`: its fingerprint under `secret` (else
+ * `KEY_MANAGER_FINGERPRINT_SECRET`; at least 16 bytes), `fp_` and 32 hex digits, or without either
+ * its SHA-256 digest, `sha256_` and 32 hex digits.
+ * Throws for a secret shorter than that, or an argument that is no string.
+ */
+export declare function keyFingerprint(apiKey: string, secret?: string | undefined): string
 
-/** A key and the project it belongs to. */
-export interface KeyOption {
-  apiKey: string
-  project?: string
+/**
+ * The admin token of `keyRoutes(manager, options)`: undefined when not given (then the route
+ * table reads `KEY_MANAGER_ADMIN_TOKEN`), a string when given.
+ */
+export declare function keyRoutesAdminToken(options?: unknown | undefined | null): string | null
+
+/** How many listed keys are in each state (removed keys are not listed). */
+export interface KeysByState {
+  active: number
+  resting: number
+  'circuit-open': number
+  'half-open': number
+  deactivated: number
+  'no-quota': number
+  disabled: number
 }
 
-/** Per-key limits; each falls back to its environment variable, then to Flash-Lite's free tier. */
-export interface LimitsOptions {
-  /** Requests per minute (`GEMINI_RPM_LIMIT`, default 30). */
-  rpm?: number
-  /** Requests per day (`GEMINI_RPD_LIMIT`, default 200). */
-  rpd?: number
-  /** Tokens per minute (`GEMINI_TPM_LIMIT`, default 1,000,000). */
-  tpm?: number
+/** One key now. */
+export interface KeyUse {
+  /** Masked. */
+  apiKey: string
+  state: string
+  availabilityScore: number
+  rpm: WindowUse
+  rpd: WindowUse
+  tpm: WindowUse
+}
+
+/** The level as the JS function receives it. */
+export declare const enum LogLevel {
+  Info = 'info',
+  Warn = 'warn',
+  Error = 'error',
+}
+
+/** Counters since the pool started, and every key and budget now. */
+export interface Metrics {
+  /** Keys handed out for a request (getBestAvailableKey, getNextKeyForRotation, execute's picks). */
+  handedOut: number
+  selections: SelectionCounts
+  rotations: RotationCounts
+  /** 429s reported (recordUsage or handleRateLimit), by window. */
+  rateLimits: RateLimitCounts
+  /** Calls recorded, and the tokens they reported. */
+  calls: CallCounts
+  keysByState: KeysByState
+  keys: Array<KeyUse>
+  /** Every (project, model) budget in use: what Gemini counts. */
+  budgets: Array<BudgetUse>
 }
 
 /** What the MongoDB writer has done. */
@@ -214,26 +329,11 @@ export interface PersistenceStats {
   peers: number
 }
 
-/** Options of a key pool. Without `keys`, keys come from `GEMINI_API_KEY_1..N` and `GEMINI_API_KEYS`. */
-export interface PoolOptions {
-  /** Each a key, or a key and its project. */
-  keys?: Array<string | KeyOption>
-  /** The model whose limits apply (`GEMINI_MODEL`, default `gemini-2.0-flash-lite`). */
-  model?: string
-  /** Limits by model name, replacing or adding to the built-in table. */
-  modelLimits?: Record<string, LimitsOptions>
-  /** Overrides of the model's limits. */
-  limits?: LimitsOptions
-  /** Span of the rolling RPM and TPM windows in ms (`GEMINI_WINDOW_MS`, default 60000). */
-  windowMs?: number
-  /** When RPD resets: `'America/Los_Angeles'` (default, Gemini's) or `'UTC'` (`GEMINI_DAILY_RESET`). */
-  dailyReset?: string
-  /** How long a key handed out stays reserved without a `recordUsage` (default 60000 ms). */
-  reservationTtlMs?: number
-  /** Suppresses the log lines. */
-  quiet?: boolean
-  /** Recorded calls kept in memory for usage statistics (default 10000; 0 keeps none). */
-  usageLogCapacity?: number
+export interface RateLimitCounts {
+  total: number
+  rpm: number
+  rpd: number
+  tpm: number
 }
 
 /** One window of `rateLimitInfo`. */
@@ -262,6 +362,13 @@ export interface ResultsLayout {
   states: Array<string>
 }
 
+export interface RotationCounts {
+  /** getNextKeyForRotation moved off a key scoring under 0.3. */
+  proactive: number
+  /** A reported failure took a key out of rotation (a 429 rest, an open circuit, a deactivation). */
+  onError: number
+}
+
 /** A reply of the HTTP API's route table. */
 export interface RouteReply {
   status: number
@@ -273,65 +380,32 @@ export interface RouteReply {
   deferred: boolean
 }
 
-/**
- * Whether a manager routes the app's Gemini requests: `explicit` when given, else
- * `KEY_MANAGER_ROUTE_REQUESTS`, else yes. Throws on a value of the variable that is no boolean.
- */
-export declare function routeRequests(explicit?: boolean | undefined | null): boolean
-
-/** Options of `NativeKeyPool.serve`. */
-export interface ServeOptions {
-  /** Largest request body accepted (default 64 KiB); a larger one gets a 400. */
-  maxBodyBytes?: number
-  /** One line per request on stdout, keys masked (default off). */
-  accessLog?: boolean
-  /**
-   * The bearer token rotate, refresh-cache, reactivate and reset-limits want (else
-   * `KEY_MANAGER_ADMIN_TOKEN`; neither: no auth).
-   */
-  adminToken?: string
-  /** Listen beyond loopback without an admin token (else `KEY_MANAGER_ALLOW_INSECURE`; default off). */
-  allowInsecure?: boolean
-  /**
-   * Connections open at once, at most (default 4096): past it a new connection replaces the
-   * oldest one that has not sent a request yet, or is refused.
-   */
-  maxConnections?: number
-  /** How long a connection may take to send a whole request head (default 10000 ms). */
-  headTimeoutMs?: number
-  /**
-   * Serve Gemini's paths for requests that carry this token in `x-gkm-route-token`: the JS
-   * face's route for the app's own SDK calls.
-   */
-  routeToken?: string
-  /** How long a routed request may wait for a key with room (default 60000 ms). */
-  routeMaxWaitMs?: number
-  /** Serve nothing but Gemini's paths. */
-  proxyOnly?: boolean
-  /**
-   * Clients presenting one of these as their API key use the Gemini proxy routes (else
-   * `KEY_MANAGER_PROXY_TOKENS`, comma-separated).
-   */
-  proxyTokens?: Array<string>
-  /**
-   * Without tokens, serve the proxy routes to anyone, on loopback only (else
-   * `KEY_MANAGER_PROXY_OPEN`; default off).
-   */
-  proxyOpen?: boolean
-  /** Largest request body the proxy sends on (default 20 MiB); a larger one gets a 413. */
-  proxyMaxBodyBytes?: number
-  /** How long a connection to Gemini may take (default 10000 ms): a 504 past it. */
-  upstreamConnectTimeoutMs?: number
-  /** How long Gemini may take to start answering (default 300000 ms): a 504 past it. */
-  upstreamFirstByteTimeoutMs?: number
-  /**
-   * How long Gemini may pause between chunks (default 120000 ms): a 504 before the first one,
-   * the stream cut after.
-   */
-  upstreamChunkTimeoutMs?: number
+export interface SelectionCounts {
+  /** Selections served from the fresh 5-second cache. */
+  cacheHits: number
+  /** Selections that rebuilt the cache first. */
+  cacheMisses: number
+  /** cacheHits / (cacheHits + cacheMisses); 0 before the first selection. */
+  cacheHitRate: number
 }
 
-/** Options of `NativeKeyPool.attachStore`. */
+/**
+ * Writes every line from now on with `sink(level, line)`, on this thread: lib/index.js sets it
+ * when loaded, and a later call on the same thread replaces it. The first JS thread to set one
+ * writes the lines of every thread (a worker's call is ignored while it does).
+ */
+export declare function setLogSink(sink: (level: LogLevel, line: string) => void): void
+
+/**
+ * A value as error messages quote it: a string whole or masked (see [`mask::quoted`]), numbers,
+ * booleans, `null` and `undefined` as JS prints them, anything else by its type.
+ */
+export declare function shown(value: unknown): string
+
+/**
+ * Options of `NativeKeyPool.attachStore`: what the manager's options and the environment give
+ * (see `NativeKeyPool.storeOptions`), or any others.
+ */
 export interface StoreOptions {
   /** The MongoDB connection string. */
   uri: string
@@ -381,4 +455,10 @@ export interface WindowEntry {
   limit: number
   /** Epoch ms. */
   resetTime: number
+}
+
+/** Current use of one window. */
+export interface WindowUse {
+  current: number
+  limit: number
 }

@@ -1,17 +1,19 @@
 // Types of gemini-key-manager's JS API: the old apiKeyManager.ts surface (SPEC section 1), so code
 // written against the old service type-checks unchanged.
-// The shapes that cross the N-API boundary as they are (options handed to the native pool and
-// server, what the MongoDB writer reports) come from the generated binding.d.ts, which, like this
-// file, needs no @types/node; this file writes only what the JS face adds, narrows or builds itself.
+// The shapes the native side builds as they are (metrics, what the MongoDB writer reports) come from
+// the generated binding.d.ts, which, like this file, needs no @types/node; this file writes what the
+// JS face adds, narrows or builds itself, and the options (the native side reads them as plain
+// values and checks them, so their shapes are written here).
 
 import type {
-  LimitsOptions,
+  BudgetUse,
+  KeyUse,
+  Metrics as NativeMetrics,
   PersistenceStats,
-  PoolOptions,
-  ServeOptions as NativeServeOptions,
+  WindowUse,
 } from './binding'
 
-export type { LimitsOptions, PersistenceStats }
+export type { BudgetUse, KeyUse, PersistenceStats, WindowUse }
 
 /**
  * Every method resolves to this; failures are returned, never thrown. A selection that fails only
@@ -130,26 +132,43 @@ export type RotationMethod = 'cached-round-robin' | 'round-robin'
 /** Why `getNextKeyForRotation` did or did not move to another key. */
 export type RotationReason = 'proactive-rotation' | 'not-needed' | 'no-key-above-threshold'
 
+/** Per-key limits; each falls back to `GEMINI_RPM_LIMIT` / `GEMINI_RPD_LIMIT` / `GEMINI_TPM_LIMIT`, then 30 / 200 / 1,000,000. */
+export interface LimitsOptions {
+  rpm?: number
+  rpd?: number
+  tpm?: number
+}
+
 /** A key with the Google Cloud project it belongs to: the keys of one project share its quota. */
 export interface KeySpec {
   apiKey: string
   project?: string | null
 }
 
-/**
- * The native pool's options (model, limits, windows, ...), which the manager hands on as they are,
- * with the keys and the daily reset as this face accepts them, and the MongoDB, routing and
- * revalidation settings the manager applies itself.
- */
-export interface ApiKeyManagerOptions extends Omit<PoolOptions, 'keys' | 'dailyReset'> {
+export interface ApiKeyManagerOptions {
   /**
    * The keys, each a string or `{ apiKey, project }`; without it, `GEMINI_API_KEY_1..N` (up to the
    * first gap, each with an optional `GEMINI_API_KEY_<n>_PROJECT`) and `GEMINI_API_KEYS`
    * (comma-separated, `key` or `project:key`). A key without a project is a project of its own.
    */
   keys?: Array<string | KeySpec>
+  /**
+   * The model whose free-tier limits apply (`GEMINI_MODEL`; default `gemini-2.0-flash-lite`, 30 / 200 / 1,000,000).
+   * Known: gemini-2.0-flash-lite, gemini-2.0-flash, gemini-2.5-flash-lite, gemini-2.5-flash, gemini-2.5-pro.
+   */
+  model?: string
+  /** Limits by model name, replacing or adding to the built-in table. */
+  modelLimits?: Record<string, LimitsOptions>
+  /** Overrides of the chosen model's limits. */
+  limits?: LimitsOptions
+  /** Span of the rolling RPM and TPM windows in ms (`GEMINI_WINDOW_MS`, default 60000). */
+  windowMs?: number
   /** When RPD resets: `'America/Los_Angeles'` midnight (default, as Gemini) or `'UTC'` (`GEMINI_DAILY_RESET`). */
   dailyReset?: 'America/Los_Angeles' | 'UTC'
+  /** How long a key handed out stays reserved without a `recordUsage` (default 60000 ms). */
+  reservationTtlMs?: number
+  /** Suppresses the log lines. */
+  quiet?: boolean
   /**
    * MongoDB connection string (`MONGODB_URI`). With one, state is kept in SPEC section 3's
    * collections, written behind; without one, or while the server cannot be reached, in memory.
@@ -188,6 +207,8 @@ export interface ApiKeyManagerOptions extends Omit<PoolOptions, 'keys' | 'dailyR
    * for deployments that still need the old documents. Default false.
    */
   storePlaintextKeys?: boolean
+  /** Recorded calls kept in memory for usage statistics without MongoDB (default 10,000; 0 keeps none). */
+  usageLogCapacity?: number
   /**
    * With MongoDB: how often the keys other processes added, removed, disabled or enabled are read
    * (default 2000 ms).
@@ -275,55 +296,14 @@ export interface UsageStatsMetadata {
   totals: UsageFigures
 }
 
-/** Current use of one window. */
-export interface WindowUse {
-  current: number
-  limit: number
-}
-
-/** `getMetrics()`: counters since the manager started, and every key now. */
-export interface Metrics {
-  /** Keys handed out for a request (getBestAvailableKey, getNextKeyForRotation, execute's picks). */
-  handedOut: number
-  selections: {
-    /** Selections served from the fresh 5-second cache. */
-    cacheHits: number
-    /** Selections that rebuilt the cache first. */
-    cacheMisses: number
-    /** cacheHits / (cacheHits + cacheMisses); 0 before the first selection. */
-    cacheHitRate: number
-  }
-  rotations: {
-    /** getNextKeyForRotation moved off a key scoring under 0.3. */
-    proactive: number
-    /** A reported failure took a key out of rotation (a 429 rest, an open circuit, a deactivation). */
-    onError: number
-  }
-  /** 429s reported (recordUsage or handleRateLimit), by window. */
-  rateLimits: { total: number; rpm: number; rpd: number; tpm: number }
-  /** Calls recorded, and the tokens they reported. */
-  calls: { successes: number; failures: number; tokens: number }
+/**
+ * `getMetrics()`: counters since the manager started, and every key and budget now; the shapes
+ * the native side builds (binding.d.ts), with their states narrowed to the names they take.
+ */
+export interface Metrics extends Omit<NativeMetrics, 'keysByState' | 'keys' | 'budgets'> {
   keysByState: Record<KeyState, number>
-  keys: Array<{
-    /** Masked. */
-    apiKey: string
-    state: KeyState
-    availabilityScore: number
-    rpm: WindowUse
-    rpd: WindowUse
-    tpm: WindowUse
-  }>
-  /** Every (project, model) budget in use: what Gemini counts. */
-  budgets: Array<{
-    /** The project's name, or `key:` and the masked key for a key whose project is not known. */
-    project: string
-    model: string
-    state: BudgetState
-    availabilityScore: number
-    rpm: WindowUse
-    rpd: WindowUse
-    tpm: WindowUse
-  }>
+  keys: Array<KeyUse & { state: KeyState }>
+  budgets: Array<BudgetUse & { state: BudgetState }>
 }
 
 /** Which model's budget a call counts in. */
@@ -347,11 +327,7 @@ export interface ExecuteOptions extends SelectionOptions {
   maxWaitMs?: number
 }
 
-/**
- * The native server's options, less those the manager sets itself (the routing token, how long a
- * routed request may wait, serving nothing but Gemini's paths), with where to listen.
- */
-export interface ServeOptions extends Omit<NativeServeOptions, 'routeToken' | 'routeMaxWaitMs' | 'proxyOnly'> {
+export interface ServeOptions {
   /**
    * An IP address, bound exactly, or `'localhost'` (the default): 127.0.0.1 and ::1 both, as
    * `http://localhost:3001` may resolve to either.
@@ -359,6 +335,49 @@ export interface ServeOptions extends Omit<NativeServeOptions, 'routeToken' | 'r
   host?: string
   /** Default 3001; 0 picks a free port. */
   port?: number
+  /** One line per request on stdout, keys masked. */
+  accessLog?: boolean
+  /** Largest request body accepted (default 64 KiB). */
+  maxBodyBytes?: number
+  /**
+   * The bearer token that rotate, refresh-cache, reactivate and reset-limits want
+   * (`Authorization: Bearer <token>`; visible ASCII, no spaces). Default: `KEY_MANAGER_ADMIN_TOKEN`;
+   * with neither, those endpoints are open.
+   */
+  adminToken?: string
+  /**
+   * Listen on a non-loopback address without an admin token (default: `KEY_MANAGER_ALLOW_INSECURE`,
+   * else false: such a `serve()` rejects).
+   */
+  allowInsecure?: boolean
+  /**
+   * Connections open at once, at most (default 4096). Past it a new connection takes the place of
+   * the oldest one that has not sent a whole request yet; when every open one has, it is refused
+   * at once (503).
+   */
+  maxConnections?: number
+  /** How long a connection may take to send a whole request head before it is closed (default 10000 ms). */
+  headTimeoutMs?: number
+  /**
+   * Serve the Gemini proxy (`/v1beta/...`, `/v1/...`, `/v1beta/openai/...`) to clients presenting
+   * one of these as their API key (`x-goog-api-key`, `?key=` or `Authorization: Bearer`). Default:
+   * `KEY_MANAGER_PROXY_TOKENS`, comma-separated; with neither, the proxy routes are off unless
+   * `proxyOpen`.
+   */
+  proxyTokens?: string[]
+  /** Without tokens, serve the proxy routes to anyone: loopback only (default `KEY_MANAGER_PROXY_OPEN`, else false). */
+  proxyOpen?: boolean
+  /** Largest request body the proxy sends on (default 20 MiB); a larger one gets a 413. */
+  proxyMaxBodyBytes?: number
+  /** How long a connection to Gemini may take (default 10000 ms); past it the client gets a 504. */
+  upstreamConnectTimeoutMs?: number
+  /** How long Gemini may take to start answering (default 300000 ms); past it a 504. */
+  upstreamFirstByteTimeoutMs?: number
+  /**
+   * How long Gemini may pause between chunks of an answer (default 120000 ms): a 504 before its
+   * first chunk went to the client, the stream cut after.
+   */
+  upstreamChunkTimeoutMs?: number
 }
 
 export interface KeyRoutesOptions {

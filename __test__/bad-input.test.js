@@ -179,3 +179,19 @@ test('options with keys of the wrong type are refused by initialize, not thrown'
     assertFailure(assert, await settle(() => m.getBestAvailableKey()))
   }
 })
+
+test('an error thrown across the native boundary says whose fault it was: InvalidArg for bad input, GenericFailure otherwise', async (t) => {
+  const { keyFingerprint } = require('..')
+  assert.throws(() => keyFingerprint(42), { code: 'InvalidArg', message: 'apiKey must be a string' })
+  assert.throws(() => keyFingerprint(fakeKey(1), 'short'), { code: 'InvalidArg', message: /at least 16 bytes/ })
+  const { m } = newManager(1)
+  await assert.rejects(m.serve({ port: -1 }), { code: 'InvalidArg', message: /port must be an integer/ })
+  await assert.rejects(m.serve({ host: '127.0.0.1', port: 0, maxConnections: 0 }), { code: 'InvalidArg' })
+  const server = await m.serve({ host: '127.0.0.1', port: 0 })
+  t.after(async () => {
+    await server.close()
+    await m.close()
+  })
+  // The port is taken: no fault of the arguments.
+  await assert.rejects(m.serve({ host: '127.0.0.1', port: server.port }), { code: 'GenericFailure', message: /cannot listen/ })
+})

@@ -4,7 +4,7 @@
 
 const test = require('node:test')
 const assert = require('node:assert/strict')
-const { runFixture, expectClean, fakeKey, mask } = require('./helpers')
+const { runFixture, expectClean, fakeKey, mask, freePort } = require('./helpers')
 
 const KEYS = [fakeKey(11), fakeKey(22), fakeKey(33)]
 
@@ -82,4 +82,23 @@ test('quiet: true prints nothing at all', () => {
   assert.equal(r.status, 0, r.stderr)
   assert.equal(r.stdout, '')
   assert.equal(r.stderr, '')
+})
+
+test("the manager's lines and the application's come out in the order they were said, through console, at their levels", async () => {
+  const said = expectClean(runFixture('log-order.js', { args: [JSON.stringify(KEYS), String(await freePort())] }), assert)
+  const at = (start) => {
+    const i = said.findIndex((l) => l.startsWith(start))
+    assert.ok(i >= 0, `missing ${JSON.stringify(start)} in:\n${said.join('\n')}`)
+    return i
+  }
+  // The store's outcome, said on another thread, is written before initialize() resolves.
+  const order = [
+    at('error ❌ MongoDB connection failed: '),
+    at('log 🔄 Falling back to in-memory mode...'),
+    at('log ✅ In-memory API Key Manager initialized with 3 keys'),
+    at('app initialized'),
+    at(`warn ⚠️ Rate limit hit for RPM on API key ${mask(KEYS[0])}`),
+    at('app rate limited'),
+  ]
+  assert.deepEqual(order, [...order].sort((a, b) => a - b), said.join('\n'))
 })

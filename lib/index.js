@@ -8,12 +8,27 @@
 const {
   NativeKeyPool,
   resultsLayout,
-  keyFingerprint: nativeFingerprint,
-  geminiBaseUrl,
-  routeRequests,
+  keyFingerprint,
+  keyRoutesAdminToken,
+  isRetryable,
+  errorReply,
+  setLogSink,
+  flushLog,
+  shown,
   DEFAULT_MAX_BODY_BYTES,
 } = require('../binding.js')
 const routing = require('./routing.js')
+
+// Every log line of the addon, Rust's and this file's alike, leaves through here, in the order
+// it was said (SPEC section 3): information on stdout, warnings and errors on stderr.
+setLogSink((level, line) => {
+  if (level === 'error') console.error(line)
+  else if (level === 'warn') console.warn(line)
+  else console.log(line)
+})
+// Lines other threads said just before the end would otherwise wait for a turn of the event loop
+// that never comes.
+process.on('exit', flushLog)
 
 const LAYOUT = resultsLayout()
 /** A slot's position in the native layout; a name the layout lacks is a build mismatch. */
@@ -94,13 +109,6 @@ function messageOf(e) {
   }
 }
 
-/** A value as quoted in an error: short strings as JSON, long ones masked as keys are, else its type. */
-function shown(value) {
-  if (typeof value === 'string') return value.length > 16 ? `"${value.slice(0, 8)}...${value.slice(-4)}"` : JSON.stringify(value)
-  if (typeof value === 'number' || typeof value === 'boolean' || value === null || value === undefined) return String(value)
-  return typeof value
-}
-
 /** A failure for a throw no check foresaw (a hostile getter, a revoked proxy): SPEC methods resolve, never reject. */
 function unexpected(e) {
   return failure(`invalid argument: ${messageOf(e)}`)
@@ -152,11 +160,6 @@ function describeErrorParts(error) {
   return parts.join(' ')
 }
 
-/** Whether `execute` should try another key after this error: rate limits and overloads. */
-function isRetryable(description) {
-  return /\b(429|503|500)\b|RESOURCE_EXHAUSTED|UNAVAILABLE|overloaded/i.test(description)
-}
-
 /** The total token count a Gemini SDK result reports, if it does. */
 function tokensOf(result) {
   const usage = result?.response?.usageMetadata ?? result?.usageMetadata
@@ -166,155 +169,13 @@ function tokensOf(result) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
 
-const MONGO_CONNECTED = '✅ MongoDB connection established for API key management'
-
-/**
- * Where to persist: the options first, then MONGODB_URI and MONGODB_DB_NAME (default rag_db); null
- * when no URI is set, and the manager runs in memory as before.
- */
-function mongoSettings(options) {
-  const uri = options.mongodbUri ?? process.env.MONGODB_URI
-  if (typeof uri !== 'string' || uri === '') return null
-  return {
-    uri,
-    // Unset values take the native defaults (rag_db, 2000 ms), defined once in Rust.
-    dbName: options.mongodbDbName || process.env.MONGODB_DB_NAME || undefined,
-    connectTimeoutMs: options.mongoConnectTimeoutMs,
-    flushIntervalMs: options.flushIntervalMs,
-    retryIntervalMs: options.mongoRetryIntervalMs,
-    keySyncIntervalMs: options.keySyncIntervalMs,
-    closeTimeoutMs: options.closeTimeoutMs,
-    spillDir: options.spillDir,
-    batchSize: options.usageBatchSize,
-    queueCapacity: options.usageQueueCapacity,
-    sharedQuota: options.sharedQuota ?? envFlag('KEY_MANAGER_SHARED_QUOTA'),
-    // Unset values fall back to KEY_MANAGER_FINGERPRINT_SECRET and KEY_MANAGER_STORE_PLAINTEXT_KEYS,
-    // read in Rust.
-    fingerprintSecret: options.fingerprintSecret,
-    storePlaintextKeys: options.storePlaintextKeys,
-  }
-}
-
-/** A boolean environment variable: `true`/`1`/`yes` or `false`/`0`/`no`; undefined when unset or anything else. */
-function envFlag(name) {
-  const value = (process.env[name] ?? '').trim().toLowerCase()
-  if (value === 'true' || value === '1' || value === 'yes') return true
-  if (value === 'false' || value === '0' || value === 'no') return false
-  return undefined
-}
-
-const OPTION_NAMES = [
-  'keys', 'model', 'modelLimits', 'limits', 'windowMs', 'dailyReset', 'reservationTtlMs', 'quiet', 'mongodbUri',
-  'mongodbDbName', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'usageBatchSize', 'usageQueueCapacity',
-  'sharedQuota', 'fingerprintSecret', 'storePlaintextKeys', 'usageLogCapacity', 'keySyncIntervalMs', 'closeTimeoutMs',
-  'spillDir', 'routeRequests', 'routeMaxWaitMs', 'revalidateIntervalMs',
-]
-
-/** The options read once into a plain object, so a getter runs (and may throw) only here. */
-function readOptions(options) {
-  if (options === undefined || options === null) return {}
-  if (typeof options !== 'object') throw new Error(`options must be an object (got ${typeof options})`)
-  const out = {}
-  for (const name of OPTION_NAMES) out[name] = options[name]
-  return out
-}
-
-/** Every configured key in `text` replaced by its mask: options echoed in an error may hold one. */
-function scrubKeys(text, keys) {
-  if (!Array.isArray(keys)) return text
-  let out = text
-  for (const key of keys) {
-    if (typeof key === 'string' && key.length > 0 && out.includes(key)) out = out.split(key).join(`${key.slice(0, 8)}...${key.slice(-4)}`)
-  }
-  return out
-}
-
-/** Optional numeric options must be numbers: napi's own conversion errors are unreadable. */
-function checkOptions(options) {
-  const numbers = [
-    ['limits', options.limits],
-    ...Object.entries(options.modelLimits ?? {}).map(([model, limits]) => [`modelLimits.${model}`, limits]),
-  ]
-  for (const [name, limits] of numbers) {
-    if (limits === undefined) continue
-    if (typeof limits !== 'object' || limits === null) return `${name} must be an object`
-    for (const field of ['rpm', 'rpd', 'tpm']) {
-      if (limits[field] !== undefined && typeof limits[field] !== 'number') {
-        return `${name}.${field} must be a positive integer (got ${shown(limits[field])})`
-      }
-    }
-  }
-  if (options.mongodbUri !== undefined && typeof options.mongodbUri !== 'string') {
-    return `mongodbUri must be a string (got ${typeof options.mongodbUri})`
-  }
-  if (options.sharedQuota !== undefined && typeof options.sharedQuota !== 'boolean') {
-    return `sharedQuota must be a boolean (got ${shown(options.sharedQuota)})`
-  }
-  if (options.mongodbDbName !== undefined && typeof options.mongodbDbName !== 'string') {
-    return `mongodbDbName must be a string (got ${typeof options.mongodbDbName})`
-  }
-  if (options.fingerprintSecret !== undefined && typeof options.fingerprintSecret !== 'string') {
-    return `fingerprintSecret must be a string (got ${typeof options.fingerprintSecret})`
-  }
-  if (options.storePlaintextKeys !== undefined && typeof options.storePlaintextKeys !== 'boolean') {
-    return `storePlaintextKeys must be a boolean (got ${typeof options.storePlaintextKeys})`
-  }
-  const capacity = options.usageLogCapacity
-  if (capacity !== undefined && !(Number.isInteger(capacity) && capacity >= 0 && capacity < 2 ** 32)) {
-    return `usageLogCapacity must be a non-negative integer (got ${JSON.stringify(capacity)})`
-  }
-  for (const field of ['usageBatchSize', 'usageQueueCapacity']) {
-    const n = options[field]
-    if (n !== undefined && !(Number.isInteger(n) && n > 0 && n < 2 ** 32)) {
-      return `${field} must be a positive integer (got ${shown(n)})`
-    }
-  }
-  if (options.routeRequests !== undefined && typeof options.routeRequests !== 'boolean') {
-    return `routeRequests must be a boolean (got ${shown(options.routeRequests)})`
-  }
-  const wait = options.routeMaxWaitMs
-  if (wait !== undefined && !(typeof wait === 'number' && wait >= 0 && Number.isFinite(wait))) {
-    return `routeMaxWaitMs must be a non-negative number of milliseconds (got ${shown(wait)})`
-  }
-  const every = options.revalidateIntervalMs
-  if (every !== undefined && !(typeof every === 'number' && every > 0 && Number.isFinite(every))) {
-    return `revalidateIntervalMs must be a positive number of milliseconds (got ${shown(every)})`
-  }
-  if (options.spillDir !== undefined && typeof options.spillDir !== 'string') {
-    return `spillDir must be a string (got ${typeof options.spillDir})`
-  }
-  for (const field of [
-    'windowMs', 'reservationTtlMs', 'mongoConnectTimeoutMs', 'flushIntervalMs', 'mongoRetryIntervalMs', 'keySyncIntervalMs',
-    'closeTimeoutMs',
-  ]) {
-    if (options[field] !== undefined && typeof options[field] !== 'number') {
-      return `${field} must be a positive integer of milliseconds (got ${shown(options[field])})`
-    }
-  }
-  if (options.keys !== undefined && !(Array.isArray(options.keys) && options.keys.every(isKeyEntry))) {
-    return 'keys must be an array of strings or { apiKey, project } objects'
-  }
-  return null
-}
-
-/** A key as `keys` may give it: a string, or `{ apiKey, project? }` with strings. */
-function isKeyEntry(k) {
-  if (typeof k === 'string') return true
-  return (
-    typeof k === 'object' &&
-    k !== null &&
-    typeof k.apiKey === 'string' &&
-    (k.project === undefined || k.project === null || typeof k.project === 'string') &&
-    Object.keys(k).every((name) => name === 'apiKey' || name === 'project')
-  )
-}
-
 class ApiKeyManagerService {
   /**
-   * @param {import('..').ApiKeyManagerOptions} [options] see index.d.ts
+   * @param {import('..').ApiKeyManagerOptions} [options] see index.d.ts; read (and
+   *   checked) by the native pool on first use
    */
-  constructor(options = {}) {
-    this._options = options ?? {}
+  constructor(options) {
+    this._options = options
     this._native = null
     this._initError = null
     this._closed = false
@@ -329,9 +190,8 @@ class ApiKeyManagerService {
     // Per key: the millisecond values behind its Date fields and its error sequence, so a Date is
     // only replaced, and the error message only fetched, when it changed.
     this._seen = null
-    // With MongoDB: the settings, the attachment's outcome once started, and the exit hooks that
-    // flush on the way out.
-    this._mongo = null
+    // With MongoDB: the attachment's outcome once started, and the exit hooks that flush on the
+    // way out.
     this._storeStart = null
     this._exitHooks = null
     this._closing = null
@@ -348,7 +208,6 @@ class ApiKeyManagerService {
   _modelId(options) {
     const name = options?.model
     if (name === undefined || name === null) return undefined
-    if (typeof name !== 'string') throw new TypeError(`model must be a string (got ${shown(name)})`)
     let id = this._models.get(name)
     if (id === undefined) {
       id = this._native.modelId(name)
@@ -362,60 +221,31 @@ class ApiKeyManagerService {
     if (this._closed) return 'API key manager is closed'
     if (this._native !== null) return null
     if (this._initError !== null) return this._initError
-    let keys
-    let routes = false
     try {
-      this._options = readOptions(this._options)
-      // For `npm start`, whose options come from the environment.
-      const every = process.env.KEY_MANAGER_REVALIDATE_INTERVAL_MS
-      if (this._options.revalidateIntervalMs === undefined && every !== undefined && every.trim() !== '') {
-        this._options.revalidateIntervalMs = Number(every)
-      }
-      keys = this._options.keys
-      const invalid = checkOptions(this._options)
-      if (invalid !== null) throw new Error(`invalid configuration: ${invalid}`)
-      const { model, modelLimits, limits, windowMs, dailyReset, reservationTtlMs, quiet, usageLogCapacity } = this._options
-      this._native = new NativeKeyPool({
-        keys,
-        model,
-        modelLimits,
-        limits,
-        windowMs,
-        dailyReset,
-        reservationTtlMs,
-        quiet,
-        usageLogCapacity,
-      })
-      routes = routeRequests(this._options.routeRequests)
-      if (this._options.revalidateIntervalMs !== undefined) this._native.revalidate(this._options.revalidateIntervalMs)
+      this._native = new NativeKeyPool(this._options)
     } catch (e) {
-      this._options = {}
-      this._initError = scrubKeys(messageOf(e), keys)
+      this._initError = messageOf(e)
       return this._initError
+    } finally {
+      this._options = undefined
     }
     this._hot = this._native.hotPath()
     this._results = this._hot.results
     this._seen = new Float64Array(0)
     this._syncKeys()
-    if (routes) this._startRouting()
-    this._mongo = mongoSettings(this._options)
-    if (this._mongo !== null) {
-      this._storeStart = this._attachStore()
-    } else if (!this._options.quiet) {
-      console.log(`✅ In-memory API Key Manager initialized with ${this._keys.length} keys`)
-    }
+    if (this._native.routesRequests) this._startRouting()
+    const store = this._native.storeOptions
+    if (store !== null) this._storeStart = this._attachStore(store)
+    else this._native.announceInMemory()
     return null
   }
 
   /** Routes the app's own Gemini requests that carry this manager's keys (see lib/routing.js). */
   _startRouting() {
-    const { quiet, routeMaxWaitMs } = this._options
     const native = this._native
-    this._routeServer = new routing.RouteServer(
-      (routeToken) => native.serve('127.0.0.1', 0, { routeToken, routeMaxWaitMs, proxyOnly: true }),
-      (text) => console.warn(text),
-    )
-    if (!routing.route(this, { baseUrl: geminiBaseUrl(), quiet })) this._routeServer = null
+    this._routeServer = new routing.RouteServer((routeToken) => native.routeServer(routeToken))
+    const started = routing.route(this, () => native.announceRouting())
+    if (!started) this._routeServer = null
   }
 
   /** Whether `apiKey` is one of the pool's (added at run time included). */
@@ -435,32 +265,16 @@ class ApiKeyManagerService {
   /**
    * Connects to MongoDB (within mongoConnectTimeoutMs), merges what it holds into the pool and
    * starts writing behind; or, when the server cannot be reached, runs in memory while the native
-   * side keeps trying. Resolves to `{ connected, error }`; never rejects.
+   * side keeps trying. The native side says how it went in the log. Resolves to `{ connected,
+   * error }`; never rejects.
    */
-  async _attachStore() {
-    const n = this._keys.length
-    const quiet = this._options.quiet
+  async _attachStore(store) {
     let start
     try {
-      start = await this._native.attachStore(this._mongo)
+      start = await this._native.attachStore(store)
     } catch (e) {
       // Refused options: no writer was started, so this manager stays in memory for good.
-      start = { connected: false, error: messageOf(e) }
-      if (!quiet) {
-        console.error(`❌ MongoDB persistence disabled: ${start.error}`)
-        console.log(`✅ In-memory API Key Manager initialized with ${n} keys`)
-      }
-      return start
-    }
-    if (!quiet) {
-      if (start.connected) {
-        console.log(MONGO_CONNECTED)
-        console.log(`✅ API Key Manager initialized with ${n} keys`)
-      } else {
-        console.error(`❌ MongoDB connection failed: ${start.error}`)
-        console.log('🔄 Falling back to in-memory mode...')
-        console.log(`✅ In-memory API Key Manager initialized with ${n} keys`)
-      }
+      return { connected: false, error: messageOf(e) }
     }
     if (!this._closed) {
       this._allStatuses()
@@ -747,15 +561,8 @@ class ApiKeyManagerService {
     if (reason !== null) return this._unavailable(reason, 'API key not found')
     const i = this._locate(apiKey)
     if (typeof i !== 'number') return i
-    const retryAfterMs = options?.retryAfterMs
-    if (retryAfterMs !== undefined && typeof retryAfterMs !== 'number') {
-      return failure(`retryAfterMs must be a number of milliseconds (got ${shown(retryAfterMs)})`)
-    }
-    if (limitType !== 'RPM' && limitType !== 'RPD' && limitType !== 'TPM') {
-      return failure(`limitType must be 'RPM', 'RPD' or 'TPM' (got ${shown(limitType)})`)
-    }
     try {
-      this._native.handleRateLimit(i, limitType, retryAfterMs, this._modelId(options))
+      this._native.handleRateLimit(i, limitType, options?.retryAfterMs, this._modelId(options))
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -840,14 +647,9 @@ class ApiKeyManagerService {
   async addKey(apiKey, options) {
     const reason = this._ready()
     if (reason !== null) return failure(reason)
-    if (typeof apiKey !== 'string') return failure(`Invalid API key: it must be a string (got ${typeof apiKey})`)
-    const project = options?.project
-    if (project !== undefined && typeof project !== 'string') {
-      return failure(`project must be a string (got ${shown(project)})`)
-    }
     let i
     try {
-      i = this._native.addKey(apiKey, project)
+      i = this._native.addKey(apiKey, options?.project)
     } catch (e) {
       return failure(messageOf(e))
     }
@@ -954,7 +756,7 @@ class ApiKeyManagerService {
   getMetrics() {
     const reason = this._ready()
     if (reason !== null) throw new Error(reason)
-    return JSON.parse(this._native.metricsJson())
+    return this._native.metrics()
   }
 
   /** The same metrics in the Prometheus text exposition format (what `GET /metrics` serves). */
@@ -1017,17 +819,10 @@ class ApiKeyManagerService {
    * for this process's event loop. Resolves once listening; the process stays alive until
    * `server.close()`.
    */
-  async serve(options = {}) {
-    const { host = 'localhost', port = 3001, accessLog = false, ...rest } = options
-    const given = { host, port, accessLog, ...rest }
-    const invalid = checkServeOptions(given)
-    if (invalid !== null) throw new TypeError(`invalid serve options: ${invalid}`)
+  async serve(options) {
     const reason = this._ready()
     if (reason !== null) throw new Error(reason)
-    const native = await this._native.serve(host, port, {
-      ...pick(given, SERVE_OPTION_NAMES),
-      routeMaxWaitMs: this._options.routeMaxWaitMs,
-    })
+    const native = await this._native.serve(options)
     // The server runs on Rust threads that Node does not know about; this timer is what keeps
     // the process alive while it listens, as a node:http server would.
     const keepAlive = setInterval(() => {}, 1 << 30)
@@ -1058,8 +853,7 @@ class ApiKeyManagerService {
         reason = messageOf(e)
       }
     }
-    const body = JSON.stringify({ success: false, error: reason, message: reason })
-    const failed = () => ({ status: 500, body, headers: { 'content-type': JSON_TYPE }, deferred: false })
+    const failed = () => errorReply(500, reason, reason)
     return { route: failed, routeAsync: async () => failed() }
   }
 
@@ -1120,49 +914,6 @@ async function getApiKeyManager(options) {
   return instance
 }
 
-const JSON_TYPE = 'application/json; charset=utf-8'
-
-const SERVE_OPTION_NAMES = [
-  'accessLog', 'maxBodyBytes', 'adminToken', 'allowInsecure', 'maxConnections', 'headTimeoutMs', 'proxyTokens', 'proxyOpen',
-  'proxyMaxBodyBytes', 'upstreamConnectTimeoutMs', 'upstreamFirstByteTimeoutMs', 'upstreamChunkTimeoutMs',
-]
-
-/** The named fields of `object` that are set. */
-function pick(object, names) {
-  const out = {}
-  for (const name of names) if (object[name] !== undefined) out[name] = object[name]
-  return out
-}
-
-/** serve()'s options: napi's own conversion errors are unreadable. */
-function checkServeOptions(o) {
-  const { host, port, accessLog, maxBodyBytes, adminToken, allowInsecure, maxConnections } = o
-  if (typeof host !== 'string') return `host must be an IP address or 'localhost' (got ${typeof host})`
-  if (!(Number.isInteger(port) && port >= 0 && port <= 65535)) return 'port must be an integer from 0 to 65535'
-  if (typeof accessLog !== 'boolean') return `accessLog must be a boolean (got ${typeof accessLog})`
-  for (const [name, n] of [['maxBodyBytes', maxBodyBytes], ['proxyMaxBodyBytes', o.proxyMaxBodyBytes]]) {
-    if (n !== undefined && !(Number.isInteger(n) && n >= 0 && n < 2 ** 32)) return `${name} must be a whole number of bytes`
-  }
-  if (adminToken !== undefined && typeof adminToken !== 'string') return `adminToken must be a string (got ${typeof adminToken})`
-  for (const [name, flag] of [['allowInsecure', allowInsecure], ['proxyOpen', o.proxyOpen]]) {
-    if (flag !== undefined && typeof flag !== 'boolean') return `${name} must be a boolean (got ${typeof flag})`
-  }
-  if (maxConnections !== undefined && !(Number.isInteger(maxConnections) && maxConnections >= 1 && maxConnections < 2 ** 32)) {
-    return 'maxConnections must be a positive integer'
-  }
-  for (const name of ['headTimeoutMs', 'upstreamConnectTimeoutMs', 'upstreamFirstByteTimeoutMs', 'upstreamChunkTimeoutMs']) {
-    const ms = o[name]
-    if (ms !== undefined && !(typeof ms === 'number' && ms > 0 && Number.isFinite(ms))) {
-      return `${name} must be a positive number of milliseconds`
-    }
-  }
-  const tokens = o.proxyTokens
-  if (tokens !== undefined && !(Array.isArray(tokens) && tokens.every((t) => typeof t === 'string'))) {
-    return 'proxyTokens must be an array of strings'
-  }
-  return null
-}
-
 /** Reads a request body (at most `limit` bytes) unless a body parser already has. */
 function readBody(req, limit) {
   // express.json() sets req.body to {} even when it skipped a body of another type; `_body` says
@@ -1195,11 +946,8 @@ function readBody(req, limit) {
  * admin auth included: `options.adminToken`, else KEY_MANAGER_ADMIN_TOKEN. `manager` defaults to
  * the process's shared manager.
  */
-function keyRoutes(manager, options = {}) {
-  const adminToken = options?.adminToken
-  if (adminToken !== undefined && typeof adminToken !== 'string') {
-    throw new TypeError(`keyRoutes: adminToken must be a string (got ${typeof adminToken})`)
-  }
+function keyRoutes(manager, options) {
+  const adminToken = keyRoutesAdminToken(options)
   // One native router per manager (the shared one is replaced after close()).
   let routerOf = null
   let router = null
@@ -1224,24 +972,14 @@ function keyRoutes(manager, options = {}) {
       })
       .catch((e) => {
         if (e && e.status === 400) {
-          res.statusCode = 400
-          res.setHeader('content-type', JSON_TYPE)
-          res.end(JSON.stringify({ success: false, error: e.message, message: 'The request could not be read' }))
+          const reply = errorReply(400, e.message, 'The request could not be read')
+          res.statusCode = reply.status
+          for (const [name, value] of Object.entries(reply.headers)) res.setHeader(name, value)
+          res.end(reply.body)
         } else if (typeof next === 'function') next(e)
         else res.destroy(e)
       })
   }
-}
-
-/**
- * The name MongoDB documents store for `apiKey`: `fp_` + 32 hex digits (HMAC-SHA256 under `secret`,
- * else KEY_MANAGER_FINGERPRINT_SECRET, cut to 128 bits), or with no secret `sha256_` + 32 hex digits
- * (its SHA-256 digest, cut likewise). Throws for a secret shorter than 16 bytes.
- */
-function keyFingerprint(apiKey, secret) {
-  if (typeof apiKey !== 'string') throw new TypeError('apiKey must be a string')
-  if (secret !== undefined && typeof secret !== 'string') throw new TypeError('secret must be a string')
-  return nativeFingerprint(apiKey, secret)
 }
 
 module.exports = { ApiKeyManagerService, getApiKeyManager, keyRoutes, keyFingerprint }

@@ -8,13 +8,11 @@
 // request (another host, a key no manager owns) goes out untouched.
 
 const { randomBytes } = require('node:crypto')
+const { geminiRequests } = require('../binding.js')
 
-const GEMINI_ORIGIN = 'https://generativelanguage.googleapis.com'
-const KEY_HEADER = 'x-goog-api-key'
-// Read by the loopback server: only requests from this process carry it.
-const ROUTE_TOKEN_HEADER = 'x-gkm-route-token'
-const ANNOUNCEMENT =
-  '🔀 Gemini SDK requests with pool keys are routed through the key pool (routeRequests: false or KEY_MANAGER_ROUTE_REQUESTS=false switches this off)'
+// Google's origin, the key's header, and the header of the token the loopback server wants (only
+// requests from this process carry it); `baseUrl` is read when routing starts.
+const { googleOrigin, keyHeader: KEY_HEADER, routeTokenHeader: ROUTE_TOKEN_HEADER } = geminiRequests()
 
 /** Managers that route, in the order they started; the first that owns a key routes it. */
 const routing = new Set()
@@ -23,17 +21,15 @@ let interceptedOrigins = null
 let announced = false
 
 /** Wraps the global fetch, once. */
-function install(baseUrl) {
+function install() {
   if (sendDirect !== null) return
   if (typeof globalThis.fetch !== 'function') return
   sendDirect = globalThis.fetch
-  interceptedOrigins = new Set([GEMINI_ORIGIN])
-  if (typeof baseUrl === 'string' && baseUrl !== '') {
-    try {
-      interceptedOrigins.add(new URL(baseUrl).origin)
-    } catch {
-      // The native side reports a bad GEMINI_BASE_URL when the router starts.
-    }
+  interceptedOrigins = new Set([googleOrigin])
+  try {
+    interceptedOrigins.add(new URL(geminiRequests().baseUrl).origin)
+  } catch {
+    // The native side reports a bad GEMINI_BASE_URL when the router starts.
   }
   globalThis.fetch = function fetch(input, init) {
     return routing.size === 0 ? sendDirect(input, init) : routedFetch(input, init)
@@ -95,13 +91,12 @@ async function routedFetch(input, init) {
 }
 
 /**
- * The loopback server one manager routes through, started on first use.
- * `start(token)` resolves to the native server; `log(text)` reports a failure to start.
+ * The loopback server one manager routes through, started on first use: `start(token)` resolves
+ * to the native server (which says in the log when it cannot start).
  */
 class RouteServer {
-  constructor(start, log) {
+  constructor(start) {
     this._start = start
-    this._log = log
     this._token = randomBytes(32).toString('hex')
     this._starting = null
     this._server = null
@@ -120,10 +115,7 @@ class RouteServer {
         this._server = server
         return { url: `http://127.0.0.1:${server.port}`, token: this._token }
       },
-      (e) => {
-        this._log(`⚠️ Gemini requests go out unrouted: the routing server could not start: ${e?.message ?? e}`)
-        return null
-      },
+      () => null,
     )
     return this._starting
   }
@@ -135,15 +127,15 @@ class RouteServer {
   }
 }
 
-/** Starts routing `manager`'s keys (`_ownsKey(key)`, `_routeTarget()`); says so once per process. */
-function route(manager, { baseUrl, quiet }) {
-  install(baseUrl)
+/**
+ * Starts routing `manager`'s keys (`_ownsKey(key)`, `_routeTarget()`); says so once per process with
+ * `announce()`, which returns whether it did (a quiet manager does not).
+ */
+function route(manager, announce) {
+  install()
   if (sendDirect === null) return false
   routing.add(manager)
-  if (!announced && !quiet) {
-    announced = true
-    console.log(ANNOUNCEMENT)
-  }
+  if (!announced) announced = announce()
   return true
 }
 
@@ -151,4 +143,4 @@ function unroute(manager) {
   routing.delete(manager)
 }
 
-module.exports = { route, unroute, RouteServer, ROUTE_TOKEN_HEADER, ANNOUNCEMENT }
+module.exports = { route, unroute, RouteServer }

@@ -1,21 +1,42 @@
-//! Where the SPEC's log lines go. The core emits lines; the embedding decides where they end up.
+//! Where the SPEC's log lines go. The core emits lines at a level; the embedding decides where they
+//! end up (under Node, one JS function writes them all: see the N-API layer's `log`).
 
-pub trait Log: Send + Sync {
-  fn info(&self, line: &str);
-  fn warn(&self, line: &str);
+/// How much a line matters, and so where it is written: `console.log`, `console.warn` or
+/// `console.error` (stdout, stderr, stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+  Info,
+  Warn,
+  Error,
 }
 
-/// Informational lines to stdout and warnings to stderr, like `console.log` and `console.warn`.
+pub trait Log: Send + Sync {
+  fn line(&self, level: Level, line: &str);
+
+  fn info(&self, line: &str) {
+    self.line(Level::Info, line);
+  }
+
+  fn warn(&self, line: &str) {
+    self.line(Level::Warn, line);
+  }
+
+  fn error(&self, line: &str) {
+    self.line(Level::Error, line);
+  }
+}
+
+/// Informational lines to stdout, warnings and errors to stderr, as `console.log`, `console.warn`
+/// and `console.error` write them.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ConsoleLog;
 
 impl Log for ConsoleLog {
-  fn info(&self, line: &str) {
-    println!("{line}");
-  }
-
-  fn warn(&self, line: &str) {
-    eprintln!("{line}");
+  fn line(&self, level: Level, line: &str) {
+    match level {
+      Level::Info => println!("{line}"),
+      Level::Warn | Level::Error => eprintln!("{line}"),
+    }
   }
 }
 
@@ -24,8 +45,7 @@ impl Log for ConsoleLog {
 pub struct SilentLog;
 
 impl Log for SilentLog {
-  fn info(&self, _: &str) {}
-  fn warn(&self, _: &str) {}
+  fn line(&self, _: Level, _: &str) {}
 }
 
 /// Keeps every line, for tests.
@@ -35,11 +55,7 @@ pub struct CapturedLog(pub parking_lot::Mutex<Vec<String>>);
 
 #[cfg(test)]
 impl Log for CapturedLog {
-  fn info(&self, line: &str) {
-    self.0.lock().push(line.to_owned());
-  }
-
-  fn warn(&self, line: &str) {
+  fn line(&self, _: Level, line: &str) {
     self.0.lock().push(line.to_owned());
   }
 }

@@ -1,4 +1,5 @@
-//! The one way a key leaves the process: first 8 characters, `...`, last 4.
+//! The one way a key leaves the process: first 8 characters, `...`, last 4; and the one way a
+//! caller's string is quoted in an error, in case it is a key.
 
 /// Masks an API key for logs, errors and responses. Keys too short to keep 8 + 4 characters hidden
 /// show only a quarter of their length, so a short key is never printed whole.
@@ -12,6 +13,17 @@ pub fn mask_key(key: &str) -> String {
   } else {
     let head: String = chars[..n / 4].iter().collect();
     format!("{head}...")
+  }
+}
+
+/// A string a caller gave, quoted in an error message: whole (in JSON quotes) when too short to be
+/// a key, else masked as one, so that a key given in the wrong place never comes back whole.
+pub fn quoted(text: &str) -> String {
+  if text.chars().count() > 16 {
+    format!("\"{}\"", mask_key(text))
+  } else {
+    // Serializing a string cannot fail.
+    serde_json::to_string(text).unwrap_or_default()
   }
 }
 
@@ -49,6 +61,13 @@ mod tests {
       "403 for https://x/v1?key=AIzaSyA1...WXYZ and AIzaSyB1...QRST"
     );
     assert_eq!(scrub("no keys here", &keys), "no keys here");
+  }
+
+  #[test]
+  fn a_quoted_string_is_whole_when_short_and_masked_when_it_could_be_a_key() {
+    assert_eq!(quoted("RPM"), "\"RPM\"");
+    assert_eq!(quoted("a\"b"), "\"a\\\"b\"");
+    assert_eq!(quoted("AIzaSyA1234567890abcdefWXYZ"), "\"AIzaSyA1...WXYZ\"");
   }
 
   #[test]

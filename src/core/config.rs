@@ -7,7 +7,7 @@ use crate::core::clock::Millis;
 use crate::core::error::PoolError;
 use crate::core::models::{normalize, ModelLimits};
 use crate::core::quota::{model_quota, Quota, WindowPolicy, DEFAULT_MODEL, MODEL_QUOTAS};
-use crate::mask::mask_key;
+use crate::mask::{mask_key, quoted};
 
 /// A key, and the project it belongs to when that is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +162,8 @@ impl PoolConfig {
       None => model_quota(&model).ok_or_else(|| {
         let known: Vec<&str> = MODEL_QUOTAS.iter().map(|(name, _)| *name).collect();
         PoolError::InvalidConfig(format!(
-          "unknown model {model:?}: give its limits in modelLimits, or use one of {}",
+          "unknown model {}: give its limits in modelLimits, or use one of {}",
+          quoted(&model),
           known.join(", ")
         ))
       })?,
@@ -205,7 +206,8 @@ impl PoolConfig {
       None => defaults.daily_reset,
       Some(text) => DailyReset::parse(&text).ok_or_else(|| {
         PoolError::InvalidConfig(format!(
-          "dailyReset must be 'America/Los_Angeles' or 'UTC' (got {text:?})"
+          "dailyReset must be 'America/Los_Angeles' or 'UTC' (got {})",
+          quoted(&text)
         ))
       })?,
     };
@@ -305,7 +307,10 @@ fn env_number(
       .parse::<f64>()
       .map(|v| Some((v, var.to_owned())))
       .map_err(|_| {
-        PoolError::InvalidConfig(format!("{var} must be a positive integer (got {text:?})"))
+        PoolError::InvalidConfig(format!(
+          "{var} must be a positive integer (got {})",
+          quoted(&text)
+        ))
       }),
   }
 }
@@ -340,6 +345,100 @@ fn duration(
   default: Millis,
 ) -> Result<Millis, PoolError> {
   limit(name, explicit, from_env, default as u64).map(|ms| ms as Millis)
+}
+
+/// Where the manager keeps its state, as the options and the environment say (SPEC section 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+  /// The MongoDB connection string.
+  pub uri: String,
+  /// None: the store's default (`rag_db`).
+  pub db_name: Option<String>,
+  /// Share the keys' quota with every process using the database; none: the store's default (on).
+  pub shared_quota: Option<bool>,
+}
+
+/// The connection string when no option gives one.
+pub const MONGODB_URI_ENV: &str = "MONGODB_URI";
+/// The database name when no option gives one.
+pub const MONGODB_DB_NAME_ENV: &str = "MONGODB_DB_NAME";
+/// Whether the quota is shared when no option says.
+pub const SHARED_QUOTA_ENV: &str = "KEY_MANAGER_SHARED_QUOTA";
+/// Where spill files go when no option says.
+pub const SPILL_DIR_ENV: &str = "KEY_MANAGER_SPILL_DIR";
+/// How often refused keys are re-tested when no option says.
+pub const REVALIDATE_INTERVAL_ENV: &str = "KEY_MANAGER_REVALIDATE_INTERVAL_MS";
+
+impl StoreSettings {
+  /// The options first, then `MONGODB_URI`, `MONGODB_DB_NAME` and `KEY_MANAGER_SHARED_QUOTA`;
+  /// none without a connection string (an empty `uri` option is none, whatever the environment
+  /// says), and the manager runs in memory.
+  pub fn resolve(
+    uri: Option<String>,
+    db_name: Option<String>,
+    shared_quota: Option<bool>,
+    env: &dyn Fn(&str) -> Option<String>,
+  ) -> Option<Self> {
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let uri = uri
+      .or_else(|| env(MONGODB_URI_ENV))
+      .filter(|u| !u.is_empty())?;
+    Some(Self {
+      uri,
+      db_name: db_name
+        .filter(|d| !d.is_empty())
+        .or_else(|| env(MONGODB_DB_NAME_ENV)),
+      // A value that is no boolean leaves the default: a typo must not turn persistence off.
+      shared_quota: shared_quota.or_else(|| env_flag(SHARED_QUOTA_ENV, &env).ok().flatten()),
+    })
+  }
+}
+
+/// Where spill files go: the option, else `KEY_MANAGER_SPILL_DIR`; none: the system's temporary
+/// directory.
+pub fn spill_dir(explicit: Option<String>, env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+  explicit.or_else(|| env(SPILL_DIR_ENV).filter(|d| !d.trim().is_empty()))
+}
+
+/// A boolean environment variable, read as every switch of the manager is: `1`, `true`, `yes` or
+/// `0`, `false`, `no`, in any case; none when unset or blank, and the value itself when it is
+/// anything else.
+pub fn env_flag(name: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<bool>, String> {
+  let Some(value) = env(name) else {
+    return Ok(None);
+  };
+  match value.trim().to_ascii_lowercase().as_str() {
+    "" => Ok(None),
+    "1" | "true" | "yes" => Ok(Some(true)),
+    "0" | "false" | "no" => Ok(Some(false)),
+    _ => Err(value),
+  }
+}
+
+/// How often to re-test the keys Gemini refused, in ms: `explicit` when given, else
+/// `KEY_MANAGER_REVALIDATE_INTERVAL_MS`; none: never. Positive and finite either way.
+pub fn revalidate_interval_ms(
+  explicit: Option<f64>,
+  env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<f64>, PoolError> {
+  let (ms, name, given) = match explicit {
+    Some(ms) => (ms, "revalidateIntervalMs", js_number(ms)),
+    None => match env(REVALIDATE_INTERVAL_ENV).filter(|v| !v.trim().is_empty()) {
+      None => return Ok(None),
+      Some(text) => (
+        text.trim().parse().unwrap_or(f64::NAN),
+        REVALIDATE_INTERVAL_ENV,
+        quoted(&text),
+      ),
+    },
+  };
+  if ms.is_finite() && ms > 0.0 {
+    Ok(Some(ms))
+  } else {
+    Err(PoolError::InvalidConfig(format!(
+      "{name} must be a positive number of milliseconds (got {given})"
+    )))
+  }
 }
 
 /// A number as JS prints it (`Infinity`, `NaN`), for messages about values that came from JS.

@@ -5,16 +5,17 @@
 //! the old service answers in about 1 µs. These functions take their pool from the function's data
 //! pointer and their arguments from one `napi_get_cb_info`, which costs a few tens of nanoseconds.
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CStr};
 use std::ptr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use napi::sys;
+use napi::{sys, JsError};
 
 use crate::core::error::PoolError;
 use crate::core::models::{ModelId, DEFAULT_MODEL_ID, MAX_MODELS};
 use crate::core::pool::{is_integer, validate_tokens, Claim, KeyPool, Outcome};
+use crate::napi::errors::BindingError;
 use crate::napi::results::{Results, Slot, RESULTS_LEN};
 
 /// A pool as one JS thread sees it: the shared pool and the result slots its calls write into.
@@ -93,8 +94,8 @@ struct Bound {
   handler: Handler,
 }
 
-/// Calls the handler (its arguments are in the `arg` slots; it is passed none), and turns its error
-/// into a thrown JS `Error`.
+/// Calls the handler (its arguments are in the `arg` slots; it is passed none), and throws its error
+/// into JS as every binding does (see `errors`).
 unsafe extern "C" fn trampoline(
   env: sys::napi_env,
   info: sys::napi_callback_info,
@@ -124,10 +125,7 @@ unsafe extern "C" fn trampoline(
       Ok(None) => {
         sys::napi_get_undefined(env, &mut result);
       }
-      Err(e) => {
-        let message = CString::new(e.to_string()).unwrap_or_default();
-        sys::napi_throw_error(env, ptr::null(), message.as_ptr());
-      }
+      Err(e) => JsError::from(napi::Error::from(e)).throw_into(env),
     }
     result
   }
@@ -143,13 +141,11 @@ unsafe extern "C" fn drop_pool_ref(_env: sys::napi_env, _data: *mut c_void, hint
   drop(unsafe { Rc::from_raw(hint as *const JsPool) });
 }
 
-fn check(status: sys::napi_status, what: &str) -> napi::Result<()> {
+fn check(status: sys::napi_status, what: &'static str) -> napi::Result<()> {
   if status == sys::Status::napi_ok {
     Ok(())
   } else {
-    Err(napi::Error::from_reason(format!(
-      "N-API call failed: {what} (status {status})"
-    )))
+    Err(BindingError::NapiCall { what, status })?
   }
 }
 

@@ -27,7 +27,7 @@ pub use admissions::StoredAdmission;
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
-pub use naming::{KeyNaming, KeyStorage};
+pub use naming::{KeyNaming, KeyStorage, KeyStorageError};
 pub use records::{unique_name, Grant, LeaseSlot, SliceSlot};
 pub use usage_query::{StoredUsage, UsageReader, MAX_CALLS};
 

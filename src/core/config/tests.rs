@@ -303,3 +303,97 @@ fn window_policy_is_configurable() {
   };
   assert!(PoolConfig::resolve(bad, &env_of(&[])).is_err());
 }
+
+#[test]
+fn the_store_comes_from_the_options_then_the_environment() {
+  let env = env_of(&[
+    ("MONGODB_URI", "mongodb://env"),
+    ("MONGODB_DB_NAME", "env_db"),
+    ("KEY_MANAGER_SHARED_QUOTA", "No"),
+  ]);
+  let from_env = StoreSettings::resolve(None, None, None, &env).unwrap();
+  assert_eq!(
+    from_env,
+    StoreSettings {
+      uri: "mongodb://env".into(),
+      db_name: Some("env_db".into()),
+      shared_quota: Some(false),
+    }
+  );
+  let given = StoreSettings::resolve(
+    Some("mongodb://given".into()),
+    Some("given_db".into()),
+    Some(true),
+    &env,
+  )
+  .unwrap();
+  assert_eq!(given.uri, "mongodb://given");
+  assert_eq!(given.db_name.as_deref(), Some("given_db"));
+  assert_eq!(given.shared_quota, Some(true));
+  // An empty database name is none: the environment's then.
+  let unnamed = StoreSettings::resolve(None, Some(String::new()), None, &env).unwrap();
+  assert_eq!(unnamed.db_name.as_deref(), Some("env_db"));
+}
+
+#[test]
+fn without_a_connection_string_the_manager_runs_in_memory() {
+  let unset = env_of(&[]);
+  assert_eq!(StoreSettings::resolve(None, None, None, &unset), None);
+  let blank = env_of(&[("MONGODB_URI", "  ")]);
+  assert_eq!(StoreSettings::resolve(None, None, None, &blank), None);
+  // An empty option is none, even with the variable set.
+  let env = env_of(&[("MONGODB_URI", "mongodb://env")]);
+  assert_eq!(
+    StoreSettings::resolve(Some(String::new()), None, None, &env),
+    None
+  );
+}
+
+#[test]
+fn a_shared_quota_variable_that_is_no_boolean_leaves_the_default() {
+  let env = env_of(&[
+    ("MONGODB_URI", "mongodb://env"),
+    ("KEY_MANAGER_SHARED_QUOTA", "sometimes"),
+  ]);
+  let s = StoreSettings::resolve(None, None, None, &env).unwrap();
+  assert_eq!(s.shared_quota, None);
+}
+
+#[test]
+fn flags_read_the_same_words_in_any_case() {
+  for (value, want) in [
+    ("1", Ok(Some(true))),
+    ("TRUE", Ok(Some(true))),
+    (" yes ", Ok(Some(true))),
+    ("0", Ok(Some(false))),
+    ("False", Ok(Some(false))),
+    ("no", Ok(Some(false))),
+    ("", Ok(None)),
+    ("maybe", Err("maybe".to_owned())),
+  ] {
+    let env = env_of(&[("FLAG", value)]);
+    assert_eq!(env_flag("FLAG", &env), want, "{value:?}");
+  }
+  assert_eq!(env_flag("FLAG", &env_of(&[])), Ok(None));
+}
+
+#[test]
+fn the_revalidation_interval_comes_from_the_option_then_the_environment() {
+  let env = env_of(&[("KEY_MANAGER_REVALIDATE_INTERVAL_MS", " 2500 ")]);
+  assert_eq!(revalidate_interval_ms(None, &env), Ok(Some(2500.0)));
+  assert_eq!(revalidate_interval_ms(Some(10.0), &env), Ok(Some(10.0)));
+  assert_eq!(revalidate_interval_ms(None, &env_of(&[])), Ok(None));
+  let bad = env_of(&[("KEY_MANAGER_REVALIDATE_INTERVAL_MS", "soon")]);
+  let e = revalidate_interval_ms(None, &bad).unwrap_err().to_string();
+  assert!(
+    e.contains("KEY_MANAGER_REVALIDATE_INTERVAL_MS") && e.contains("\"soon\""),
+    "{e}"
+  );
+  let e = revalidate_interval_ms(Some(0.0), &env)
+    .unwrap_err()
+    .to_string();
+  assert_eq!(
+    e,
+    "invalid configuration: revalidateIntervalMs must be a positive number of milliseconds (got 0)"
+  );
+}
