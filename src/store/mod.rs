@@ -31,7 +31,7 @@ pub use records::{
   AdmissionRecord, BudgetRecord, Grant, KeyRecord, LeaseSlot, RestRecord, SliceSlot, UsageId,
   UsageIds, UsageRecord, WindowRecord,
 };
-pub use usage_query::{StoredUsage, UsageReader, MAX_CALLS};
+pub use usage_query::{StoredUsage, UsageReader, UsageSource, MAX_CALLS};
 
 /// Where state is kept. Every call that has something to do is one round trip per batch (see
 /// [`Store::ops`]); leases are described in [`MongoStore::lease`].
