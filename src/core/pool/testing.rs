@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::KeyPool;
-use crate::core::clock::{FakeClock, Millis};
+use crate::core::clock::{FakeClock, Millis, SystemClock};
 use crate::core::config::PoolConfig;
 use crate::core::quota::Quota;
 use crate::log::CapturedLog;
@@ -43,6 +43,15 @@ impl TestPool {
   pub fn shared(self) -> Arc<KeyPool> {
     Arc::new(self.pool)
   }
+}
+
+/// `keys` under `quota` on the system clock, shared, and its captured log: for tests that wait in
+/// real time (routing Gemini requests, re-testing refused keys).
+pub fn on_system_clock(keys: &[&str], quota: Quota) -> (Arc<KeyPool>, Arc<CapturedLog>) {
+  let config = PoolConfig::of(keys.iter().map(|k| k.to_string()).collect(), quota);
+  let log = Arc::new(CapturedLog::default());
+  let pool = KeyPool::new(config, Arc::new(SystemClock), log.clone()).expect("a valid test pool");
+  (Arc::new(pool), log)
 }
 
 /// `n` distinct keys that start as Gemini's do.
