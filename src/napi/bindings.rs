@@ -24,8 +24,9 @@ use crate::core::quota::LimitType;
 use crate::http::auth::resolve_allow_insecure;
 use crate::http::proxy::{ProxyOptions, DEFAULT_MAX_PROXY_BODY};
 use crate::http::proxy_auth::{ClientAccess, PROXY_TOKENS_ENV};
-use crate::http::usage::usage_stats;
-use crate::http::{self, AdminGuard, ApiRequest, Listen, Reply, ServerHandle, ServerOptions};
+use crate::http::{
+  self, AdminGuard, ApiRequest, ApiState, Listen, Reply, Routed, ServerHandle, ServerOptions,
+};
 use crate::log::{ConsoleLog, Log, SilentLog};
 use crate::napi::fast_path::{self, JsPool};
 use crate::napi::results::{Results, Slot, METHODS, REASONS, RESULTS_LEN, SLOT_NAMES};
@@ -172,6 +173,8 @@ pub struct NativeKeyPool {
   /// Set by the first `attachStore` that gets past its checks: the writer arrives only later, so
   /// a second call in between must be refused by something set at once.
   store_attached: AtomicBool,
+  /// What the HTTP API serves from: the pool, where usage statistics come from, key naming.
+  api: Arc<ApiState>,
 }
 
 /// The largest request body the HTTP API reads by default, in bytes: the Express adapter uses it too.
@@ -300,14 +303,16 @@ impl NativeKeyPool {
     if let Some(capacity) = call_log_capacity {
       pool.keep_calls(capacity as usize);
     }
+    let pool = Arc::new(pool);
     Ok(Self {
       js: Rc::new(JsPool {
-        pool: Arc::new(pool),
+        pool: pool.clone(),
         results: Results::default(),
       }),
       log,
       writer: Arc::default(),
       store_attached: AtomicBool::new(false),
+      api: Arc::new(ApiState::new(pool)),
     })
   }
 
@@ -569,7 +574,7 @@ impl NativeKeyPool {
     let guard = AdminGuard::resolve(admin_token.as_deref(), &env_var)
       .map_err(|e| napi::Error::from_reason(e.to_string()))?;
     Ok(NativeRouter {
-      pool: self.js.pool.clone(),
+      state: self.api.clone(),
       guard,
     })
   }
@@ -629,10 +634,10 @@ impl NativeKeyPool {
       proxy: self.proxy_options(&o, listen)?,
       proxy_only: o.proxy_only.unwrap_or(false),
     };
-    let pool = self.js.pool.clone();
+    let state = self.api.clone();
     let proxy = options.proxy.is_some();
     env.spawn_future(async move {
-      let handle = http::start(pool, listen, options)
+      let handle = http::start(state, listen, options)
         .await
         .map_err(|e| napi::Error::from_reason(e.to_string()))?;
       Ok(NativeServer {
@@ -771,11 +776,15 @@ impl NativeKeyPool {
         .queue_capacity
         .map_or(defaults.queue_capacity, |n| n as usize),
       share_quota: options.shared_quota.unwrap_or(defaults.share_quota),
+      usage: self.api.usage().clone(),
       ..defaults
     };
     if self.store_attached.swap(true, Ordering::AcqRel) {
       return Err(napi::Error::from_reason("a store is already attached"));
     }
+    self
+      .api
+      .name_keys(KeyNaming::new(persist.key_storage.clone()));
     let (pool, log, slot) = (self.js.pool.clone(), self.log.clone(), self.writer.clone());
     if persist.share_quota {
       // Now, not once the connection is up: nothing may be handed out beyond the shared quota
@@ -898,7 +907,7 @@ fn env_var(name: &str) -> Option<String> {
 /// The HTTP API's route table over one pool, with its admin guard: what the Express adapter calls.
 #[napi]
 pub struct NativeRouter {
-  pool: Arc<KeyPool>,
+  state: Arc<ApiState>,
   guard: AdminGuard,
 }
 
@@ -914,20 +923,15 @@ impl NativeRouter {
     url: String,
     authorization: Option<String>,
   ) -> napi::Result<PromiseRaw<'env, RouteReply>> {
-    let (pool, guard) = (self.pool.clone(), self.guard.clone());
+    let (state, guard) = (self.state.clone(), self.guard.clone());
     env.spawn_future(async move {
-      let reply = match http::usage_stats_request_mounted(&method, &url) {
-        Some(range) => usage_stats(&pool, range).await,
-        None => {
-          let req = ApiRequest {
-            method: &method,
-            target: &url,
-            authorization: authorization.as_deref(),
-            body: &[],
-          };
-          http::route_mounted(&pool, &guard, &req)
-        }
+      let req = ApiRequest {
+        method: &method,
+        target: &url,
+        authorization: authorization.as_deref(),
+        body: &[],
       };
+      let reply = http::route_mounted(&state, &guard, &req).reply().await;
       Ok(route_reply(reply))
     })
   }
@@ -948,18 +952,16 @@ impl NativeRouter {
       authorization: authorization.as_deref(),
       body: body.as_deref().unwrap_or_default(),
     };
-    // Usage statistics read MongoDB while it is connected: `routeAsync` answers those.
-    if http::usage_stats_request_mounted(&method, &url).is_some()
-      && self.pool.usage_reader().is_some()
-    {
-      return RouteReply {
+    match http::route_mounted(&self.state, &self.guard, &req) {
+      Routed::Ready(reply) => route_reply(reply),
+      // Waits on I/O (usage statistics read from MongoDB): `routeAsync` answers it.
+      Routed::Pending(_) => RouteReply {
         status: 0,
         body: String::new(),
         headers: HashMap::new(),
         deferred: true,
-      };
+      },
     }
-    route_reply(http::route_mounted(&self.pool, &self.guard, &req))
   }
 }
 
