@@ -34,9 +34,7 @@ use crate::stats::counters::Counters;
 use crate::stats::metrics::{BudgetMetrics, KeyMetrics, MetricsSnapshot};
 use crate::stats::recent_calls::{Call, CallLog, DEFAULT_CALL_LOG_CAPACITY};
 use crate::stats::usage_stats::DateRange;
-use crate::store::{
-  AdmissionRecord, BudgetRecord, KeyRecord, RestRecord, UsageIds, UsageReader, UsageRecord,
-};
+use crate::store::{AdmissionRecord, BudgetRecord, KeyRecord, RestRecord, UsageIds, UsageRecord};
 
 /// Longest rest a retry delay can impose: a day, the longest window there is.
 const MAX_REST_MS: Millis = DAY_MS;
@@ -378,8 +376,6 @@ pub struct KeyPool {
   /// Issues the ids of recorded calls, for the pool's life: a batch resent after a failed write,
   /// even through a new connection, must carry the ids it had.
   usage_ids: UsageIds,
-  /// Reads the stored usage while MongoDB is connected: usage statistics are computed from it.
-  usage_reader: Mutex<Option<UsageReader>>,
   /// Why keys cannot be added now, if they cannot (see [`Self::refuse_additions`]).
   additions_refused: Mutex<Option<String>>,
 }
@@ -535,7 +531,6 @@ impl KeyPool {
       clock,
       log,
       usage_ids: UsageIds::new(),
-      usage_reader: Mutex::new(None),
       additions_refused: Mutex::new(None),
     })
   }
@@ -1924,15 +1919,6 @@ impl KeyPool {
       keys,
       budgets,
     })
-  }
-
-  /// Where usage statistics read the stored usage from: set while MongoDB is connected.
-  pub fn set_usage_reader(&self, reader: Option<UsageReader>) {
-    *self.usage_reader.lock() = reader;
-  }
-
-  pub fn usage_reader(&self) -> Option<UsageReader> {
-    self.usage_reader.lock().clone()
   }
 
   /// Refuses every later call. Idempotent.
