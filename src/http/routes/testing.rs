@@ -12,6 +12,7 @@ use crate::http::reply::Reply;
 use crate::http::state::ApiState;
 use crate::http::AdminGuard;
 
+/// Three keys of distinct masked forms.
 pub const KEYS: [&str; 3] = [
   "AIzaSyAAAA0000000000000000000000000000001",
   "AIzaSyBBBB0000000000000000000000000000002",
@@ -28,6 +29,7 @@ pub fn state_of(test: TestPool) -> ApiState {
   ApiState::new(test.shared())
 }
 
+/// A request with no `Authorization` header.
 pub fn req<'a>(method: &'a str, target: &'a str, body: &'a [u8]) -> ApiRequest<'a> {
   ApiRequest {
     method,
@@ -50,6 +52,7 @@ pub fn routed(state: &ApiState, guard: &AdminGuard, req: &ApiRequest<'_>) -> Rep
   ready(route(state, guard, req))
 }
 
+/// [`routed`] for a path relative to the mount point.
 pub fn routed_mounted(state: &ApiState, guard: &AdminGuard, req: &ApiRequest<'_>) -> Reply {
   ready(route_mounted(state, guard, req))
 }
@@ -59,6 +62,7 @@ pub fn open_route(state: &ApiState, method: &str, target: &str, body: &[u8]) -> 
   routed(state, &AdminGuard::open(), &req(method, target, body))
 }
 
+/// [`open_route`] for a path relative to the mount point.
 pub fn open_mounted(state: &ApiState, method: &str, target: &str, body: &[u8]) -> Reply {
   routed_mounted(state, &AdminGuard::open(), &req(method, target, body))
 }
@@ -79,14 +83,17 @@ pub fn call(state: &ApiState, method: &str, path: &str, body: &str) -> (u16, Val
   (reply.status, value)
 }
 
+/// [`call`] with `GET` and no body.
 pub fn get(state: &ApiState, path: &str) -> (u16, Value) {
   call(state, "GET", path, "")
 }
 
+/// [`call`] with `POST` and no body.
 pub fn post(state: &ApiState, path: &str) -> (u16, Value) {
   call(state, "POST", path, "")
 }
 
+/// The field names of a JSON object, sorted.
 pub fn field_names(v: &Value) -> Vec<&str> {
   let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
   names.sort_unstable();
