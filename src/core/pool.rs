@@ -50,7 +50,6 @@ use crate::log::Log;
 use crate::mask::mask_key;
 use crate::stats::counters::Counters;
 use crate::stats::recent_calls::{CallLog, DEFAULT_CALL_LOG_CAPACITY};
-use crate::store::UsageReader;
 
 /// Everything the pool's one lock guards.
 struct PoolState {
@@ -181,8 +180,6 @@ pub struct KeyPool {
   policy: WindowPolicy,
   clock: Arc<dyn Clock>,
   log: Arc<dyn Log>,
-  /// Reads the stored usage while MongoDB is connected: usage statistics are computed from it.
-  usage_reader: Mutex<Option<UsageReader>>,
   /// Why keys cannot be added now, if they cannot (see [`Self::refuse_additions`]).
   additions_refused: Mutex<Option<String>>,
 }
@@ -233,7 +230,6 @@ impl KeyPool {
       policy: config.policy,
       clock,
       log,
-      usage_reader: Mutex::new(None),
       additions_refused: Mutex::new(None),
     })
   }
@@ -353,15 +349,6 @@ impl KeyPool {
       Some(key) if key.admission != Admission::Removed => Ok(f(state, now)),
       _ => Err(PoolError::KeyNotFound),
     })?
-  }
-
-  /// Where usage statistics read the stored usage from: set while MongoDB is connected.
-  pub fn set_usage_reader(&self, reader: Option<UsageReader>) {
-    *self.usage_reader.lock() = reader;
-  }
-
-  pub fn usage_reader(&self) -> Option<UsageReader> {
-    self.usage_reader.lock().clone()
   }
 
   /// Refuses every later call. Idempotent.

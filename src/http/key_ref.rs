@@ -2,9 +2,11 @@
 
 use thiserror::Error;
 
+use super::state::ApiState;
 use crate::core::key::Admission;
-use crate::core::pool::KeyPool;
 use crate::mask::mask_key;
+use crate::store::fingerprint::{is_digest_name, is_fingerprint};
+use crate::store::KeyNaming;
 
 /// Why a key reference names no single key. Messages never quote the reference: it may be a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -18,15 +20,21 @@ pub enum KeyRefError {
 
 /// The position of the key `text` names, among the keys in the pool (removed ones are not): its
 /// full text, or a form derived from it that exactly one key has: its masked form, or its stored
-/// name when keys are stored under names (a digest or fingerprint).
-pub fn resolve_key_ref(pool: &KeyPool, text: &str) -> Result<usize, KeyRefError> {
+/// name once a store is attached that stores keys under names (a digest or fingerprint).
+pub fn resolve_key_ref(state: &ApiState, text: &str) -> Result<usize, KeyRefError> {
+  let pool = state.pool();
   let names = pool.names();
   let live = |index: usize| {
     pool
       .figures(index)
       .is_ok_and(|f| f.admission != Admission::Removed)
   };
-  if let Some(index) = names.resolve(text).filter(|&i| live(i)) {
+  let named = names.position(text).or_else(|| {
+    state
+      .naming()
+      .and_then(|naming| stored_under(naming, names.keys(), text))
+  });
+  if let Some(index) = named.filter(|&i| live(i)) {
     return Ok(index);
   }
   let mut hits = names
@@ -42,58 +50,62 @@ pub fn resolve_key_ref(pool: &KeyPool, text: &str) -> Result<usize, KeyRefError>
   }
 }
 
+/// The position of the key among `keys` that `naming` stores as `text`. Only a digest or a
+/// fingerprint names a key other than itself, so no other text costs a hash per key.
+fn stored_under(naming: &KeyNaming, keys: &[String], text: &str) -> Option<usize> {
+  if !is_digest_name(text) && !is_fingerprint(text) {
+    return None;
+  }
+  keys.iter().position(|key| naming.stored(key) == text)
+}
+
 #[cfg(test)]
 mod tests {
-  use std::sync::Arc;
-
   use super::*;
-  use crate::core::clock::FakeClock;
-  use crate::core::config::PoolConfig;
+  use crate::core::pool::testing::TestPool;
   use crate::core::quota::Quota;
-  use crate::log::SilentLog;
+  use crate::store::fingerprint::{digest_name, Fingerprinter};
+  use crate::store::KeyStorage;
 
-  fn pool_of(keys: &[&str]) -> KeyPool {
-    let config = PoolConfig::of(
-      keys.iter().map(|k| k.to_string()).collect(),
-      Quota::default(),
-    );
-    KeyPool::new(config, Arc::new(FakeClock::at(0)), Arc::new(SilentLog)).unwrap()
+  const KEYS: [&str; 2] = [
+    "AIzaSyREF-one-0000000000000000000000001",
+    "AIzaSyFER-two-0000000000000000000000002",
+  ];
+
+  fn state_of(keys: &[&str]) -> ApiState {
+    ApiState::new(TestPool::new(keys, Quota::default()).shared())
   }
 
   #[test]
-  fn fingerprints_name_a_key_once_keys_have_them() {
-    let keys = [
-      "AIzaSyREF-one-0000000000000000000000001",
-      "AIzaSyFER-two-0000000000000000000000002",
-    ];
-    let p = pool_of(&keys);
-    let f = crate::store::fingerprint::Fingerprinter::new(b"a secret of sixteen+ bytes").unwrap();
-    let print = f.fingerprint(keys[1]);
-    assert_eq!(resolve_key_ref(&p, &print), Err(KeyRefError::NotFound));
-    let namer = f.clone();
-    p.set_namer(Arc::new(move |k: &str| namer.fingerprint(k)));
-    assert_eq!(resolve_key_ref(&p, &print), Ok(1));
+  fn stored_names_name_a_key_once_a_store_names_keys_so() {
+    let state = state_of(&KEYS);
+    let f = Fingerprinter::new(b"a secret of sixteen+ bytes").unwrap();
+    let print = f.fingerprint(KEYS[1]);
+    assert_eq!(resolve_key_ref(&state, &print), Err(KeyRefError::NotFound));
+    state.name_keys(KeyNaming::new(KeyStorage::Fingerprint(f.clone())));
+    assert_eq!(resolve_key_ref(&state, &print), Ok(1));
     assert_eq!(
-      resolve_key_ref(&p, &f.fingerprint("AIzaSyOTHER")),
+      resolve_key_ref(&state, &f.fingerprint("AIzaSyOTHER")),
+      Err(KeyRefError::NotFound)
+    );
+    // Names of another naming are not this store's.
+    assert_eq!(
+      resolve_key_ref(&state, &digest_name(KEYS[0])),
       Err(KeyRefError::NotFound)
     );
   }
 
   #[test]
   fn full_and_masked_forms_name_a_key() {
-    let keys = [
-      "AIzaSyREF-one-0000000000000000000000001",
-      "AIzaSyFER-two-0000000000000000000000002",
-    ];
-    let p = pool_of(&keys);
-    assert_eq!(resolve_key_ref(&p, keys[1]), Ok(1));
-    assert_eq!(resolve_key_ref(&p, "AIzaSyRE...0001"), Ok(0));
-    assert_eq!(resolve_key_ref(&p, "AIzaSyFE...0002"), Ok(1));
+    let state = state_of(&KEYS);
+    assert_eq!(resolve_key_ref(&state, KEYS[1]), Ok(1));
+    assert_eq!(resolve_key_ref(&state, "AIzaSyRE...0001"), Ok(0));
+    assert_eq!(resolve_key_ref(&state, "AIzaSyFE...0002"), Ok(1));
     assert_eq!(
-      resolve_key_ref(&p, "AIzaSyRE...0002"),
+      resolve_key_ref(&state, "AIzaSyRE...0002"),
       Err(KeyRefError::NotFound)
     );
-    assert_eq!(resolve_key_ref(&p, ""), Err(KeyRefError::NotFound));
+    assert_eq!(resolve_key_ref(&state, ""), Err(KeyRefError::NotFound));
   }
 
   #[test]
@@ -103,11 +115,26 @@ mod tests {
       "AIzaSyTWIN-other-key-0000000000000000000",
       "AIzaSyTWIN-third-key-0000000000000000000",
     ];
-    let p = pool_of(&twins);
+    let state = state_of(&twins);
     assert_eq!(
-      resolve_key_ref(&p, "AIzaSyTW...0000"),
+      resolve_key_ref(&state, "AIzaSyTW...0000"),
       Err(KeyRefError::Ambiguous { matches: 3 })
     );
-    assert_eq!(resolve_key_ref(&p, twins[2]), Ok(2));
+    assert_eq!(resolve_key_ref(&state, twins[2]), Ok(2));
+  }
+
+  #[test]
+  fn a_removed_key_is_named_by_none_of_its_forms() {
+    let state = state_of(&KEYS);
+    state.name_keys(KeyNaming::new(KeyStorage::Digest));
+    state.pool().admit(0, Admission::Removed).unwrap();
+    for form in [
+      KEYS[0].to_owned(),
+      "AIzaSyRE...0001".to_owned(),
+      digest_name(KEYS[0]),
+    ] {
+      assert_eq!(resolve_key_ref(&state, &form), Err(KeyRefError::NotFound));
+    }
+    assert_eq!(resolve_key_ref(&state, &digest_name(KEYS[1])), Ok(1));
   }
 }

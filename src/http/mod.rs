@@ -1,6 +1,7 @@
-//! The HTTP API of SPEC section 4: one route table ([`routes`]) that both the hyper server
-//! ([`server`]) and the Express adapter in the bindings serve, with admin auth ([`auth`]) and key
-//! references ([`key_ref`]) decided in one place for both.
+//! The HTTP API of SPEC section 4: one route table ([`routes`]) over one state ([`state`]) that
+//! the hyper server ([`server`]), the N-API router and so the Express adapter serve, with its
+//! replies ([`reply`]), admin auth ([`auth`]) and key references ([`key_ref`]) decided in one place
+//! for all of them; and the Gemini proxy ([`proxy`], [`proxy_auth`]) the server also serves.
 
 pub mod auth;
 pub mod connections;
@@ -10,13 +11,13 @@ mod json;
 pub mod key_ref;
 pub mod proxy;
 pub mod proxy_auth;
+pub mod reply;
 pub mod routes;
 pub mod server;
-pub mod usage;
+pub mod state;
 
 pub use auth::{AdminGuard, AuthConfigError};
-pub use routes::{
-  redact_path, route, route_mounted, usage_stats_request, usage_stats_request_mounted, ApiRequest,
-  Reply,
-};
+pub use reply::Reply;
+pub use routes::{redact_path, route, route_mounted, ApiRequest, Routed};
 pub use server::{start, HttpError, Listen, ServerHandle, ServerOptions};
+pub use state::ApiState;

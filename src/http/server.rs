@@ -1,6 +1,6 @@
 //! A small HTTP/1.1 server for the route table, on the caller's tokio runtime. A request waits only
-//! on its own body and the pool's short lock: routing is synchronous, and access log lines are
-//! handed to a writer thread rather than written by the request.
+//! on its own body, the pool's short lock and what its own route waits on (a usage query to
+//! MongoDB); access log lines are handed to a writer thread rather than written by the request.
 
 use std::convert::Infallible;
 use std::io::{self, Write};
@@ -32,9 +32,9 @@ use super::connections::{
 };
 use super::json::IsoDate;
 use super::proxy::{self, is_gemini_path, ProxyOptions};
-use super::routes::{redact_path, route, usage_stats_request, ApiRequest, Reply};
-use super::usage::usage_stats;
-use crate::core::pool::KeyPool;
+use super::reply::Reply;
+use super::routes::{redact_path, route, ApiRequest};
+use super::state::ApiState;
 use crate::routing::AnswerBody;
 
 /// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
@@ -223,7 +223,7 @@ impl ServerHandle {
 /// Starts serving [`route`] where `listen` says (port 0 picks a free port). Beyond loopback it
 /// needs an admin token or `allow_insecure`.
 pub async fn start(
-  pool: Arc<KeyPool>,
+  state: Arc<ApiState>,
   listen: Listen,
   options: ServerOptions,
 ) -> Result<ServerHandle, HttpError> {
@@ -250,7 +250,7 @@ pub async fn start(
     .header_read_timeout(options.head_timeout)
     .keep_alive(true);
   let shared = Arc::new(Shared {
-    pool,
+    state,
     proxy: options.proxy,
     proxy_only: options.proxy_only,
     max_connections: options.max_connections,
@@ -270,7 +270,7 @@ pub async fn start(
 
 /// What every connection of one server shares.
 struct Shared {
-  pool: Arc<KeyPool>,
+  state: Arc<ApiState>,
   proxy: Option<ProxyOptions>,
   proxy_only: bool,
   max_connections: usize,
@@ -402,7 +402,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<AnswerBody>
     let answer = proxy::handle(proxy, parts, body).await;
     if let Some((log, method, target)) = logged {
       log.write(access_line(
-        &shared.pool,
+        &shared.state,
         method.as_str(),
         &target,
         answer.status().as_u16(),
@@ -428,24 +428,21 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<AnswerBody>
     false => read_body(body, shared.max_body_bytes).await,
   };
   let (reply, close) = match read {
-    Ok(body) => match usage_stats_request(parts.method.as_str(), target) {
-      // May query MongoDB: answered here, where waiting holds up only this request.
-      Some(range) => (usage_stats(&shared.pool, range).await, false),
-      None => {
-        let req = ApiRequest {
-          method: parts.method.as_str(),
-          target,
-          authorization,
-          body: &body,
-        };
-        (route(&shared.pool, &shared.admin, &req), false)
-      }
-    },
+    Ok(body) => {
+      let req = ApiRequest {
+        method: parts.method.as_str(),
+        target,
+        authorization,
+        body: &body,
+      };
+      let routed = route(&shared.state, &shared.admin, &req);
+      (routed.reply().await, false)
+    }
     Err(err) => (err.reply(shared.max_body_bytes), err.leaves_unread_data()),
   };
   if let Some(log) = &shared.access_log {
     log.write(access_line(
-      &shared.pool,
+      &shared.state,
       parts.method.as_str(),
       target,
       reply.status,
@@ -550,12 +547,18 @@ async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<u8>, BodyError>
 }
 
 /// `2026-11-27T20:30:42.123Z GET /api/keys/rate-limit/AIzaSyA1...WXYZ 200 0.084ms`.
-fn access_line(pool: &KeyPool, method: &str, target: &str, status: u16, took: Duration) -> String {
+fn access_line(
+  state: &ApiState,
+  method: &str,
+  target: &str,
+  status: u16,
+  took: Duration,
+) -> String {
   format!(
     "{} {} {} {status} {:.3}ms",
-    IsoDate(pool.now()),
+    IsoDate(state.pool().now()),
     loggable_method(method),
-    redact_path(pool, target),
+    redact_path(state, target),
     took.as_secs_f64() * 1_000.0
   )
 }

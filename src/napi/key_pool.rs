@@ -18,6 +18,7 @@ use crate::core::key::{Admission, STATE_LABELS};
 use crate::core::models::ModelId;
 use crate::core::pool::{validate_tokens, Claim, KeyPool, Outcome};
 use crate::core::quota::LimitType;
+use crate::http::ApiState;
 use crate::log::{Log, SilentLog};
 use crate::mask::scrub;
 use crate::napi::errors::bad_input;
@@ -121,6 +122,8 @@ pub struct NativeKeyPool {
   /// Set by the first `attachStore` that gets past its checks: the writer arrives only later, so
   /// a second call in between must be refused by something set at once.
   pub(super) store_attached: AtomicBool,
+  /// What the HTTP API serves from: the pool, where usage statistics come from, key naming.
+  pub(super) api: Arc<ApiState>,
 }
 
 #[napi]
@@ -158,6 +161,7 @@ impl NativeKeyPool {
       revalidate(&pool, ms)?;
     }
     Ok(Self {
+      api: Arc::new(ApiState::new(pool.clone())),
       js: Rc::new(JsPool {
         pool,
         results: Results::default(),

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use napi::bindgen_prelude::{Env, PromiseRaw, Uint8Array};
 use napi_derive::napi;
 
-use crate::core::pool::KeyPool;
-use crate::http::usage::usage_stats;
-use crate::http::{self, AdminGuard, ApiRequest, Reply};
+use crate::http::{self, AdminGuard, ApiRequest, ApiState, Reply, Routed};
 use crate::napi::key_pool::NativeKeyPool;
 use crate::napi::options::process_env;
 
@@ -21,7 +19,7 @@ impl NativeKeyPool {
   pub fn router(&self, admin_token: Option<String>) -> napi::Result<NativeRouter> {
     let guard = AdminGuard::resolve(admin_token.as_deref(), &process_env)?;
     Ok(NativeRouter {
-      pool: self.js.pool.clone(),
+      state: self.api.clone(),
       guard,
     })
   }
@@ -30,7 +28,7 @@ impl NativeKeyPool {
 /// The HTTP API's route table over one pool, with its admin guard: what the Express adapter calls.
 #[napi]
 pub struct NativeRouter {
-  pool: Arc<KeyPool>,
+  state: Arc<ApiState>,
   guard: AdminGuard,
 }
 
@@ -46,20 +44,15 @@ impl NativeRouter {
     url: String,
     authorization: Option<String>,
   ) -> napi::Result<PromiseRaw<'env, RouteReply>> {
-    let (pool, guard) = (self.pool.clone(), self.guard.clone());
+    let (state, guard) = (self.state.clone(), self.guard.clone());
     env.spawn_future(async move {
-      let reply = match http::usage_stats_request_mounted(&method, &url) {
-        Some(range) => usage_stats(&pool, range).await,
-        None => {
-          let req = ApiRequest {
-            method: &method,
-            target: &url,
-            authorization: authorization.as_deref(),
-            body: &[],
-          };
-          http::route_mounted(&pool, &guard, &req)
-        }
+      let req = ApiRequest {
+        method: &method,
+        target: &url,
+        authorization: authorization.as_deref(),
+        body: &[],
       };
+      let reply = http::route_mounted(&state, &guard, &req).reply().await;
       Ok(route_reply(reply))
     })
   }
@@ -81,18 +74,16 @@ impl NativeRouter {
       authorization: authorization.as_deref(),
       body: body.as_deref().unwrap_or_default(),
     };
-    // Usage statistics read MongoDB while it is connected: `routeAsync` answers those.
-    if http::usage_stats_request_mounted(&method, &url).is_some()
-      && self.pool.usage_reader().is_some()
-    {
-      return RouteReply {
+    match http::route_mounted(&self.state, &self.guard, &req) {
+      Routed::Ready(reply) => route_reply(reply),
+      // Waits on I/O (usage statistics read from MongoDB): `routeAsync` answers it.
+      Routed::Pending(_) => RouteReply {
         status: 0,
         body: String::new(),
         headers: HashMap::new(),
         deferred: true,
-      };
+      },
     }
-    route_reply(http::route_mounted(&self.pool, &self.guard, &req))
   }
 }
 

@@ -131,10 +131,10 @@ impl NativeKeyPool {
     options: ServerOptions,
     failure_log: Option<(Arc<dyn Log>, &'static str)>,
   ) -> napi::Result<PromiseRaw<'env, NativeServer>> {
-    let pool = self.js.pool.clone();
+    let state = self.api.clone();
     let proxy = options.proxy.is_some();
     env.spawn_future(async move {
-      let handle = match http::start(pool, listen, options).await {
+      let handle = match http::start(state, listen, options).await {
         Ok(handle) => handle,
         Err(e) => {
           if let Some((log, prefix)) = failure_log {

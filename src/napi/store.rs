@@ -15,7 +15,7 @@ use crate::napi::log::AfterLog;
 use crate::napi::options::{millis_option, process_env, StoreOptions};
 use crate::napi::values::Given;
 use crate::persistence::{PersistOptions, Started, WriteBehind, CONNECTED_LINE};
-use crate::store::{KeyNaming, KeyStorage};
+use crate::store::{KeyNaming, KeyStorage, UsageSource};
 
 /// How `attachStore` went.
 #[napi(object)]
@@ -52,7 +52,10 @@ pub(super) fn in_memory_line(keys: usize) -> String {
 }
 
 /// The writer's options from `attachStore`'s, checked.
-fn persist_options(options: StoreOptions) -> Result<PersistOptions, BindingError> {
+fn persist_options(
+  options: StoreOptions,
+  usage: &UsageSource,
+) -> Result<PersistOptions, BindingError> {
   let key_storage = KeyStorage::resolve(
     options.fingerprint_secret,
     options.store_plaintext_keys,
@@ -96,6 +99,7 @@ fn persist_options(options: StoreOptions) -> Result<PersistOptions, BindingError
       .queue_capacity
       .map_or(defaults.queue_capacity, |n| n as usize),
     share_quota: options.shared_quota.unwrap_or(defaults.share_quota),
+    usage: usage.clone(),
     ..defaults
   })
 }
@@ -115,7 +119,7 @@ impl NativeKeyPool {
     options: StoreOptions,
   ) -> napi::Result<PromiseRaw<'env, AfterLog<StoreStart>>> {
     let keys = self.pool().len();
-    let persist = match persist_options(options) {
+    let persist = match persist_options(options, self.api.usage()) {
       Ok(persist) => persist,
       Err(e) => {
         self
@@ -128,6 +132,9 @@ impl NativeKeyPool {
     if self.store_attached.swap(true, Ordering::AcqRel) {
       Err(BindingError::StoreAttached)?;
     }
+    self
+      .api
+      .name_keys(KeyNaming::new(persist.key_storage.clone()));
     let (pool, log, slot) = (self.js.pool.clone(), self.log.clone(), self.writer.clone());
     if persist.share_quota {
       // Now, not once the connection is up: nothing may be handed out beyond the shared quota

@@ -30,8 +30,8 @@ use crate::log::Log;
 use crate::mask::scrub;
 use crate::sharing::leasing::{LeaseKeeper, StoreSlot};
 use crate::store::{
-  unique_name, KeyNaming, KeyStorage, MongoStore, Store, StoreError, DEFAULT_CONNECT_TIMEOUT,
-  DEFAULT_DB_NAME,
+  unique_name, KeyNaming, KeyStorage, MongoStore, Store, StoreError, UsageSource,
+  DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME,
 };
 use spill::{Claim, Spill, SpilledKey};
 
@@ -68,6 +68,8 @@ pub struct PersistOptions {
   /// Where what the database did not take before closing is kept for the next start (see
   /// `spill`; default: the system's temporary directory).
   pub spill_dir: PathBuf,
+  /// Where usage statistics come from: connected to the usage collection while the store is.
+  pub usage: UsageSource,
 }
 
 impl PersistOptions {
@@ -86,6 +88,7 @@ impl PersistOptions {
       key_storage: KeyStorage::Plaintext,
       close_timeout: Duration::from_secs(3),
       spill_dir: spill::default_dir(),
+      usage: UsageSource::default(),
     }
   }
 }
@@ -188,7 +191,7 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
         .map(|claim| import_spilled_keys(shared, &claim.spilled.keys, &records))
         .unwrap_or_default();
       pool.mark_all_dirty();
-      pool.set_usage_reader(Some(reader));
+      options.usage.connect(reader);
       if let Some(claim) = spilled {
         write_spilled(shared, &store, claim, &others).await;
       }
@@ -503,9 +506,7 @@ async fn run(shared: Arc<Shared>, options: PersistOptions, mut store: Option<Arc
   };
   spill_rest(&shared);
   shared.store.lock().take();
-  let reader = shared.pool.usage_reader();
-  shared.pool.set_usage_reader(None);
-  if let Some(reader) = reader {
+  if let Some(reader) = options.usage.disconnect() {
     let _ = tokio::time::timeout_at(close_by + Duration::from_millis(100), reader.close()).await;
   }
   if let Some(s) = store {

@@ -14,6 +14,7 @@ fn pool(keys: &[&str]) -> Arc<KeyPool> {
     keys.iter().map(|k| k.to_string()).collect(),
     Quota::default(),
   ))
+  .0
 }
 
 fn options(uri: String) -> PersistOptions {
@@ -123,7 +124,7 @@ async fn budgets_of_every_project_and_model_survive_a_restart() {
       ],
       ..PoolConfig::of(Vec::new(), Quota::default())
     };
-    on_system_clock(config)
+    on_system_clock(config).0
   };
   let digests = |uri| PersistOptions {
     key_storage: KeyStorage::Digest,

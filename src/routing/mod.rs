@@ -9,6 +9,8 @@ pub mod switch;
 pub mod upstream;
 pub mod usage_scan;
 
-pub use router::{google_error, model_of, AnswerBody, RouteOptions, RoutedRequest, Router};
+pub use router::{
+  google_error, model_of, AnswerBody, RouteOptions, RoutedRequest, Router, JSON_CONTENT_TYPE,
+};
 pub use switch::{route_requests, InvalidRouteSwitch, ROUTE_REQUESTS_ENV};
 pub use upstream::{base_url, Timeouts, Upstream, UpstreamError};

@@ -93,11 +93,10 @@ mod tests {
   use tokio::net::TcpListener;
 
   use super::*;
-  use crate::core::clock::SystemClock;
   use crate::core::config::PoolConfig;
+  use crate::core::pool::testing::on_system_clock;
   use crate::core::pool::Outcome;
   use crate::core::quota::Quota;
-  use crate::log::CapturedLog;
   use crate::routing::Timeouts;
 
   const KEY: &str = "AIzaSyREVALIDATE000000000000000000000001";
@@ -160,9 +159,7 @@ mod tests {
     let accept = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let base = fake(accept.clone(), seen.clone()).await;
-    let log = Arc::new(CapturedLog::default());
-    let config = PoolConfig::of(vec![KEY.to_owned()], Quota::default());
-    let pool = Arc::new(KeyPool::new(config, Arc::new(SystemClock), log.clone()).unwrap());
+    let (pool, log) = on_system_clock(PoolConfig::of(vec![KEY.to_owned()], Quota::default()));
     pool
       .record_usage(0, 0, Outcome::Failure("400 API_KEY_INVALID"), 1.0, None)
       .unwrap();

@@ -24,7 +24,7 @@ use hyper::header::{
 use hyper::{Method, Response, StatusCode};
 use tokio::time::Sleep;
 
-use super::upstream::{Upstream, UpstreamError};
+use super::upstream::{Upstream, UpstreamError, KEY_HEADER};
 use super::usage_scan::UsageScan;
 use crate::core::failure::{classify, Failure};
 use crate::core::models::ModelId;
@@ -69,7 +69,7 @@ const DROPPED: [&str; 13] = [
   "upgrade",
   "host",
   "authorization",
-  "x-goog-api-key",
+  KEY_HEADER,
   "accept-encoding",
 ];
 
@@ -132,6 +132,10 @@ fn whole(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<Answer
   response
 }
 
+/// The content type of every JSON body the crate writes: Google's errors here, the operators'
+/// API's replies in `http`, which serves these too.
+pub const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
+
 /// An error in Google's shape (`{ error: { code, message, status, details } }`).
 pub fn google_error(
   status: StatusCode,
@@ -151,10 +155,7 @@ pub fn google_error(
   };
   let mut error = serde_json::json!({ "code": code, "message": message, "status": grpc });
   let mut headers = HeaderMap::new();
-  headers.insert(
-    CONTENT_TYPE,
-    HeaderValue::from_static("application/json; charset=utf-8"),
-  );
+  headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE));
   if let Some(wait) = retry_after {
     error["details"] = serde_json::json!([{
       "@type": "type.googleapis.com/google.rpc.RetryInfo",

@@ -29,7 +29,7 @@ pub use memory::MemoryStore;
 pub use mongo::{MongoStore, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DB_NAME};
 pub use naming::{KeyNaming, KeyStorage, KeyStorageError};
 pub use records::{unique_name, Grant, LeaseSlot, SliceSlot};
-pub use usage_query::{StoredUsage, UsageReader, MAX_CALLS};
+pub use usage_query::{StoredUsage, UsageReader, UsageSource, MAX_CALLS};
 
 /// Where state is kept. Every call that has something to do is one round trip per batch (see
 /// [`Store::ops`]); leases are described in [`MongoStore::lease`].

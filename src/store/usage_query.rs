@@ -3,6 +3,9 @@
 //! `usage_stats::latency_bucket`), so what comes back is a few hundred small documents however
 //! many calls the range holds. It runs on a connection of its own and one at a time per process,
 //! so a heavy query cannot take the connections the writer and the leasing task need.
+//!
+//! [`UsageSource`] says whether there is such a reader now: the writer connects it, the HTTP API
+//! asks it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +13,7 @@ use std::time::Duration;
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection};
+use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
 use super::documents::count;
@@ -122,6 +126,31 @@ impl UsageReader {
   }
 }
 
+/// Where usage statistics come from: the usage collection while the store is connected, the pool's
+/// recent calls otherwise. Clones share one source, so the writer that connects the store and the
+/// HTTP API that reads it need not know each other.
+#[derive(Debug, Clone, Default)]
+pub struct UsageSource {
+  reader: Arc<Mutex<Option<UsageReader>>>,
+}
+
+impl UsageSource {
+  /// Statistics come from the store, through `reader`, from now on.
+  pub fn connect(&self, reader: UsageReader) {
+    *self.reader.lock() = Some(reader);
+  }
+
+  /// Statistics come from memory from now on. Returns the reader that was connected, to close.
+  pub fn disconnect(&self) -> Option<UsageReader> {
+    self.reader.lock().take()
+  }
+
+  /// The reader, while the store is connected.
+  pub fn reader(&self) -> Option<UsageReader> {
+    self.reader.lock().clone()
+  }
+}
+
 /// A group key `"<stored name> <bucket>"` into the key's position and the bucket. The bucket is
 /// after the last space: a stored name may hold spaces, a number never does.
 fn split(kb: &str, names: &Names) -> Option<(usize, i64)> {
@@ -132,6 +161,8 @@ fn split(kb: &str, names: &Names) -> Option<(usize, i64)> {
 
 #[cfg(test)]
 mod tests {
+  use mongodb::options::ServerAddress;
+
   use super::*;
   use crate::core::roster::Roster;
 
@@ -144,5 +175,22 @@ mod tests {
     assert_eq!(split("c 7", &names), None);
     assert_eq!(split("b seven", &names), None);
     assert_eq!(split("b", &names), None);
+  }
+
+  #[tokio::test]
+  async fn clones_of_a_source_see_the_store_from_connect_to_disconnect() {
+    // Nothing listens there: a client connects only when it is first used.
+    let address = ServerAddress::Tcp {
+      host: "127.0.0.1".into(),
+      port: Some(9),
+    };
+    let options = ClientOptions::builder().hosts(vec![address]).build();
+    let source = UsageSource::default();
+    let elsewhere = source.clone();
+    assert!(elsewhere.reader().is_none());
+    source.connect(UsageReader::new(&options, "test").unwrap());
+    assert!(elsewhere.reader().is_some());
+    assert!(elsewhere.disconnect().is_some());
+    assert!(source.reader().is_none());
   }
 }

@@ -56,9 +56,11 @@ pub fn test_keys(n: usize) -> Vec<String> {
     .collect()
 }
 
-/// A pool built from `config` on the system clock, for tests that run the real tasks (their
-/// timers are the runtime's, which a fake clock does not move).
-pub fn on_system_clock(config: PoolConfig) -> Arc<KeyPool> {
+/// A pool built from `config` on the system clock, shared, and its captured log: for tests that
+/// run the real tasks or wait in real time (their timers are the runtime's, which a fake clock
+/// does not move).
+pub fn on_system_clock(config: PoolConfig) -> (Arc<KeyPool>, Arc<CapturedLog>) {
   let log = Arc::new(CapturedLog::default());
-  Arc::new(KeyPool::new(config, Arc::new(SystemClock), log).expect("a valid test pool"))
+  let pool = KeyPool::new(config, Arc::new(SystemClock), log.clone()).expect("a valid test pool");
+  (Arc::new(pool), log)
 }

@@ -6,17 +6,18 @@ use crate::core::quota::Quota;
 
 const KEY: &str = "AIzaSyHTTPTEST000000000000000000000000001";
 
-fn pool() -> Arc<KeyPool> {
-  TestPool::new(
+/// The state servers are started with: two keys, no store.
+fn state() -> Arc<ApiState> {
+  let test = TestPool::new(
     &[KEY, "AIzaSyHTTPTEST000000000000000000000000002"],
     Quota::default(),
-  )
-  .shared()
+  );
+  Arc::new(ApiState::new(test.shared()))
 }
 
 async fn server(options: ServerOptions) -> ServerHandle {
   let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-  start(pool(), Listen::Addr(addr), options).await.unwrap()
+  start(state(), Listen::Addr(addr), options).await.unwrap()
 }
 
 // tokio's `io-util` feature is off, so the test client reads and writes through readiness.
@@ -286,7 +287,7 @@ async fn at_the_cap_slow_connections_make_room_and_clients_keep_being_served() {
 async fn binding_a_busy_port_is_an_error() {
   let handle = server(ServerOptions::default()).await;
   let err = start(
-    pool(),
+    state(),
     Listen::Addr(handle.local_addrs()[0]),
     ServerOptions::default(),
   )
@@ -299,7 +300,7 @@ async fn binding_a_busy_port_is_an_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn localhost_is_served_on_both_loopbacks_on_one_port() {
   let handle = start(
-    pool(),
+    state(),
     Listen::Localhost { port: 0 },
     ServerOptions::default(),
   )
@@ -322,18 +323,22 @@ async fn localhost_is_served_on_both_loopbacks_on_one_port() {
   // A port taken on ::1 by someone else is not silently left to them.
   let taken = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).unwrap();
   let port = taken.local_addr().unwrap().port();
-  let err = start(pool(), Listen::Localhost { port }, ServerOptions::default())
-    .await
-    .unwrap_err();
+  let err = start(
+    state(),
+    Listen::Localhost { port },
+    ServerOptions::default(),
+  )
+  .await
+  .unwrap_err();
   assert!(matches!(err, HttpError::Bind { .. }), "{err}");
   handle.shutdown().await;
 }
 
 #[test]
 fn access_lines_mask_keys() {
-  let p = pool();
+  let s = state();
   let line = access_line(
-    &p,
+    &s,
     "GET",
     &format!("/api/keys/rate-limit/{KEY}?k={KEY}"),
     200,
@@ -343,7 +348,7 @@ fn access_lines_mask_keys() {
     line,
     "2023-11-14T22:13:20.000Z GET /api/keys/rate-limit/AIzaSyHT...0001 200 1.500ms"
   );
-  let line = access_line(&p, KEY, "/", 400, Duration::ZERO);
+  let line = access_line(&s, KEY, "/", 400, Duration::ZERO);
   assert!(!line.contains(KEY), "{line}");
   assert!(line.contains(" (other method) / 400 "), "{line}");
 }
@@ -351,7 +356,7 @@ fn access_lines_mask_keys() {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_listening_beyond_loopback_without_a_token_unless_allowed() {
   let anywhere = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-  let err = start(pool(), Listen::Addr(anywhere), ServerOptions::default())
+  let err = start(state(), Listen::Addr(anywhere), ServerOptions::default())
     .await
     .unwrap_err();
   assert!(matches!(err, HttpError::Insecure { .. }), "{err}");
@@ -366,7 +371,7 @@ async fn no_listening_beyond_loopback_without_a_token_unless_allowed() {
       ..ServerOptions::default()
     },
   ] {
-    start(pool(), Listen::Addr(anywhere), options)
+    start(state(), Listen::Addr(anywhere), options)
       .await
       .unwrap()
       .shutdown()

@@ -44,10 +44,9 @@ mod against_a_fake_gemini {
   use tokio::net::TcpListener;
 
   use super::*;
-  use crate::core::clock::SystemClock;
   use crate::core::config::PoolConfig;
+  use crate::core::pool::testing::on_system_clock;
   use crate::core::quota::Quota;
-  use crate::log::SilentLog;
   use crate::routing::Timeouts;
 
   const KEYS: [&str; 2] = [
@@ -106,15 +105,15 @@ mod against_a_fake_gemini {
   }
 
   fn router_with(base: &str, rpm: u64, timeouts: Timeouts) -> Router {
-    let config = PoolConfig::of(
+    let quota = Quota {
+      rpm,
+      rpd: 1_000,
+      tpm: 1_000_000,
+    };
+    let (pool, _) = on_system_clock(PoolConfig::of(
       KEYS.iter().map(|k| k.to_string()).collect(),
-      Quota {
-        rpm,
-        rpd: 1_000,
-        tpm: 1_000_000,
-      },
-    );
-    let pool = Arc::new(KeyPool::new(config, Arc::new(SystemClock), Arc::new(SilentLog)).unwrap());
+      quota,
+    ));
     let upstream = Upstream::new(base, timeouts).unwrap();
     Router::new(
       pool,

@@ -1,18 +1,60 @@
 //! `GET /usage-stats`: per-key and total usage over a date range, computed from the usage
-//! collection while MongoDB is connected, from the in-memory call log otherwise, next to the SPEC's
-//! fields of each key's current windows.
+//! collection while MongoDB is connected (the one route that may wait on I/O), from the in-memory
+//! call log otherwise, next to the SPEC's fields of each key's current windows.
 
 use serde::Serialize;
 
-use super::json::{parse_date, IsoDate, UsageJson};
-use super::routes::Reply;
+use super::params::{percent_decode, Params};
+use super::Routed;
 use crate::core::key::{Admission, KeyStatus};
 use crate::core::pool::KeyPool;
+use crate::http::json::{parse_date, IsoDate, UsageJson};
+use crate::http::reply::Reply;
+use crate::http::state::ApiState;
 use crate::stats::usage_stats::{compute, from_buckets, DateRange, UsageFigures, UsageReport};
+use crate::store::UsageReader;
+
+/// Statistics from the usage collection while MongoDB is connected; from the in-memory call log
+/// without it, or when the query fails (`metadata.source` says which).
+pub(super) fn usage_stats<'s>(state: &'s ApiState, req: &Params<'_>) -> Routed<'s> {
+  let range = match date_range(req.query) {
+    Ok(range) => range,
+    Err(reply) => return Routed::Ready(reply),
+  };
+  match state.usage().reader() {
+    Some(reader) => Routed::Pending(Box::pin(from_store(state.pool(), reader, range))),
+    None => Routed::Ready(from_memory(state.pool(), range)),
+  }
+}
+
+/// Reads the optional `startDate` and `endDate` of a query string. A value that is not valid
+/// percent-encoding counts as an invalid date.
+fn date_range(query: &str) -> Result<DateRange, Reply> {
+  const INVALID: &str = "\u{0}";
+  let mut start = None;
+  let mut end = None;
+  for pair in query.split('&').filter(|p| !p.is_empty()) {
+    let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    let (name, slot) = match percent_decode(name, true).as_deref() {
+      Some("startDate") => ("startDate", &mut start),
+      Some("endDate") => ("endDate", &mut end),
+      _ => continue,
+    };
+    let text = percent_decode(value, true).unwrap_or_else(|| INVALID.to_owned());
+    if slot.replace(text).is_some() {
+      return Err(Reply::error(
+        400,
+        &format!("Invalid {name}"),
+        &format!("{name} was given more than once"),
+      ));
+    }
+  }
+  parse_range(start.as_deref(), end.as_deref())
+}
 
 /// The `startDate` and `endDate` of a request, as given (`None` when absent), into a range; the
 /// 400 reply that says what is wrong otherwise.
-pub fn parse_range(start: Option<&str>, end: Option<&str>) -> Result<DateRange, Reply> {
+fn parse_range(start: Option<&str>, end: Option<&str>) -> Result<DateRange, Reply> {
   let parse = |name: &str, text: Option<&str>| match text {
     None => Ok(None),
     Some(text) => parse_date(text).map(Some).ok_or_else(|| {
@@ -147,7 +189,7 @@ fn reply(
 }
 
 /// Statistics from the in-memory call log.
-pub fn from_memory(pool: &KeyPool, range: DateRange) -> Reply {
+fn from_memory(pool: &KeyPool, range: DateRange) -> Reply {
   match pool.recent_calls(range) {
     Ok(recent) => reply(
       pool,
@@ -162,71 +204,20 @@ pub fn from_memory(pool: &KeyPool, range: DateRange) -> Reply {
   }
 }
 
-/// Statistics from the usage collection while MongoDB is connected; from the in-memory call log
-/// without it, or when the query fails (`metadata.source` says which).
-pub async fn usage_stats(pool: &KeyPool, range: DateRange) -> Reply {
-  if let Some(reader) = pool.usage_reader() {
-    if let Ok(stored) = reader.usage(range, &pool.names()).await {
-      let source = Source::Mongo {
+/// Statistics from the usage collection, else from memory.
+async fn from_store(pool: &KeyPool, reader: UsageReader, range: DateRange) -> Reply {
+  match reader.usage(range, &pool.names()).await {
+    Ok(stored) => reply(
+      pool,
+      range,
+      |keys| from_buckets(keys, &stored.buckets),
+      Source::Mongo {
         truncated: stored.truncated,
-      };
-      return reply(
-        pool,
-        range,
-        |keys| from_buckets(keys, &stored.buckets),
-        source,
-      );
-    }
+      },
+    ),
+    Err(_) => from_memory(pool, range),
   }
-  from_memory(pool, range)
 }
 
 #[cfg(test)]
-mod tests {
-  use std::sync::Arc;
-
-  use serde_json::Value;
-
-  use super::*;
-  use crate::core::clock::FakeClock;
-  use crate::core::config::PoolConfig;
-  use crate::core::pool::Outcome;
-  use crate::core::quota::Quota;
-  use crate::log::SilentLog;
-
-  #[tokio::test]
-  async fn without_a_database_statistics_come_from_the_call_log() {
-    let config = PoolConfig::of(
-      vec!["AIzaSyAAAA0000000000000000000000000000001".to_owned()],
-      Quota::default(),
-    );
-    let clock = FakeClock::at(1_700_000_000_000);
-    let pool = KeyPool::new(config, Arc::new(clock), Arc::new(SilentLog)).unwrap();
-    pool
-      .record_usage(0, 5, Outcome::Success, 8.0, None)
-      .unwrap();
-    let reply = usage_stats(&pool, DateRange::ALL).await;
-    assert_eq!(reply.status, 200);
-    let v: Value = serde_json::from_str(&reply.body).unwrap();
-    assert_eq!(v["metadata"]["source"], "memory");
-    assert_eq!(v["data"][0]["requests"], 1);
-    assert_eq!(v["metadata"]["totals"]["p95ResponseTime"], 8.0);
-  }
-
-  #[test]
-  fn bad_dates_are_400s_that_say_what_is_wrong() {
-    for (start, end, error) in [
-      (Some("someday"), None, "Invalid startDate"),
-      (None, Some("2026-13-01"), "Invalid endDate"),
-      (Some("2026-02-01"), Some("2026-01-01"), "Invalid date range"),
-    ] {
-      let reply = parse_range(start, end).unwrap_err();
-      let v: Value = serde_json::from_str(&reply.body).unwrap();
-      assert_eq!((reply.status, v["error"].as_str()), (400, Some(error)));
-    }
-    assert_eq!(
-      parse_range(Some("1700000000000"), None),
-      Ok(DateRange::new(Some(1_700_000_000_000), None).unwrap())
-    );
-  }
-}
+mod tests;
