@@ -49,6 +49,8 @@ pub(super) fn usage_stats<'s>(state: &'s ApiState, req: &Params<'_>) -> Routed<'
     Ok(range) => range,
     Err(err) => return Routed::Ready(err.reply()),
   };
+  // [`UsageStats::over`]'s choice, made here so that the memory source answers at once (the
+  // Express adapter's synchronous `route` serves it without waiting).
   match state.usage().reader() {
     Some(reader) => Routed::Pending(Box::pin(async move {
       render(from_store(state.pool(), reader, range).await)
