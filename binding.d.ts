@@ -136,6 +136,12 @@ export declare class NativeKeyPool {
   closeStore(): Promise<void>
   /** What the MongoDB writer has done, or `null` without a store. */
   persistenceStats(): PersistenceStats | null
+  /**
+   * `getUsageStats`: the statistics `GET /usage-stats` answers for `startDate` and `endDate` as
+   * its query gives them (ISO-8601 or epoch ms, both optional); a bad range is an `InvalidArg`
+   * error saying what is wrong, as the route's 400 does.
+   */
+  usageStats(startDate?: string | undefined | null, endDate?: string | undefined | null): Promise<UsageStats>
 }
 
 /** The HTTP API's route table over one pool, with its admin guard: what the Express adapter calls. */
@@ -272,6 +278,38 @@ export interface KeysByState {
   deactivated: number
   'no-quota': number
   disabled: number
+}
+
+/**
+ * One key: the SPEC's usage-stats fields (current windows as `'current/limit'`), then its
+ * figures over the range.
+ */
+export interface KeyUsageStats {
+  /** Masked. */
+  apiKey: string
+  isActive: boolean
+  lastUsed: Date
+  rpmUsage: string
+  rpdUsage: string
+  tpmUsage: string
+  errorCount: number
+  lastError: string | null
+  /** The key's project; null when not known (a project of its own). */
+  project: string | null
+  /** Its project's budget of every model met, by model name. */
+  models: Record<string, UsageBudget>
+  /** Removed from the pool: listed only for the calls it made in the range. */
+  removed: boolean
+  requests: number
+  successes: number
+  failures: number
+  /** failures / requests; 0 without requests. */
+  errorRate: number
+  tokens: number
+  /** Median response time in ms (nearest rank); null without requests. */
+  p50ResponseTime: number | null
+  /** 95th-percentile response time in ms (nearest rank); null without requests. */
+  p95ResponseTime: number | null
 }
 
 /** One key now. */
@@ -447,6 +485,66 @@ export interface StoreStart {
   connected: boolean
   /** Why it could not connect. */
   error?: string
+}
+
+/** One model's budget of a key's project. */
+export interface UsageBudget {
+  /** `active`, `resting`, `no-quota` or `overloaded`. */
+  state: string
+  /** Until when it rests, or its model backs off; null when neither. */
+  stateUntil: Date | null
+  availabilityScore: number
+  rpm: UsageWindow
+  rpd: UsageWindow
+  tpm: UsageWindow
+}
+
+/** Usage over the range, of one key or of all of them. */
+export interface UsageFigures {
+  requests: number
+  successes: number
+  failures: number
+  /** failures / requests; 0 without requests. */
+  errorRate: number
+  tokens: number
+  /** Median response time in ms (nearest rank); null without requests. */
+  p50ResponseTime: number | null
+  /** 95th-percentile response time in ms (nearest rank); null without requests. */
+  p95ResponseTime: number | null
+}
+
+/** Usage statistics over a range: per key, and the range, source and totals. */
+export interface UsageStats {
+  data: Array<KeyUsageStats>
+  metadata: UsageStatsMetadata
+}
+
+/**
+ * The range, where the calls were read, and the totals. `callLogCapacity` is left out with the
+ * MongoDB source, as the route's JSON leaves it out, so this shape is not nullable.
+ */
+export interface UsageStatsMetadata {
+  startDate: Date | null
+  endDate: Date | null
+  totalKeys: number
+  /** `mongodb` (the usage collection) or `memory` (the in-memory log: no MongoDB, or it failed). */
+  source: string
+  /**
+   * Calls of the range may be missing: the in-memory log overwrote some, or over 1,000,000 were
+   * stored.
+   */
+  truncated: boolean
+  /** How many calls the in-memory log keeps (with the memory source). */
+  callLogCapacity?: number
+  totals: UsageFigures
+}
+
+/** One window's use. */
+export interface UsageWindow {
+  current: number
+  limit: number
+  /** When the window's count next drops to zero. */
+  resetTime: Date
 }
 
 /** One window's use. */

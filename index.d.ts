@@ -7,13 +7,16 @@
 
 import type {
   BudgetUse,
+  KeyUsageStats as NativeKeyUsageStats,
   KeyUse,
   Metrics as NativeMetrics,
   PersistenceStats,
+  UsageFigures,
+  UsageStatsMetadata as NativeUsageStatsMetadata,
   WindowUse,
 } from './binding'
 
-export type { BudgetUse, KeyUse, PersistenceStats, WindowUse }
+export type { BudgetUse, KeyUse, PersistenceStats, UsageFigures, WindowUse }
 
 /**
  * Every method resolves to this; failures are returned, never thrown. A selection that fails only
@@ -250,50 +253,19 @@ export interface UsageStatsRange {
   endDate?: Date | string | number
 }
 
-/** Usage over a range, per key or in total. */
-export interface UsageFigures {
-  requests: number
-  successes: number
-  failures: number
-  /** failures / requests; 0 without requests. */
-  errorRate: number
-  tokens: number
-  /** Median response time in ms (nearest rank); null without requests. */
-  p50ResponseTime: number | null
-  /** 95th-percentile response time in ms (nearest rank); null without requests. */
-  p95ResponseTime: number | null
-}
-
-/** One key's usage statistics: the SPEC's fields (current windows as `'current/limit'`) plus the range's figures. */
-export interface KeyUsageStats extends UsageFigures {
-  /** Masked. */
-  apiKey: string
-  isActive: boolean
-  lastUsed: Date
-  rpmUsage: string
-  rpdUsage: string
-  tpmUsage: string
-  errorCount: number
-  lastError: string | null
-  /** The key's project; null when not known (a project of its own). */
-  project: string | null
+/**
+ * One key's usage statistics: the SPEC's fields (current windows as `'current/limit'`) plus the
+ * range's figures; the shape the native side builds (binding.d.ts), its budgets' states narrowed.
+ */
+export interface KeyUsageStats extends Omit<NativeKeyUsageStats, 'models'> {
   /** Its project's budget of every model met, by model name. */
   models: Record<string, ModelBudget>
-  /** Removed from the pool: listed only for the calls it made in the range. */
-  removed: boolean
 }
 
-export interface UsageStatsMetadata {
-  startDate: Date | null
-  endDate: Date | null
-  totalKeys: number
+/** The range, where the calls were read, and the totals; `source` narrowed to the names it takes. */
+export interface UsageStatsMetadata extends Omit<NativeUsageStatsMetadata, 'source'> {
   /** Where the calls were read: the usage collection, or the in-memory log (no MongoDB, or it failed). */
   source: 'mongodb' | 'memory'
-  /** Calls of the range may be missing: the in-memory log overwrote some, or over 1,000,000 were stored. */
-  truncated: boolean
-  /** How many calls the in-memory log keeps (with `source: 'memory'`). */
-  callLogCapacity?: number
-  totals: UsageFigures
 }
 
 /**

@@ -23,6 +23,19 @@ function mask(key) {
   return `${key.slice(0, 8)}...${key.slice(-4)}`
 }
 
+/**
+ * A usage-stats answer (getUsageStats' objects or the route's JSON) as plain JSON, for comparing
+ * two answers: an empty window's reset time is now plus the window, so it moves with the clock
+ * between two calls and is left out.
+ */
+function usageJson(answer) {
+  return JSON.parse(JSON.stringify(answer), (name, value) =>
+    value !== null && typeof value === 'object' && value.current === 0 && 'resetTime' in value
+      ? { ...value, resetTime: '<moves with the clock>' }
+      : value,
+  )
+}
+
 /** Limits given explicitly, so in-process tests do not depend on GEMINI_*_LIMIT in the environment. */
 const LIMITS = { rpm: 30, rpd: 200, tpm: 1000000 }
 
@@ -149,6 +162,7 @@ module.exports = {
   LIMITS,
   fakeKey,
   mask,
+  usageJson,
   newManager,
   cleanEnv,
   runFixture,

@@ -15,7 +15,7 @@ const os = require('node:os')
 const path = require('node:path')
 const { spawn } = require('node:child_process')
 const { MongoClient } = require('mongodb')
-const { PKG, FIXTURES, fakeKey, mask, runFixture, expectClean, cleanEnv, freePort } = require('./helpers')
+const { PKG, FIXTURES, fakeKey, mask, usageJson, runFixture, expectClean, cleanEnv, freePort } = require('./helpers')
 
 const { ApiKeyManagerService, keyFingerprint, keyRoutes } = require(PKG)
 const express = require('express')
@@ -532,6 +532,10 @@ test('usage statistics come from the usage collection: getUsageStats, the Rust s
       assert.equal(body.metadata.source, 'mongodb', base)
       assert.equal(body.data[0].requests, 2, base)
       assert.equal(body.metadata.totals.requests, 3, base)
+      // The same answer as getUsageStats gives as objects, for the same range.
+      const native = await m.getUsageStats({ startDate: since })
+      assert.deepEqual(usageJson({ ...native, message: body.message }), usageJson(body), base)
+      assert.equal('callLogCapacity' in native.metadata, false)
       assert.equal((await fetch(`${base}/usage-stats?endDate=nope`)).status, 400, base)
     }
   } finally {

@@ -8,7 +8,7 @@ const test = require('node:test')
 const assert = require('node:assert/strict')
 const crypto = require('node:crypto')
 
-const { PKG, fakeKey, mask } = require('./helpers')
+const { PKG, fakeKey, mask, usageJson } = require('./helpers')
 const { ApiKeyManagerService, keyFingerprint } = require(PKG)
 
 const LIMITS = { rpm: 30, rpd: 200, tpm: 1000000 }
@@ -119,6 +119,36 @@ test('GET /api/keys/usage-stats serves the same figures, and 400s for bad dates'
 })
 
 /** A value with its Dates and ISO strings replaced, to compare answers taken at different instants. */
+test('getUsageStats is the route\'s answer as objects: the same JSON for the same range, instants as Dates', async (t) => {
+  const { m, keys } = manager(3)
+  const server = await m.serve({ port: 0 })
+  t.after(async () => {
+    await server.close()
+    await m.close()
+  })
+  await m.recordUsage(keys[0], 120, true, undefined, 30)
+  await m.recordUsage(keys[1], 0, false, { message: 'Service Unavailable', status: 503 }, 80)
+  await m.handleRateLimit(keys[2], 'RPM')
+  await m.removeKey(keys[0])
+  const range = { startDate: new Date(Date.now() - 60000), endDate: new Date(Date.now() + 60000) }
+  const query = `startDate=${range.startDate.toISOString()}&endDate=${range.endDate.getTime()}`
+  const body = await (await fetch(`${server.url}/api/keys/usage-stats?${query}`)).json()
+  const native = await m.getUsageStats({ startDate: range.startDate, endDate: range.endDate.getTime() })
+  assert.deepEqual(usageJson({ ...native, message: body.message }), usageJson(body))
+  assert.equal(native.data[0].removed, true)
+  assert.ok(native.metadata.startDate instanceof Date && native.metadata.endDate instanceof Date)
+  assert.equal(native.metadata.callLogCapacity, 10000)
+  for (const key of native.data) {
+    assert.ok(key.lastUsed instanceof Date)
+    for (const budget of Object.values(key.models)) {
+      assert.ok(budget.stateUntil === null || budget.stateUntil instanceof Date)
+      for (const w of [budget.rpm, budget.rpd, budget.tpm]) assert.ok(w.resetTime instanceof Date)
+    }
+  }
+  const resting = Object.values(native.data.at(-1).models)[0]
+  assert.ok(resting.stateUntil instanceof Date, 'the rate-limited budget rests until a Date')
+})
+
 function withoutDates(v) {
   return JSON.parse(JSON.stringify(v), (k, x) => (typeof x === 'string' && /^\d{4}-\d\d-\d\dT/.test(x) ? '<date>' : x))
 }

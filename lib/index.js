@@ -713,7 +713,7 @@ class ApiKeyManagerService {
   async getUsageStats({ startDate, endDate } = {}) {
     const reason = this._ready()
     if (reason !== null) return failure(reason)
-    const query = new URLSearchParams()
+    const given = {}
     for (const [name, value] of [
       ['startDate', startDate],
       ['endDate', endDate],
@@ -721,31 +721,20 @@ class ApiKeyManagerService {
       if (value === undefined || value === null) continue
       if (value instanceof Date) {
         if (Number.isNaN(value.getTime())) return failure(`Invalid ${name}: an invalid Date`)
-        query.set(name, value.toISOString())
+        given[name] = value.toISOString()
       } else if (typeof value === 'string' || typeof value === 'number') {
-        query.set(name, String(value))
+        given[name] = String(value)
       } else {
         return failure(`Invalid ${name}: give a Date, an ISO-8601 string or epoch milliseconds`)
       }
     }
-    let reply
     try {
-      // The route table's own answer, as `serve` gives it: one implementation of the statistics.
-      this._usageRouter ??= this._router()
-      reply = await this._usageRouter.routeAsync('GET', `/usage-stats?${query}`)
+      // The route table's own answer, as objects: one implementation of the statistics.
+      const stats = await this._native.usageStats(given.startDate, given.endDate)
+      return { success: true, data: stats.data, metadata: stats.metadata }
     } catch (e) {
       return failure(messageOf(e))
     }
-    const body = JSON.parse(reply.body)
-    if (!body.success) return failure(`${body.error}: ${body.message}`)
-    for (const key of body.data) {
-      key.lastUsed = new Date(key.lastUsed)
-      for (const budget of Object.values(key.models)) datedBudget(budget)
-    }
-    const { metadata } = body
-    metadata.startDate = metadata.startDate === null ? null : new Date(metadata.startDate)
-    metadata.endDate = metadata.endDate === null ? null : new Date(metadata.endDate)
-    return { success: true, data: body.data, metadata }
   }
 
   /**

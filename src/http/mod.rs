@@ -7,7 +7,7 @@ pub mod auth;
 pub mod connections;
 #[cfg(test)]
 mod hostile;
-mod json;
+pub(crate) mod json;
 pub mod key_ref;
 pub mod proxy;
 pub mod proxy_auth;
@@ -18,6 +18,9 @@ pub mod state;
 
 pub use auth::{AdminGuard, AuthConfigError};
 pub use reply::Reply;
-pub use routes::{redact_path, route, route_mounted, ApiRequest, Routed};
+pub use routes::{
+  parse_range, redact_path, route, route_mounted, ApiRequest, KeyUsageStats, Routed, UsageStats,
+  UsageStatsError, UsageStatsMeta,
+};
 pub use server::{start, HttpError, Listen, ServerHandle, ServerOptions};
 pub use state::ApiState;

@@ -23,6 +23,7 @@ use super::reply::Reply;
 use super::state::ApiState;
 use crate::mask::mask_key;
 use params::{percent_decode, Params};
+pub use usage::{parse_range, KeyUsageStats, UsageStats, UsageStatsError, UsageStatsMeta};
 use Handler::{Io, Now};
 use Seg::{Key, Lit};
 

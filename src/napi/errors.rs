@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use crate::core::error::PoolError;
 use crate::http::proxy_auth::ProxyConfigError;
-use crate::http::{AuthConfigError, HttpError};
+use crate::http::{AuthConfigError, HttpError, UsageStatsError};
 use crate::routing::{InvalidRouteSwitch, UpstreamError};
 use crate::store::KeyStorageError;
 
@@ -32,6 +32,8 @@ pub enum BindingError {
   Upstream(#[from] UpstreamError),
   #[error(transparent)]
   Server(#[from] HttpError),
+  #[error(transparent)]
+  UsageStats(#[from] UsageStatsError),
   #[error("a store is already attached")]
   StoreAttached,
   /// A raw N-API call of the fast path's set-up.
@@ -77,6 +79,10 @@ impl BindingError {
         HttpError::Insecure { .. } => Status::InvalidArg,
         _ => Status::GenericFailure,
       },
+      Self::UsageStats(e) => match e {
+        UsageStatsError::BadRange { .. } => Status::InvalidArg,
+        UsageStatsError::Pool(_) => Status::GenericFailure,
+      },
       Self::StoreAttached | Self::NapiCall { .. } => Status::GenericFailure,
       Self::Js(e) => e.status,
     }
@@ -111,6 +117,7 @@ into_js_through_binding_error!(
   InvalidRouteSwitch,
   UpstreamError,
   HttpError,
+  UsageStatsError,
 );
 
 /// A [`BindingError::BadInput`], for `Err(bad_input(...))?`.

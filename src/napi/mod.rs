@@ -6,6 +6,7 @@
 //! - `errors`: the one mapping of errors into JS, with the status that says whose fault it was.
 //! - `log`: the one writer of log lines, through one JS function.
 //! - `metrics`: the metrics as objects.
+//! - `usage_stats`: the usage statistics as objects.
 //! - `store`: `attachStore`, its start-up lines, and the MongoDB writer's figures.
 //! - `server`: `serve`, the HTTP API and the Gemini proxy, and the routing server.
 //! - `routing`: the router of the app's Gemini requests, and the revalidation of refused keys.
@@ -36,5 +37,7 @@ mod routing;
 mod server;
 #[cfg(not(test))]
 mod store;
+#[cfg(not(test))]
+mod usage_stats;
 #[cfg(not(test))]
 mod values;

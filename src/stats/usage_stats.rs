@@ -3,6 +3,7 @@
 //! calls come from the in-memory call log one by one, or from the usage collection already summed
 //! by the database, in buckets of nearly equal response time (see [`BUCKETS_PER_E`]).
 
+use serde::Serialize;
 use thiserror::Error;
 
 use crate::core::clock::Millis;
@@ -42,8 +43,9 @@ impl DateRange {
   }
 }
 
-/// The figures of one key, or of all of them.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// The figures of one key, or of all of them; as JSON, response times in ms, `null` without calls.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct UsageFigures {
   pub requests: u64,
   pub successes: u64,
