@@ -906,3 +906,23 @@ describe('Express adapter: keyRoutes(manager) behind app.use("/api/keys")', () =
     assert.equal(await rawPost(httpServer.address().port), rustStatus)
   })
 })
+
+test('a key added over HTTP and handed out before JS knows it shows its own figures', async (t) => {
+  const { m, keys, base } = await startServer(t, 1)
+  const added = newKeys(2)
+  for (const apiKey of added) {
+    const r = await post(base, '/add', { body: JSON.stringify({ apiKey }), headers: { 'content-type': 'application/json' } })
+    assert.equal(r.status, 201)
+  }
+  // Only the first added key is left to hand out: it is not the last one JS learns of.
+  assert.equal((await post(base, `/disable/${keys[0]}`)).status, 200)
+  assert.equal((await post(base, `/disable/${added[1]}`)).status, 200)
+  const r = await m.getBestAvailableKey({ estimatedTokens: 250 })
+  assert.equal(r.success, true)
+  const [apiKey, status] = r.data
+  assert.equal(apiKey, added[0])
+  assert.equal(status.apiKey, added[0])
+  // The hand-out's reservation, on its own figures.
+  assert.equal(status.limits.rpm.current, 1)
+  assert.equal(status.limits.tpm.current, 250)
+})

@@ -324,6 +324,15 @@ class ApiKeyManagerService {
    * Takes in the keys the pool gained since last looked (added here or, through MongoDB, in another
    * process): positions never change, so the arrays only grow.
    */
+  /**
+   * A hand-out of key i, added elsewhere (the HTTP API, another process): learning the new keys
+   * reads their figures into the result slots, so key i's are read back for the caller.
+   */
+  _learnKeysFor(i) {
+    this._syncKeys()
+    this._figures(i)
+  }
+
   _syncKeys() {
     const keys = this._native.keys()
     const known = this._keys.length
@@ -471,7 +480,7 @@ class ApiKeyManagerService {
     } catch (e) {
       return this._noKey(e, estimatedTokens, model)
     }
-    if (i >= this._keys.length) this._syncKeys()
+    if (i >= this._keys.length) this._learnKeysFor(i)
     const s = this._results
     const apiKey = this._keys[i]
     this._lastHanded = apiKey
@@ -499,7 +508,7 @@ class ApiKeyManagerService {
     } catch (e) {
       return this._noKey(e, estimatedTokens, model)
     }
-    if (i >= this._keys.length) this._syncKeys()
+    if (i >= this._keys.length) this._learnKeysFor(i)
     const s = this._results
     const rotationReason = LAYOUT.reasons[s[SLOT.rotationReason]]
     const metadata = { availabilityScore: s[SLOT.score], rotationReason }

@@ -128,7 +128,7 @@ pub struct NativeKeyPool {
 
 #[napi]
 impl NativeKeyPool {
-  /// Builds the pool from the manager's options (see `ApiKeyManagerOptions` in lib/index.d.ts) and
+  /// Builds the pool from the manager's options (see `ApiKeyManagerOptions` in index.d.ts) and
   /// the environment, and starts re-testing refused keys when asked to.
   #[napi(constructor, ts_args_type = "options?: object | undefined | null")]
   pub fn new(options: Option<Unknown>) -> napi::Result<Self> {

@@ -191,7 +191,7 @@ impl From<MetricsSnapshot> for Metrics {
 
 #[napi]
 impl NativeKeyPool {
-  /// The metrics (see `getMetrics` in lib/index.d.ts).
+  /// The metrics (see `getMetrics` in index.d.ts).
   #[napi]
   pub fn metrics(&self) -> napi::Result<Metrics> {
     Ok(self.pool().metrics()?.into())

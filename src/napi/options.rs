@@ -30,7 +30,7 @@ fn invalid_serve_options(message: String) -> BindingError {
 const MILLIS: &str = "must be a positive integer of milliseconds";
 const POSITIVE: &str = "must be a positive integer";
 
-/// The manager's options (`ApiKeyManagerOptions` in lib/index.d.ts), checked. The store's
+/// The manager's options (`ApiKeyManagerOptions` in index.d.ts), checked. The store's
 /// settings are resolved against the environment here; the rest is where it is used.
 pub(super) struct ManagerOptions {
   pub pool: config::PoolOptions,
@@ -263,7 +263,7 @@ pub struct StoreOptions {
   pub store_plaintext_keys: Option<bool>,
 }
 
-/// `serve`'s options (`ServeOptions` in lib/index.d.ts), checked.
+/// `serve`'s options (`ServeOptions` in index.d.ts), checked.
 pub(super) struct ServeOptions {
   /// An IP address, or `localhost` (the default).
   pub host: String,

@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_BODY_BYTES: u32 = http::server::DEFAULT_MAX_BODY_BYTES as 
 
 #[napi]
 impl NativeKeyPool {
-  /// Starts the HTTP API (see `ServeOptions` in lib/index.d.ts) on the addon's tokio runtime, with
+  /// Starts the HTTP API (see `ServeOptions` in index.d.ts) on the addon's tokio runtime, with
   /// the Gemini proxy when proxy tokens or `proxyOpen` say.
   #[napi(
     ts_args_type = "options?: object | undefined | null",
