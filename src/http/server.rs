@@ -35,6 +35,7 @@ use super::proxy::{self, is_gemini_path, ProxyOptions};
 use super::reply::Reply;
 use super::routes::{redact_path, route, ApiRequest};
 use super::state::ApiState;
+use crate::core::clock::SECOND_MS;
 use crate::log::{ConsoleLog, Log};
 use crate::routing::AnswerBody;
 
@@ -559,7 +560,7 @@ fn access_line(
     IsoDate(state.pool().now()),
     loggable_method(method),
     redact_path(state, target),
-    took.as_secs_f64() * 1_000.0
+    took.as_secs_f64() * SECOND_MS as f64
   )
 }
 
