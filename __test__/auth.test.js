@@ -258,7 +258,7 @@ describe('CLI', () => {
       const text = await res.text()
       for (const k of keys) assert.ok(!text.includes(k), `${method} ${p}: a full key in the response ${text}`)
     }
-    // Every request has its line once the last one is answered, bar the writer thread's lag.
+    // Every request has its line once the last one is answered, bar the lag of the log's wake-up on the JS thread.
     const deadline = Date.now() + 5000
     while (cli.out.stdout.split('\n').filter((l) => / \d{3} \d+\.\d{3}ms$/.test(l)).length < requests.length && Date.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 50))

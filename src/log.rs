@@ -10,17 +10,22 @@ pub enum Level {
   Error,
 }
 
-pub trait Log: Send + Sync {
+/// Where log lines go. Every layer says its lines through one, whichever thread it is on.
+pub trait Log: Send + Sync + std::fmt::Debug {
+  /// Says `line` at `level`.
   fn line(&self, level: Level, line: &str);
 
+  /// Says `line` at [`Level::Info`].
   fn info(&self, line: &str) {
     self.line(Level::Info, line);
   }
 
+  /// Says `line` at [`Level::Warn`].
   fn warn(&self, line: &str) {
     self.line(Level::Warn, line);
   }
 
+  /// Says `line` at [`Level::Error`].
   fn error(&self, line: &str) {
     self.line(Level::Error, line);
   }

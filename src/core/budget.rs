@@ -3,7 +3,7 @@
 //! it, and what this process holds of it when the quota is shared. The keys of one project draw on
 //! its budgets together; a key whose project is unknown is a project of its own.
 
-use crate::core::clock::{Millis, MINUTE_MS};
+use crate::core::clock::{Millis, MINUTE_MS, SECOND_MS};
 use crate::core::models::{ModelId, DEFAULT_MODEL_ID};
 use crate::core::quota::{LimitType, Quota, WindowPolicy};
 use crate::core::window::{DailyWindow, RollingWindow};
@@ -16,9 +16,9 @@ pub type ProjectId = usize;
 
 /// The rest of a per-minute 429 that says "0s" when nothing counted here is left to wait for: the
 /// upstream said no, so not straight back.
-pub const MIN_MINUTE_REST_MS: Millis = 1_000;
+pub const MIN_MINUTE_REST_MS: Millis = SECOND_MS;
 /// A 429 that says nothing about which quota: a rest this long, doubled at each one in a row, capped.
-pub const FIRST_UNEXPLAINED_REST_MS: Millis = 1_000;
+pub const FIRST_UNEXPLAINED_REST_MS: Millis = SECOND_MS;
 pub const MAX_UNEXPLAINED_REST_MS: Millis = MINUTE_MS;
 
 /// What a 429 said ran out.

@@ -34,7 +34,7 @@ impl Clock for SystemClock {
     };
     // SAFETY: `ts` is a valid out-pointer; CLOCK_REALTIME_COARSE exists on every Linux since 2.6.32.
     if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
-      ts.tv_sec as Millis * 1_000 + ts.tv_nsec as Millis / 1_000_000
+      ts.tv_sec as Millis * SECOND_MS + ts.tv_nsec as Millis / 1_000_000
     } else {
       precise_now_ms()
     }

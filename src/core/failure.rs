@@ -6,7 +6,7 @@
 //! `"<status> <body>"`, or plain words. So no JSON parser is used: a lexical scan finds
 //! `"name": value` however it is quoted, and status codes are read as whole words.
 
-use crate::core::clock::Millis;
+use crate::core::clock::{Millis, DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS};
 
 /// What a failed call says about the key that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +80,8 @@ impl QuotaScope {
 }
 
 /// The longest delay a 429 may ask for and be believed.
-const MAX_DELAY_NS: u128 = 86_400 * NS_PER_S;
-const NS_PER_S: u128 = 1_000_000_000;
+const MAX_DELAY_NS: u128 = DAY_MS as u128 * NS_PER_MS;
+const NS_PER_S: u128 = SECOND_MS as u128 * NS_PER_MS;
 const NS_PER_MS: u128 = 1_000_000;
 
 /// Reads an error text or body.
@@ -288,8 +288,8 @@ fn go_duration(mut s: &str) -> Option<u128> {
       .find(|(_, c)| !c.is_alphabetic())
       .map_or(rest.len(), |(i, _)| i);
     let unit_ns = match &rest[..unit_len] {
-      "h" => 3_600 * NS_PER_S,
-      "m" => 60 * NS_PER_S,
+      "h" => HOUR_MS as u128 * NS_PER_MS,
+      "m" => MINUTE_MS as u128 * NS_PER_MS,
       "s" => NS_PER_S,
       "ms" => NS_PER_MS,
       "us" | "µs" | "μs" => 1_000,

@@ -4,7 +4,7 @@
 //! (jittered, doubling, capped), then lets one probe through, and serves again once a request sent
 //! after the trouble began succeeds.
 
-use crate::core::clock::{Millis, MINUTE_MS};
+use crate::core::clock::{Millis, MINUTE_MS, SECOND_MS};
 use crate::core::error::PoolError;
 use crate::core::quota::{model_quota, Quota};
 
@@ -20,7 +20,7 @@ pub const MAX_MODELS: usize = 64;
 pub const MAX_MODEL_BYTES: usize = 128;
 
 /// The first back-off after an overload, doubled at each failed probe, and its cap.
-pub const FIRST_OVERLOAD_BACKOFF_MS: Millis = 1_000;
+pub const FIRST_OVERLOAD_BACKOFF_MS: Millis = SECOND_MS;
 pub const MAX_OVERLOAD_BACKOFF_MS: Millis = MINUTE_MS;
 
 /// Where a model's limits come from, resolved from the options once.

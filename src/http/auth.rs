@@ -7,6 +7,8 @@ use std::net::IpAddr;
 
 use thiserror::Error;
 
+use crate::core::config::env_flag;
+
 /// The environment variable holding the admin token.
 pub const ADMIN_TOKEN_ENV: &str = "KEY_MANAGER_ADMIN_TOKEN";
 /// The environment variable that lets a server without a token listen beyond loopback.
@@ -142,14 +144,8 @@ pub fn resolve_allow_insecure(
   if let Some(allow) = explicit {
     return Ok(allow);
   }
-  let Some(value) = env(ALLOW_INSECURE_ENV) else {
-    return Ok(false);
-  };
-  match value.trim().to_ascii_lowercase().as_str() {
-    "1" | "true" | "yes" => Ok(true),
-    "" | "0" | "false" | "no" => Ok(false),
-    _ => Err(AuthConfigError::InvalidAllowInsecure(value)),
-  }
+  let flag = env_flag(ALLOW_INSECURE_ENV, env).map_err(AuthConfigError::InvalidAllowInsecure)?;
+  Ok(flag.unwrap_or(false))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde::{Serialize, Serializer};
 
 use crate::core::budget::BudgetView;
 use crate::core::calendar::{civil_from_days, days_from_civil};
-use crate::core::clock::{Millis, DAY_MS, HOUR_MS, MINUTE_MS};
+use crate::core::clock::{Millis, DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS};
 use crate::core::key::{KeyFigures, KeyStatus, LimitFigures, RateLimitInfo};
 use crate::mask::mask_key;
 
@@ -50,8 +50,8 @@ impl fmt::Display for IsoDate {
       "-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
       ms_of_day / HOUR_MS,
       ms_of_day / MINUTE_MS % 60,
-      ms_of_day / 1_000 % 60,
-      ms_of_day % 1_000
+      ms_of_day / SECOND_MS % 60,
+      ms_of_day % SECOND_MS
     )
   }
 }
@@ -176,7 +176,7 @@ pub fn parse_iso(text: &str) -> Option<Millis> {
     if !(hour < 24 || end_of_day) || minute > 59 || second > 59 {
       return None;
     }
-    ms_of_day = ((hour * 60 + minute) * 60 + second) * 1_000 + ms;
+    ms_of_day = hour * HOUR_MS + minute * MINUTE_MS + second * SECOND_MS + ms;
     if !c.eat(b'Z') {
       if let Some(sign @ (b'+' | b'-')) = c.peek() {
         c.at += 1;

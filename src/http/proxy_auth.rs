@@ -8,6 +8,7 @@ use std::fmt;
 use thiserror::Error;
 
 use super::auth::constant_time_eq;
+use crate::core::config::env_flag;
 
 /// Comma-separated proxy tokens.
 pub const PROXY_TOKENS_ENV: &str = "KEY_MANAGER_PROXY_TOKENS";
@@ -79,14 +80,9 @@ impl ClientAccess {
     }
     let open = match explicit_open {
       Some(open) => open,
-      None => match env(PROXY_OPEN_ENV) {
-        None => false,
-        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
-          "1" | "true" | "yes" => true,
-          "" | "0" | "false" | "no" => false,
-          _ => return Err(ProxyConfigError::InvalidOpen(v)),
-        },
-      },
+      None => env_flag(PROXY_OPEN_ENV, env)
+        .map_err(ProxyConfigError::InvalidOpen)?
+        .unwrap_or(false),
     };
     Ok(if open { Self::Open } else { Self::Off })
   }

@@ -1,12 +1,12 @@
 //! A small HTTP/1.1 server for the route table, on the caller's tokio runtime. A request waits only
 //! on its own body, the pool's short lock and what its own route waits on (a usage query to
-//! MongoDB); access log lines are handed to a writer thread rather than written by the request.
+//! MongoDB). Its log lines, the access log's and its own warnings, go to the log it is given: under
+//! Node the one writer, which queues them rather than have the request write them.
 
 use std::convert::Infallible;
-use std::io::{self, Write};
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -35,6 +35,8 @@ use super::proxy::{self, is_gemini_path, ProxyOptions};
 use super::reply::Reply;
 use super::routes::{redact_path, route, ApiRequest};
 use super::state::ApiState;
+use crate::core::clock::SECOND_MS;
+use crate::log::{ConsoleLog, Log};
 use crate::routing::AnswerBody;
 
 /// The default for [`ServerOptions::max_body_bytes`]: far more than any request of this API needs.
@@ -46,8 +48,6 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of a body past the limit is read and dropped. Closing a socket with unread data makes
 /// the kernel send a reset, which can destroy the 400 before the client reads it.
 const MAX_DRAIN_BYTES: usize = 1 << 20;
-/// Access log lines waiting for stdout; past this, lines are dropped and counted.
-const ACCESS_LOG_QUEUE: usize = 4096;
 /// Pause after a failed `accept` (out of file descriptors, say) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The default for [`ServerOptions::head_timeout`]: a client sends its request head at once; only
@@ -62,8 +62,12 @@ const REFUSED: &[u8] =
 pub struct ServerOptions {
   /// Largest request body accepted; a larger one gets a 400.
   pub max_body_bytes: usize,
-  /// One line per request on stdout: time, method, path (keys masked), status, duration.
+  /// One line per request, at [`crate::log::Level::Info`] (stdout): time, method, path (keys
+  /// masked), status, duration.
   pub access_log: bool,
+  /// Where the access log and the server's warnings go. Not the pool's log: the access log is
+  /// asked for on its own, and is written even for a quiet pool.
+  pub log: Arc<dyn Log>,
   /// The token the endpoints that change state want, if any.
   pub admin: AdminGuard,
   /// Listen beyond loopback even without an admin token.
@@ -83,6 +87,7 @@ impl Default for ServerOptions {
     Self {
       max_body_bytes: DEFAULT_MAX_BODY_BYTES,
       access_log: false,
+      log: Arc::new(ConsoleLog),
       admin: AdminGuard::open(),
       allow_insecure: false,
       max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -111,8 +116,6 @@ pub enum HttpError {
   },
   #[error("cannot read the address the server listens on: {0}")]
   LocalAddr(#[source] io::Error),
-  #[error("cannot start the access log writer: {0}")]
-  AccessLog(#[source] io::Error),
 }
 
 /// Where the server listens.
@@ -238,11 +241,6 @@ pub async fn start(
     .map(TcpListener::local_addr)
     .collect::<Result<Vec<_>, _>>()
     .map_err(HttpError::LocalAddr)?;
-  let access_log = if options.access_log {
-    Some(AccessLog::start()?)
-  } else {
-    None
-  };
   let mut http = http1::Builder::new();
   // The timer lets hyper enforce the limit on reading request heads.
   http
@@ -256,7 +254,8 @@ pub async fn start(
     max_connections: options.max_connections,
     max_body_bytes: options.max_body_bytes,
     admin: options.admin,
-    access_log,
+    access_log: options.access_log,
+    log: options.log,
     http,
   });
   let (stop, stopped) = watch::channel(());
@@ -276,7 +275,8 @@ struct Shared {
   max_connections: usize,
   max_body_bytes: usize,
   admin: AdminGuard,
-  access_log: Option<AccessLog>,
+  access_log: bool,
+  log: Arc<dyn Log>,
   http: http1::Builder,
 }
 
@@ -289,12 +289,12 @@ async fn accept_loop(
   let limit = descriptor_limit();
   let mut registry = Registry::new(cap_for_descriptors(shared.max_connections, limit));
   if let (true, Some(limit)) = (registry.max() < shared.max_connections, limit) {
-    eprintln!(
+    shared.log.warn(&format!(
       "⚠️ HTTP server: at most {} connections open at once, not {}: the process may open {limit} \
        files (ulimit -n), and needs some for other things",
       registry.max(),
       shared.max_connections
-    );
+    ));
   }
   let mut accept_errors = AcceptErrors::default();
   loop {
@@ -326,7 +326,9 @@ async fn accept_loop(
               true => "; cutting the oldest connections that sent no request head to make room",
               false => "",
             };
-            eprintln!("⚠️ HTTP server could not accept a connection: {err}{action}{since}");
+            shared.log.warn(&format!(
+              "⚠️ HTTP server could not accept a connection: {err}{action}{since}"
+            ));
           }
           if made_room {
             // Lets the cut connection's task be dropped, and its descriptor closed, first.
@@ -397,11 +399,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<AnswerBody>
     // Kept for the log line only when there is one: the request is handed on whole.
     let logged = shared
       .access_log
-      .as_ref()
-      .map(|log| (log, parts.method.clone(), parts.uri.path().to_owned()));
+      .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
     let answer = proxy::handle(proxy, parts, body).await;
-    if let Some((log, method, target)) = logged {
-      log.write(access_line(
+    if let Some((method, target)) = logged {
+      shared.log.info(&access_line(
         &shared.state,
         method.as_str(),
         &target,
@@ -440,8 +441,8 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<AnswerBody>
     }
     Err(err) => (err.reply(shared.max_body_bytes), err.leaves_unread_data()),
   };
-  if let Some(log) = &shared.access_log {
-    log.write(access_line(
+  if shared.access_log {
+    shared.log.info(&access_line(
       &shared.state,
       parts.method.as_str(),
       target,
@@ -559,7 +560,7 @@ fn access_line(
     IsoDate(state.pool().now()),
     loggable_method(method),
     redact_path(state, target),
-    took.as_secs_f64() * 1_000.0
+    took.as_secs_f64() * SECOND_MS as f64
   )
 }
 
@@ -574,43 +575,6 @@ fn loggable_method(method: &str) -> &str {
     .find(|m| **m == method)
     .copied()
     .unwrap_or("(other method)")
-}
-
-/// Hands lines to a thread that writes them to stdout, so a slow stdout never holds up a request.
-struct AccessLog {
-  lines: SyncSender<String>,
-  dropped: Arc<AtomicU64>,
-}
-
-impl AccessLog {
-  /// Starts the writer thread; it ends once the server, and with it the sender, is gone.
-  fn start() -> Result<Self, HttpError> {
-    let (lines, queue) = mpsc::sync_channel::<String>(ACCESS_LOG_QUEUE);
-    let dropped = Arc::new(AtomicU64::new(0));
-    let lost = dropped.clone();
-    std::thread::Builder::new()
-      .name("http-access-log".into())
-      .spawn(move || {
-        let stdout = io::stdout();
-        for line in queue {
-          let mut out = stdout.lock();
-          // A closed stdout is no reason to stop serving, so write errors are ignored.
-          let n = lost.swap(0, Ordering::Relaxed);
-          if n > 0 {
-            let _ = writeln!(out, "({n} access log lines dropped: stdout fell behind)");
-          }
-          let _ = writeln!(out, "{line}");
-        }
-      })
-      .map_err(HttpError::AccessLog)?;
-    Ok(Self { lines, dropped })
-  }
-
-  fn write(&self, line: String) {
-    if let Err(TrySendError::Full(_)) = self.lines.try_send(line) {
-      self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-  }
 }
 
 #[cfg(test)]

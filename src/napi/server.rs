@@ -15,6 +15,7 @@ use crate::http::{self, AdminGuard, Listen, ServerHandle, ServerOptions};
 use crate::log::Log;
 use crate::napi::errors::{bad_input, BindingError};
 use crate::napi::key_pool::NativeKeyPool;
+use crate::napi::log::JsLog;
 use crate::napi::options::{process_env, ServeOptions};
 use crate::routing::Timeouts;
 
@@ -71,6 +72,7 @@ impl NativeKeyPool {
         .max_body_bytes
         .map_or(defaults.max_body_bytes, |n| n as usize),
       access_log: o.access_log,
+      log: Arc::new(JsLog),
       admin: AdminGuard::resolve(o.admin_token.as_deref(), &process_env)?,
       allow_insecure: resolve_allow_insecure(o.allow_insecure, &process_env)?,
       max_connections: o
@@ -101,6 +103,7 @@ impl NativeKeyPool {
         max_body: DEFAULT_MAX_PROXY_BODY,
       }),
       proxy_only: true,
+      log: Arc::new(JsLog),
       ..ServerOptions::default()
     };
     let listen = Listen::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));

@@ -26,6 +26,7 @@ use tokio::time::Sleep;
 
 use super::upstream::{Upstream, UpstreamError, KEY_HEADER};
 use super::usage_scan::UsageScan;
+use crate::core::clock::SECOND_MS;
 use crate::core::failure::{classify, Failure};
 use crate::core::models::ModelId;
 use crate::core::pool::{KeyPool, Outcome, RouteKey};
@@ -161,7 +162,7 @@ pub fn google_error(
       "@type": "type.googleapis.com/google.rpc.RetryInfo",
       "retryDelay": format!("{:.3}s", wait.as_secs_f64()),
     }]);
-    let seconds = wait.as_millis().div_ceil(1_000).max(1);
+    let seconds = wait.as_millis().div_ceil(SECOND_MS as u128).max(1);
     if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
       headers.insert(RETRY_AFTER, v);
     }
@@ -463,7 +464,7 @@ impl Drop for Held<'_> {
 }
 
 fn ms(started: Instant) -> f64 {
-  started.elapsed().as_secs_f64() * 1_000.0
+  started.elapsed().as_secs_f64() * SECOND_MS as f64
 }
 
 /// Counts a streamed answer when it ends (or is dropped, the caller having gone: the request

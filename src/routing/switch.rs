@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use crate::core::config::env_flag;
+
 /// The environment variable that switches routing off (`false`, `0`, `no`) or on.
 pub const ROUTE_REQUESTS_ENV: &str = "KEY_MANAGER_ROUTE_REQUESTS";
 
@@ -18,14 +20,8 @@ pub fn route_requests(
   if let Some(on) = explicit {
     return Ok(on);
   }
-  let Some(value) = env(ROUTE_REQUESTS_ENV) else {
-    return Ok(true);
-  };
-  match value.trim().to_ascii_lowercase().as_str() {
-    "" | "1" | "true" | "yes" => Ok(true),
-    "0" | "false" | "no" => Ok(false),
-    _ => Err(InvalidRouteSwitch(value)),
-  }
+  let flag = env_flag(ROUTE_REQUESTS_ENV, env).map_err(InvalidRouteSwitch)?;
+  Ok(flag.unwrap_or(true))
 }
 
 #[cfg(test)]

@@ -125,12 +125,7 @@ impl LeaseKeeper {
           store.release_slice(&slot, holder, unused).await?;
           return Ok(());
         }
-        let slot = LeaseSlot {
-          api_key,
-          window: window.as_str(),
-          window_id: occurrence.id,
-          window_end: occurrence.end,
-        };
+        let slot = lease_slot(api_key, window, &occurrence);
         if spent > 0 {
           store.consume(&slot, holder, spent).await?;
         }
@@ -296,12 +291,7 @@ async fn ask(
       .await?;
     return Ok((grant.granted, grant.holders, 0));
   }
-  let slot = LeaseSlot {
-    api_key,
-    window: window.as_str(),
-    window_id: occurrence.id,
-    window_end: occurrence.end,
-  };
+  let slot = lease_slot(api_key, window, &occurrence);
   if spent > 0 {
     store.consume(&slot, &inner.holder, spent).await?;
   }
@@ -314,6 +304,20 @@ async fn ask(
     n => store.release(&slot, &inner.holder, n).await.unwrap_or(0),
   };
   Ok((grant.granted, grant.holders, given_back))
+}
+
+/// The store's slot for one occurrence of a fixed window.
+fn lease_slot<'a>(
+  api_key: &'a str,
+  window: SharedWindow,
+  occurrence: &Occurrence,
+) -> LeaseSlot<'a> {
+  LeaseSlot {
+    api_key,
+    window: window.as_str(),
+    window_id: occurrence.id,
+    window_end: occurrence.end,
+  }
 }
 
 /// The store's slot for a slice of a rolling window.

@@ -1,10 +1,8 @@
 //! The pool's metrics as operators read them: the Prometheus text exposition format (`GET
-//! /metrics`) and a plain object for `getMetrics()`. The pool takes a [`MetricsSnapshot`] under its
-//! lock; rendering happens here, after the lock is released.
+//! /metrics`), and the figures the N-API layer turns into `getMetrics()`'s object. The pool takes
+//! a [`MetricsSnapshot`] under its lock; rendering happens after the lock is released.
 
 use std::fmt::Write;
-
-use serde::Serialize;
 
 use crate::core::key::{LimitFigures, STATE_LABELS};
 use crate::core::quota::LimitType;
@@ -309,142 +307,6 @@ pub fn prometheus_text(m: &MetricsSnapshot) -> String {
   out
 }
 
-#[derive(Serialize)]
-struct Window {
-  current: u64,
-  limit: u64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct KeyJson<'a> {
-  api_key: &'a str,
-  state: &'static str,
-  availability_score: f64,
-  rpm: Window,
-  rpd: Window,
-  tpm: Window,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct BudgetJson<'a> {
-  project: &'a str,
-  model: &'a str,
-  state: &'static str,
-  availability_score: f64,
-  rpm: Window,
-  rpd: Window,
-  tpm: Window,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Selections {
-  cache_hits: u64,
-  cache_misses: u64,
-  cache_hit_rate: f64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Rotations {
-  proactive: u64,
-  on_error: u64,
-}
-
-#[derive(Serialize)]
-struct RateLimits {
-  total: u64,
-  rpm: u64,
-  rpd: u64,
-  tpm: u64,
-}
-
-#[derive(Serialize)]
-struct Calls {
-  successes: u64,
-  failures: u64,
-  tokens: u64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct MetricsJson<'a> {
-  handed_out: u64,
-  selections: Selections,
-  rotations: Rotations,
-  rate_limits: RateLimits,
-  calls: Calls,
-  keys_by_state: serde_json::Map<String, serde_json::Value>,
-  keys: Vec<KeyJson<'a>>,
-  budgets: Vec<BudgetJson<'a>>,
-}
-
-/// The snapshot as the JSON object `getMetrics()` returns (its shape is in lib/index.d.ts).
-pub fn to_json(m: &MetricsSnapshot) -> String {
-  let c = &m.counters;
-  let window = |w: &LimitFigures| Window {
-    current: w.current,
-    limit: w.limit,
-  };
-  let value = MetricsJson {
-    handed_out: c.handed_out,
-    selections: Selections {
-      cache_hits: c.cache_hits,
-      cache_misses: c.cache_misses,
-      cache_hit_rate: m.cache_hit_rate(),
-    },
-    rotations: Rotations {
-      proactive: c.proactive_rotations,
-      on_error: c.error_rotations,
-    },
-    rate_limits: RateLimits {
-      total: c.rate_limits.iter().sum(),
-      rpm: c.rate_limits[0],
-      rpd: c.rate_limits[1],
-      tpm: c.rate_limits[2],
-    },
-    calls: Calls {
-      successes: c.successes,
-      failures: c.failures,
-      tokens: c.tokens,
-    },
-    keys_by_state: LISTED_STATES
-      .iter()
-      .zip(m.keys_by_state())
-      .map(|(state, n)| (state.to_string(), n.into()))
-      .collect(),
-    keys: m
-      .keys
-      .iter()
-      .map(|k| KeyJson {
-        api_key: &k.api_key,
-        state: STATE_LABELS.get(k.state).copied().unwrap_or("active"),
-        availability_score: k.availability_score,
-        rpm: window(&k.windows[0]),
-        rpd: window(&k.windows[1]),
-        tpm: window(&k.windows[2]),
-      })
-      .collect(),
-    budgets: m
-      .budgets
-      .iter()
-      .map(|b| BudgetJson {
-        project: &b.project,
-        model: &b.model,
-        state: b.state,
-        availability_score: b.availability_score,
-        rpm: window(&b.windows[0]),
-        rpd: window(&b.windows[1]),
-        tpm: window(&b.windows[2]),
-      })
-      .collect(),
-  };
-  // Plain numbers and strings only: serializing cannot fail.
-  serde_json::to_string(&value).unwrap_or_else(|_| "{}".to_owned())
-}
-
 #[cfg(test)]
 mod tests {
   use super::*;
@@ -527,16 +389,16 @@ mod tests {
   }
 
   #[test]
-  fn the_object_form_has_the_same_figures() {
-    let v: serde_json::Value = serde_json::from_str(&to_json(&snapshot())).unwrap();
-    assert_eq!(v["handedOut"], 7);
-    assert_eq!(v["selections"]["cacheHitRate"], 0.75);
-    assert_eq!(v["rotations"]["onError"], 1);
-    assert_eq!(v["rateLimits"]["total"], 5);
-    assert_eq!(v["keysByState"]["active"], 1);
-    assert_eq!(v["keysByState"]["circuit-open"], 0);
-    assert_eq!(v["keys"][1]["state"], "resting");
-    assert_eq!(v["keys"][0]["tpm"]["current"], 1234);
+  fn the_snapshot_derives_the_hit_rate_and_the_keys_in_each_state() {
+    let m = snapshot();
+    assert_eq!(m.cache_hit_rate(), 0.75);
+    assert_eq!(m.keys_by_state(), [1, 1, 0, 0, 0, 0, 0]);
+    let none = MetricsSnapshot {
+      counters: Counters::default(),
+      keys: Vec::new(),
+      budgets: Vec::new(),
+    };
+    assert_eq!(none.cache_hit_rate(), 0.0);
   }
 
   #[test]

@@ -18,7 +18,7 @@ fn int(n: u64) -> Bson {
 }
 
 /// A JS number as the Node driver stores it: integral values as integers, others as doubles.
-fn js_number(x: f64) -> Bson {
+fn stored_number(x: f64) -> Bson {
   if x.fract() == 0.0 && x.abs() <= i32::MAX as f64 {
     Bson::Int32(x as i32)
   } else {
@@ -182,7 +182,7 @@ pub fn usage_document(u: &UsageRecord, api_key: &str) -> Document {
     "timestamp": date(u.timestamp),
     "tokensUsed": int(u.tokens_used),
     "success": u.success,
-    "responseTime": js_number(u.response_time),
+    "responseTime": stored_number(u.response_time),
   };
   if let Some(e) = &u.error {
     d.insert("error", e);

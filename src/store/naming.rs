@@ -8,6 +8,7 @@ use thiserror::Error;
 use super::admissions::StoredAdmission;
 use super::error::StoreError;
 use super::sealing::Sealer;
+use crate::core::config::env_flag;
 use crate::core::snapshot::{AdmissionRecord, UsageRecord};
 use crate::mask::mask_key;
 use crate::store::fingerprint::{
@@ -46,10 +47,9 @@ impl KeyStorage {
     plaintext: Option<bool>,
     env: &dyn Fn(&str) -> Option<String>,
   ) -> Result<Self, KeyStorageError> {
-    let plaintext = plaintext.unwrap_or_else(|| {
-      env(PLAINTEXT_ENV)
-        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
-    });
+    // A value that is no boolean leaves the default: keys stay unreadable in the store.
+    let plaintext =
+      plaintext.unwrap_or_else(|| env_flag(PLAINTEXT_ENV, env).ok().flatten().unwrap_or(false));
     if plaintext {
       return Ok(KeyStorage::Plaintext);
     }
@@ -203,6 +203,20 @@ mod tests {
       KeyStorage::resolve(Some("short".into()), Some(false), &env),
       Err(KeyStorageError::BadSecret(_))
     ));
+  }
+
+  #[test]
+  fn a_plaintext_switch_that_is_no_boolean_leaves_keys_unreadable() {
+    for value in ["on", "2", " "] {
+      let env = |name: &str| (name == PLAINTEXT_ENV).then(|| value.to_owned());
+      assert!(
+        matches!(
+          KeyStorage::resolve(None, None, &env),
+          Ok(KeyStorage::Digest)
+        ),
+        "{value:?}"
+      );
+    }
   }
 
   #[test]

@@ -3,7 +3,7 @@
 //! one lock; and when a key could next be handed out, for callers that would rather wait.
 
 use crate::core::budget::Rest;
-use crate::core::clock::Millis;
+use crate::core::clock::{Millis, SECOND_MS};
 use crate::core::error::PoolError;
 use crate::core::health::HealthState;
 use crate::core::key::{Admission, KeyFigures};
@@ -192,7 +192,7 @@ impl KeyPool {
         .get(model)
         .overload
         .available_at(now)
-        .unwrap_or(now + 1_000);
+        .unwrap_or(now + SECOND_MS);
       Ok(
         (0..state.keys.len())
           .filter_map(|index| {

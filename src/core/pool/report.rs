@@ -5,7 +5,7 @@
 //! logged once the lock is released.
 
 use crate::core::budget::{BudgetId, Exhausted, ProjectName, Rest};
-use crate::core::clock::{Millis, DAY_MS};
+use crate::core::clock::{Millis, DAY_MS, SECOND_MS};
 use crate::core::config::{js_number, project_name};
 use crate::core::error::PoolError;
 use crate::core::failure::{classify, consumer_project, Failure, QuotaScope, RateLimit};
@@ -122,7 +122,7 @@ fn limit_of(exhausted: Exhausted) -> LimitType {
 
 /// A duration as the log shows it: seconds, to a tenth.
 fn seconds(ms: Millis) -> String {
-  format!("{:.1}s", ms as f64 / 1_000.0)
+  format!("{:.1}s", ms as f64 / SECOND_MS as f64)
 }
 
 impl PoolState {

@@ -3,6 +3,7 @@ use std::net::IpAddr;
 use super::*;
 use crate::core::pool::testing::TestPool;
 use crate::core::quota::Quota;
+use crate::log::CapturedLog;
 
 const KEY: &str = "AIzaSyHTTPTEST000000000000000000000000001";
 
@@ -119,6 +120,37 @@ async fn serves_the_route_table_over_one_keep_alive_connection() {
   let rotate = "POST /api/keys/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
   assert_eq!(ask(&mut s, rotate).await.status, 200);
   handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_lines_go_to_the_servers_log_in_the_order_answered() {
+  let log = Arc::new(CapturedLog::default());
+  let handle = server(ServerOptions {
+    access_log: true,
+    log: log.clone(),
+    ..ServerOptions::default()
+  })
+  .await;
+  let mut s = TcpStream::connect(handle.local_addrs()[0]).await.unwrap();
+  assert_eq!(ask(&mut s, &get("/api/keys/status")).await.status, 200);
+  let rate_limit = format!("/api/keys/rate-limit/{KEY}");
+  assert_eq!(ask(&mut s, &get(&rate_limit)).await.status, 200);
+  assert_eq!(ask(&mut s, &get("/api/keys/nope")).await.status, 404);
+  handle.shutdown().await;
+  let lines = log.0.lock().clone();
+  let ends: Vec<_> = lines
+    .iter()
+    .map(|l| l.split_once(' ').unwrap().1.rsplit_once(' ').unwrap().0)
+    .collect();
+  assert_eq!(
+    ends,
+    [
+      "GET /api/keys/status 200",
+      "GET /api/keys/rate-limit/AIzaSyHT...0001 200",
+      "GET /api/keys/nope 404",
+    ],
+    "{lines:?}"
+  );
 }
 
 #[tokio::test(flavor = "multi_thread")]
