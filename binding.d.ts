@@ -12,7 +12,7 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 /** A pool of Gemini API keys. Methods that concern one key write its figures into the result slots. */
 export declare class NativeKeyPool {
   /**
-   * Builds the pool from the manager's options (see `ApiKeyManagerOptions` in lib/index.d.ts) and
+   * Builds the pool from the manager's options (see `ApiKeyManagerOptions` in index.d.ts) and
    * the environment, and starts re-testing refused keys when asked to.
    */
   constructor(options?: object | undefined | null)
@@ -93,7 +93,7 @@ export declare class NativeKeyPool {
   summary(): void
   /** Refuses every later call. Idempotent. */
   close(): void
-  /** The metrics (see `getMetrics` in lib/index.d.ts). */
+  /** The metrics (see `getMetrics` in index.d.ts). */
   metrics(): Metrics
   /** The metrics in the Prometheus text exposition format. */
   metricsText(): string
@@ -108,7 +108,7 @@ export declare class NativeKeyPool {
    */
   announceRouting(): boolean
   /**
-   * Starts the HTTP API (see `ServeOptions` in lib/index.d.ts) on the addon's tokio runtime, with
+   * Starts the HTTP API (see `ServeOptions` in index.d.ts) on the addon's tokio runtime, with
    * the Gemini proxy when proxy tokens or `proxyOpen` say.
    */
   serve(options?: object | undefined | null): Promise<NativeServer>
