@@ -21,6 +21,11 @@ fn options(uri: String) -> PersistOptions {
   PersistOptions {
     db_name: "gkm_write_behind".into(),
     flush_interval: Duration::from_millis(50),
+    // Spill files of their own: a test on a port an earlier run used must not claim what that
+    // run spilled for the same database.
+    spill_dir: std::env::temp_dir()
+      .join("gkm-test-spill")
+      .join(unique_name()),
     ..PersistOptions::new(uri)
   }
 }
