@@ -2,12 +2,24 @@
 
 // Shared by the test files (not a test file itself: node --test only runs *.test.js here).
 
+const fs = require('node:fs')
 const net = require('node:net')
+const os = require('node:os')
 const path = require('node:path')
 const { spawnSync } = require('node:child_process')
 
 const PKG = path.resolve(__dirname, '..')
 const FIXTURES = path.join(__dirname, 'fixtures')
+
+// Every manager a test file starts, and every process it spawns, spills into a directory of this
+// test process's own: the default one is shared by every run on the machine and keyed by the URI
+// and database name, which the test servers' ports and the tests' fixed names repeat, so a run
+// could claim what another left there. A test that sets its own `spillDir` keeps it.
+if (!process.env.KEY_MANAGER_SPILL_DIR) {
+  const spillDir = fs.mkdtempSync(path.join(os.tmpdir(), 'gkm-test-spill-'))
+  process.env.KEY_MANAGER_SPILL_DIR = spillDir
+  process.on('exit', () => fs.rmSync(spillDir, { recursive: true, force: true }))
+}
 
 const FILLER = 'Qm7Lx2Vb9Rc4Nw8Dk1Fh6Jt3Ps' // 26 characters
 

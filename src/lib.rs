@@ -20,6 +20,7 @@ pub mod core;
 pub mod http;
 pub mod log;
 pub mod mask;
+#[cfg(feature = "node")]
 pub mod napi;
 pub mod persistence;
 pub mod routing;
