@@ -8,6 +8,14 @@
 //   record   recordUsage alone, at 10 keys, naming the keys in turn
 //   floor    two awaits of settled promises: what any awaited pair costs at the least
 //
+// and, to show where this package's pair spends its time, two white-box samples at 10 keys:
+//
+//   bodies   the two methods' synchronous bodies (`_best`, `_recordUsage`): the pair without its
+//            promises and awaits
+//   native   the two native calls those bodies make, their arguments written into the result
+//            slots as lib/index.js writes them: the pair without its JS (`npm run bench:pool`
+//            times the core behind them with no N-API at all)
+//
 // Every measurement is a sample of SAMPLE calls; a round takes one sample of each, in an order that
 // rotates from round to round, so the machine's noise falls on all of them alike; figures are the
 // medians over the rounds. Then memory: the RSS before and after 2 million pairs, and bytes per key.
@@ -16,6 +24,10 @@ const v8 = require('node:v8')
 const vm = require('node:vm')
 const { ApiKeyManagerService } = require('../lib')
 const { BaselineKeyManager } = require('./baseline')
+const { resultsLayout } = require('../binding.js')
+
+const SLOTS = resultsLayout().slots
+const [ARG0, ARG1, ARG2, ARG3] = ['arg0', 'arg1', 'arg2', 'arg3'].map((name) => SLOTS.indexOf(name))
 
 v8.setFlagsFromString('--expose-gc')
 const gc = vm.runInNewContext('gc')
@@ -48,6 +60,31 @@ const SAMPLERS = {
     for (let i = 0; i < n; i++) {
       await m.recordUsage(keys[k], 120, true, undefined, 35)
       if (++k === keys.length) k = 0
+    }
+    return Number(process.hrtime.bigint() - start) / n
+  }`,
+  bodies: `return async function bodies(m, keys, n) {
+    const start = process.hrtime.bigint()
+    for (let i = 0; i < n; i++) {
+      const r = m._best(0, undefined)
+      if (!r.success) throw new Error(r.error)
+      m._recordUsage(r.data[0], 120, true, undefined, 35)
+    }
+    return Number(process.hrtime.bigint() - start) / n
+  }`,
+  native: `return async function native(m, keys, n) {
+    const s = m._results
+    const hot = m._hot
+    const start = process.hrtime.bigint()
+    for (let i = 0; i < n; i++) {
+      s[${ARG0}] = 0
+      s[${ARG1}] = NaN
+      const k = hot.best()
+      s[${ARG0}] = k
+      s[${ARG1}] = 120
+      s[${ARG2}] = 35
+      s[${ARG3}] = NaN
+      hot.recordSuccess()
     }
     return Number(process.hrtime.bigint() - start) / n
   }`,
@@ -116,6 +153,8 @@ async function bytesPerKey() {
   subjects.push({ name: 'record ours 10', kind: 'record', m: await ours(keys10), keys: keys10 })
   subjects.push({ name: 'record old 10', kind: 'record', m: new BaselineKeyManager(keys10, HIGH), keys: keys10 })
   subjects.push({ name: 'floor', kind: 'floor', m: Promise.resolve({ success: true }), keys: keys10 })
+  subjects.push({ name: 'bodies', kind: 'bodies', m: await ours(keys10), keys: keys10 })
+  subjects.push({ name: 'native', kind: 'native', m: await ours(keys10), keys: keys10 })
   for (const s of subjects) {
     s.sample = compile(s.kind)
     s.ns = []
@@ -136,6 +175,9 @@ async function bytesPerKey() {
   row('recordUsage alone at 10 keys', at['record ours 10'], at['record old 10'])
   console.log(`floor, two awaits of settled promises: ${at.floor.toFixed(0)} ns`)
   console.log(`this package, pair at 1,000 keys / pair at 10 keys: ${(at['pair ours 1000'] / at['pair ours 10']).toFixed(2)}`)
+  console.log(
+    `this package's pair at 10 keys without its awaits: ${at.bodies.toFixed(0)} ns; its two native calls alone: ${at.native.toFixed(0)} ns`,
+  )
   for (const s of subjects) if (s.m instanceof ApiKeyManagerService) await s.m.close()
 
   const m = await ours(keysOf(10))
