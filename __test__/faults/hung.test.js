@@ -13,7 +13,7 @@ const { mask } = require('../helpers')
 const { FIXTURES, KEYS, eventually, inspect, sleep, start, startFixture, startNx, storedCalls, tempDir } = require('./support')
 
 const BIN = path.resolve(__dirname, '..', '..', 'bin', 'gemini-key-manager.js')
-// What was kept is said in words: `100 recorded calls and the state of 3 keys`, `1 operator decision`.
+// What was kept is said in words: `100 recorded calls, the state of 3 keys and the counts of 3 quota budgets`, `1 operator decision`.
 const SPILL_LINE = /MongoDB did not take (.+) before closing: kept in (\S+), written at the next start/
 const CLOSE_TIMEOUT_MS = 3000
 // What closing may take past closeTimeoutMs: giving leases back (200 ms at most), the driver's
@@ -179,7 +179,8 @@ test('a database hung at shutdown: SIGTERM through the manager\'s exit hooks end
   assert.ok(tookMs <= CLOSE_TIMEOUT_MS + CLOSE_SLACK_MS, `took ${tookMs} ms`)
   assert.ok(spill, `no spill line:\n${child.output()}`)
   const [, kept, file] = SPILL_LINE.exec(spill.text)
-  assert.equal(kept, `${count} recorded calls and the state of ${KEYS.length} keys`)
+  const kinds = `${count} recorded calls, the state of ${KEYS.length} keys and the counts of ${KEYS.length} quota budgets`
+  assert.equal(kept, kinds)
   assert.ok(file.startsWith(spillDir + path.sep) && fs.existsSync(file), file)
   assert.equal(stats.spilled, count)
   assert.equal(stats.dropped, 0)
@@ -187,17 +188,22 @@ test('a database hung at shutdown: SIGTERM through the manager\'s exit hooks end
   server.resume()
   const next = await nextStart(t, server.uri, dbName, spillDir)
   assert.ok(
-    next.lines.some((l) => l.text === `✅ Wrote ${count} recorded calls and the state of ${KEYS.length} keys an earlier run kept in a spill file`),
+    next.lines.some((l) => l.text === `✅ Wrote ${kinds} an earlier run kept in a spill file`),
     next.output(),
   )
   const stored = await storedCalls(usage)
   assert.deepEqual([stored.docs, stored.ids, stored.prefix], [count, count, true], JSON.stringify(stored))
   assert.deepEqual(filesUnder(spillDir), [], 'the spill file is gone')
-  const { keys } = await inspect(t, server.uri, dbName)
+  const { keys, db } = await inspect(t, server.uri, dbName)
   const rpd = (await keys.find().toArray()).reduce((n, d) => n + d.limits.rpd.current, 0)
-  t.diagnostic(`after the next start: ${stored.docs} usage documents, ${stored.ids} distinct ids; api_keys RPD counts sum to ${rpd}`)
-  await t.test('the keys\' counters count the spilled calls too', () => {
+  const budgets = await db.collection('api_key_budgets').find().toArray()
+  const budgetRpd = budgets.reduce((n, d) => n + d.limits.rpd.current, 0)
+  t.diagnostic(
+    `after the next start: ${stored.docs} usage documents, ${stored.ids} distinct ids; api_keys RPD counts sum to ${rpd}, api_key_budgets' to ${budgetRpd}`,
+  )
+  await t.test('the keys\' counters and their quota budgets count the spilled calls too', () => {
     assert.equal(rpd, count)
+    assert.equal(budgetRpd, count)
   })
 })
 

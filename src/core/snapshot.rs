@@ -90,6 +90,18 @@ impl WindowRecord {
   }
 }
 
+impl BudgetRecord {
+  /// The record with every window whose reset time has passed restarted at `now`.
+  pub fn at(self, now: Millis) -> Self {
+    Self {
+      rpm: self.rpm.at(now, MINUTE_MS),
+      rpd: self.rpd.at(now, DAY_MS),
+      tpm: self.tpm.at(now, MINUTE_MS),
+      ..self
+    }
+  }
+}
+
 impl KeyRecord {
   /// The record with every window whose reset time has passed restarted at `now`.
   pub fn at(self, now: Millis) -> Self {

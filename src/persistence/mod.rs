@@ -188,7 +188,10 @@ async fn connect(shared: &Shared, options: &PersistOptions) -> Result<Store, Sto
       let spilled = claim_spilled(shared);
       let others = spilled
         .as_ref()
-        .map(|claim| import_spilled_keys(shared, &claim.spilled.keys, &records))
+        .map(|claim| Others {
+          keys: import_spilled_keys(shared, &claim.spilled.keys, &records),
+          budgets: import_spilled_budgets(shared, &store, &claim.spilled.budgets, &budgets),
+        })
         .unwrap_or_default();
       pool.mark_all_dirty();
       options.usage.connect(reader);
@@ -281,20 +284,59 @@ fn import_spilled_keys(
   others
 }
 
-/// Writes what claimed spill files hold: operators' decisions, recorded calls, and the key
-/// documents (the pool's, which the spilled ones were merged into, and `others`, spilled for keys
-/// this process does not have), then deletes the files. Written again, they change nothing; on a
+/// Spilled documents of keys and budgets this process does not have, merged with the stored ones:
+/// written as they are.
+#[derive(Debug, Default)]
+struct Others {
+  keys: Vec<KeyRecord>,
+  budgets: Vec<BudgetRecord>,
+}
+
+/// Merges spilled budgets into the pool (see [`KeyPool::import_budgets`]), those spilled twice (by
+/// two processes) merged first; returns the others, each merged with what the database holds for
+/// it (`stored`, as loaded), see [`spill::merge_budget`].
+fn import_spilled_budgets(
+  shared: &Shared,
+  store: &Store,
+  spilled: &[BudgetRecord],
+  stored: &[BudgetRecord],
+) -> Vec<BudgetRecord> {
+  let now = shared.pool.now();
+  let mut merged: Vec<BudgetRecord> = Vec::new();
+  for b in spilled {
+    match merged.iter_mut().find(|m| m.subject == b.subject) {
+      Some(m) => *m = spill::merge_budget(b, Some(&*m), now),
+      None => merged.push(b.clone().at(now)),
+    }
+  }
+  shared
+    .pool
+    .import_budgets(&merged, |subject| store.naming().stored(subject))
+    .into_iter()
+    .map(|b| spill::merge_budget(b, stored.iter().find(|s| s.subject == b.subject), now))
+    .collect()
+}
+
+/// Writes what claimed spill files hold: operators' decisions, recorded calls, the key documents
+/// and the budgets (the pool's, which the spilled ones were merged into, and `others`, spilled for
+/// keys and budgets this process does not have), then deletes the files. Written again, they change nothing; on a
 /// failure the files stay claimed for the next connection.
-async fn write_spilled(shared: &Shared, store: &Store, claim: Claim, others: &[KeyRecord]) {
+async fn write_spilled(shared: &Shared, store: &Store, claim: Claim, others: &Others) {
   let spilled = &claim.spilled;
   let keys = (!spilled.keys.is_empty()).then(|| take_keys(shared));
+  let budgets = (!spilled.budgets.is_empty()).then(|| take_budgets(shared));
   let written = async {
     store.save_stored_admissions(&spilled.admissions).await?;
     store.append_stored_usage(&spilled.calls).await?;
     if let Some(keys) = &keys {
       store.save_keys(keys).await?;
       shared.pending_keys.lock().clear();
-      store.save_stored_keys(others).await?;
+      store.save_stored_keys(&others.keys).await?;
+    }
+    if let Some(budgets) = &budgets {
+      store.save_budgets(budgets).await?;
+      shared.pending_budgets.lock().clear();
+      store.save_stored_budgets(&others.budgets).await?;
     }
     Ok::<_, StoreError>(())
   };
@@ -306,6 +348,7 @@ async fn write_spilled(shared: &Shared, store: &Store, claim: Claim, others: &[K
   let what = spill::describe(
     spilled.calls.len(),
     spilled.keys.len(),
+    spilled.budgets.len(),
     spilled.admissions.len(),
   );
   if claim.done().is_ok() {
@@ -322,6 +365,14 @@ fn take_keys(shared: &Shared) -> Vec<KeyRecord> {
   let mut pending = shared.pending_keys.lock();
   shared.pool.mark_dirty(&pending);
   *pending = shared.pool.export_dirty();
+  pending.clone()
+}
+
+/// The changed budgets to write, as [`take_keys`] (clear [`Shared::pending_budgets`] once written).
+fn take_budgets(shared: &Shared) -> Vec<BudgetRecord> {
+  let mut pending = shared.pending_budgets.lock();
+  shared.pool.mark_budgets_dirty(&pending);
+  *pending = shared.pool.export_dirty_budgets();
   pending.clone()
 }
 
@@ -344,12 +395,7 @@ async fn flush(shared: &Shared, store: &Store, capacity: usize) -> Result<(), St
     store.save_keys(&keys).await?;
     shared.pending_keys.lock().clear();
   }
-  let budgets = {
-    let mut pending = shared.pending_budgets.lock();
-    pool.mark_budgets_dirty(&pending);
-    *pending = pool.export_dirty_budgets();
-    pending.clone()
-  };
+  let budgets = take_budgets(shared);
   if !budgets.is_empty() {
     store.save_budgets(&budgets).await?;
     shared.pending_budgets.lock().clear();
@@ -381,7 +427,14 @@ fn spill_rest(shared: &Shared) {
   admissions.extend(pool.export_admissions());
   pool.mark_dirty(&std::mem::take(&mut *shared.pending_keys.lock()));
   let keys = pool.export_dirty();
-  if calls.is_empty() && admissions.is_empty() && keys.is_empty() {
+  let budgets: Vec<BudgetRecord> = take_budgets(shared)
+    .into_iter()
+    .map(|b| BudgetRecord {
+      subject: naming.stored(&b.subject),
+      ..b
+    })
+    .collect();
+  if calls.is_empty() && admissions.is_empty() && keys.is_empty() && budgets.is_empty() {
     return;
   }
   let calls: Vec<UsageRecord> = calls.iter().map(|u| naming.stored_usage(u)).collect();
@@ -401,8 +454,8 @@ fn spill_rest(shared: &Shared) {
     .iter()
     .filter_map(|a| naming.stored_admission(a).ok())
     .collect();
-  let what = spill::describe(calls.len(), keys.len(), admissions.len());
-  match shared.spill.write(&calls, &keys, &admissions) {
+  let what = spill::describe(calls.len(), keys.len(), budgets.len(), admissions.len());
+  match shared.spill.write(&calls, &keys, &budgets, &admissions) {
     Ok(_) => {
       shared
         .spilled

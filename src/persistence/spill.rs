@@ -1,10 +1,11 @@
-//! What MongoDB did not take before the process ended (recorded calls, key documents, operators'
-//! decisions), kept in a local file and written at the next start, so a hung or unreachable
+//! What MongoDB did not take before the process ended (recorded calls, key documents, the quota
+//! budgets' counts, operators' decisions), kept in a local file and written at the next start, so a hung or unreachable
 //! database at shutdown loses nothing. Each process writes a file of its own, one JSON line per
 //! record, named as documents name them (a stored name, never a key); a process that connects to
 //! the same database later claims every file by renaming it, writes what it holds (each usage
 //! document carries its id, so a record written twice is stored once; a key document is merged
-//! with the stored one, see [`merge_key`], so writing it twice changes nothing) and deletes it.
+//! with the stored one, see [`merge_key`], and a budget likewise, see [`merge_budget`], so writing
+//! either twice changes nothing) and deletes it.
 //!
 //! One directory per database: records spilled for one database never reach another.
 
@@ -16,7 +17,10 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::core::clock::Millis;
-use crate::core::snapshot::{KeyRecord, UsageId, UsageRecord, WindowRecord};
+use crate::core::quota::LimitType;
+use crate::core::snapshot::{
+  BudgetRecord, KeyRecord, RestRecord, UsageId, UsageRecord, WindowRecord,
+};
 use crate::store::fingerprint::digest_name;
 use crate::store::StoredAdmission;
 
@@ -57,6 +61,70 @@ enum Line {
     last_error_time: Option<i64>,
     spilled_at: i64,
   },
+  #[serde(rename_all = "camelCase")]
+  Budget {
+    /// The stored name of its subject.
+    subject: String,
+    project: Option<String>,
+    model: String,
+    rpm: WindowLine,
+    rpd: WindowLine,
+    tpm: WindowLine,
+    rest: RestLine,
+  },
+}
+
+/// A budget's rest, as [`RestRecord`]; the window by the name documents give it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "camelCase")]
+enum RestLine {
+  Clear,
+  Until { until: i64, window: Option<String> },
+  NoQuota,
+}
+
+impl From<RestRecord> for RestLine {
+  fn from(r: RestRecord) -> Self {
+    match r {
+      RestRecord::Clear => RestLine::Clear,
+      RestRecord::Until { until, window } => RestLine::Until {
+        until,
+        window: window.map(|w| w.as_str().to_owned()),
+      },
+      RestRecord::NoQuota => RestLine::NoQuota,
+    }
+  }
+}
+
+impl RestLine {
+  /// The rest it says; `None` when it names a window there is not.
+  fn record(self) -> Option<RestRecord> {
+    Some(match self {
+      RestLine::Clear => RestRecord::Clear,
+      RestLine::Until { until, window } => RestRecord::Until {
+        until,
+        window: match window {
+          Some(name) => Some(LimitType::parse(&name)?),
+          None => None,
+        },
+      },
+      RestLine::NoQuota => RestRecord::NoQuota,
+    })
+  }
+}
+
+impl From<&BudgetRecord> for Line {
+  fn from(b: &BudgetRecord) -> Self {
+    Line::Budget {
+      subject: b.subject.clone(),
+      project: b.project.clone(),
+      model: b.model.clone(),
+      rpm: b.rpm.into(),
+      rpd: b.rpd.into(),
+      tpm: b.tpm.into(),
+      rest: b.rest.into(),
+    }
+  }
 }
 
 /// One window of a key document, as [`WindowRecord`].
@@ -143,13 +211,46 @@ pub fn merge_key(spilled: &SpilledKey, stored: Option<&KeyRecord>, now: Millis) 
   }
 }
 
-/// What a spill holds, in words for a log line: `3 recorded calls, the state of 2 keys and 1
-/// operator decision`; the kinds with none left out (`nothing` when all are).
-pub fn describe(calls: usize, keys: usize, admissions: usize) -> String {
+/// A spilled budget merged with another record of the same budget (`other`: what the database
+/// holds, or another spill's), both as they stand at `now`: every open window counts the larger
+/// of the two, and the rest is the one that holds longer (no quota at all over any rest).
+pub fn merge_budget(
+  spilled: &BudgetRecord,
+  other: Option<&BudgetRecord>,
+  now: Millis,
+) -> BudgetRecord {
+  let ours = spilled.clone().at(now);
+  let Some(theirs) = other.map(|o| o.clone().at(now)) else {
+    return ours;
+  };
+  let larger = |a: WindowRecord, b: WindowRecord| if b.current > a.current { b } else { a };
+  let rest = match (ours.rest, theirs.rest) {
+    (RestRecord::NoQuota, _) | (_, RestRecord::NoQuota) => RestRecord::NoQuota,
+    (RestRecord::Until { until: a, .. }, RestRecord::Until { until: b, .. }) if b > a => {
+      theirs.rest
+    }
+    (RestRecord::Clear, rest) => rest,
+    (rest, _) => rest,
+  };
+  BudgetRecord {
+    rpm: larger(ours.rpm, theirs.rpm),
+    rpd: larger(ours.rpd, theirs.rpd),
+    tpm: larger(ours.tpm, theirs.tpm),
+    rest,
+    project: ours.project.clone().or(theirs.project),
+    ..ours
+  }
+}
+
+/// What a spill holds, in words for a log line: `3 recorded calls, the state of 2 keys, the counts
+/// of 2 quota budgets and 1 operator decision`; the kinds with none left out (`nothing` when all
+/// are).
+pub fn describe(calls: usize, keys: usize, budgets: usize, admissions: usize) -> String {
   let plural = |n: usize| if n == 1 { "" } else { "s" };
   let parts: Vec<String> = [
     (calls > 0).then(|| format!("{calls} recorded call{}", plural(calls))),
     (keys > 0).then(|| format!("the state of {keys} key{}", plural(keys))),
+    (budgets > 0).then(|| format!("the counts of {budgets} quota budget{}", plural(budgets))),
     (admissions > 0).then(|| format!("{admissions} operator decision{}", plural(admissions))),
   ]
   .into_iter()
@@ -169,6 +270,8 @@ pub struct Spilled {
   pub calls: Vec<UsageRecord>,
   /// Key documents, their `api_key` the stored name.
   pub keys: Vec<SpilledKey>,
+  /// Budget documents, their subject the stored name.
+  pub budgets: Vec<BudgetRecord>,
   pub admissions: Vec<StoredAdmission>,
   /// Lines that could not be read (a file cut short, say): counted, not fatal.
   pub unreadable: usize,
@@ -207,9 +310,10 @@ impl Spill {
     &self,
     calls: &[UsageRecord],
     keys: &[SpilledKey],
+    budgets: &[BudgetRecord],
     admissions: &[StoredAdmission],
   ) -> io::Result<usize> {
-    if calls.is_empty() && keys.is_empty() && admissions.is_empty() {
+    if calls.is_empty() && keys.is_empty() && budgets.is_empty() && admissions.is_empty() {
       return Ok(0);
     }
     fs::create_dir_all(&self.dir)?;
@@ -231,6 +335,7 @@ impl Spill {
         response_time: u.response_time,
       })
       .chain(keys.iter().map(Line::from))
+      .chain(budgets.iter().map(Line::from))
       .chain(admissions.iter().cloned().map(Line::Admission));
     let mut written = 0;
     for line in lines {
@@ -344,6 +449,26 @@ fn read_into(path: &Path, spilled: &mut Spilled) -> io::Result<()> {
         },
         spilled_at,
       }),
+      Ok(Line::Budget {
+        subject,
+        project,
+        model,
+        rpm,
+        rpd,
+        tpm,
+        rest,
+      }) => match rest.record() {
+        Some(rest) => spilled.budgets.push(BudgetRecord {
+          subject,
+          project,
+          model,
+          rpm: rpm.into(),
+          rpd: rpd.into(),
+          tpm: tpm.into(),
+          rest,
+        }),
+        None => spilled.unreadable += 1,
+      },
       Err(_) => spilled.unreadable += 1,
     }
   }

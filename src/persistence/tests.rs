@@ -302,6 +302,13 @@ async fn closing_on_a_hung_database_spills_and_the_next_start_writes_each_call_o
   // Key documents the database does not take either: counters, and a key it refused.
   p.record_usage(1, 0, Outcome::Failure("API_KEY_INVALID"), 5.0, None)
     .unwrap();
+  // Nor the budgets of another model: one's counts, the other's spent day.
+  let flash = p.model_id("gemini-2.0-flash").unwrap();
+  p.record_usage(0, 7, Outcome::Success, 1.0, Some(flash))
+    .unwrap();
+  p.handle_rate_limit(1, LimitType::Rpd, Some(18_000), Some(flash))
+    .unwrap();
+  let rested_until = p.budgets_of(1).unwrap().1[1].state_until();
   p.close();
   let closing = Instant::now();
   writer.close().await;
@@ -311,13 +318,11 @@ async fn closing_on_a_hung_database_spills_and_the_next_start_writes_each_call_o
     closing.elapsed()
   );
   let stats = writer.stats();
-  assert_eq!((stats.spilled, stats.dropped), (21, 0), "{stats:?}");
+  assert_eq!((stats.spilled, stats.dropped), (22, 0), "{stats:?}");
   assert!(
-    log
-      .0
-      .lock()
-      .iter()
-      .any(|l| l.contains("did not take 21 recorded calls and the state of 2 keys before closing")),
+    log.0.lock().iter().any(|l| l.contains(
+      "did not take 22 recorded calls, the state of 2 keys and the counts of 4 quota budgets before closing"
+    )),
     "{:?}",
     log.0.lock()
   );
@@ -327,15 +332,16 @@ async fn closing_on_a_hung_database_spills_and_the_next_start_writes_each_call_o
   let again = Arc::new(CapturedLog::default());
   let (next, started) = WriteBehind::start(q.clone(), hung_options(), again.clone()).await;
   assert_eq!(started, Started::Connected);
-  assert_eq!(count(&server.uri(), "api_key_usage").await, 51);
-  assert!(again
-    .0
-    .lock()
-    .iter()
-    .any(|l| l.contains("Wrote 21 recorded calls and the state of 2 keys")));
+  assert_eq!(count(&server.uri(), "api_key_usage").await, 52);
+  assert!(
+    again.0.lock().iter().any(|l| l
+      .contains("Wrote 22 recorded calls, the state of 2 keys and the counts of 4 quota budgets")),
+    "{:?}",
+    again.0.lock()
+  );
   q.close();
   next.close().await;
-  assert_eq!(count(&server.uri(), "api_key_usage").await, 51);
+  assert_eq!(count(&server.uri(), "api_key_usage").await, 52);
   // The database has the keys as they were at the close, spill and all.
   let r = pool(&["key-a", "key-b"]);
   let (last, _) =
@@ -343,7 +349,22 @@ async fn closing_on_a_hung_database_spills_and_the_next_start_writes_each_call_o
   let (a, b) = (r.figures(0).unwrap(), r.figures(1).unwrap());
   assert_eq!((a.rpd.current, b.rpd.current), (25, 25));
   assert!(a.active && !b.active);
-  assert_eq!(b.error_count, 1);
+  assert_eq!(b.error_count, 2, "the refusal and the 429");
+  // And every budget as it was: the other model's counts, and its spent day resting still.
+  let (_, views) = r.budgets_of(0).unwrap();
+  assert_eq!(
+    (
+      views[1].model.as_str(),
+      views[1].figures.rpm.current,
+      views[1].figures.tpm.current
+    ),
+    ("gemini-2.0-flash", 1, 7)
+  );
+  let (_, views) = r.budgets_of(1).unwrap();
+  assert_eq!(
+    (views[1].state_label(), views[1].state_until()),
+    ("resting", rested_until)
+  );
   r.close();
   last.close().await;
   let left: Vec<_> = std::fs::read_dir(&spill_dir)
@@ -353,6 +374,83 @@ async fn closing_on_a_hung_database_spills_and_the_next_start_writes_each_call_o
     .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
     .collect();
   assert!(left.is_empty(), "{left:?}");
+  let _ = std::fs::remove_dir_all(&spill_dir);
+}
+
+/// A budget spilled for a key the next process does not have is written all the same, merged with
+/// what the database holds, for a process that has the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spilled_budget_of_a_key_the_next_process_lacks_reaches_the_database() {
+  let server = TestServer::start();
+  let spill_dir = std::env::temp_dir()
+    .join("gkm-test-spill")
+    .join(unique_name());
+  let hung_options = || PersistOptions {
+    share_quota: false,
+    close_timeout: Duration::from_millis(500),
+    spill_dir: spill_dir.clone(),
+    ..options(server.uri())
+  };
+  let p = pool(&["key-a", "key-b"]);
+  let (writer, started) =
+    WriteBehind::start(p.clone(), hung_options(), Arc::new(CapturedLog::default())).await;
+  assert_eq!(started, Started::Connected);
+  let flash = p.model_id("gemini-2.0-flash").unwrap();
+  // Stored before the hang: 2 calls of key-b on the other model.
+  for _ in 0..2 {
+    p.record_usage(1, 10, Outcome::Success, 1.0, Some(flash))
+      .unwrap();
+  }
+  let stored_flash = || async {
+    documents(&server.uri(), "api_key_budgets")
+      .await
+      .iter()
+      .filter(|d| d.get_str("model") == Ok("gemini-2.0-flash"))
+      .filter_map(|d| {
+        d.get_document("limits")
+          .ok()?
+          .get_document("rpm")
+          .ok()?
+          .get("current")
+          .cloned()
+      })
+      .map(|current| format!("{current}"))
+      .collect::<Vec<_>>()
+  };
+  let deadline = Instant::now() + Duration::from_secs(5);
+  while stored_flash().await != ["2"] && Instant::now() < deadline {
+    sleep(Duration::from_millis(50)).await;
+  }
+  assert_eq!(stored_flash().await, ["2"]);
+  server.hang();
+  for _ in 0..3 {
+    p.record_usage(1, 10, Outcome::Success, 1.0, Some(flash))
+      .unwrap();
+  }
+  p.close();
+  writer.close().await;
+  server.resume();
+
+  let q = pool(&["key-a"]);
+  let (next, _) =
+    WriteBehind::start(q.clone(), hung_options(), Arc::new(CapturedLog::default())).await;
+  q.close();
+  next.close().await;
+
+  let r = pool(&["key-a", "key-b"]);
+  let (last, _) =
+    WriteBehind::start(r.clone(), hung_options(), Arc::new(CapturedLog::default())).await;
+  let (_, views) = r.budgets_of(1).unwrap();
+  assert_eq!(
+    (
+      views[1].model.as_str(),
+      views[1].figures.rpm.current,
+      views[1].figures.tpm.current
+    ),
+    ("gemini-2.0-flash", 5, 50)
+  );
+  r.close();
+  last.close().await;
   let _ = std::fs::remove_dir_all(&spill_dir);
 }
 

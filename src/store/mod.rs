@@ -99,6 +99,18 @@ impl Store {
     }
   }
 
+  /// See [`MongoStore::save_stored_budgets`].
+  pub async fn save_stored_budgets(&self, budgets: &[BudgetRecord]) -> Result<(), StoreError> {
+    match self {
+      // The memory store names budgets as given.
+      Store::Memory(s) => {
+        s.save_budgets(budgets);
+        Ok(())
+      }
+      Store::Mongo(s) => s.save_stored_budgets(budgets).await,
+    }
+  }
+
   /// See [`MongoStore::load_budgets`].
   pub async fn load_budgets(&self) -> Result<Vec<BudgetRecord>, StoreError> {
     match self {

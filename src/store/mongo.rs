@@ -338,11 +338,27 @@ impl MongoStore {
   /// Writes the budgets' state, replacing what was stored for them; each is named by its subject
   /// in the store's naming.
   pub async fn save_budgets(&self, budgets: &[BudgetRecord]) -> Result<(), StoreError> {
+    self
+      .upsert_budgets(budgets, |b| self.naming.stored(&b.subject))
+      .await
+  }
+
+  /// [`Self::save_budgets`] for records whose subject is already the stored name (spilled by an
+  /// earlier run).
+  pub async fn save_stored_budgets(&self, budgets: &[BudgetRecord]) -> Result<(), StoreError> {
+    self.upsert_budgets(budgets, |b| b.subject.clone()).await
+  }
+
+  async fn upsert_budgets(
+    &self,
+    budgets: &[BudgetRecord],
+    name: impl Fn(&BudgetRecord) -> String,
+  ) -> Result<(), StoreError> {
     for chunk in budgets.chunks(KEY_BATCH) {
       let updates: Vec<Document> = chunk
         .iter()
         .map(|b| {
-          let stored = self.naming.stored(&b.subject);
+          let stored = name(b);
           doc! {
             "q": { "_id": &stored },
             "u": budget_document(b, &stored),

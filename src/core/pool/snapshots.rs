@@ -161,12 +161,13 @@ impl KeyPool {
   /// Merges stored budgets into the pool: counters of open windows become the larger of the two
   /// sides (see [`merge_windows`]) and a stored rest is kept unless one held here ends later.
   /// `stored_name` names a subject as the store does. A model a record names that was not met
-  /// yet is met now (those beyond the table's room are left out). Returns how many merged.
-  pub fn import_budgets(
+  /// yet is met now (those beyond the table's room are left out). Returns the records of budgets
+  /// this pool does not hold (another process's keys, say).
+  pub fn import_budgets<'r>(
     &self,
-    records: &[BudgetRecord],
+    records: &'r [BudgetRecord],
     stored_name: impl Fn(&str) -> String,
-  ) -> usize {
+  ) -> Vec<&'r BudgetRecord> {
     for r in records {
       // A model beyond the table's room, or one named wrongly, stays unmet: its records are
       // left out below.
@@ -178,7 +179,7 @@ impl KeyPool {
     let state = &mut *state;
     let by_name: std::collections::HashMap<&str, &BudgetRecord> =
       records.iter().map(|r| (r.subject.as_str(), r)).collect();
-    let mut merged = 0;
+    let mut merged = std::collections::HashSet::new();
     for b in 0..state.budgets.len() {
       let Some(subject) = state.subject_of(&names, b) else {
         continue;
@@ -197,12 +198,15 @@ impl KeyPool {
         RestRecord::NoQuota => Rest::NoQuota,
       };
       budget.restore_rest(rest, now);
-      merged += 1;
+      merged.insert(r.subject.as_str());
     }
-    if merged > 0 {
+    if !merged.is_empty() {
       state.invalidate_caches();
     }
-    merged
+    records
+      .iter()
+      .filter(|r| !merged.contains(r.subject.as_str()))
+      .collect()
   }
 
   /// Starts queueing recorded calls for storage, with ids from `ids` (see [`UsageQueue::new`]);

@@ -1,5 +1,6 @@
 use super::*;
 use crate::core::key::Admission;
+use crate::core::quota::LimitType;
 use crate::core::snapshot::UsageIds;
 use crate::store::unique_name;
 
@@ -83,18 +84,66 @@ fn a_spilled_key_document_merged_with_the_stored_one_loses_no_count_and_no_newer
   assert_eq!(merge_key(&spilled, Some(&once), NOW), once);
 }
 
+/// A budget of `subject` whose windows count `n` and end at `reset`, resting as `rest` says.
+fn budget(subject: &str, n: u64, reset: Millis, rest: RestRecord) -> BudgetRecord {
+  let w = |limit| WindowRecord {
+    current: n,
+    limit,
+    reset_time: reset,
+  };
+  BudgetRecord {
+    subject: subject.into(),
+    project: Some("alpha".into()),
+    model: "gemini-2.0-flash".into(),
+    rpm: w(15),
+    rpd: w(1_500),
+    tpm: w(1_000_000),
+    rest,
+  }
+}
+
+#[test]
+fn a_spilled_budget_merged_with_another_record_keeps_the_larger_counts_and_the_longer_rest() {
+  let day = RestRecord::Until {
+    until: NOW + 80_000_000,
+    window: Some(LimitType::Rpd),
+  };
+  let minute = RestRecord::Until {
+    until: NOW + 30_000,
+    window: Some(LimitType::Rpm),
+  };
+  let spilled = budget("project:alpha/gemini-2.0-flash", 12, NOW + 50_000, minute);
+  let stored = budget("project:alpha/gemini-2.0-flash", 4, NOW + 50_000, day);
+  let merged = merge_budget(&spilled, Some(&stored), NOW);
+  assert_eq!((merged.rpm.current, merged.rpd.current), (12, 12));
+  assert_eq!(merged.rest, day, "the rest that holds longer");
+  assert_eq!(merge_budget(&stored, Some(&spilled), NOW).rest, day);
+  let none = budget("s", 0, NOW + 50_000, RestRecord::NoQuota);
+  assert_eq!(
+    merge_budget(&spilled, Some(&none), NOW).rest,
+    RestRecord::NoQuota
+  );
+  let clear = budget("s", 0, NOW + 50_000, RestRecord::Clear);
+  assert_eq!(merge_budget(&clear, Some(&spilled), NOW).rest, minute);
+  // A window that ended since counts nothing; merging twice is merging once.
+  let old = budget("s", 9, NOW - 1, RestRecord::Clear);
+  assert_eq!(merge_budget(&old, None, NOW).rpd.current, 0);
+  assert_eq!(merge_budget(&spilled, Some(&merged), NOW), merged);
+}
+
 #[test]
 fn log_lines_say_what_was_kept() {
-  assert_eq!(describe(0, 0, 1), "1 operator decision");
+  assert_eq!(describe(0, 0, 0, 1), "1 operator decision");
   assert_eq!(
-    describe(100, 3, 0),
+    describe(100, 3, 0, 0),
     "100 recorded calls and the state of 3 keys"
   );
   assert_eq!(
-    describe(1, 1, 2),
-    "1 recorded call, the state of 1 key and 2 operator decisions"
+    describe(1, 1, 2, 2),
+    "1 recorded call, the state of 1 key, the counts of 2 quota budgets and 2 operator decisions"
   );
-  assert_eq!(describe(0, 0, 0), "nothing");
+  assert_eq!(describe(0, 0, 1, 0), "the counts of 1 quota budget");
+  assert_eq!(describe(0, 0, 0, 0), "nothing");
 }
 
 #[test]
@@ -115,16 +164,30 @@ fn what_one_process_spills_another_claims_once_and_deletes_when_written() {
     record: record(7, 1_800_000_060_000),
     spilled_at: 1_800_000_000_500,
   };
+  let budgets = [
+    budget(
+      "project:alpha/gemini-2.0-flash",
+      3,
+      1_800_000_060_000,
+      RestRecord::Until {
+        until: 1_800_086_400_000,
+        window: Some(LimitType::Rpd),
+      },
+    ),
+    budget("sha256_0123", 1, 1_800_000_060_000, RestRecord::NoQuota),
+    budget("sha256_4567", 0, 1_800_000_060_000, RestRecord::Clear),
+  ];
   let a = Spill::new(&base, "mongodb://db", "rag_db", "writer-a");
-  assert_eq!(a.write(&calls[..2], &[], &[]).unwrap(), 2);
+  assert_eq!(a.write(&calls[..2], &[], &[], &[]).unwrap(), 2);
   assert_eq!(
     a.write(
       &calls[2..],
       std::slice::from_ref(&key),
+      &budgets,
       std::slice::from_ref(&admission)
     )
     .unwrap(),
-    3
+    6
   );
   // Another database's spill directory holds none of it.
   let other = Spill::new(&base, "mongodb://db", "other_db", "writer-b");
@@ -133,6 +196,7 @@ fn what_one_process_spills_another_claims_once_and_deletes_when_written() {
   let claim = b.claim("b").unwrap();
   assert_eq!(claim.spilled.calls, calls);
   assert_eq!(claim.spilled.keys, vec![key]);
+  assert_eq!(claim.spilled.budgets, budgets);
   assert_eq!(claim.spilled.admissions, vec![admission]);
   // Claimed: nobody else gets it, even before it is done; the claimer gets it again.
   assert!(a.claim("c").unwrap().is_empty());
@@ -149,17 +213,32 @@ fn a_line_cut_short_is_counted_and_the_rest_read() {
   let base = std::env::temp_dir().join(format!("gkm-spill-cut-{}", std::process::id()));
   let ids = UsageIds::new(unique_name());
   let s = Spill::new(&base, "u", "d", "w");
-  s.write(&[call(&ids, 0)], &[], &[]).unwrap();
+  s.write(&[call(&ids, 0)], &[], &[], &[]).unwrap();
   fs::OpenOptions::new()
     .append(true)
     .open(s.file())
     .unwrap()
-    .write_all(b"{\"kind\":\"call\",\"id\":")
+    .write_all(b"{\"kind\":\"call\",\"id\":\n")
+    .unwrap();
+  // A rest in a window there is not: that budget is unreadable, not another window's.
+  let window = r#"{"current":1,"limit":15,"resetTime":1800000060000}"#;
+  let odd_rest = format!(
+    r#"{{"kind":"budget","subject":"sha256_0123","project":null,"model":"gemini-2.0-flash","rpm":{window},"rpd":{window},"tpm":{window},"rest":{{"state":"until","until":1800000060000,"window":"RPH"}}}}"#
+  );
+  fs::OpenOptions::new()
+    .append(true)
+    .open(s.file())
+    .unwrap()
+    .write_all(odd_rest.as_bytes())
     .unwrap();
   let claim = s.claim("x").unwrap();
   assert_eq!(
-    (claim.spilled.calls.len(), claim.spilled.unreadable),
-    (1, 1)
+    (
+      claim.spilled.calls.len(),
+      claim.spilled.budgets.len(),
+      claim.spilled.unreadable
+    ),
+    (1, 0, 2)
   );
   fs::remove_dir_all(&base).unwrap();
 }
