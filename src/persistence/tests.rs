@@ -30,6 +30,17 @@ fn options(uri: String) -> PersistOptions {
   }
 }
 
+/// [`options`] for tests that hang the server: a close waits half a second, no quota is shared,
+/// and spill files go to `spill_dir`.
+fn closing_soon(uri: String, spill_dir: &std::path::Path) -> PersistOptions {
+  PersistOptions {
+    share_quota: false,
+    close_timeout: Duration::from_millis(500),
+    spill_dir: spill_dir.to_owned(),
+    ..options(uri)
+  }
+}
+
 /// Every document of `collection` in the tests' database.
 async fn documents(uri: &str, collection: &str) -> Vec<Document> {
   let client = mongodb::Client::with_uri_str(uri).await.unwrap();
@@ -276,12 +287,7 @@ async fn without_a_secret_keys_cannot_be_added_and_mongodb_alone_stores_digests(
 async fn closing_on_a_hung_database_spills_and_the_next_start_writes_each_call_once() {
   let server = TestServer::start();
   let spill_dir = std::env::temp_dir().join(format!("gkm-spill-close-{}", std::process::id()));
-  let hung_options = || PersistOptions {
-    share_quota: false,
-    close_timeout: Duration::from_millis(500),
-    spill_dir: spill_dir.clone(),
-    ..options(server.uri())
-  };
+  let hung_options = || closing_soon(server.uri(), &spill_dir);
   let p = pool(&["key-a", "key-b"]);
   let log = Arc::new(CapturedLog::default());
   let (writer, started) = WriteBehind::start(p.clone(), hung_options(), log.clone()).await;
@@ -385,12 +391,7 @@ async fn a_spilled_budget_of_a_key_the_next_process_lacks_reaches_the_database()
   let spill_dir = std::env::temp_dir()
     .join("gkm-test-spill")
     .join(unique_name());
-  let hung_options = || PersistOptions {
-    share_quota: false,
-    close_timeout: Duration::from_millis(500),
-    spill_dir: spill_dir.clone(),
-    ..options(server.uri())
-  };
+  let hung_options = || closing_soon(server.uri(), &spill_dir);
   let p = pool(&["key-a", "key-b"]);
   let (writer, started) =
     WriteBehind::start(p.clone(), hung_options(), Arc::new(CapturedLog::default())).await;
