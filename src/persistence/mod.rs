@@ -319,8 +319,8 @@ fn import_spilled_budgets(
 
 /// Writes what claimed spill files hold: operators' decisions, recorded calls, the key documents
 /// and the budgets (the pool's, which the spilled ones were merged into, and `others`, spilled for
-/// keys and budgets this process does not have), then deletes the files. Written again, they change nothing; on a
-/// failure the files stay claimed for the next connection.
+/// keys and budgets this process does not have), then deletes the files. Written again, they
+/// change nothing; on a failure the files stay claimed for the next connection.
 async fn write_spilled(shared: &Shared, store: &Store, claim: Claim, others: &Others) {
   let spilled = &claim.spilled;
   let keys = (!spilled.keys.is_empty()).then(|| take_keys(shared));

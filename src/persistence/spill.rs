@@ -1,11 +1,11 @@
 //! What MongoDB did not take before the process ended (recorded calls, key documents, the quota
-//! budgets' counts, operators' decisions), kept in a local file and written at the next start, so a hung or unreachable
-//! database at shutdown loses nothing. Each process writes a file of its own, one JSON line per
-//! record, named as documents name them (a stored name, never a key); a process that connects to
-//! the same database later claims every file by renaming it, writes what it holds (each usage
-//! document carries its id, so a record written twice is stored once; a key document is merged
-//! with the stored one, see [`merge_key`], and a budget likewise, see [`merge_budget`], so writing
-//! either twice changes nothing) and deletes it.
+//! budgets' counts, operators' decisions), kept in a local file and written at the next start, so
+//! a hung or unreachable database at shutdown loses nothing. Each process writes a file of its
+//! own, one JSON line per record, named as documents name them (a stored name, never a key); a
+//! process that connects to the same database later claims every file by renaming it, writes what
+//! it holds (each usage document carries its id, so a record written twice is stored once; a key
+//! document is merged with the stored one, see [`merge_key`], and a budget likewise, see
+//! [`merge_budget`], so writing either twice changes nothing) and deletes it.
 //!
 //! One directory per database: records spilled for one database never reach another.
 

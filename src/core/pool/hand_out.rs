@@ -118,44 +118,59 @@ impl KeyPool {
   /// score-sorted cache. A reserving claim counts the request on the key's project budget at once,
   /// so concurrent callers never share a budget's last unit of capacity.
   pub fn best(&self, claim: Claim, model: ModelId) -> Result<Picked<Selection>, PoolError> {
-    let ttl = self.policy.reservation_ttl_ms;
-    self
-      .with_state(|state, now| {
-        state.check_model(model)?;
-        state.expire_before_rebuild(model, now, ttl);
+    self.hand_out(
+      claim,
+      model,
+      |state, now| {
         let (candidates, cache) = state.selection(model);
-        let Some(pick) = cache.next(candidates, now, claim.estimated_tokens()) else {
-          return Ok(None);
-        };
-        state.count_selection(pick.method);
-        Ok(Some(Picked {
-          pick,
-          figures: state.claim(pick.index, model, claim, now, ttl),
-        }))
-      })??
-      .ok_or(PoolError::NoActiveKeys)
+        cache.next(candidates, now, claim.estimated_tokens())
+      },
+      |selection| *selection,
+    )
   }
 
   /// `getNextKeyForRotation` for `model`: moves off a key under the rotation threshold, or
   /// behaves as [`Self::best`].
   pub fn rotate(&self, claim: Claim, model: ModelId) -> Result<Picked<Rotation>, PoolError> {
+    self.hand_out(
+      claim,
+      model,
+      |state, now| {
+        let (candidates, cache) = state.selection(model);
+        let pick = cache.rotation(candidates, now, claim.estimated_tokens())?;
+        state.last_rotation = now;
+        if pick.reason == RotationReason::Proactive {
+          state.counters.proactive_rotations += 1;
+        }
+        Some(pick)
+      },
+      |rotation| rotation.selection,
+    )
+  }
+
+  /// What [`Self::best`] and [`Self::rotate`] share, under the one lock: the model checked,
+  /// expired reservations released before a rebuild, `choose` picking from the model's cache, the
+  /// pick counted for metrics and `claim` applied to the key it chose (`selection` says which).
+  fn hand_out<T>(
+    &self,
+    claim: Claim,
+    model: ModelId,
+    choose: impl FnOnce(&mut PoolState, Millis) -> Option<T>,
+    selection: impl Fn(&T) -> Selection,
+  ) -> Result<Picked<T>, PoolError> {
     let ttl = self.policy.reservation_ttl_ms;
     self
       .with_state(|state, now| {
         state.check_model(model)?;
         state.expire_before_rebuild(model, now, ttl);
-        let (candidates, cache) = state.selection(model);
-        let Some(pick) = cache.rotation(candidates, now, claim.estimated_tokens()) else {
+        let Some(pick) = choose(state, now) else {
           return Ok(None);
         };
-        state.last_rotation = now;
-        state.count_selection(pick.selection.method);
-        if pick.reason == RotationReason::Proactive {
-          state.counters.proactive_rotations += 1;
-        }
+        let chosen = selection(&pick);
+        state.count_selection(chosen.method);
         Ok(Some(Picked {
+          figures: state.claim(chosen.index, model, claim, now, ttl),
           pick,
-          figures: state.claim(pick.selection.index, model, claim, now, ttl),
         }))
       })??
       .ok_or(PoolError::NoActiveKeys)
