@@ -198,9 +198,10 @@ async fn budgets_of_every_project_and_model_survive_a_restart() {
   let (_, views) = q.budgets_of(1).unwrap();
   assert_eq!(views[1].state_label(), "resting");
   assert_eq!(views[1].state_until(), rested_until);
-  assert!(q
-    .best(Claim::LookOnly, flash)
-    .is_ok_and(|picked| picked.pick.index == 0));
+  // The quota is shared: a budget serves once its first lease is granted, a round trip after the
+  // start (longer on a loaded machine).
+  assert!(eventually(|| q.best(Claim::LookOnly, flash).is_ok()).await);
+  assert_eq!(q.best(Claim::LookOnly, flash).unwrap().pick.index, 0);
   q.close();
   again.close().await;
 }
